@@ -1,0 +1,108 @@
+"""``backend="sync"``: synchronous model averaging (local SGD).
+
+Every worker trains ``sync_every`` local steps from the same weights, then all of them meet at a
+round barrier on the driver's parameter server, which averages their weights weighted by the
+samples each trained on; every worker continues from the average with its own optimizer state.
+The whole fit is one barrier stage, so data and model load once per worker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult
+from kerasonspark.errors import WorkerError
+from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
+from kerasonspark.serialization import get_flat_weights, set_flat_weights
+from kerasonspark.worker import Exchange, explain_failure
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass
+class SyncOptions(EngineOptions):
+    """Options of the ``sync`` engine.
+
+    Attributes:
+        sync_every: local steps between two averagings.
+        barrier_timeout: seconds a round waits for a missing worker before failing the fit.
+    """
+
+    sync_every: int = 32
+    barrier_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sync_every, int) or isinstance(self.sync_every, bool) or self.sync_every < 1:
+            raise ValueError(f"Expected `sync_every` to be a positive integer. Received: sync_every={self.sync_every!r}.")
+        if not self.barrier_timeout > 0:
+            raise ValueError(f"Expected `barrier_timeout` > 0 seconds. Received: barrier_timeout={self.barrier_timeout!r}.")
+
+
+class SyncExchange(Exchange):
+    """Worker side: meet at round ``r`` after each run of local steps and adopt the average."""
+
+    def __init__(self, url: str, secret: bytes, rounds_per_epoch: int, timeout: float) -> None:
+        self.url, self.secret, self.rounds_per_epoch, self.timeout = url, secret, rounds_per_epoch, timeout
+        self.client: ParameterClient | None = None
+        self.round = 0
+
+    def start(self, model: "keras.Model", worker: int) -> None:
+        self.client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+        self.shapes = [tuple(w.shape) for w in model.weights]
+
+    def schedule(self, steps: int, epoch: int) -> list[int]:
+        # Every worker must join every round, so the epoch is cut into the same number of runs
+        # everywhere; a worker with a smaller partition just takes fewer steps per run.
+        base, extra = divmod(steps, self.rounds_per_epoch)
+        return [base + 1] * extra + [base] * (self.rounds_per_epoch - extra)
+
+    def exchange(self, model: "keras.Model", samples: int) -> None:
+        average = self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples)
+        set_flat_weights(model, average)
+        self.round += 1
+
+    def finish(self, model: "keras.Model") -> dict[str, Any]:
+        return {"rounds": self.round, "exchange_seconds": self.client.seconds,
+                "mb_sent": self.client.bytes_sent / 1e6, "mb_received": self.client.bytes_received / 1e6}
+
+    def report_failure(self, message: str) -> None:
+        if self.client is not None:
+            self.client.report_failure(message)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+class SyncEngine(Engine):
+    """Synchronous weight averaging every ``sync_every`` steps through a round barrier."""
+
+    name = "sync"
+    options_class = SyncOptions
+
+    def run(self, job: TrainingJob) -> TrainingResult:
+        config, options = job.config, self.options
+        longest = math.ceil(max(job.data.counts) / config.batch_size)
+        rounds_per_epoch = max(1, math.ceil(longest / options.sync_every))
+        secret = new_secret()
+        store = ParameterStore(job.spec.weights, job.spec.shapes, config.num_workers, barrier_timeout=options.barrier_timeout)
+        server_config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
+        with ParameterServer(store, server_config, host=job.server_host) as server:
+            exchange = SyncExchange(server.url, secret, rounds_per_epoch, options.barrier_timeout + 60)
+            started = time.perf_counter()
+            try:
+                reports = job.run_workers(exchange)
+            except WorkerError as exc:
+                raise explain_failure(exc, store.failures) from exc
+            seconds = time.perf_counter() - started
+            server_stats = store.stats()
+        return job.result(reports, store.center, seconds, {
+            "rounds": server_stats["rounds"],
+            "rounds_per_epoch": rounds_per_epoch,
+            "sync_every": options.sync_every,
+            "parameter_server": server_stats,
+        })

@@ -1,0 +1,380 @@
+"""Training data to partitions of float32 NumPy blocks, validated before training starts.
+
+Input may be a Spark DataFrame (a feature column of array<float|double> or ML Vector and a
+numeric label column, or an array column of one-hot labels), an RDD of ``(features, label)``, or
+NumPy ``(x, y)``. DataFrames travel through Arrow (``mapInArrow``), never row by row. Every kind
+ends as an RDD whose elements are blocks ``(x, y)``: ``x`` float32 of shape
+``(rows, *input_shape)``, ``y`` the raw labels (1-D values or 2-D one-hot).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    import keras
+    from pyspark import RDD
+    from pyspark.sql import DataFrame, SparkSession
+
+logger = logging.getLogger(__name__)
+
+BLOCK_ROWS = 4096
+_SPARSE_LOSSES = {"sparse_categorical_crossentropy", "sparsecategoricalcrossentropy", "sparse_categorical_focal_crossentropy"}
+_ONE_HOT_LOSSES = {"categorical_crossentropy", "categoricalcrossentropy", "categorical_focal_crossentropy",
+                   "kl_divergence", "kldivergence", "categorical_hinge", "categoricalhinge"}
+
+Block = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model expects of its data.
+
+    Attributes:
+        input_shape: one sample's shape, e.g. ``(28, 28, 1)``.
+        label_mode: ``"sparse"`` (class indices), ``"one_hot"``, or ``"raw"`` (used as given).
+        num_classes: the output width for classification losses, else ``None``.
+    """
+
+    input_shape: tuple[int, ...]
+    label_mode: str
+    num_classes: int | None
+
+    @property
+    def feature_size(self) -> int:
+        return math.prod(self.input_shape)
+
+    @classmethod
+    def for_model(cls, model: "keras.Model", loss_name: str | None) -> "DataInfo":
+        """Read the input shape and label convention off a built, compiled model.
+
+        Raises:
+            DataError: the model has several inputs or an input with unknown dimensions.
+        """
+        shape = model.input_shape
+        if isinstance(shape, list):
+            raise DataError(f"Models with several inputs are not supported yet. Received: input_shape={shape}.")
+        if any(d is None for d in shape[1:]):
+            raise DataError(f"The model's input shape must be fully known except the batch. Received: {shape}.")
+        out = model.output_shape
+        width = out[-1] if isinstance(out, tuple) and out else None
+        if loss_name in _SPARSE_LOSSES:
+            mode = "sparse"
+        elif loss_name in _ONE_HOT_LOSSES:
+            mode = "one_hot"
+        else:
+            mode, width = "raw", None
+        return cls(tuple(int(d) for d in shape[1:]), mode, width)
+
+    def model_labels(self, y: np.ndarray) -> np.ndarray:
+        """Labels as the model's loss wants them (indices for sparse, one-hot for categorical)."""
+        if self.label_mode == "sparse":
+            return (y.argmax(axis=1) if y.ndim == 2 else y).astype(np.int32)
+        if self.label_mode == "one_hot":
+            if y.ndim == 1:
+                return np.eye(self.num_classes, dtype=np.float32)[y.astype(np.int64)]
+            return y.astype(np.float32, copy=False)
+        return y.astype(np.float32, copy=False)
+
+
+@dataclass
+class PreparedData:
+    """Validated training data: one RDD partition of blocks per worker, persisted.
+
+    Attributes:
+        blocks: RDD of ``(x, y)`` blocks.
+        counts: rows per partition.
+    """
+
+    blocks: "RDD"
+    counts: list[int]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def release(self) -> None:
+        """Drop the cached partitions."""
+        self.blocks.unpersist()
+
+
+# -- per-block checks, shared by the driver (NumPy input) and the executors ---------------------
+def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo) -> dict[str, int]:
+    """Count the rows of one block that cannot be trained on, by reason."""
+    problems = {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0}
+    if len(x) == 0:
+        return problems
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if np.issubdtype(y.dtype, np.floating):
+        bad |= ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+    problems["nonfinite_rows"] = int(bad.sum())
+    if info.label_mode != "raw" and y.ndim == 1:
+        finite = y[np.isfinite(y)] if np.issubdtype(y.dtype, np.floating) else y
+        problems["label_not_integer"] = int((finite != np.floor(finite)).sum())
+        problems["label_out_of_range"] = int(((finite < 0) | (finite >= info.num_classes)).sum())
+    return problems
+
+
+def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> None:
+    """Raise when labels are 2-D but do not match the model's output width."""
+    if info.label_mode == "raw" or len(y_shape) == 1:
+        return
+    if len(y_shape) != 2 or y_shape[1] != info.num_classes:
+        raise DataError(
+            f"Labels in {where} should be class indices or one-hot vectors of width {info.num_classes} "
+            f"(the model's output). Received: labels of shape {y_shape}."
+        )
+
+
+def _as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"Features in {where} must be numeric. Received: dtype={x.dtype}.")
+    rows = x.shape[0] if x.ndim else 0
+    if x.ndim < 1 or (x.size // max(rows, 1)) != info.feature_size:
+        raise DataError(
+            f"Each sample in {where} must have {info.feature_size} values to fit the model's input shape "
+            f"{info.input_shape}. Received: features of shape {x.shape}. Reshape or select the right column."
+        )
+    return x.reshape((rows, *info.input_shape)).astype(np.float32, copy=False)
+
+
+def _as_labels(y: Any, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"Labels in {where} must be numeric. Received: dtype={y.dtype}.")
+    return y.reshape(len(y), -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def _raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
+    messages = []
+    for key, text, fix in (
+        ("nonfinite_rows", "row(s) with NaN or Inf features or labels", "drop or impute them"),
+        ("label_out_of_range", "label(s) outside the model's classes", "map labels to 0..num_classes-1 or widen the output layer"),
+        ("label_not_integer", "non-integer class label(s)", "labels must be whole class indices"),
+    ):
+        where = {i: p[key] for i, p in enumerate(per_partition) if p.get(key)}
+        if where:
+            detail = ", ".join(f"{n} in partition {i}" for i, n in list(where.items())[:8])
+            messages.append(f"{sum(where.values())} {text} ({detail}); {fix}")
+    if messages:
+        raise DataError(f"The {what} data cannot be trained on as given: " + "; ".join(messages) + ".")
+
+
+# -- conversion to blocks ------------------------------------------------------------------------
+def _split_blocks(x: np.ndarray, y: np.ndarray, parts: int) -> list[Block]:
+    """Split into ``parts`` equal partitions of equally many blocks, in partition order."""
+    part_x, part_y = np.array_split(x, parts), np.array_split(y, parts)
+    per_part = max(1, math.ceil(max(len(p) for p in part_x) / BLOCK_ROWS))
+    blocks = []
+    for px, py in zip(part_x, part_y):
+        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part)))
+    return blocks
+
+
+def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions: int, what: str) -> "RDD":
+    if len(data) != 2:
+        raise DataError(f"NumPy {what} data must be a pair `(x, y)`. Received: a tuple of {len(data)}.")
+    x = _as_features(data[0], info, f"the {what} features")
+    y = _as_labels(data[1], f"the {what} labels")
+    if len(x) != len(y):
+        raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
+    check_label_shape(y.shape, info, f"the {what} data")
+    _raise_problems([block_problems(x, y, info)], what)
+    return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
+
+
+def _row_blocks(rows: Iterator[Any], info: DataInfo) -> Iterator[Block]:
+    xs, ys = [], []
+    for row in rows:
+        features, label = row[0], row[1]
+        xs.append(features.toArray() if hasattr(features, "toArray") else features)
+        ys.append(label.toArray() if hasattr(label, "toArray") else label)
+        if len(xs) == BLOCK_ROWS:
+            yield _as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+            xs, ys = [], []
+    if xs:
+        yield _as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+
+
+def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    def to_blocks(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            features, labels = batch.column(0), batch.column(1)
+            lengths = features.value_lengths().to_numpy(zero_copy_only=False)
+            if features.null_count or (lengths != info.feature_size).any():
+                wrong = int(features.null_count + (lengths != info.feature_size).sum())
+                raise DataError(
+                    f"{wrong} row(s) have a feature array that is null or not {info.feature_size} long "
+                    f"(the model's input {info.input_shape}); filter or fix them."
+                )
+            x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            if pa.types.is_list(labels.type) or pa.types.is_fixed_size_list(labels.type):
+                y = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+            else:
+                y = labels.to_numpy(zero_copy_only=False).astype(np.float64 if labels.null_count else labels.type.to_pandas_dtype())
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([x.tobytes()], pa.large_binary()), pa.array([y.tobytes()], pa.large_binary()),
+                 pa.array([n], pa.int64()), pa.array([str(y.dtype)]), pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32())],
+                names=["x", "y", "n", "ydtype", "ywidth"],
+            )
+
+    return to_blocks
+
+
+def _decode_arrow_block(info: DataInfo) -> Callable[[Any], Block]:
+    def decode(row: Any) -> Block:
+        x = np.frombuffer(row.x, dtype=np.float32).reshape((row.n, *info.input_shape))
+        y = np.frombuffer(row.y, dtype=row.ydtype)
+        return x, (y.reshape(row.n, row.ywidth) if row.ywidth else y)
+
+    return decode
+
+
+def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInfo, what: str) -> "DataFrame":
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    for role, column in (("features", features), ("label", label)):
+        if column not in fields:
+            raise DataError(f"The {what} DataFrame has no {role} column {column!r}. Its columns: {sorted(fields)}. "
+                            f"Pass `{role}=` with the right name.")
+    ftype, ltype = fields[features], fields[label]
+    if isinstance(ftype, VectorUDT):
+        fcol = vector_to_array(F.col(features), "float32")
+    elif isinstance(ftype, T.ArrayType) and isinstance(ftype.elementType, T.NumericType):
+        fcol = F.col(features).cast("array<float>")
+    else:
+        raise DataError(f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: {ftype.simpleString()}.")
+    if isinstance(ltype, VectorUDT):
+        lcol = vector_to_array(F.col(label), "float32")
+    elif isinstance(ltype, T.NumericType) or (isinstance(ltype, T.ArrayType) and isinstance(ltype.elementType, T.NumericType)):
+        lcol = F.col(label)
+    else:
+        raise DataError(f"Label column {label!r} must be numeric (or an array for one-hot). Received: {ltype.simpleString()}.")
+    return df.select(fcol.alias("features"), lcol.alias("label"))
+
+
+def _dataframe_blocks(df: "DataFrame", features: str, label: str, info: DataInfo, partitions: int | None, what: str) -> "RDD":
+    from pyspark.sql import functions as F
+
+    selected = _dataframe_columns(df, features, label, info, what)
+    first = selected.select(F.size("features").alias("size"), F.col("label")).first()
+    if first is None:
+        raise DataError(f"The {what} DataFrame is empty.")
+    if first["size"] != info.feature_size:
+        raise DataError(
+            f"Each sample must have {info.feature_size} values to fit the model's input shape {info.input_shape}. "
+            f"Received: feature arrays of length {first['size']} in column {features!r}."
+        )
+    if isinstance(first["label"], (list, tuple)):
+        check_label_shape((1, len(first["label"])), info, f"column {label!r}")
+    if partitions is not None and selected.rdd.getNumPartitions() != partitions:
+        selected = selected.repartition(partitions)
+    schema = "x binary, y binary, n long, ydtype string, ywidth int"
+    return selected.mapInArrow(_arrow_block_function(info), schema).rdd.map(_decode_arrow_block(info))
+
+
+def to_blocks(spark: "SparkSession", data: Any, features: str, label: str, info: DataInfo,
+              partitions: int | None, what: str = "training") -> "RDD":
+    """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
+
+    Args:
+        partitions: the number of partitions wanted, or ``None`` to keep the input's.
+
+    Raises:
+        DataError: wrong columns, types or feature size (checked before any full pass).
+        TypeError: ``data`` is not a DataFrame, an RDD or a NumPy pair.
+    """
+    from pyspark import RDD
+    from pyspark.sql import DataFrame
+
+    if isinstance(data, DataFrame):
+        return _dataframe_blocks(data, features, label, info, partitions, what)
+    if isinstance(data, RDD):
+        rows = data if partitions is None or data.getNumPartitions() == partitions else data.repartition(partitions)
+        return rows.mapPartitions(lambda it: _row_blocks(it, info))
+    if isinstance(data, (tuple, list)):
+        return _numpy_blocks(spark, tuple(data), info, partitions or spark.sparkContext.defaultParallelism, what)
+    raise TypeError(
+        f"Expected {what} data as a Spark DataFrame, an RDD of (features, label) or a NumPy pair (x, y). "
+        f"Received: {type(data).__name__}."
+    )
+
+
+def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
+    def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
+        if warm_up is not None:
+            warm_up()
+        total = {"partition": index, "rows": 0, "ywidths": set()}
+        problems: dict[str, int] = {}
+        for x, y in blocks:
+            total["rows"] += len(x)
+            total["ywidths"].add(y.shape[1] if y.ndim == 2 else 0)
+            for key, value in block_problems(x, y, info).items():
+                problems[key] = problems.get(key, 0) + value
+        total["ywidths"] = sorted(total["ywidths"])
+        yield {**total, **problems}
+
+    return stats
+
+
+def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: DataInfo, partitions: int,
+            what: str = "training", warm_up: Callable[[], None] | None = None) -> PreparedData:
+    """Convert, partition, cache and validate data in one pass.
+
+    Args:
+        partitions: one per worker.
+        warm_up: run once in each task of the validation pass (the workers use it to import
+            TensorFlow and rebuild the model while the data is scanned).
+
+    Raises:
+        DataError: any row that cannot be trained on (the message counts them per partition), or
+            fewer rows than workers.
+    """
+    from pyspark import StorageLevel
+
+    blocks = to_blocks(spark, data, features, label, info, partitions, what).persist(StorageLevel.MEMORY_ONLY)
+    try:
+        stats = sorted(blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(), key=lambda s: s["partition"])
+        _raise_problems(stats, what)
+        for s in stats:
+            for width in s["ywidths"]:
+                check_label_shape((1, width) if width else (1,), info, f"partition {s['partition']}")
+        counts = [s["rows"] for s in stats]
+        if sum(counts) < len(counts):
+            raise DataError(
+                f"The {what} data has {sum(counts)} row(s) for {len(counts)} workers; each worker needs at least one. "
+                "Use fewer workers or more data."
+            )
+        empty = [i for i, c in enumerate(counts) if c == 0]
+        if empty:
+            logger.warning("Partition(s) %s of the %s data are empty; those workers only synchronise.", empty, what)
+    except BaseException:
+        blocks.unpersist()
+        raise
+    return PreparedData(blocks, counts)
+
+
+def collect_arrays(blocks: "RDD") -> tuple[np.ndarray, np.ndarray]:
+    """Bring blocks to the driver as one ``(x, y)`` pair (for validation sets and the single engine)."""
+    parts = blocks.collect()
+    if not parts:
+        raise DataError("No rows to collect.")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,0 +1,162 @@
+"""The workers' side of the parameter server: one persistent, authenticated HTTP connection."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..errors import BarrierTimeoutError, ParameterServerError
+from . import auth, wire
+
+
+class ParameterClient:
+    """Talks to one parameter server over a single keep-alive connection.
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:40123``.
+        secret: the run's secret.
+        worker: this worker's id (the driver uses -1).
+        timeout: socket timeout in seconds; a round barrier may legitimately wait this long.
+        sign_body: sign the body's SHA-256 too (the server must be configured the same way).
+    """
+
+    def __init__(self, url: str, secret: bytes, worker: int, timeout: float = 660.0, sign_body: bool = False) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.secret = secret
+        self.worker = worker
+        self.timeout = timeout
+        self.sign_body = sign_body
+        # Sequence numbers start at the clock so a retried task never reuses its predecessor's.
+        self._seq = time.time_ns()
+        self._conn: http.client.HTTPConnection | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.seconds = 0.0
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._conn.connect()
+            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._conn
+
+    def request(self, method: str, path: str, body: list | bytes = b"", content_type: str = wire.CONTENT_TYPE,
+                ) -> tuple[int, str, bytes]:
+        """Send one signed request; returns ``(status, content type, body)``.
+
+        Raises:
+            ParameterServerError: the connection failed (status 0).
+        """
+        parts = [body] if isinstance(body, (bytes, bytearray)) else list(body)
+        length = wire.encoded_size(parts)
+        self._seq += 1
+        digest = None
+        if self.sign_body:
+            h = hashlib.sha256()
+            for p in parts:
+                h.update(p)
+            digest = h.hexdigest()
+        headers = {
+            auth.HEADER: auth.sign(self.secret, method, path, self.worker, self._seq, length, body_digest=digest),
+            "Content-Length": str(length),
+            "Content-Type": content_type,
+        }
+        started = time.perf_counter()
+        for attempt in (0, 1):
+            conn = self._connection()
+            try:
+                conn.putrequest(method, path, skip_accept_encoding=True)
+                for key, value in headers.items():
+                    conn.putheader(key, value)
+                conn.endheaders()
+                for p in parts:
+                    conn.send(p)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+                self.close()
+                # A keep-alive connection the server closed while idle: reconnect once. Never
+                # retry after a timeout, which may mean the server applied the request.
+                if attempt == 1:
+                    raise ParameterServerError(f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
+        self.seconds += time.perf_counter() - started
+        self.bytes_sent += length
+        self.bytes_received += len(data)
+        return response.status, response.getheader("Content-Type", ""), data
+
+    def _weights(self, method: str, path: str, body: list | bytes = b"") -> tuple[dict[str, Any], np.ndarray]:
+        status, content_type, data = self.request(method, path, body)
+        if status != 200:
+            _raise_for(status, content_type, data)
+        return wire.decode(data)
+
+    def health(self) -> dict[str, Any]:
+        """The server's health document."""
+        return self._json("GET", "/v1/health")
+
+    def stats(self) -> dict[str, Any]:
+        """The server's statistics."""
+        return self._json("GET", "/v1/stats")
+
+    def pull(self) -> tuple[np.ndarray, int]:
+        """The center weights (flat, read-only) and their version."""
+        header, flat = self._weights("GET", "/v1/weights")
+        return flat, header["version"]
+
+    def push(self, update: np.ndarray, shapes: list, window: int, samples: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Push a delta (or weights, by the rule); returns the weights to continue from and the header."""
+        header, flat = self._weights("POST", "/v1/push", wire.encode(update, shapes, window=window, samples=samples))
+        return flat, header
+
+    def barrier(self, round: int, weights: np.ndarray, shapes: list, samples: int) -> np.ndarray:
+        """Join round ``round`` with these weights; returns the round's weighted average."""
+        _, flat = self._weights("POST", f"/v1/rounds/{round}", wire.encode(weights, shapes, samples=samples))
+        return flat
+
+    def report_failure(self, message: str) -> None:
+        """Tell the server this worker failed, so no barrier waits for it. Never raises."""
+        try:
+            self.request("POST", "/v1/failure", json.dumps({"message": message}).encode(), "application/json")
+        except Exception:  # the worker is already failing; its own error is what matters
+            pass
+
+    def _json(self, method: str, path: str) -> dict[str, Any]:
+        status, content_type, data = self.request(method, path)
+        if status != 200:
+            _raise_for(status, content_type, data)
+        return json.loads(data)
+
+    def close(self) -> None:
+        """Close the connection (a later request reconnects)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "ParameterClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _raise_for(status: int, content_type: str, data: bytes) -> None:
+    try:
+        payload = json.loads(data) if content_type.startswith("application/json") else {}
+    except ValueError:
+        payload = {}
+    message = payload.get("error") or data[:200].decode("utf-8", "replace") or f"HTTP {status}"
+    if status == 504:
+        raise BarrierTimeoutError(message, payload.get("round", -1), tuple(payload.get("missing", ())))
+    raise ParameterServerError(f"Parameter server answered {status}: {message}", status)

@@ -1,0 +1,259 @@
+"""The state behind the parameter server: center weights, versions, round barriers, statistics.
+
+The store is independent of HTTP so its logic can be tested directly; :mod:`.app` exposes it.
+Updates are validated (shape, dtype, finiteness) before they touch the center, so a bad request
+never corrupts the weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import BarrierTimeoutError, ParameterServerError, WireFormatError
+from .rules import UpdateRule
+from .wire import shapes_size
+
+
+@dataclass
+class _Round:
+    sum: np.ndarray | None = None
+    samples: dict[int, int] = field(default_factory=dict)
+    result: np.ndarray | None = None
+    failed: str | None = None
+
+
+class RoundClosedError(ParameterServerError):
+    """The server is shutting down; no more rounds complete."""
+
+
+class ParameterStore:
+    """Center weights shared by the workers of one training run.
+
+    Args:
+        weights: the initial weights, flat float32.
+        shapes: the model's weight shapes (for validating pushes).
+        num_workers: how many workers take part in each round barrier.
+        rule: how pushes update the center (asynchronous engines); ``None`` allows only barriers.
+        lock: apply pushes under a lock; ``False`` is hogwild (overlapping writes are counted).
+        barrier_timeout: seconds a round barrier waits for the missing workers.
+    """
+
+    def __init__(self, weights: np.ndarray, shapes: Sequence[Sequence[int]], num_workers: int,
+                 rule: UpdateRule | None = None, lock: bool = True, barrier_timeout: float = 600.0) -> None:
+        self.shapes = [tuple(s) for s in shapes]
+        self.size = shapes_size(self.shapes)
+        if weights.dtype != np.float32 or weights.shape != (self.size,):
+            raise ValueError(f"Expected flat float32 weights of {self.size} elements. Received: {weights.dtype} {weights.shape}.")
+        self._center = weights.copy()
+        self.num_workers = num_workers
+        self.rule = rule
+        self.use_lock = lock
+        self.barrier_timeout = barrier_timeout
+        self.version = 0
+        self._cond = threading.Condition()
+        self._rounds: dict[int, _Round] = {}
+        self._closed = False
+        self._applying = 0
+        self.started = time.time()
+        self.counters: dict[str, int] = defaultdict(int)
+        self.staleness: list[int] = []
+        self.worker_pushes: dict[int, int] = defaultdict(int)
+        self.worker_samples: dict[int, int] = defaultdict(int)
+        self.worker_pull_version: dict[int, int] = {}
+        self.failures: dict[int, str] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- validation ---------------------------------------------------------------------
+    def check_update(self, shapes: Sequence[Sequence[int]], update: np.ndarray) -> np.ndarray:
+        """Validate a pushed array against the model; returns it as float32.
+
+        Raises:
+            WireFormatError: wrong shapes (status 400) or NaN/Inf values (status 422).
+        """
+        if [tuple(s) for s in shapes] != self.shapes:
+            self.counters["refused_shape"] += 1
+            raise WireFormatError(
+                f"Update shapes do not match the model: expected {len(self.shapes)} arrays with shapes "
+                f"{self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: {list(shapes)[:4]}."
+            )
+        update = update.astype(np.float32, copy=False)
+        if not np.isfinite(update).all():
+            self.counters["refused_nonfinite"] += 1
+            raise WireFormatError(
+                f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was refused and the "
+                "center weights are unchanged. Lower the learning rate or clip gradients.", status=422)
+        return update
+
+    # -- pull / push ----------------------------------------------------------------------
+    @property
+    def center(self) -> np.ndarray:
+        """The current center weights (do not modify)."""
+        return self._center
+
+    def pull(self, worker: int) -> tuple[np.ndarray, int]:
+        """Current center and its version; remembers the version for the worker's staleness."""
+        with self._cond:
+            self.worker_pull_version[worker] = self.version
+            self.counters["pulls"] += 1
+            return self._center, self.version
+
+    def push(self, worker: int, update: np.ndarray, window: int, samples: int) -> tuple[np.ndarray, int, int]:
+        """Apply a validated update with the rule; returns ``(reply, version, staleness)``.
+
+        Raises:
+            ParameterServerError: no update rule is configured (status 409) or the store is closed.
+        """
+        if self.rule is None:
+            raise ParameterServerError("This run has no update rule; pushes are not accepted (use the round barrier).", 409)
+        if self._closed:
+            raise RoundClosedError("The parameter server is shutting down.", 503)
+        if self.use_lock:
+            with self._cond:
+                staleness = self.version - self.worker_pull_version.get(worker, 0)
+                self._center, reply = self.rule.apply(self._center, update, staleness, window)
+                self._record_push(worker, staleness, samples)
+                self.worker_pull_version[worker] = self.version
+                return reply, self.version, staleness
+        # Hogwild: no lock around the arithmetic. Concurrent writers are counted, not prevented.
+        with self._cond:
+            staleness = self.version - self.worker_pull_version.get(worker, 0)
+            if self._applying:
+                self.counters["overlapping_writes"] += 1
+            self._applying += 1
+        try:
+            reply = self.rule.apply_in_place(self._center, update, staleness, window)
+        finally:
+            with self._cond:
+                self._applying -= 1
+                self._record_push(worker, staleness, samples)
+                self.worker_pull_version[worker] = self.version
+        return reply, self.version, staleness
+
+    def _record_push(self, worker: int, staleness: int, samples: int) -> None:
+        self.version += 1
+        self.counters["updates"] += 1
+        self.staleness.append(staleness)
+        self.worker_pushes[worker] += 1
+        self.worker_samples[worker] += samples
+
+    # -- round barrier --------------------------------------------------------------------
+    def barrier(self, round: int, worker: int, weights: np.ndarray, samples: int,
+                timeout: float | None = None) -> np.ndarray:
+        """Contribute to round ``round`` and wait for the sample-weighted average of all workers.
+
+        A worker with ``samples == 0`` takes part but does not weigh in; when no worker has
+        samples the center is returned unchanged.
+
+        Raises:
+            BarrierTimeoutError: the round did not fill in time (the message names the missing
+                workers), or another waiter already failed it.
+            ParameterServerError: the worker already arrived in this round (409) or its id is
+                out of range (400).
+        """
+        if not 0 <= worker < self.num_workers:
+            raise ParameterServerError(f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400)
+        if samples < 0:
+            raise ParameterServerError(f"`samples` must be >= 0. Received: samples={samples}.", 400)
+        deadline = time.monotonic() + (self.barrier_timeout if timeout is None else timeout)
+        with self._cond:
+            if self._closed:
+                raise RoundClosedError("The parameter server is shutting down.", 503)
+            state = self._rounds.setdefault(round, _Round())
+            if state.failed:
+                raise BarrierTimeoutError(state.failed, round, tuple(self._missing(state)))
+            if worker in state.samples:
+                raise ParameterServerError(f"Worker {worker} already arrived in round {round}.", 409)
+            state.samples[worker] = samples
+            if samples:
+                contribution = weights * np.float32(samples)
+                if state.sum is None:
+                    state.sum = contribution
+                else:
+                    state.sum += contribution
+            if len(state.samples) == self.num_workers:
+                total = sum(state.samples.values())
+                if total:
+                    state.sum /= np.float32(total)
+                    self._center = state.sum
+                state.result = self._center
+                state.sum = None
+                self.version += 1
+                self.counters["rounds"] += 1
+                for w, n in state.samples.items():
+                    self.worker_samples[w] += n
+                for old in [r for r in self._rounds if r < round]:
+                    del self._rounds[old]
+                self._cond.notify_all()
+            while state.result is None and state.failed is None and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = self._missing(state)
+                    state.failed = (
+                        f"Round {round} timed out after waiting for worker(s) {missing} "
+                        f"({len(state.samples)} of {self.num_workers} arrived). A worker died or is stuck; "
+                        "its Spark task log says why."
+                    )
+                    self.counters["failed_rounds"] += 1
+                    self._cond.notify_all()
+                    break
+                self._cond.wait(remaining)
+            if state.result is not None:
+                return state.result
+            if self._closed:
+                raise RoundClosedError("The parameter server shut down during the round.", 503)
+            raise BarrierTimeoutError(state.failed or "round failed", round, tuple(self._missing(state)))
+
+    def _missing(self, state: _Round) -> list[int]:
+        return [w for w in range(self.num_workers) if w not in state.samples]
+
+    # -- failures, stats, lifecycle -------------------------------------------------------
+    def report_failure(self, worker: int, message: str) -> None:
+        """Record that a worker failed; fails every open round so no one waits for it."""
+        with self._cond:
+            self.failures[worker] = message[-4000:]
+            for number, state in self._rounds.items():
+                if state.result is None and state.failed is None:
+                    state.failed = f"Round {number} cannot complete: worker {worker} failed."
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter; no further round completes."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        """JSON-ready statistics of the run so far."""
+        with self._cond:
+            staleness = sorted(self.staleness)
+            elapsed = max(time.time() - self.started, 1e-9)
+            return {
+                "version": self.version,
+                "updates": self.counters["updates"],
+                "rounds": self.counters["rounds"],
+                "pulls": self.counters["pulls"],
+                "refused": {k[len("refused_"):]: v for k, v in self.counters.items() if k.startswith("refused_")},
+                "refused_total": sum(v for k, v in self.counters.items() if k.startswith("refused_")),
+                "failed_rounds": self.counters["failed_rounds"],
+                "overlapping_writes": self.counters["overlapping_writes"],
+                "staleness": {
+                    "min": staleness[0] if staleness else 0,
+                    "median": staleness[len(staleness) // 2] if staleness else 0,
+                    "max": staleness[-1] if staleness else 0,
+                    "histogram": {str(k): staleness.count(k) for k in sorted(set(staleness))[:64]},
+                },
+                "worker_pushes": {str(k): v for k, v in sorted(self.worker_pushes.items())},
+                "worker_samples": {str(k): v for k, v in sorted(self.worker_samples.items())},
+                "failures": {str(k): v for k, v in self.failures.items()},
+                "mb_in": self.bytes_in / 1e6,
+                "mb_out": self.bytes_out / 1e6,
+                "mb_per_s": (self.bytes_in + self.bytes_out) / 1e6 / elapsed,
+                "elapsed_s": elapsed,
+            }

@@ -1,0 +1,141 @@
+"""The parameter server's binary wire format, version 1.
+
+Every weight-carrying message (request or response) is::
+
+    offset  size  field
+    0       4     magic  b"KOSW"
+    4       1     format version (1)
+    5       3     reserved, zero
+    8       4     header length H, uint32 little-endian
+    12      H     header: UTF-8 JSON object
+    12+H    P     zero padding so the payload starts on an 8-byte boundary
+    12+H+P  N     payload: the arrays' raw little-endian bytes, C order, back to back
+
+The header always holds ``"dtype"`` (``"float32"`` or ``"float16"``) and ``"shapes"`` (a list of
+shapes, one per array, in order); the payload length must equal the sum of the shapes' sizes times
+the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
+``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
+message raises :class:`~kerasonspark.errors.WireFormatError` before any payload is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import WireFormatError
+
+MAGIC = b"KOSW"
+VERSION = 1
+CONTENT_TYPE = "application/x-kerasonspark-weights"
+MAX_HEADER_BYTES = 1 << 20
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_PREFIX = struct.Struct("<4sB3xI")
+
+Shapes = list[tuple[int, ...]]
+
+
+def shapes_size(shapes: Sequence[Sequence[int]]) -> int:
+    """Number of elements in arrays of the given shapes together."""
+    return sum(math.prod(s) for s in shapes)
+
+
+def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> list[bytes | memoryview]:
+    """Encode a flat array (the arrays of ``shapes`` back to back) and header fields.
+
+    Returns the message as a list of buffers (prefix and header, then the payload as a view of
+    ``flat``), so a caller can send it without joining: the weights are never copied here.
+
+    Raises:
+        WireFormatError: ``flat`` has the wrong dtype or size for ``shapes``.
+    """
+    dtype_name = next((n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None)
+    if dtype_name is None:
+        raise WireFormatError(f"Expected a float32 or float16 array. Received: dtype={flat.dtype}.")
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if flat.ndim != 1 or flat.size != shapes_size(shapes):
+        raise WireFormatError(
+            f"Expected a flat array of {shapes_size(shapes)} elements for shapes {shapes}. "
+            f"Received: shape={flat.shape}."
+        )
+    header = json.dumps({"dtype": dtype_name, "shapes": shapes, **fields}, separators=(",", ":")).encode()
+    padding = -(_PREFIX.size + len(header)) % 8
+    prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"\0" * padding
+    payload = np.ascontiguousarray(flat)
+    if payload.dtype.byteorder == ">":
+        payload = payload.astype(payload.dtype.newbyteorder("<"))
+    return [prefix, memoryview(payload).cast("B")]
+
+
+def encoded_size(parts: Sequence[bytes | memoryview]) -> int:
+    """Total bytes of a message returned by :func:`encode`."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.ndarray]:
+    """Decode a message into ``(header, flat)``; ``flat`` is a read-only view of ``message``.
+
+    Raises:
+        WireFormatError: bad magic or version, a header that is not a JSON object with valid
+            ``dtype`` and ``shapes``, or a payload of the wrong length.
+    """
+    view = memoryview(message).cast("B")
+    if view.nbytes < _PREFIX.size:
+        raise WireFormatError(f"Message too short: expected at least {_PREFIX.size} bytes. Received: {view.nbytes}.")
+    magic, version, header_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise WireFormatError(f"Not a kerasonspark message: expected magic {MAGIC!r}. Received: {magic!r}.")
+    if version != VERSION:
+        raise WireFormatError(f"Unsupported wire format version {version}; this side speaks version {VERSION}.")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > view.nbytes:
+        raise WireFormatError(f"Header length {header_len} does not fit the {view.nbytes}-byte message.")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireFormatError(f"The header is not valid UTF-8 JSON: {exc}.") from None
+    if not isinstance(header, dict):
+        raise WireFormatError(f"The header must be a JSON object. Received: {type(header).__name__}.")
+    dtype = DTYPES.get(header.get("dtype"))
+    if dtype is None:
+        raise WireFormatError(f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}.")
+    shapes = header.get("shapes")
+    if not isinstance(shapes, list) or not all(
+        isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+        for s in shapes
+    ):
+        raise WireFormatError("Header `shapes` must be a list of lists of non-negative integers.")
+    header["shapes"] = [tuple(s) for s in shapes]
+    start = _PREFIX.size + header_len
+    start += -start % 8
+    expected = shapes_size(header["shapes"]) * dtype.itemsize
+    if view.nbytes - start != expected:
+        raise WireFormatError(
+            f"Payload length mismatch: shapes and dtype call for {expected} bytes. "
+            f"Received: {max(view.nbytes - start, 0)} bytes."
+        )
+    flat = np.frombuffer(view, dtype=dtype, offset=start)
+    return header, flat
+
+
+def unflatten(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Split a flat array into views of the given shapes (no copy)."""
+    arrays, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        arrays.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return arrays
+
+
+def flatten(arrays: Sequence[np.ndarray], dtype: np.dtype | str = np.float32) -> tuple[np.ndarray, Shapes]:
+    """Concatenate arrays into one flat array of ``dtype``; returns it with their shapes."""
+    shapes = [tuple(int(d) for d in np.shape(a)) for a in arrays]
+    if not arrays:
+        return np.zeros(0, dtype=dtype), shapes
+    flat = np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
+    return flat, shapes

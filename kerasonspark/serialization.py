@@ -1,0 +1,113 @@
+"""Models to and from plain data: architecture JSON, compile config JSON, raw float32 weights.
+
+Nothing here pickles a live model. A :class:`ModelSpec` travels to the executors as bytes in the
+parameter server's wire format (JSON header + raw weights); custom layers, losses and metrics
+are named in ``custom_objects`` and rebuilt by Keras's own deserialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ConfigurationError
+from .parameter_server import wire
+
+if TYPE_CHECKING:
+    import keras
+
+
+def get_flat_weights(model: "keras.Model") -> np.ndarray:
+    """All of the model's weights as one flat float32 array (one copy)."""
+    return wire.flatten(model.get_weights())[0]
+
+
+def set_flat_weights(model: "keras.Model", flat: np.ndarray) -> None:
+    """Set the model's weights from a flat float32 array laid out as :func:`get_flat_weights`."""
+    model.set_weights(wire.unflatten(flat, [tuple(w.shape) for w in model.weights]))
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a compiled model elsewhere.
+
+    Attributes:
+        architecture: ``model.to_json()``.
+        compile_config: ``model.get_compile_config()`` (``None`` for an uncompiled model).
+        weights: the weights, flat float32.
+        shapes: the shape of each weight array.
+        custom_objects: classes and functions the architecture or compile config name.
+    """
+
+    architecture: str
+    compile_config: dict[str, Any] | None
+    weights: np.ndarray
+    shapes: list[tuple[int, ...]]
+    custom_objects: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: "keras.Model", custom_objects: dict[str, Any] | None = None) -> "ModelSpec":
+        """Capture a built Keras model.
+
+        Raises:
+            ConfigurationError: the model is not built (its input shape is unknown) or its compile
+                config cannot be serialised.
+        """
+        if not model.built:
+            raise ConfigurationError(
+                "The model is not built, so its input shape is unknown. Start it with `keras.Input(shape=...)` "
+                "or call `model.build(input_shape)` before training on Spark."
+            )
+        compile_config = model.get_compile_config() if getattr(model, "compiled", False) else None
+        try:
+            json.dumps(compile_config)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"The model's compile config cannot be serialised ({exc}). Compile with Keras optimizers, losses "
+                "and metrics by name or object, registering custom ones with `keras.saving.register_keras_serializable`."
+            ) from None
+        weights, shapes = wire.flatten(model.get_weights())
+        return cls(model.to_json(), compile_config, weights, shapes, dict(custom_objects or {}))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and compile config (not the weights)."""
+        h = hashlib.sha256(self.architecture.encode())
+        h.update(json.dumps(self.compile_config, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def build(self, compile: bool = True) -> "keras.Model":
+        """Rebuild the model with these weights (and compiled, when a compile config exists)."""
+        import keras
+
+        with keras.saving.custom_object_scope(self.custom_objects):
+            model = keras.models.model_from_json(self.architecture, custom_objects=self.custom_objects)
+            if compile and self.compile_config is not None:
+                model.compile_from_config(self.compile_config)
+        set_flat_weights(model, self.weights)
+        return model
+
+    def to_bytes(self) -> bytes:
+        """Serialise (without ``custom_objects``, which travel with the task) to the wire format."""
+        parts = wire.encode(self.weights, self.shapes, architecture=self.architecture, compile_config=self.compile_config)
+        return b"".join(bytes(p) for p in parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, custom_objects: dict[str, Any] | None = None) -> "ModelSpec":
+        """Inverse of :meth:`to_bytes`."""
+        header, flat = wire.decode(data)
+        return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))
+
+    def loss_name(self) -> str | None:
+        """The compiled loss as a lowercase name when it is a single built-in loss, else ``None``."""
+        loss = (self.compile_config or {}).get("loss")
+        if isinstance(loss, str):
+            return loss.lower()
+        if isinstance(loss, dict):
+            name = loss.get("config", {}).get("name") if isinstance(loss.get("config"), dict) else None
+            return (name or loss.get("class_name", "")).lower()
+        return None

@@ -1,0 +1,85 @@
+"""Finding or starting the Spark session a trainer runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, SparkEnvironmentError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+logger = logging.getLogger(__name__)
+
+LOCAL_CONF = {
+    # Servers we start bind to loopback unless the user runs on a cluster.
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.ui.enabled": "false",
+    "spark.driver.memory": "4g",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.python.worker.reuse": "true",
+    "spark.sql.shuffle.partitions": "8",
+}
+
+
+def require_java() -> str:
+    """The ``java`` executable Spark will use.
+
+    Raises:
+        SparkEnvironmentError: no Java is installed (PySpark 4 needs Java 17 or newer).
+    """
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        raise SparkEnvironmentError(
+            "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs Java 17 or newer: "
+            "install it (e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
+        )
+    return java
+
+
+def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None) -> "SparkSession":
+    """Start (or join) a Spark session on ``master``; local masters get loopback-only settings."""
+    require_java()
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(master).appName(app_name)
+    settings = dict(LOCAL_CONF) if master.startswith("local") else {"spark.python.worker.reuse": "true"}
+    settings.update(conf or {})
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    try:
+        return builder.getOrCreate()
+    except Exception as exc:
+        raise SparkEnvironmentError(f"Spark could not start on master {master!r}: {exc}") from exc
+
+
+def is_local(spark: "SparkSession") -> bool:
+    return spark.sparkContext.master.startswith("local")
+
+
+def server_host(spark: "SparkSession") -> str:
+    """Where a driver-side server should bind: loopback locally, the driver's address on a cluster."""
+    if is_local(spark):
+        return "127.0.0.1"
+    return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+
+
+def check_slots(spark: "SparkSession", num_workers: int) -> None:
+    """Refuse to submit a barrier stage that could never be scheduled.
+
+    Raises:
+        ConfigurationError: fewer task slots than workers (a barrier stage would wait forever).
+    """
+    sc = spark.sparkContext
+    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
+    slots = sc.defaultParallelism // max(task_cpus, 1)
+    if num_workers > slots:
+        raise ConfigurationError(
+            f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as one barrier "
+            f"stage), but master {sc.master!r} offers {slots}. Use num_workers <= {slots} or add executor cores."
+        )

@@ -1,0 +1,301 @@
+"""SparkTrainer: train, evaluate and predict with a Keras model on Spark, with any engine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import data as data_module
+from .data import DataInfo
+from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
+from .errors import ConfigurationError, DataError, from_spark_exception
+from .serialization import ModelSpec, get_flat_weights
+from .session import check_slots, server_host, start_session
+from .worker import configure_tensorflow, cached_model, warm_up
+
+if TYPE_CHECKING:
+    import keras
+    from pyspark.sql import DataFrame, SparkSession
+
+logger = logging.getLogger(__name__)
+
+
+class SparkTrainer:
+    """Train a Keras model on Spark the way ``model.fit`` trains it locally.
+
+    Args:
+        model: a built, compiled ``keras.Model``. It is trained in place.
+        backend: an engine name (``"sync"``, ``"single"``, or any installed engine; see
+            :func:`kerasonspark.available_backends`) or a configured engine object.
+        num_workers: Spark tasks that train side by side (each gets one data partition).
+        batch_size: samples per local step.
+        epochs: passes over the training data.
+        backend_options: engine options, e.g. ``{"sync_every": 32}`` for ``"sync"``.
+        master: Spark master URL for a session the trainer starts (default ``local[num_workers]``).
+        spark: an existing ``SparkSession`` to use.
+        seed: makes data shuffling repeatable.
+        verbose: 0 silent, 1 a line per epoch (through the ``kerasonspark`` logger).
+        custom_objects: custom layers, losses or metrics the model uses, by name.
+
+    Example:
+        >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
+        >>> result = trainer.fit(train_df, features="features", label="label", validation_data=test_df)
+        >>> result.history["val_accuracy"]
+    """
+
+    def __init__(self, model: "keras.Model", backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
+                 epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
+                 spark: "SparkSession | None" = None, seed: int | None = None, verbose: int = 1,
+                 custom_objects: Mapping[str, Any] | None = None) -> None:
+        import keras
+
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"Expected `model` to be a keras.Model. Received: {type(model).__name__}.")
+        if not getattr(model, "compiled", False):
+            raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
+        self.model = model
+        self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose)
+        self.engine = resolve_backend(backend, backend_options)
+        self.master = master
+        self.spark = spark
+        self.custom_objects = dict(custom_objects or {})
+        self._owned_session: "SparkSession | None" = None
+        self.info = DataInfo.for_model(model, ModelSpec.from_model(model, self.custom_objects).loss_name())
+
+    # -- sessions -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self, data: Any, keep: bool = False) -> Iterator["SparkSession"]:
+        from pyspark import RDD
+        from pyspark.sql import DataFrame, SparkSession
+
+        if self.spark is not None:
+            yield self.spark
+            return
+        if isinstance(data, DataFrame):
+            yield data.sparkSession
+            return
+        if isinstance(data, RDD):
+            yield SparkSession.builder.getOrCreate()
+            return
+        active = self._owned_session or SparkSession.getActiveSession()
+        if active is not None:
+            yield active
+            return
+        session = start_session(self.master or f"local[{self.config.num_workers}]")
+        try:
+            yield session
+        finally:
+            if keep:
+                self._owned_session = session
+            else:
+                session.stop()
+
+    def close(self) -> None:
+        """Stop a Spark session this trainer started and kept (for ``predict`` on NumPy input)."""
+        if self._owned_session is not None:
+            self._owned_session.stop()
+            self._owned_session = None
+
+    def __enter__(self) -> "SparkTrainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- fit ------------------------------------------------------------------------------
+    def fit(self, data: Any, features: str = "features", label: str = "label",
+            validation_data: Any = None) -> TrainingResult:
+        """Train the model on ``data`` with the configured engine.
+
+        Args:
+            data: a Spark DataFrame, an RDD of ``(features, label)``, or NumPy ``(x, y)``.
+            features: the feature column (array or ML Vector) of a DataFrame.
+            label: the label column (class index, number, or one-hot array) of a DataFrame.
+            validation_data: the same kinds of input; evaluated after every epoch.
+
+        Returns:
+            A :class:`TrainingResult` with the trained model, per-epoch history and run figures.
+
+        Raises:
+            DataError: the data does not fit the model (checked before training starts).
+            ConfigurationError: the cluster has fewer task slots than ``num_workers``.
+            WorkerError: a worker failed during training.
+        """
+        started = time.perf_counter()
+        with self._session(data) as spark:
+            if self.engine.uses_spark_workers:
+                check_slots(spark, self.config.num_workers)
+            spec = ModelSpec.from_model(self.model, self.custom_objects)
+            run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
+            spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
+            prepared = None
+            try:
+                validation = None
+                if validation_data is not None:
+                    validation = self._local_arrays(spark, validation_data, features, label, "validation")
+                warm = (lambda: warm_up(spec_broadcast, spec.custom_objects, run_id)) if self.engine.uses_spark_workers else None
+                prepared = self._spark_errors(lambda: data_module.prepare(
+                    spark, data, features, label, self.info, self.config.num_workers, "training", warm))
+                job = TrainingJob(spark=spark, spec=spec, model=self.model, data=prepared, info=self.info,
+                                  config=self.config, run_id=run_id, spec_broadcast=spec_broadcast,
+                                  validation=validation, server_host=server_host(spark))
+                self.engine.setup(job)
+                try:
+                    result = self.engine.run(job)
+                finally:
+                    self.engine.teardown(job)
+            finally:
+                if prepared is not None:
+                    prepared.release()
+                spec_broadcast.destroy()
+        result.stats["wall_seconds"] = time.perf_counter() - started
+        result.stats["backend"] = self.engine.name
+        if self.config.verbose:
+            for epoch in range(self.config.epochs):
+                logger.info("Epoch %d/%d - %s", epoch + 1, self.config.epochs,
+                            " - ".join(f"{k}: {v[epoch]:.4f}" for k, v in result.history.items() if epoch < len(v)))
+        return result
+
+    def _spark_errors(self, call):
+        try:
+            return call()
+        except Exception as exc:
+            recovered = from_spark_exception(exc)
+            if recovered is not None and recovered is not exc and not isinstance(exc, type(recovered)):
+                raise recovered from None
+            raise
+
+    def _local_arrays(self, spark: "SparkSession", data: Any, features: str, label: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+        blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, self.info, None, what))
+        x, y = self._spark_errors(lambda: data_module.collect_arrays(blocks))
+        data_module.check_label_shape(y.shape, self.info, f"the {what} data")
+        problems = data_module.block_problems(x, y, self.info)
+        if any(problems.values()):
+            data_module._raise_problems([problems], what)
+        return x, y
+
+    # -- evaluate / predict -----------------------------------------------------------------
+    def _inference_spec(self) -> ModelSpec:
+        return ModelSpec.from_model(self.model, self.custom_objects)
+
+    def evaluate(self, data: Any, features: str = "features", label: str = "label", batch_size: int = 256) -> dict[str, float]:
+        """Loss and metrics of the current model on ``data``, computed on the executors.
+
+        Metrics that are means over samples (loss, accuracy) are exact; each partition's result
+        is weighted by its rows.
+
+        Returns:
+            ``{"loss": ..., "accuracy": ..., ...}`` like ``model.evaluate(return_dict=True)``.
+        """
+        spec = self._inference_spec()
+        info = self.info
+        with self._session(data) as spark:
+            blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, info, None, "evaluation"))
+            spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
+            custom_objects = spec.custom_objects
+            key = f"inference-{spec.fingerprint}"
+
+            def evaluate_partition(part: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[int, dict[str, float]]]:
+                from .serialization import set_flat_weights
+                from .parameter_server import wire
+                from .worker import task_cores
+
+                configure_tensorflow(task_cores())
+                model = cached_model(key, spec_broadcast.value, custom_objects)
+                set_flat_weights(model, wire.decode(spec_broadcast.value)[1])
+                for x, y in part:
+                    if len(x):
+                        scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
+                        yield len(x), {k: float(v) for k, v in scores.items()}
+
+            try:
+                results = self._spark_errors(lambda: blocks.mapPartitions(evaluate_partition).collect())
+            finally:
+                spec_broadcast.destroy()
+        if not results:
+            raise DataError("The evaluation data is empty.")
+        total = sum(n for n, _ in results)
+        return {k: sum(n * s[k] for n, s in results) / total for k in results[0][1]}
+
+    def predict(self, data: Any, features: str = "features", output_col: str = "prediction", batch_size: int = 256) -> "DataFrame":
+        """Predictions for ``data``, computed on the executors, as a DataFrame.
+
+        A DataFrame keeps all its columns and gains ``output_col`` (array<float>). NumPy features
+        (or an RDD of feature vectors or ``(features, label)`` pairs) become a DataFrame of
+        ``features`` and ``output_col``. A Spark session the trainer had to start for NumPy input
+        lives until :meth:`close`.
+        """
+        from pyspark import RDD
+        from pyspark.sql import DataFrame
+
+        spec = self._inference_spec()
+        with self._session(data, keep=True) as spark:
+            if isinstance(data, DataFrame):
+                df = data
+            elif isinstance(data, RDD):
+                df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],)).toDF([features])
+            else:
+                x = np.asarray(data[0] if isinstance(data, tuple) else data, dtype=np.float32)
+                df = _numpy_dataframe(spark, x.reshape(len(x), -1), features)
+            return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size)
+
+
+def _numpy_dataframe(spark: "SparkSession", x: np.ndarray, column: str) -> "DataFrame":
+    import pyarrow as pa
+
+    offsets = np.arange(0, x.size + 1, x.shape[1], dtype=np.int32)
+    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.ravel()))
+    return spark.createDataFrame(pa.table({column: values}))
+
+
+def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, info: DataInfo, features: str,
+                       output_col: str, batch_size: int) -> "DataFrame":
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    if features not in df.columns:
+        raise DataError(f"The DataFrame has no features column {features!r}. Its columns: {df.columns}.")
+    if output_col in df.columns:
+        raise DataError(f"The DataFrame already has a column {output_col!r}; pass another `output_col`.")
+    ftype = df.schema[features].dataType
+    temp = "__kerasonspark_features"
+    fcol = vector_to_array(F.col(features), "float32") if isinstance(ftype, VectorUDT) else F.col(features).cast("array<float>")
+    staged = df.withColumn(temp, fcol)
+    schema = T.StructType(df.schema.fields + [T.StructField(output_col, T.ArrayType(T.FloatType()))])
+    spec_bytes = spec.to_bytes()
+    custom_objects = spec.custom_objects
+    key = f"inference-{spec.fingerprint}"
+    names = df.columns
+
+    def predict_batches(batches):
+        import pyarrow as pa
+
+        from .parameter_server import wire
+        from .serialization import set_flat_weights
+        from .worker import task_cores
+
+        configure_tensorflow(task_cores())
+        model = cached_model(key, spec_bytes, custom_objects)
+        set_flat_weights(model, wire.decode(spec_bytes)[1])
+        for batch in batches:
+            column = batch.column(temp)
+            if batch.num_rows == 0:
+                continue
+            x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            if x.size != batch.num_rows * info.feature_size:
+                raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
+            out = np.asarray(model.predict(x.reshape((batch.num_rows, *info.input_shape)), batch_size=batch_size, verbose=0),
+                             dtype=np.float32).reshape(batch.num_rows, -1)
+            offsets = np.arange(0, out.size + 1, out.shape[1], dtype=np.int32)
+            predictions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.ravel()))
+            yield pa.RecordBatch.from_arrays([batch.column(n) for n in names] + [predictions], names=names + [output_col])
+
+    return staged.mapInArrow(predict_batches, schema)
