@@ -372,6 +372,28 @@ def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: D
     return PreparedData(blocks, counts)
 
 
+def numpy_to_dataframe(spark: "SparkSession", x: np.ndarray, y: np.ndarray | None = None,
+                       features: str = "features", label: str = "label") -> "DataFrame":
+    """A DataFrame with an array<float> feature column (and a label column) from NumPy, through Arrow.
+
+    Example:
+        >>> df = numpy_to_dataframe(spark, x_train, y_train)   # columns: features, label
+    """
+    import pyarrow as pa
+
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+    offsets = np.arange(0, x.size + 1, max(x.shape[1], 1), dtype=np.int64)[: len(x) + 1]
+    columns = {features: pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(x.ravel()))}
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim == 2:
+            y_offsets = np.arange(0, y.size + 1, y.shape[1], dtype=np.int64)
+            columns[label] = pa.LargeListArray.from_arrays(pa.array(y_offsets), pa.array(y.astype(np.float32).ravel()))
+        else:
+            columns[label] = pa.array(y)
+    return spark.createDataFrame(pa.table(columns))
+
+
 def collect_arrays(blocks: "RDD") -> tuple[np.ndarray, np.ndarray]:
     """Bring blocks to the driver as one ``(x, y)`` pair (for validation sets and the single engine)."""
     parts = blocks.collect()

@@ -242,16 +242,8 @@ class SparkTrainer:
                 df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],)).toDF([features])
             else:
                 x = np.asarray(data[0] if isinstance(data, tuple) else data, dtype=np.float32)
-                df = _numpy_dataframe(spark, x.reshape(len(x), -1), features)
+                df = data_module.numpy_to_dataframe(spark, x, features=features)
             return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size)
-
-
-def _numpy_dataframe(spark: "SparkSession", x: np.ndarray, column: str) -> "DataFrame":
-    import pyarrow as pa
-
-    offsets = np.arange(0, x.size + 1, x.shape[1], dtype=np.int32)
-    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.ravel()))
-    return spark.createDataFrame(pa.table({column: values}))
 
 
 def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, info: DataInfo, features: str,

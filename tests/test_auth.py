@@ -1,0 +1,52 @@
+import time
+
+import pytest
+
+from kerasonspark.parameter_server import auth
+
+
+def test_signed_request_verifies_and_returns_credentials():
+    secret = auth.new_secret()
+    value = auth.sign(secret, "POST", "/v1/push", worker=2, seq=11, body_length=5)
+    creds = auth.verify(secret, "POST", "/v1/push", value, b"hello")
+    assert (creds.worker, creds.seq) == (2, 11)
+
+
+@pytest.mark.parametrize("change", ["secret", "path", "method", "length", "worker"])
+def test_any_change_breaks_the_signature(change):
+    secret = auth.new_secret()
+    value = auth.sign(secret, "POST", "/v1/push", worker=2, seq=11, body_length=5)
+    kwargs = dict(secret=secret, method="POST", path="/v1/push", value=value, body=b"hello")
+    if change == "secret":
+        kwargs["secret"] = auth.new_secret()
+    elif change == "path":
+        kwargs["path"] = "/v1/rounds/0"
+    elif change == "method":
+        kwargs["method"] = "GET"
+    elif change == "length":
+        kwargs["body"] = b"hello!"
+    else:
+        kwargs["value"] = value.replace("worker=2", "worker=3")
+    with pytest.raises(auth.AuthenticationError, match="signature"):
+        auth.verify(**kwargs)
+
+
+def test_missing_malformed_and_stale_headers_are_refused():
+    secret = auth.new_secret()
+    with pytest.raises(auth.AuthenticationError, match="Missing"):
+        auth.verify(secret, "GET", "/v1/stats", None, b"")
+    with pytest.raises(auth.AuthenticationError, match="Malformed"):
+        auth.verify(secret, "GET", "/v1/stats", "v1 worker=x", b"")
+    old = auth.sign(secret, "GET", "/v1/stats", 0, 1, 0, ts=int(time.time()) - 3600)
+    with pytest.raises(auth.AuthenticationError, match="clock"):
+        auth.verify(secret, "GET", "/v1/stats", old, b"")
+
+
+def test_body_signing_binds_the_content():
+    import hashlib
+
+    secret = auth.new_secret()
+    value = auth.sign(secret, "POST", "/v1/push", 0, 1, 5, body_digest=hashlib.sha256(b"hello").hexdigest())
+    auth.verify(secret, "POST", "/v1/push", value, b"hello", sign_body=True)
+    with pytest.raises(auth.AuthenticationError):
+        auth.verify(secret, "POST", "/v1/push", value, b"jello", sign_body=True)

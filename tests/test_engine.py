@@ -1,0 +1,58 @@
+import pytest
+
+import kerasonspark
+from kerasonspark import ConfigurationError, Engine, SparkTrainer, available_backends
+from kerasonspark.engine import resolve_backend
+
+from conftest import small_model
+
+
+def test_public_surface_is_exported():
+    for name in kerasonspark.__all__:
+        assert hasattr(kerasonspark, name), name
+
+
+def test_engines_are_found_through_entry_points():
+    engines = available_backends()
+    assert {"sync", "single"} <= set(engines)
+    assert all(issubclass(cls, Engine) for cls in engines.values())
+
+
+def test_unknown_backend_lists_the_installed_ones():
+    with pytest.raises(ConfigurationError, match="Installed backends: .*'single'.*'sync'"):
+        resolve_backend("nope")
+
+
+def test_unknown_or_bad_options_name_the_valid_ones():
+    with pytest.raises(ConfigurationError, match="Valid options: \\['sync_every', 'barrier_timeout'\\]"):
+        resolve_backend("sync", {"sync_evry": 4})
+    with pytest.raises(ConfigurationError, match="sync_every"):
+        resolve_backend("sync", {"sync_every": 0})
+
+
+def test_an_engine_object_is_used_as_is():
+    engine = available_backends()["sync"](sync_every=4)
+    assert resolve_backend(engine) is engine
+    with pytest.raises(ConfigurationError):
+        resolve_backend(engine, {"sync_every": 2})
+
+
+def test_trainer_validates_its_arguments():
+    with pytest.raises(ConfigurationError, match="num_workers"):
+        SparkTrainer(small_model(), num_workers=0)
+    with pytest.raises(TypeError, match="keras.Model"):
+        SparkTrainer("model")
+    import keras
+    uncompiled = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(ConfigurationError, match="compile"):
+        SparkTrainer(uncompiled)
+
+
+def test_missing_java_gets_a_clear_error(monkeypatch):
+    from kerasonspark import SparkEnvironmentError
+    from kerasonspark.session import require_java
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SparkEnvironmentError, match="Java 17"):
+        require_java()

@@ -1,0 +1,160 @@
+"""The parameter server over a real socket: routes, auth, limits, barriers, shutdown."""
+
+import http.client
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kerasonspark.errors import BarrierTimeoutError, ParameterServerError
+from kerasonspark.parameter_server import (ParameterClient, ParameterServer, ParameterStore, ServerConfig,
+                                           UpdateRule, new_secret, wire)
+
+SHAPES = [(3, 2), (2,)]
+
+
+class AddRule(UpdateRule):
+    name = "add"
+
+    def apply(self, center, update, staleness, window):
+        new = center + update
+        return new, new
+
+
+@pytest.fixture
+def server(no_leaked_threads):
+    secret = new_secret()
+    store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=2, rule=AddRule(), barrier_timeout=5)
+    with ParameterServer(store, ServerConfig(secret, max_payload_bytes=4096)) as srv:
+        srv.secret = secret
+        yield srv
+
+
+def client(server, worker=0, secret=None):
+    return ParameterClient(server.url, secret or server.secret, worker, timeout=30)
+
+
+def test_health_pull_and_stats(server):
+    with client(server) as c:
+        assert c.health()["status"] == "ok"
+        flat, version = c.pull()
+        np.testing.assert_array_equal(flat, np.arange(8))
+        assert version == 0
+        assert c.stats()["pulls"] == 1
+
+
+def test_push_applies_the_rule_and_reports_staleness(server):
+    with client(server, 0) as a, client(server, 1) as b:
+        a.pull(), b.pull()
+        a.push(np.ones(8, np.float32), SHAPES, window=1, samples=4)
+        reply, header = b.push(np.ones(8, np.float32), SHAPES, window=1, samples=4)
+        np.testing.assert_array_equal(reply, np.arange(8) + 2)
+        assert header["staleness"] == 1 and header["version"] == 2
+        stats = b.stats()
+    assert stats["updates"] == 2 and stats["staleness"]["max"] == 1
+
+
+@pytest.mark.parametrize("secret", [None, b"wrong" * 8])
+def test_unauthenticated_requests_get_401_and_change_nothing(server, secret):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    body = b"".join(bytes(p) for p in wire.encode(np.full(8, 100, np.float32), SHAPES))
+    headers = {"Content-Type": wire.CONTENT_TYPE}
+    if secret:
+        from kerasonspark.parameter_server import auth
+        headers[auth.HEADER] = auth.sign(secret, "POST", "/v1/push", 0, 1, len(body))
+    conn.request("POST", "/v1/push", body, headers)
+    response = conn.getresponse()
+    assert response.status == 401
+    assert "secret" in json.loads(response.read())["error"] or not secret
+    conn.close()
+    np.testing.assert_array_equal(server.store.center, np.arange(8))
+
+
+def test_wrong_shapes_get_400_and_nan_gets_422_and_weights_stay(server):
+    with client(server) as c:
+        with pytest.raises(ParameterServerError) as bad_shape:
+            c.push(np.ones(8, np.float32), [(2, 4)], window=1, samples=1)
+        assert bad_shape.value.status == 400 and "shapes" in str(bad_shape.value)
+        poisoned = np.ones(8, np.float32)
+        poisoned[3] = np.nan
+        with pytest.raises(ParameterServerError) as nan:
+            c.push(poisoned, SHAPES, window=1, samples=1)
+        assert nan.value.status == 422
+        stats = c.stats()
+    assert stats["refused"] == {"shape": 1, "nonfinite": 1}
+    np.testing.assert_array_equal(server.store.center, np.arange(8))
+
+
+def test_malformed_body_gets_400(server):
+    with client(server) as c:
+        status, _, data = c.request("POST", "/v1/push", b"KOSW garbage")
+    assert status == 400 and "error" in json.loads(data)
+    np.testing.assert_array_equal(server.store.center, np.arange(8))
+
+
+def test_oversized_payload_gets_413(server):
+    with client(server) as c:
+        status, _, data = c.request("POST", "/v1/push", b"\0" * 10_000)
+    assert status == 413 and "cap" in json.loads(data)["error"]
+
+
+def test_replayed_sequence_number_gets_409(server):
+    with client(server) as c:
+        c.pull()
+        c._seq -= 1  # re-send the last sequence number, as a replay would
+        with pytest.raises(ParameterServerError) as replay:
+            c.pull()
+    assert replay.value.status == 409
+
+
+def test_barrier_returns_the_sample_weighted_average_to_everyone(server):
+    results = {}
+
+    def join(worker, value, samples):
+        with client(server, worker) as c:
+            results[worker] = c.barrier(0, np.full(8, value, np.float32), SHAPES, samples)
+
+    threads = [threading.Thread(target=join, args=a) for a in ((0, 1.0, 10), (1, 4.0, 20))]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    expected = (1.0 * 10 + 4.0 * 20) / 30
+    np.testing.assert_allclose(results[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(results[1], expected, rtol=1e-6)
+    np.testing.assert_allclose(server.store.center, expected, rtol=1e-6)
+
+
+def test_barrier_timeout_names_the_missing_worker(server):
+    server.store.barrier_timeout = 0.5
+    with client(server, 1) as c:
+        started = time.monotonic()
+        with pytest.raises(BarrierTimeoutError) as timeout:
+            c.barrier(0, np.ones(8, np.float32), SHAPES, 5)
+    assert timeout.value.missing == (0,) and "worker(s) [0]" in str(timeout.value)
+    assert time.monotonic() - started < 5
+
+
+def test_stop_ends_every_thread_and_closes_the_port(no_leaked_threads):
+    secret = new_secret()
+    store = ParameterStore(np.zeros(8, np.float32), SHAPES, num_workers=2)
+    srv = ParameterServer(store, ServerConfig(secret)).start()
+    waiter = ParameterClient(srv.url, secret, 0, timeout=30)
+    errors = []
+
+    def wait_in_barrier():
+        try:
+            waiter.barrier(0, np.ones(8, np.float32), SHAPES, 1)
+        except Exception as exc:
+            errors.append(exc)
+
+    blocked = threading.Thread(target=wait_in_barrier)
+    blocked.start()
+    deadline = time.monotonic() + 10
+    while not store._rounds and time.monotonic() < deadline:
+        time.sleep(0.01)
+    srv.stop()
+    blocked.join(10)
+    assert not blocked.is_alive() and errors
+    with pytest.raises(OSError):
+        http.client.HTTPConnection(srv.host, srv.port, timeout=2).connect()

@@ -1,0 +1,127 @@
+"""End to end: real Spark (local[2]), real TensorFlow training, a real parameter server."""
+
+import time
+
+import numpy as np
+import pytest
+
+from kerasonspark import SparkTrainer, WorkerError
+from kerasonspark.data import numpy_to_dataframe
+from kerasonspark.serialization import get_flat_weights
+
+from conftest import make_blobs, small_model
+
+pytestmark = pytest.mark.spark
+
+FLOOR = 0.9  # an untrained 4-class model scores about 0.25
+
+
+@pytest.mark.parametrize("backend", ["sync", "single"])
+def test_engine_trains_above_the_floor_from_a_dataframe(spark, backend, no_leaked_threads):
+    x, y = make_blobs(1200)
+    xv, yv = make_blobs(400, seed=0)[0][:400], make_blobs(400, seed=0)[1][:400]
+    model = small_model()
+    before = get_flat_weights(model)
+    trainer = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=1,
+                           verbose=0, backend_options={"sync_every": 8} if backend == "sync" else None)
+    result = trainer.fit(numpy_to_dataframe(spark, x, y), validation_data=numpy_to_dataframe(spark, xv, yv))
+    assert result.model is model
+    assert not np.allclose(get_flat_weights(model), before)
+    assert len(result.history["loss"]) == 2 and result.history["loss"][1] < result.history["loss"][0]
+    assert result.history["val_accuracy"][-1] > FLOOR
+    assert trainer.evaluate(numpy_to_dataframe(spark, xv, yv))["accuracy"] > FLOOR
+    stats = result.stats
+    assert stats["samples"] == 2400 and stats["samples_per_second"] > 0 and stats["wall_seconds"] > 0
+    assert sum(w["samples"] for w in stats["workers"]) == 1200
+    if backend == "sync":
+        assert stats["rounds"] == 2 * stats["rounds_per_epoch"] and stats["rounds"] >= 2 * 5
+        assert len(stats["workers"]) == 2 and all(w["rounds"] == stats["rounds"] for w in stats["workers"])
+
+
+def test_sync_trains_from_numpy_rdd_and_one_hot_labels(spark):
+    import keras
+
+    x, y = make_blobs(800)
+    model = small_model(loss="categorical_crossentropy")
+    rdd = spark.sparkContext.parallelize([(row, int(label)) for row, label in zip(x.tolist(), y)], 3)
+    trainer = SparkTrainer(model, backend="sync", num_workers=2, epochs=2, batch_size=16, spark=spark, seed=0, verbose=0)
+    trainer.fit(rdd)
+    scores = trainer.evaluate((x, keras.utils.to_categorical(y, 4)))
+    assert scores["accuracy"] > FLOOR
+
+
+def test_vector_features_and_empty_partition(spark):
+    from pyspark.ml.linalg import Vectors
+
+    x, y = make_blobs(600)
+    rows = [(Vectors.dense(r), float(label)) for r, label in zip(x.tolist(), y)]
+    # Two partitions, one of them empty: that worker only joins the rounds.
+    two_parts = spark.sparkContext.parallelize(rows, 2).mapPartitionsWithIndex(lambda i, it: it if i == 0 else iter([]))
+    df = spark.createDataFrame(two_parts, ["features", "label"])
+    assert df.rdd.getNumPartitions() == 2
+    trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, epochs=3, batch_size=16, spark=spark,
+                           seed=0, verbose=0)
+    result = trainer.fit(df)
+    counts = sorted(w["samples"] for w in result.stats["workers"])
+    assert counts == [0, 300]
+    assert trainer.evaluate(df)["accuracy"] > FLOOR
+
+
+def test_predict_keeps_columns_and_runs_on_executors(spark):
+    x, y = make_blobs(300)
+    model = small_model()
+    model.fit(x, y, epochs=5, verbose=0)
+    trainer = SparkTrainer(model, spark=spark, verbose=0)
+    df = numpy_to_dataframe(spark, x, y).withColumn("row", __import__("pyspark.sql.functions", fromlist=["x"]).monotonically_increasing_id())
+    out = trainer.predict(df).orderBy("row").collect()
+    assert len(out) == 300 and set(out[0].asDict()) == {"features", "label", "row", "prediction"}
+    predicted = np.array([r.prediction for r in out])
+    np.testing.assert_allclose(predicted, model.predict(x, verbose=0), atol=1e-5)
+    from_numpy = trainer.predict(x[:10]).collect()
+    assert len(from_numpy) == 10 and len(from_numpy[0].prediction) == 4
+
+
+class FailingExchange:
+    """Wraps the sync exchange; worker 1 raises in its third exchange."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "inner":  # during unpickling, before __dict__ is restored
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def exchange(self, model, samples):
+        if self.inner.client.worker == 1 and self.inner.round == 2:
+            raise RuntimeError("simulated worker crash")
+        self.inner.exchange(model, samples)
+
+
+def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_threads):
+    from kerasonspark import available_backends
+    from kerasonspark.worker import Exchange
+
+    class CrashingSync(available_backends()["sync"]):
+        def run(self, job):
+            original = job.run_workers
+
+            def run_workers(exchange: Exchange):
+                return original(FailingExchange(exchange))
+            job.run_workers = run_workers
+            return super().run(job)
+
+    import sys
+
+    from pyspark import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors cannot import test modules
+    x, y = make_blobs(800)
+    trainer = SparkTrainer(small_model(), backend=CrashingSync(sync_every=4, barrier_timeout=120), num_workers=2,
+                           epochs=2, batch_size=16, spark=spark, verbose=0)
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        trainer.fit((x, y))
+    assert failure.value.worker == 1
+    assert "simulated worker crash" in str(failure.value)
+    assert time.monotonic() - started < 90  # well under the 120 s barrier timeout

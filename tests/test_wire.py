@@ -1,0 +1,77 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from kerasonspark.errors import WireFormatError
+from kerasonspark.parameter_server import wire
+
+
+def message(flat, shapes, **fields):
+    return b"".join(bytes(p) for p in wire.encode(flat, shapes, **fields))
+
+
+def test_round_trip_is_exact_and_zero_copy():
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.5, -2.5], np.float32)]
+    flat, shapes = wire.flatten(arrays)
+    header, decoded = wire.decode(message(flat, shapes, worker=3, step=7))
+    assert header["worker"] == 3 and header["step"] == 7 and header["shapes"] == [(2, 3), (2,)]
+    np.testing.assert_array_equal(decoded, flat)
+    restored = wire.unflatten(decoded, header["shapes"])
+    np.testing.assert_array_equal(restored[0], arrays[0])
+    assert not decoded.flags.writeable  # a view on the received bytes, not a copy
+
+
+def test_layout_is_documented_prefix_then_aligned_little_endian_payload():
+    flat = np.array([1.0, 2.0], np.float32)
+    data = message(flat, [(2,)])
+    magic, version, header_len = struct.unpack_from("<4sB3xI", data)
+    assert (magic, version) == (b"KOSW", 1)
+    header = json.loads(data[12:12 + header_len])
+    assert header["dtype"] == "float32"
+    start = 12 + header_len + (-(12 + header_len) % 8)
+    assert start % 8 == 0
+    assert data[start:] == np.array([1.0, 2.0], "<f4").tobytes()
+
+
+def test_float16_payload_round_trips():
+    flat = np.array([0.5, 1.0, -2.0], np.float16)
+    header, decoded = wire.decode(message(flat, [(3,)]))
+    assert header["dtype"] == "float16"
+    np.testing.assert_array_equal(decoded, flat)
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: b"XXXX" + d[4:], "magic"),
+    (lambda d: d[:4] + b"\x09" + d[5:], "version"),
+    (lambda d: d[:-4], "Payload length"),
+    (lambda d: d + b"\0\0\0\0", "Payload length"),
+    (lambda d: d[:8], "too short"),
+    (lambda d: d[:8] + struct.pack("<I", 10 ** 9) + d[12:], "Header length"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(mutate, fragment):
+    data = message(np.ones(4, np.float32), [(2, 2)])
+    with pytest.raises(WireFormatError, match=fragment):
+        wire.decode(mutate(data))
+
+
+def test_header_must_be_json_with_valid_dtype_and_shapes():
+    def raw(header: bytes) -> bytes:
+        pad = -(12 + len(header)) % 8
+        return struct.pack("<4sB3xI", b"KOSW", 1, len(header)) + header + b"\0" * pad
+    with pytest.raises(WireFormatError, match="JSON"):
+        wire.decode(raw(b"{not json"))
+    with pytest.raises(WireFormatError, match="dtype"):
+        wire.decode(raw(b'{"dtype":"float64","shapes":[]}'))
+    with pytest.raises(WireFormatError, match="shapes"):
+        wire.decode(raw(b'{"dtype":"float32","shapes":[[-1]]}'))
+    with pytest.raises(WireFormatError, match="object"):
+        wire.decode(raw(b"[1,2]"))
+
+
+def test_encode_refuses_wrong_size_or_dtype():
+    with pytest.raises(WireFormatError, match="elements"):
+        wire.encode(np.ones(5, np.float32), [(2, 2)])
+    with pytest.raises(WireFormatError, match="float32 or float16"):
+        wire.encode(np.ones(4, np.float64), [(4,)])
