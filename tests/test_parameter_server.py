@@ -158,3 +158,15 @@ def test_stop_ends_every_thread_and_closes_the_port(no_leaked_threads):
     assert not blocked.is_alive() and errors
     with pytest.raises(OSError):
         http.client.HTTPConnection(srv.host, srv.port, timeout=2).connect()
+
+
+def test_one_keep_alive_connection_serves_many_requests(server):
+    with client(server) as c:
+        for _ in range(5):
+            c.pull()
+        c.stats()
+        assert len(server._server.connections) == 1
+    with client(server) as c:  # and a refused request does not poison the next one on the same connection
+        status, _, _ = c.request("POST", "/v1/push", b"\0" * 10_000)
+        assert status == 413
+        assert c.health()["status"] == "ok"

@@ -73,5 +73,15 @@ def test_header_must_be_json_with_valid_dtype_and_shapes():
 def test_encode_refuses_wrong_size_or_dtype():
     with pytest.raises(WireFormatError, match="elements"):
         wire.encode(np.ones(5, np.float32), [(2, 2)])
-    with pytest.raises(WireFormatError, match="float32 or float16"):
+    with pytest.raises(WireFormatError, match="float32, float16 or bfloat16"):
         wire.encode(np.ones(4, np.float64), [(4,)])
+
+
+def test_bfloat16_round_trip_keeps_three_significant_digits_and_non_finite_values():
+    values = np.array([1.0, -3.14159, 1e-30, 6.5e4, 1e38, np.inf, np.nan], np.float32)
+    bits = wire.to_bfloat16(values)
+    header, decoded = wire.decode(message(bits, [(7,)]))
+    assert header["dtype"] == "bfloat16"
+    back = wire.as_float32(decoded, header["dtype"])
+    np.testing.assert_allclose(back[:5], values[:5], rtol=4e-3)
+    assert np.isinf(back[5]) and np.isnan(back[6])

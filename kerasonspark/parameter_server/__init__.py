@@ -3,8 +3,9 @@
 from .app import ServerConfig, create_app
 from .auth import new_secret
 from .client import ParameterClient
-from .rules import UpdateRule
+from .rules import RULES, UpdateRule, make_rule
 from .server import ParameterServer
 from .store import ParameterStore
 
-__all__ = ["ParameterClient", "ParameterServer", "ParameterStore", "ServerConfig", "UpdateRule", "create_app", "new_secret"]
+__all__ = ["ParameterClient", "ParameterServer", "ParameterStore", "RULES", "ServerConfig", "UpdateRule",
+           "create_app", "make_rule", "new_secret"]

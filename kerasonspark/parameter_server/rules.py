@@ -48,3 +48,101 @@ class UpdateRule:
         new_center, reply = self.apply(center, update, staleness, window)
         center[...] = new_center
         return reply if reply is not new_center else center
+
+
+class Downpour(UpdateRule):
+    """DOWNPOUR (Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012): center += delta."""
+
+    name = "downpour"
+
+    def apply(self, center, update, staleness, window):
+        new_center = center + update
+        return new_center, new_center
+
+    def apply_in_place(self, center, update, staleness, window):
+        center += update
+        return center
+
+
+class _Scaled(UpdateRule):
+    """center += delta * scale(staleness, window), with one temporary."""
+
+    def scale(self, staleness: int, window: int) -> float:
+        raise NotImplementedError
+
+    def apply(self, center, update, staleness, window):
+        new_center = update * np.float32(self.scale(staleness, window))
+        new_center += center
+        return new_center, new_center
+
+    def apply_in_place(self, center, update, staleness, window):
+        center += update * np.float32(self.scale(staleness, window))
+        return center
+
+
+class Adag(_Scaled):
+    """ADAG (Hermans, "Gradient Energy Matching" / Dist-Keras, 2017): center += delta / window.
+
+    Normalising the accumulated change by the communication window keeps the center's step
+    independent of how many local steps a worker took between exchanges.
+    """
+
+    name = "adag"
+
+    def scale(self, staleness, window):
+        return 1.0 / max(window, 1)
+
+
+class DynSGD(_Scaled):
+    """DynSGD (Jiang et al., "Heterogeneity-aware Distributed Parameter Servers", SIGMOD 2017).
+
+    center += delta / (staleness + 1), where staleness is the number of center updates applied
+    since the pushing worker last pulled: stale changes count for less.
+    """
+
+    name = "dynsgd"
+
+    def scale(self, staleness, window):
+        return 1.0 / (max(staleness, 0) + 1)
+
+
+class ElasticAveraging(UpdateRule):
+    """Asynchronous elastic averaging (Zhang, Choromanska, LeCun, "Deep learning with Elastic
+    Averaging SGD", NIPS 2015).
+
+    Workers push their weights ``w``; with ``e = alpha * (w - center)`` the center moves toward
+    the worker (``center += e``) and the worker toward the center (``w -= e``, the reply).
+    """
+
+    name = "easgd"
+    payload = "weights"
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"Expected 0 < alpha <= 1. Received: alpha={alpha!r}.")
+        self.alpha = alpha
+
+    def apply(self, center, update, staleness, window):
+        elastic = update - center
+        elastic *= np.float32(self.alpha)
+        return center + elastic, update - elastic
+
+    def apply_in_place(self, center, update, staleness, window):
+        elastic = update - center
+        elastic *= np.float32(self.alpha)
+        center += elastic
+        return update - elastic
+
+
+RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (Downpour, Adag, DynSGD, ElasticAveraging)}
+
+
+def make_rule(name: str, **params: float) -> UpdateRule:
+    """An update rule by name (``downpour``, ``adag``, ``dynsgd``, ``easgd``).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in RULES:
+        raise ValueError(f"Unknown update rule {name!r}. Known rules: {sorted(RULES)}.")
+    return RULES[name](**params)

@@ -11,7 +11,8 @@ Every weight-carrying message (request or response) is::
     12+H    P     zero padding so the payload starts on an 8-byte boundary
     12+H+P  N     payload: the arrays' raw little-endian bytes, C order, back to back
 
-The header always holds ``"dtype"`` (``"float32"`` or ``"float16"``) and ``"shapes"`` (a list of
+The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat16"``: the upper
+16 bits of each float32, rounded to nearest even, stored as little-endian uint16) and ``"shapes"`` (a list of
 shapes, one per array, in order); the payload length must equal the sum of the shapes' sizes times
 the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
 ``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
@@ -34,7 +35,7 @@ MAGIC = b"KOSW"
 VERSION = 1
 CONTENT_TYPE = "application/x-kerasonspark-weights"
 MAX_HEADER_BYTES = 1 << 20
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 _PREFIX = struct.Struct("<4sB3xI")
 
 Shapes = list[tuple[int, ...]]
@@ -45,9 +46,24 @@ def shapes_size(shapes: Sequence[Sequence[int]]) -> int:
     return sum(math.prod(s) for s in shapes)
 
 
+def to_bfloat16(flat: np.ndarray) -> np.ndarray:
+    """float32 to bfloat16 bits (uint16), rounding to nearest even; NaN and Inf stay non-finite."""
+    bits = np.ascontiguousarray(flat, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def as_float32(flat: np.ndarray, dtype: str) -> np.ndarray:
+    """A decoded payload as float32 (no copy when it already is)."""
+    if dtype == "bfloat16":
+        return (flat.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return flat.astype(np.float32, copy=False)
+
+
 def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> list[bytes | memoryview]:
     """Encode a flat array (the arrays of ``shapes`` back to back) and header fields.
 
+    ``flat`` is float32, float16, or uint16 holding bfloat16 bits (see :func:`to_bfloat16`).
     Returns the message as a list of buffers (prefix and header, then the payload as a view of
     ``flat``), so a caller can send it without joining: the weights are never copied here.
 
@@ -56,7 +72,7 @@ def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> 
     """
     dtype_name = next((n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None)
     if dtype_name is None:
-        raise WireFormatError(f"Expected a float32 or float16 array. Received: dtype={flat.dtype}.")
+        raise WireFormatError(f"Expected a float32, float16 or bfloat16 (uint16) array. Received: dtype={flat.dtype}.")
     shapes = [tuple(int(d) for d in s) for s in shapes]
     if flat.ndim != 1 or flat.size != shapes_size(shapes):
         raise WireFormatError(

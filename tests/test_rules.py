@@ -1,0 +1,80 @@
+"""Update rules on exact numbers."""
+
+import numpy as np
+import pytest
+
+from kerasonspark.parameter_server import ParameterStore, make_rule
+from kerasonspark.parameter_server.rules import Adag, Downpour, DynSGD, ElasticAveraging
+
+CENTER = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+DELTA = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+
+
+def test_downpour_adds_the_delta():
+    new, reply = Downpour().apply(CENTER, DELTA, staleness=3, window=5)
+    np.testing.assert_array_equal(new, [1.5, 1.0, 5.0, 4.0])
+    assert reply is new
+
+
+def test_adag_divides_by_the_window():
+    new, _ = Adag().apply(CENTER, DELTA, staleness=0, window=4)
+    np.testing.assert_allclose(new, [1.125, 1.75, 3.5, 4.0])
+
+
+@pytest.mark.parametrize("staleness, factor", [(0, 1.0), (1, 0.5), (3, 0.25)])
+def test_dynsgd_divides_by_staleness_plus_one(staleness, factor):
+    new, _ = DynSGD().apply(CENTER, DELTA, staleness=staleness, window=5)
+    np.testing.assert_allclose(new, CENTER + factor * DELTA)
+
+
+def test_elastic_averaging_moves_both_toward_each_other():
+    worker = np.array([3.0, 2.0, 1.0, 4.0], np.float32)
+    new, reply = ElasticAveraging(alpha=0.25).apply(CENTER, worker, staleness=0, window=5)
+    elastic = 0.25 * (worker - CENTER)  # [0.5, 0, -0.5, 0]
+    np.testing.assert_allclose(new, CENTER + elastic)
+    np.testing.assert_allclose(reply, worker - elastic)
+
+
+@pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "easgd"])
+def test_in_place_matches_the_locked_result(rule):
+    r = make_rule(rule)
+    expected_center, expected_reply = r.apply(CENTER, DELTA, staleness=1, window=4)
+    center = CENTER.copy()
+    reply = r.apply_in_place(center, DELTA, staleness=1, window=4)
+    np.testing.assert_allclose(center, expected_center)
+    np.testing.assert_allclose(reply, expected_reply)
+
+
+def test_rule_does_not_mutate_its_inputs():
+    center, delta = CENTER.copy(), DELTA.copy()
+    for name in ("downpour", "adag", "dynsgd", "easgd"):
+        make_rule(name).apply(center, delta, 2, 3)
+    np.testing.assert_array_equal(center, CENTER)
+    np.testing.assert_array_equal(delta, DELTA)
+
+
+def test_unknown_rule_and_bad_alpha():
+    with pytest.raises(ValueError, match="Known rules"):
+        make_rule("sgd")
+    with pytest.raises(ValueError, match="alpha"):
+        ElasticAveraging(alpha=1.5)
+
+
+def test_store_counts_staleness_and_scales_a_stale_push_like_dynsgd():
+    store = ParameterStore(CENTER.copy(), [(4,)], num_workers=2, rule=DynSGD())
+    store.pull(0), store.pull(1)
+    store.push(0, DELTA, window=5, samples=10)       # fresh: applied in full
+    _, version, staleness = store.push(1, DELTA, window=5, samples=10)  # one update behind
+    assert staleness == 1 and version == 2
+    np.testing.assert_allclose(store.center, CENTER + DELTA + 0.5 * DELTA)
+    stats = store.stats()
+    assert stats["staleness"]["histogram"] == {"0": 1, "1": 1}
+    assert stats["worker_pushes"] == {"0": 1, "1": 1} and stats["worker_samples"] == {"0": 10, "1": 10}
+
+
+def test_hogwild_store_applies_in_place_and_counts_no_overlap_when_serial():
+    store = ParameterStore(CENTER.copy(), [(4,)], num_workers=1, rule=Downpour(), lock=False)
+    store.pull(0)
+    store.push(0, DELTA, window=1, samples=1)
+    np.testing.assert_allclose(store.center, CENTER + DELTA)
+    assert store.stats()["overlapping_writes"] == 0
