@@ -125,3 +125,66 @@ def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_th
     assert failure.value.worker == 1
     assert "simulated worker crash" in str(failure.value)
     assert time.monotonic() - started < 90  # well under the 120 s barrier timeout
+
+
+@pytest.mark.parametrize("backend, options", [
+    ("async", {"rule": "adag", "window": 4}),
+    ("async", {"rule": "downpour", "window": 2}),
+    ("async", {"rule": "dynsgd", "window": 4}),
+    ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
+    ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
+    ("hogwild", {"window": 4}),
+])
+def test_asynchronous_engines_train_above_the_floor(spark, backend, options, no_leaked_threads):
+    x, y = make_blobs(1200)
+    model = small_model()
+    trainer = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=0,
+                           verbose=0, backend_options=options)
+    result = trainer.fit((x, y), validation_data=make_blobs(300, seed=0))
+    assert result.history["val_accuracy"][-1] > FLOOR
+    stats = result.stats
+    steps_per_worker = [-(-w["samples"] // 16) for w in stats["workers"]]
+    expected_pushes = sum(2 * -(-s // options["window"]) for s in steps_per_worker)
+    assert stats["updates"] == expected_pushes == sum(w["pushes"] for w in stats["workers"])
+    assert stats["refused"] == 0
+    assert stats["staleness"]["min"] >= 0 and stats["staleness"]["max"] >= stats["staleness"]["median"]
+    assert stats["worker_pushes"] == {str(w["worker"]): w["pushes"] for w in stats["workers"]}
+    assert all(w["samples_per_second"] > 0 and w["exchange_mb_per_s"] > 0 for w in stats["workers"])
+
+
+def test_async_worker_failure_stops_everything_and_names_the_worker(spark, no_leaked_threads):
+    import sys
+
+    from pyspark import cloudpickle
+
+    from kerasonspark import available_backends
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    class CrashingExchange:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "inner":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        def exchange(self, model, samples):
+            if self.inner.client.worker == 0 and self.inner.pushes == 3:
+                raise ValueError("worker 0 lost its disk")
+            self.inner.exchange(model, samples)
+
+    class CrashingAsync(available_backends()["async"]):
+        def run(self, job):
+            original = job.run_workers
+            job.run_workers = lambda exchange: original(CrashingExchange(exchange))
+            return super().run(job)
+
+    x, y = make_blobs(800)
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        SparkTrainer(small_model(), backend=CrashingAsync(window=2), num_workers=2, epochs=2, batch_size=16,
+                     spark=spark, verbose=0).fit((x, y))
+    assert failure.value.worker == 0 and "lost its disk" in str(failure.value)
+    assert time.monotonic() - started < 60
