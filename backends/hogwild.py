@@ -11,15 +11,24 @@ are rare. Use it to measure what the lock costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kerasonspark.asynchronous import AsyncOptions, run_asynchronous
 from kerasonspark.engine import Engine, TrainingJob, TrainingResult
 
 
+@dataclass
+class HogwildOptions(AsyncOptions):
+    """The options of ``async``; the default rule is ``downpour``: Hogwild adds updates as they come."""
+
+    rule: str = "downpour"
+
+
 class HogwildEngine(Engine):
-    """Lock-free asynchronous updates; same options as ``async``."""
+    """Lock-free asynchronous updates; same options as ``async``, default rule ``downpour``."""
 
     name = "hogwild"
-    options_class = AsyncOptions
+    options_class = HogwildOptions
 
     def run(self, job: TrainingJob) -> TrainingResult:
         return run_asynchronous(job, self.options, lock=False)

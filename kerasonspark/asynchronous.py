@@ -9,8 +9,8 @@ keep-alive connection. Workers never wait for each other.
 
 from __future__ import annotations
 
-import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,10 @@ class AsyncOptions(EngineOptions):
             bfloat16 halves the upload (float16 is not offered: small deltas fall into its
             subnormal range, where they lose precision and NumPy converts them 50x slower);
             the center and the replies stay float32.
+        overlap: send each push in the background while the next window trains (delta rules),
+            at the price of one window of extra staleness. Off by default: on two shared cores
+            the background push competes with training and gained nothing (measured); it is
+            meant for clusters where the round trip is network latency, not CPU.
         timeout: seconds a worker waits for the parameter server before failing.
     """
 
@@ -52,6 +56,7 @@ class AsyncOptions(EngineOptions):
     rho: float | None = None
     elastic_lr: float = 0.1
     delta_dtype: str = "float32"
+    overlap: bool = False
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
@@ -76,40 +81,77 @@ class AsyncOptions(EngineOptions):
 
 
 class PushPullExchange(Exchange):
-    """Worker side: push every ``window`` steps, continue from the server's reply."""
+    """Worker side: push every ``window`` steps, continue from the server's reply.
 
-    def __init__(self, url: str, secret: bytes, window: int, payload: str, delta_dtype: str, timeout: float) -> None:
+    With ``overlap`` (delta rules only) the push travels in a background thread while the next
+    window trains; at the next exchange the worker adopts the center it answered plus the local
+    progress made since (``center + local``), then pushes that progress. Every local change is
+    pushed exactly once; the worker's view of the center is one window older, which the
+    staleness counts show.
+    """
+
+    def __init__(self, url: str, secret: bytes, window: int, payload: str, delta_dtype: str, timeout: float,
+                 overlap: bool = False) -> None:
         self.url, self.secret, self.window, self.payload = url, secret, window, payload
         self.delta_dtype, self.timeout = delta_dtype, timeout
+        self.overlap = overlap and payload == "delta"
         self.client: ParameterClient | None = None
-        self.base: np.ndarray | None = None
+        self.synced: np.ndarray | None = None
+        self.pending: Future | None = None
+        self.pool: ThreadPoolExecutor | None = None
         self.pushes = 0
         self.staleness: list[int] = []
 
     def start(self, model: "keras.Model", worker: int) -> None:
+        self.worker = worker
         self.client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
         self.shapes = [tuple(w.shape) for w in model.weights]
-        self.base, _ = self.client.pull()
-        set_flat_weights(model, self.base)
+        self.synced, _ = self.client.pull()
+        set_flat_weights(model, self.synced)
+        if self.overlap:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kerasonspark-push-{worker}")
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
         runs = [self.window] * (steps // self.window)
         return runs + [steps % self.window] if steps % self.window else runs
 
+    def _push(self, update: np.ndarray, samples: int) -> np.ndarray:
+        if self.delta_dtype == "bfloat16":
+            update = wire.to_bfloat16(update)
+        reply, header = self.client.push(update, self.shapes, window=self.window, samples=samples)
+        self.pushes += 1
+        self.staleness.append(header.get("staleness", 0))
+        return reply
+
     def exchange(self, model: "keras.Model", samples: int) -> None:
         if samples == 0:
             return
         weights = get_flat_weights(model)
-        if self.payload == "delta":
-            weights -= self.base
-        update = wire.to_bfloat16(weights) if self.delta_dtype == "bfloat16" else weights
-        reply, header = self.client.push(update, self.shapes, window=self.window, samples=samples)
-        set_flat_weights(model, reply)
-        self.base = reply
-        self.pushes += 1
-        self.staleness.append(header.get("staleness", 0))
+        if self.payload == "weights":
+            self.synced = self._push(weights, samples)
+            set_flat_weights(model, self.synced)
+            return
+        weights -= self.synced  # now the local progress since the last exchange
+        if not self.overlap:
+            self.synced = self._push(weights, samples)
+        else:
+            center = self.pending.result() if self.pending is not None else self.synced
+            self.pending = self.pool.submit(self._push, weights, samples)
+            self.synced = center + weights
+        set_flat_weights(model, self.synced)
+
+    def _drain(self, model: "keras.Model") -> None:
+        if self.pending is not None:
+            center = self.pending.result()
+            self.pending = None
+            self.synced = center + (get_flat_weights(model) - self.synced)
+            set_flat_weights(model, self.synced)
+
+    def end_epoch(self, model: "keras.Model", epoch: int) -> None:
+        self._drain(model)
 
     def finish(self, model: "keras.Model") -> dict[str, Any]:
+        self._drain(model)
         client = self.client
         seconds = max(client.seconds, 1e-9)
         return {"pushes": self.pushes, "exchange_seconds": client.seconds,
@@ -118,10 +160,13 @@ class PushPullExchange(Exchange):
                 "median_staleness": float(np.median(self.staleness)) if self.staleness else 0.0}
 
     def report_failure(self, message: str) -> None:
-        if self.client is not None:
-            self.client.report_failure(message)
+        # A fresh connection: the worker's own may be busy with a push in the background.
+        with ParameterClient(self.url, self.secret, self.worker, timeout=10) as client:
+            client.report_failure(message)
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         if self.client is not None:
             self.client.close()
 
@@ -137,7 +182,8 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock)
     config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
     with ParameterServer(store, config, host=job.server_host) as server:
-        exchange = PushPullExchange(server.url, secret, options.window, rule.payload, options.delta_dtype, options.timeout)
+        exchange = PushPullExchange(server.url, secret, options.window, rule.payload, options.delta_dtype,
+                                    options.timeout, options.overlap)
         started = time.perf_counter()
         try:
             reports = job.run_workers(exchange)

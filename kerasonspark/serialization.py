@@ -22,13 +22,32 @@ if TYPE_CHECKING:
 
 
 def get_flat_weights(model: "keras.Model") -> np.ndarray:
-    """All of the model's weights as one flat float32 array (one copy)."""
-    return wire.flatten(model.get_weights())[0]
+    """All of the model's weights as one flat, writable float32 array, in ``model.weights`` order.
+
+    The concatenation runs in the backend, so the weights are copied once (``get_weights`` plus
+    ``np.concatenate`` copies them twice): this is on every exchange's path.
+    """
+    from keras import ops
+
+    variables = model.weights
+    if not variables:
+        return np.zeros(0, np.float32)
+    flat = ops.concatenate([ops.reshape(ops.cast(v.value, "float32"), (-1,)) for v in variables])
+    return np.array(ops.convert_to_numpy(flat), dtype=np.float32, copy=None if flat.shape[0] else True).reshape(-1)
 
 
 def set_flat_weights(model: "keras.Model", flat: np.ndarray) -> None:
-    """Set the model's weights from a flat float32 array laid out as :func:`get_flat_weights`."""
-    model.set_weights(wire.unflatten(flat, [tuple(w.shape) for w in model.weights]))
+    """Set the model's weights from a flat float32 array laid out as :func:`get_flat_weights`.
+
+    Assigns variable by variable from views of ``flat``, skipping ``set_weights``' per-call
+    validation (about half its cost for the reference CNN).
+    """
+    variables = model.weights
+    expected = sum(int(np.prod(v.shape)) for v in variables)
+    if flat.size != expected:
+        raise ValueError(f"Expected {expected} weights for this model. Received: {flat.size}.")
+    for variable, value in zip(variables, wire.unflatten(flat, [tuple(v.shape) for v in variables])):
+        variable.assign(value)
 
 
 @dataclass

@@ -139,7 +139,8 @@ class SparkTrainer:
                 validation = None
                 if validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
-                warm = (lambda: warm_up(spec_broadcast, spec.custom_objects, run_id)) if self.engine.uses_spark_workers else None
+                info = self.info
+                warm = (lambda: warm_up(spec_broadcast, spec.custom_objects, run_id, info)) if self.engine.uses_spark_workers else None
                 prepared = self._spark_errors(lambda: data_module.prepare(
                     spark, data, features, label, self.info, self.config.num_workers, "training", warm))
                 job = TrainingJob(spark=spark, spec=spec, model=self.model, data=prepared, info=self.info,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import traceback
 from collections import OrderedDict
@@ -49,6 +50,29 @@ def task_cores() -> int:
         return 1
 
 
+def tune_allocator() -> bool:
+    """Keep large freed blocks in glibc's heap instead of returning them to the kernel.
+
+    Each exchange allocates several 4 MB arrays; with glibc's defaults each one is a fresh mmap
+    whose pages fault in on first touch, which made subtracting two weight vectors 3x slower
+    than copying one. Applied in Spark's Python workers only (processes kerasonspark drives),
+    never in the user's driver. Returns whether it applied (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 512 << 20)
+        return bool(ok and libc.mallopt(m_top_pad, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def configure_tensorflow(threads: int) -> None:
     """Size TensorFlow's intra- and inter-op pools; effective only before TensorFlow first runs.
 
@@ -58,6 +82,7 @@ def configure_tensorflow(threads: int) -> None:
     global _TENSORFLOW_THREADS
     if _TENSORFLOW_THREADS is not None:
         return
+    tune_allocator()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
@@ -82,10 +107,88 @@ def cached_model(key: str, spec_bytes: bytes, custom_objects: dict[str, Any]) ->
     return model
 
 
-def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str) -> None:
-    """Import TensorFlow with the right pools and build this run's model, ahead of training."""
+class LocalSteps:
+    """Runs a run of training steps in one TensorFlow call.
+
+    Calling the compiled step once per batch costs about 1.6 ms of dispatch per step on one
+    thread; looping inside the graph trains the reference CNN 14% faster. The function is traced
+    (and the optimizer and metrics built) on a dummy batch ahead of training, then the model's
+    weights and the optimizer's state are put back, so the first real step starts fresh.
+    """
+
+    def __init__(self, model: "keras.Model", info: DataInfo) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.model, self.info = model, info
+        label_shape = (info.num_classes,) if info.label_mode == "one_hot" else ()
+        label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32
+        self.graph = keras.backend.backend() == "tensorflow"
+        if self.graph:
+            @tf.function(input_signature=[tf.TensorSpec((None, None, *info.input_shape), tf.float32),
+                                          tf.TensorSpec((None, None, *label_shape), label_dtype)])
+            def train_run(xs, ys):
+                for i in tf.range(tf.shape(xs)[0]):
+                    model.train_step((xs[i], ys[i]))
+                return tf.shape(xs)[0]
+
+            self._train_run = train_run
+        self._trace(label_shape)
+
+    def _trace(self, label_shape: tuple[int, ...]) -> None:
+        model = self.model
+        weights = [v.numpy() for v in model.weights]
+        model.optimizer.build(model.trainable_variables)
+        fresh = [v.numpy() for v in model.optimizer.variables]
+        x = np.zeros((2, *self.info.input_shape), np.float32)
+        y = self.info.model_labels(np.zeros((2, *label_shape), np.float32) if label_shape else np.zeros(2, np.float32))
+        model.train_on_batch(x, y)  # builds the metrics
+        if self.graph:
+            self._train_run(x[None], y[None])
+        for variable, value in zip(model.weights, weights):
+            variable.assign(value)
+        for variable, value in zip(model.optimizer.variables, fresh):
+            variable.assign(value)
+        model.reset_metrics()
+
+    def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int) -> None:
+        """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller)."""
+        full = len(index) // batch_size * batch_size
+        if not self.graph:
+            for start in range(0, len(index), batch_size):
+                part = index[start:start + batch_size]
+                self.model.train_function(iter([(x[part], y[part])]))
+            return
+        if full:
+            head = index[:full]
+            self._train_run(x[head].reshape(-1, batch_size, *x.shape[1:]), y[head].reshape(-1, batch_size, *y.shape[1:]))
+        if full < len(index):
+            tail = index[full:]
+            self._train_run(x[tail][None], y[tail][None])
+
+    def metrics(self) -> dict[str, float]:
+        """The running means of the loss and metrics since the last ``reset_metrics``."""
+        return _metric_logs(self.model.get_metrics_result())
+
+
+_STEPS: dict[str, LocalSteps] = {}
+
+
+def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo) -> LocalSteps:
+    """This run's model with its traced multi-step function, built once per Python worker."""
+    model = cached_model(run_id, spec_bytes, custom_objects)
+    steps = _STEPS.get(run_id)
+    if steps is None or steps.model is not model:
+        _STEPS.clear()  # one training run at a time per Python worker
+        steps = _STEPS[run_id] = LocalSteps(model, info)
+    return steps
+
+
+def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo) -> None:
+    """Import TensorFlow with the right pools, build this run's model and trace its training
+    function, ahead of training (it runs while the data is scanned)."""
     configure_tensorflow(task_cores())
-    cached_model(run_id, spec_broadcast.value, custom_objects)
+    training_model(run_id, spec_broadcast.value, custom_objects, info)
 
 
 class Exchange:
@@ -140,7 +243,8 @@ def _train(worker: int, blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_br
            custom_objects: dict[str, Any], settings: StageSettings, exchange: Exchange,
            validation: Any) -> dict[str, Any]:
     configure_tensorflow(task_cores())
-    model = cached_model(settings.run_id, spec_broadcast.value, custom_objects)
+    steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
+    model = steps_runner.model
     parts = list(blocks)
     n = sum(len(b[0]) for b in parts)
     x = np.concatenate([b[0] for b in parts]) if n else np.zeros((0, *settings.info.input_shape), np.float32)
@@ -158,30 +262,18 @@ def _train(worker: int, blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_br
     history: list[dict[str, float]] = []
     val_history: list[tuple[int, dict[str, float]]] = []
     started = time.perf_counter()
-    built = False
     for epoch in range(settings.epochs):
         order = rng.permutation(n)
         model.reset_metrics()
-        logs: dict[str, Any] = {}
         step = 0
         for run in exchange.schedule(steps, epoch):
-            run_samples = 0
-            for _ in range(run):
-                index = order[step * batch:(step + 1) * batch]
-                xb, yb = x[index], y[index]
-                if not built:
-                    # train_on_batch builds the optimizer and metrics; then the compiled step directly,
-                    # which skips train_on_batch's per-call metric reset and generator set-up.
-                    logs = model.train_on_batch(xb, yb, return_dict=True)
-                    model.make_train_function()
-                    built = True
-                else:
-                    logs = model.train_function(iter([(xb, yb)]))
-                run_samples += len(index)
-                step += 1
-            exchange.exchange(model, run_samples)
+            index = order[step * batch:(step + run) * batch]
+            if len(index):
+                steps_runner.run(x, y, index, batch)
+            step += run
+            exchange.exchange(model, len(index))
         exchange.end_epoch(model, epoch)
-        history.append(_metric_logs(logs))
+        history.append(steps_runner.metrics() if n else {})
         if val_x is not None and len(val_x):
             scores = model.evaluate(val_x, val_y, batch_size=max(batch, 256), verbose=0, return_dict=True)
             val_history.append((len(val_x), _metric_logs(scores)))

@@ -133,6 +133,7 @@ def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_th
     ("async", {"rule": "dynsgd", "window": 4}),
     ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
     ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
+    ("async", {"rule": "adag", "window": 4, "overlap": True}),
     ("hogwild", {"window": 4}),
 ])
 def test_asynchronous_engines_train_above_the_floor(spark, backend, options, no_leaked_threads):
