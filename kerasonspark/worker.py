@@ -332,9 +332,15 @@ def run_training_stage(job: "TrainingJob", exchange: Exchange) -> list[dict[str,
 
 
 def explain_failure(error: WorkerError, failures: dict[int, str]) -> WorkerError:
-    """Name the failed worker from the parameter server's failure reports when Spark's error did not."""
-    if error.worker >= 0 or not failures:
+    """Name the worker whose failure started it all, from the parameter server's reports.
+
+    When one worker fails, the others fail next (their round barrier is cancelled), and Spark
+    may report any of them; the first report that is not such a consequence is the cause.
+    """
+    consequences = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
+    causes = [(w, m) for w, m in failures.items() if not m.startswith(consequences)]
+    if not causes:
         return error
-    worker, message = next(iter(sorted(failures.items())))
+    worker, message = causes[0]
     first_line = message.splitlines()[0] if message else "no message"
     return WorkerError(f"Worker {worker} failed: {first_line}", worker, message)
