@@ -1,0 +1,46 @@
+"""The README's main command, end to end on a tiny MNIST written by the test."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kerasonspark.cli import main
+
+from test_datasets import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_backends_lists_every_engine(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for name in ("async", "hogwild", "single", "sync"):
+        assert name in out
+
+
+@pytest.mark.spark
+def test_mnist_example_prints_the_three_2017_lines(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = {"train": rng.integers(0, 10, 400, dtype=np.uint8), "t10k": rng.integers(0, 10, 100, dtype=np.uint8)}
+    for prefix, y in labels.items():
+        # Each digit is a bright square at a position given by its class: learnable in one epoch.
+        x = rng.integers(0, 40, (len(y), 28, 28), dtype=np.uint8)
+        for i, label in enumerate(y):
+            row, col = divmod(int(label), 5)
+            x[i, 4 + row * 12:12 + row * 12, 1 + col * 5:5 + col * 5] = 255
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--data", str(tmp_path), "--epochs", "2",
+                          "--batch-size", "16", "-o", "sync_every=5"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.split(":")[0] in
+             ("Training time", "Test accuracy", "Parameter-server updates")]
+    assert len(lines) == 3, run.stdout
+    accuracy = float(lines[1].split(":")[1])
+    rounds = int(lines[2].split(":")[1])
+    assert accuracy > 0.5  # an untrained model scores about 0.1
+    assert rounds == 2 * 3  # 2 epochs of ceil(ceil(200 rows / 16) / 5) = 3 rounds
