@@ -9,15 +9,13 @@ The whole fit is one barrier stage, so data and model load once per worker.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult
-from kerasonspark.errors import WorkerError
-from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
+from kerasonspark.parameter_server import ParameterClient, ParameterStore
 from kerasonspark.serialization import get_flat_weights, set_flat_weights
-from kerasonspark.worker import Exchange, explain_failure
+from kerasonspark.worker import Exchange
 
 if TYPE_CHECKING:
     import keras
@@ -88,18 +86,9 @@ class SyncEngine(Engine):
         config, options = job.config, self.options
         longest = math.ceil(max(job.data.counts) / config.batch_size)
         rounds_per_epoch = max(1, math.ceil(longest / options.sync_every))
-        secret = new_secret()
         store = ParameterStore(job.spec.weights, job.spec.shapes, config.num_workers, barrier_timeout=options.barrier_timeout)
-        server_config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
-        with ParameterServer(store, server_config, host=job.server_host) as server:
-            exchange = SyncExchange(server.url, secret, rounds_per_epoch, options.barrier_timeout + 60)
-            started = time.perf_counter()
-            try:
-                reports = job.run_workers(exchange)
-            except WorkerError as exc:
-                raise explain_failure(exc, store.failures) from exc
-            seconds = time.perf_counter() - started
-            server_stats = store.stats()
+        reports, seconds, server_stats = job.run_with_parameter_server(
+            store, lambda url, secret: SyncExchange(url, secret, rounds_per_epoch, options.barrier_timeout + 60))
         return job.result(reports, store.center, seconds, {
             "rounds": server_stats["rounds"],
             "rounds_per_epoch": rounds_per_epoch,

@@ -92,13 +92,11 @@ def run_clients(target, args_for, n: int) -> tuple[list[float], float, int]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args_for(i), out)) for i in range(n)]
-    started = time.perf_counter()
     for p in procs:
         p.start()
     results = [out.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    elapsed = time.perf_counter() - started
     times = [t for r in results for t in r[0]]
     return times, sum(times) / n, sum(r[1] + r[2] for r in results)
 

@@ -9,7 +9,6 @@ keep-alive connection. Workers never wait for each other.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .engine import EngineOptions, TrainingJob, TrainingResult
-from .errors import WorkerError
-from .parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret, wire
+from .parameter_server import ParameterClient, ParameterStore, wire
 from .parameter_server.rules import RULES, UpdateRule, make_rule
 from .serialization import get_flat_weights, set_flat_weights
-from .worker import Exchange, explain_failure
+from .worker import Exchange
 
 if TYPE_CHECKING:
     import keras
@@ -178,21 +176,10 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
         lock: apply pushes under the server's lock (``async``) or without it (``hogwild``).
     """
     rule = options.make_rule()
-    secret = new_secret()
     store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock)
-    config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
-    with ParameterServer(store, config, host=job.server_host) as server:
-        exchange = PushPullExchange(server.url, secret, options.window, rule.payload, options.delta_dtype,
-                                    options.timeout, options.overlap)
-        started = time.perf_counter()
-        try:
-            reports = job.run_workers(exchange)
-        except WorkerError as exc:
-            raise explain_failure(exc, store.failures) from exc
-        seconds = time.perf_counter() - started
-        server_stats = store.stats()
-    for report in reports:
-        report["samples_per_second"] = report["samples"] * job.config.epochs / max(report["seconds"], 1e-9)
+    reports, seconds, server_stats = job.run_with_parameter_server(
+        store, lambda url, secret: PushPullExchange(url, secret, options.window, rule.payload, options.delta_dtype,
+                                                    options.timeout, options.overlap))
     return job.result(reports, store.center.copy(), seconds, {
         "rule": rule.name,
         "window": options.window,

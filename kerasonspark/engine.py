@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, WorkerError
 from .serialization import ModelSpec
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from .data import DataInfo, PreparedData
+    from .parameter_server import ParameterStore
     from .worker import Exchange
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,34 @@ class TrainingJob:
 
         return run_training_stage(self, exchange)
 
+    def run_with_parameter_server(self, store: "ParameterStore",
+                                  make_exchange: Callable[[str, bytes], "Exchange"]) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+        """Serve ``store`` on the driver for one training stage, with a fresh secret.
+
+        ``make_exchange(url, secret)`` builds the engine's worker-side hook. The server and all
+        its threads are stopped when this returns or raises.
+
+        Returns:
+            ``(reports, seconds, server_stats)``: the workers' reports, the stage's wall seconds,
+            and the store's statistics at the end.
+
+        Raises:
+            WorkerError: naming the worker whose failure started it (from the server's reports).
+        """
+        from .parameter_server import ParameterServer, ServerConfig, new_secret
+        from .worker import explain_failure
+
+        secret = new_secret()
+        config = ServerConfig(secret, max_payload_bytes=self.spec.weights.nbytes + (1 << 20))
+        with ParameterServer(store, config, host=self.server_host) as server:
+            exchange = make_exchange(server.url, secret)
+            started = time.perf_counter()
+            try:
+                reports = self.run_workers(exchange)
+            except WorkerError as exc:
+                raise explain_failure(exc, store.failures) from exc
+            return reports, time.perf_counter() - started, store.stats()
+
     def result(self, reports: list[dict[str, Any]], weights: np.ndarray, train_seconds: float,
                engine_stats: Mapping[str, Any] | None = None) -> TrainingResult:
         """Assemble the :class:`TrainingResult` from worker reports and the final weights.
@@ -132,6 +162,8 @@ class TrainingJob:
                     [r["val_history"][epoch] for r in reports if epoch < len(r.get("val_history", []))]).items():
                 history.setdefault(f"val_{key}", []).append(value)
         samples = self.data.num_samples * self.config.epochs
+        for report in reports:
+            report["samples_per_second"] = report["samples"] * self.config.epochs / max(report["seconds"], 1e-9)
         stats: dict[str, Any] = {
             "backend": "",
             "samples": samples,

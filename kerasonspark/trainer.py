@@ -15,7 +15,7 @@ from . import data as data_module
 from .data import DataInfo
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError, from_spark_exception
-from .serialization import ModelSpec, get_flat_weights
+from .serialization import ModelSpec
 from .session import check_slots, server_host, start_session
 from .worker import configure_tensorflow, cached_model, warm_up
 
