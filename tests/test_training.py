@@ -81,44 +81,52 @@ def test_predict_keeps_columns_and_runs_on_executors(spark):
     assert len(from_numpy) == 10 and len(from_numpy[0].prediction) == 4
 
 
-class FailingExchange:
-    """Wraps the sync exchange; worker 1 raises in its third exchange."""
+class CrashingExchange:
+    """Wraps an engine's exchange; worker `worker` raises `error` at its `at`-th exchange."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, worker, at, error):
+        self.inner, self.worker, self.at, self.error, self.calls = inner, worker, at, error, 0
 
     def __getattr__(self, name):
         if name == "inner":  # during unpickling, before __dict__ is restored
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def start(self, model, worker):
+        self.me = worker
+        self.inner.start(model, worker)
+
     def exchange(self, model, samples):
-        if self.inner.client.worker == 1 and self.inner.round == 2:
-            raise RuntimeError("simulated worker crash")
+        self.calls += 1
+        if self.me == self.worker and self.calls == self.at:
+            raise self.error
         self.inner.exchange(model, samples)
 
 
-def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_threads):
-    from kerasonspark import available_backends
-    from kerasonspark.worker import Exchange
-
-    class CrashingSync(available_backends()["sync"]):
-        def run(self, job):
-            original = job.run_workers
-
-            def run_workers(exchange: Exchange):
-                return original(FailingExchange(exchange))
-            job.run_workers = run_workers
-            return super().run(job)
-
+def crashing(engine_name, worker, at, error, **options):
+    """An engine of `engine_name` whose worker `worker` crashes at its `at`-th exchange."""
     import sys
 
     from pyspark import cloudpickle
 
+    from kerasonspark import available_backends
+
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors cannot import test modules
+
+    class Crashing(available_backends()[engine_name]):
+        def run(self, job):
+            original = job.run_workers
+            job.run_workers = lambda exchange: original(CrashingExchange(exchange, worker, at, error))
+            return super().run(job)
+
+    return Crashing(**options)
+
+
+def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_threads):
     x, y = make_blobs(800)
-    trainer = SparkTrainer(small_model(), backend=CrashingSync(sync_every=4, barrier_timeout=120), num_workers=2,
-                           epochs=2, batch_size=16, spark=spark, verbose=0)
+    engine = crashing("sync", worker=1, at=3, error=RuntimeError("simulated worker crash"), sync_every=4,
+                      barrier_timeout=120)
+    trainer = SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark, verbose=0)
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
         trainer.fit((x, y))
@@ -154,38 +162,11 @@ def test_asynchronous_engines_train_above_the_floor(spark, backend, options, no_
 
 
 def test_async_worker_failure_stops_everything_and_names_the_worker(spark, no_leaked_threads):
-    import sys
-
-    from pyspark import cloudpickle
-
-    from kerasonspark import available_backends
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    class CrashingExchange:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            if name == "inner":
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
-        def exchange(self, model, samples):
-            if self.inner.client.worker == 0 and self.inner.pushes == 3:
-                raise ValueError("worker 0 lost its disk")
-            self.inner.exchange(model, samples)
-
-    class CrashingAsync(available_backends()["async"]):
-        def run(self, job):
-            original = job.run_workers
-            job.run_workers = lambda exchange: original(CrashingExchange(exchange))
-            return super().run(job)
-
     x, y = make_blobs(800)
+    engine = crashing("async", worker=0, at=4, error=ValueError("worker 0 lost its disk"), window=2)
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
-        SparkTrainer(small_model(), backend=CrashingAsync(window=2), num_workers=2, epochs=2, batch_size=16,
-                     spark=spark, verbose=0).fit((x, y))
+        SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark,
+                     verbose=0).fit((x, y))
     assert failure.value.worker == 0 and "lost its disk" in str(failure.value)
     assert time.monotonic() - started < 60
