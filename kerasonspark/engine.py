@@ -47,12 +47,18 @@ class TrainingConfig:
     num_workers: int = 2
     seed: int | None = None
     verbose: int = 1
+    worker_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+        threads = self.worker_threads
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+            raise ConfigurationError(
+                f"Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's defaults) or a positive "
+                f"integer. Received: worker_threads={threads!r}.")
 
 
 @dataclass

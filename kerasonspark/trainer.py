@@ -42,6 +42,8 @@ class SparkTrainer:
         seed: makes data shuffling repeatable.
         verbose: 0 silent, 1 a line per epoch (through the ``kerasonspark`` logger).
         custom_objects: custom layers, losses or metrics the model uses, by name.
+        worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
+            (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -52,7 +54,7 @@ class SparkTrainer:
     def __init__(self, model: "keras.Model", backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
                  spark: "SparkSession | None" = None, seed: int | None = None, verbose: int = 1,
-                 custom_objects: Mapping[str, Any] | None = None) -> None:
+                 custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -60,7 +62,8 @@ class SparkTrainer:
         if not getattr(model, "compiled", False):
             raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
         self.model = model
-        self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose)
+        self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                                     verbose=verbose, worker_threads=worker_threads)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark
@@ -139,8 +142,9 @@ class SparkTrainer:
                 validation = None
                 if validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
-                info = self.info
-                warm = (lambda: warm_up(spec_broadcast, spec.custom_objects, run_id, info)) if self.engine.uses_spark_workers else None
+                info, threads = self.info, self.config.worker_threads
+                warm = ((lambda: warm_up(spec_broadcast, spec.custom_objects, run_id, info, threads))
+                        if self.engine.uses_spark_workers else None)
                 prepared = self._spark_errors(lambda: data_module.prepare(
                     spark, data, features, label, self.info, self.config.num_workers, "training", warm))
                 job = TrainingJob(spark=spark, spec=spec, model=self.model, data=prepared, info=self.info,
@@ -201,13 +205,13 @@ class SparkTrainer:
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
             custom_objects = spec.custom_objects
             key = f"inference-{spec.fingerprint}"
+            threads = self.config.worker_threads
 
             def evaluate_partition(part: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[int, dict[str, float]]]:
-                from .serialization import set_flat_weights
                 from .parameter_server import wire
-                from .worker import task_cores
+                from .serialization import set_flat_weights
 
-                configure_tensorflow(task_cores())
+                configure_tensorflow(threads)
                 model = cached_model(key, spec_broadcast.value, custom_objects)
                 set_flat_weights(model, wire.decode(spec_broadcast.value)[1])
                 for x, y in part:
@@ -244,11 +248,12 @@ class SparkTrainer:
             else:
                 x = np.asarray(data[0] if isinstance(data, tuple) else data, dtype=np.float32)
                 df = data_module.numpy_to_dataframe(spark, x, features=features)
-            return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size)
+            return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size,
+                                      self.config.worker_threads)
 
 
 def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, info: DataInfo, features: str,
-                       output_col: str, batch_size: int) -> "DataFrame":
+                       output_col: str, batch_size: int, threads: int | None) -> "DataFrame":
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
@@ -273,9 +278,8 @@ def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, 
 
         from .parameter_server import wire
         from .serialization import set_flat_weights
-        from .worker import task_cores
 
-        configure_tensorflow(task_cores())
+        configure_tensorflow(threads)
         model = cached_model(key, spec_bytes, custom_objects)
         set_flat_weights(model, wire.decode(spec_bytes)[1])
         for batch in batches:

@@ -73,23 +73,29 @@ def tune_allocator() -> bool:
         return False
 
 
-def configure_tensorflow(threads: int) -> None:
+def configure_tensorflow(threads: int | None = None) -> None:
     """Size TensorFlow's intra- and inter-op pools; effective only before TensorFlow first runs.
 
-    Call it before anything else touches TensorFlow in this process. Later calls with another
-    size are ignored with a debug message: TensorFlow cannot resize a running pool.
+    Args:
+        threads: pool size; ``None`` means the cores Spark gave the task, 0 leaves TensorFlow's
+            defaults (every core of the machine).
+
+    Call it before anything else touches TensorFlow in this process. Later calls are ignored:
+    TensorFlow cannot resize a running pool.
     """
     global _TENSORFLOW_THREADS
     if _TENSORFLOW_THREADS is not None:
         return
+    threads = task_cores() if threads is None else threads
     tune_allocator()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         logger.debug("TensorFlow already initialised in this process; keeping its thread pools")
     _TENSORFLOW_THREADS = threads
@@ -184,10 +190,11 @@ def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any
     return steps
 
 
-def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo) -> None:
+def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo,
+            threads: int | None = None) -> None:
     """Import TensorFlow with the right pools, build this run's model and trace its training
     function, ahead of training (it runs while the data is scanned)."""
-    configure_tensorflow(task_cores())
+    configure_tensorflow(threads)
     training_model(run_id, spec_broadcast.value, custom_objects, info)
 
 
@@ -233,6 +240,7 @@ class StageSettings:
     num_workers: int
     seed: int | None
     info: DataInfo
+    worker_threads: int | None = None
 
 
 def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
@@ -242,7 +250,7 @@ def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
 def _train(worker: int, blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
            custom_objects: dict[str, Any], settings: StageSettings, exchange: Exchange,
            validation: Any) -> dict[str, Any]:
-    configure_tensorflow(task_cores())
+    configure_tensorflow(settings.worker_threads)
     steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
     model = steps_runner.model
     parts = list(blocks)
@@ -312,7 +320,7 @@ def run_training_stage(job: "TrainingJob", exchange: Exchange) -> list[dict[str,
     """
     sc = job.spark.sparkContext
     settings = StageSettings(job.run_id, job.config.epochs, job.config.batch_size, job.config.num_workers,
-                             job.config.seed, job.info)
+                             job.config.seed, job.info, job.config.worker_threads)
     validation = sc.broadcast(job.validation) if job.validation is not None else None
     spec_broadcast, custom_objects = job.spec_broadcast, job.spec.custom_objects
     try:

@@ -40,6 +40,8 @@ def test_an_engine_object_is_used_as_is():
 def test_trainer_validates_its_arguments():
     with pytest.raises(ConfigurationError, match="num_workers"):
         SparkTrainer(small_model(), num_workers=0)
+    with pytest.raises(ConfigurationError, match="worker_threads"):
+        SparkTrainer(small_model(), worker_threads=-1)
     with pytest.raises(TypeError, match="keras.Model"):
         SparkTrainer("model")
     import keras
