@@ -61,9 +61,13 @@ def main() -> None:
                 s = result.stats
                 runs.setdefault(label, []).append({
                     "samples_per_s": s["samples_per_second"], "train_s": s["train_seconds"], "wall_s": s["wall_seconds"],
-                    "test_accuracy": accuracy, "exchanges": s.get("updates", s.get("rounds", 0))})
+                    "test_accuracy": accuracy, "exchanges": s.get("updates", s.get("rounds", 0)),
+                    "overlapping_writes": s.get("overlapping_writes", 0),
+                    "max_staleness": s.get("staleness", {}).get("max", 0)})
+                extra = (f"  overlapping writes {s['overlapping_writes']}  staleness max {s['staleness']['max']}"
+                         if "staleness" in s else "")
                 print(f"{label:>15}: {s['samples_per_second']:8.0f} samples/s  train {s['train_seconds']:6.1f} s  "
-                      f"wall {s['wall_seconds']:6.1f} s  test accuracy {accuracy:.4f}", flush=True)
+                      f"wall {s['wall_seconds']:6.1f} s  test accuracy {accuracy:.4f}{extra}", flush=True)
     finally:
         spark.stop()
     rows = [{"backend": label, "runs": len(r), **{k: statistics.median(x[k] for x in r) for k in r[0]}}
