@@ -69,7 +69,8 @@ class TrainingResult:
         model: the trained ``keras.Model`` (the object passed to ``SparkTrainer``, now trained).
         history: per-epoch lists, like ``keras.callbacks.History.history`` (``loss``, metrics, and
             ``val_*`` when validation data was given).
-        stats: figures of the run: ``wall_seconds``, ``train_seconds``, ``samples_per_second``,
+        stats: figures of the run: ``wall_seconds``, ``prepare_seconds`` (data conversion, checks
+            and worker warm-up), ``train_seconds``, ``samples_per_second``,
             ``samples``, engine counters (``rounds``, ``updates``...) and ``workers`` (per-worker
             samples and seconds).
     """

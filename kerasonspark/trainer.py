@@ -145,8 +145,10 @@ class SparkTrainer:
                 info, threads = self.info, self.config.worker_threads
                 warm = ((lambda: warm_up(spec_broadcast, spec.custom_objects, run_id, info, threads))
                         if self.engine.uses_spark_workers else None)
+                prepare_started = time.perf_counter()
                 prepared = self._spark_errors(lambda: data_module.prepare(
                     spark, data, features, label, self.info, self.config.num_workers, "training", warm))
+                prepare_seconds = time.perf_counter() - prepare_started
                 job = TrainingJob(spark=spark, spec=spec, model=self.model, data=prepared, info=self.info,
                                   config=self.config, run_id=run_id, spec_broadcast=spec_broadcast,
                                   validation=validation, server_host=server_host(spark))
@@ -160,6 +162,7 @@ class SparkTrainer:
                     prepared.release()
                 spec_broadcast.destroy()
         result.stats["wall_seconds"] = time.perf_counter() - started
+        result.stats["prepare_seconds"] = prepare_seconds
         result.stats["backend"] = self.engine.name
         if self.config.verbose:
             for epoch in range(self.config.epochs):
