@@ -312,6 +312,20 @@ def train_partition(blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_broadc
         exchange.close()
 
 
+def _lost_worker_error(exc: BaseException) -> WorkerError:
+    """A WorkerError for a task that failed without a Python exception of its own (a crash)."""
+    import re
+
+    text = str(exc)
+    task = re.search(r"ResultTask\(\d+, (\d+)\)", text)
+    worker = int(task.group(1)) if task else -1
+    reason = next((line.strip() for line in text.splitlines()
+                   if "exited unexpectedly" in line or "OutOfMemory" in line or "Killed" in line), "")
+    who = f"Worker {worker}" if worker >= 0 else "A worker"
+    return WorkerError(f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
+                       "the executor's log has the task's own output).", worker, text[-3000:])
+
+
 def run_training_stage(job: "TrainingJob", exchange: Exchange) -> list[dict[str, Any]]:
     """Run :func:`train_partition` on every partition of ``job.data`` as one barrier stage.
 
@@ -331,8 +345,7 @@ def run_training_stage(job: "TrainingJob", exchange: Exchange) -> list[dict[str,
         recovered = from_spark_exception(exc)
         if isinstance(recovered, WorkerError):
             raise recovered from None
-        worker = getattr(recovered, "worker", -1)
-        raise WorkerError(f"Training failed in a Spark task: {recovered or exc}"[:4000], worker) from exc
+        raise _lost_worker_error(exc) from exc
     finally:
         if validation is not None:
             validation.destroy()

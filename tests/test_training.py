@@ -103,8 +103,8 @@ class CrashingExchange:
         self.inner.exchange(model, samples)
 
 
-def crashing(engine_name, worker, at, error, **options):
-    """An engine of `engine_name` whose worker `worker` crashes at its `at`-th exchange."""
+def crashing(engine_name, wrap, **options):
+    """An engine of `engine_name` whose exchange is wrapped by `wrap` (e.g. a CrashingExchange)."""
     import sys
 
     from pyspark import cloudpickle
@@ -116,7 +116,7 @@ def crashing(engine_name, worker, at, error, **options):
     class Crashing(available_backends()[engine_name]):
         def run(self, job):
             original = job.run_workers
-            job.run_workers = lambda exchange: original(CrashingExchange(exchange, worker, at, error))
+            job.run_workers = lambda exchange: original(wrap(exchange))
             return super().run(job)
 
     return Crashing(**options)
@@ -124,8 +124,8 @@ def crashing(engine_name, worker, at, error, **options):
 
 def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_threads):
     x, y = make_blobs(800)
-    engine = crashing("sync", worker=1, at=3, error=RuntimeError("simulated worker crash"), sync_every=4,
-                      barrier_timeout=120)
+    engine = crashing("sync", lambda inner: CrashingExchange(inner, 1, 3, RuntimeError("simulated worker crash")),
+                      sync_every=4, barrier_timeout=120)
     trainer = SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark, verbose=0)
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
@@ -163,10 +163,31 @@ def test_asynchronous_engines_train_above_the_floor(spark, backend, options, no_
 
 def test_async_worker_failure_stops_everything_and_names_the_worker(spark, no_leaked_threads):
     x, y = make_blobs(800)
-    engine = crashing("async", worker=0, at=4, error=ValueError("worker 0 lost its disk"), window=2)
+    engine = crashing("async", lambda inner: CrashingExchange(inner, 0, 4, ValueError("worker 0 lost its disk")),
+                      window=2)
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
         SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark,
                      verbose=0).fit((x, y))
     assert failure.value.worker == 0 and "lost its disk" in str(failure.value)
     assert time.monotonic() - started < 60
+
+
+def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_timeout(spark, no_leaked_threads):
+    import os
+
+    class Dying(CrashingExchange):
+        def exchange(self, model, samples):
+            self.calls += 1
+            if self.me == self.worker and self.calls == self.at:
+                os._exit(3)  # no traceback, no failure report: the process is simply gone
+            self.inner.exchange(model, samples)
+
+    x, y = make_blobs(800)
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        SparkTrainer(small_model(), backend=crashing("sync", lambda inner: Dying(inner, 0, 2, None), sync_every=4,
+                                                          barrier_timeout=120), num_workers=2, epochs=2,
+                     batch_size=16, spark=spark, verbose=0).fit((x, y))
+    assert failure.value.worker == 0 and "exited unexpectedly" in str(failure.value)
+    assert time.monotonic() - started < 90  # Spark notices the lost task; nobody waits 120 s
