@@ -42,11 +42,20 @@ class DataInfo:
         input_shape: one sample's shape, e.g. ``(28, 28, 1)``.
         label_mode: ``"sparse"`` (class indices), ``"one_hot"``, or ``"raw"`` (used as given).
         num_classes: the output width for classification losses, else ``None``.
+        target_shape: one raw label's shape (the model's output shape) for ``"raw"``.
     """
 
     input_shape: tuple[int, ...]
     label_mode: str
     num_classes: int | None
+    target_shape: tuple[int, ...] = ()
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """One label's shape as the model trains on it."""
+        if self.label_mode == "one_hot":
+            return (self.num_classes,)
+        return self.target_shape if self.label_mode == "raw" else ()
 
     @property
     def feature_size(self) -> int:
@@ -65,13 +74,15 @@ class DataInfo:
         if any(d is None for d in shape[1:]):
             raise DataError(f"The model's input shape must be fully known except the batch. Received: {shape}.")
         out = model.output_shape
-        width = out[-1] if isinstance(out, tuple) and out else None
+        if isinstance(out, list) or any(d is None for d in out[1:]):
+            raise DataError(f"Models with several or variable-size outputs are not supported yet. Received: output_shape={out}.")
+        width = out[-1] if len(out) > 1 else 1
         if loss_name in _SPARSE_LOSSES:
             mode = "sparse"
         elif loss_name in _ONE_HOT_LOSSES:
             mode = "one_hot"
         else:
-            mode, width = "raw", None
+            return cls(tuple(int(d) for d in shape[1:]), "raw", None, tuple(int(d) for d in out[1:]))
         return cls(tuple(int(d) for d in shape[1:]), mode, width)
 
     def model_labels(self, y: np.ndarray) -> np.ndarray:
@@ -82,7 +93,7 @@ class DataInfo:
             if y.ndim == 1:
                 return np.eye(self.num_classes, dtype=np.float32)[y.astype(np.int64)]
             return y.astype(np.float32, copy=False)
-        return y.astype(np.float32, copy=False)
+        return y.astype(np.float32, copy=False).reshape((len(y), *self.target_shape))
 
 
 @dataclass
@@ -124,8 +135,16 @@ def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo) -> dict[str, in
 
 
 def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> None:
-    """Raise when labels are 2-D but do not match the model's output width."""
-    if info.label_mode == "raw" or len(y_shape) == 1:
+    """Raise when labels do not match the model's output (width for classes, size for targets)."""
+    if info.label_mode == "raw":
+        size = math.prod(y_shape[1:])
+        if size != math.prod(info.target_shape):
+            raise DataError(
+                f"Targets in {where} should have {math.prod(info.target_shape)} value(s) each to match the model's "
+                f"output shape {info.target_shape}. Received: targets of shape {y_shape}."
+            )
+        return
+    if len(y_shape) == 1:
         return
     if len(y_shape) != 2 or y_shape[1] != info.num_classes:
         raise DataError(

@@ -127,7 +127,7 @@ class LocalSteps:
         import tensorflow as tf
 
         self.model, self.info = model, info
-        label_shape = (info.num_classes,) if info.label_mode == "one_hot" else ()
+        label_shape = info.label_shape
         label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32
         self.graph = keras.backend.backend() == "tensorflow"
         if self.graph:
@@ -147,7 +147,7 @@ class LocalSteps:
         model.optimizer.build(model.trainable_variables)
         fresh = [v.numpy() for v in model.optimizer.variables]
         x = np.zeros((2, *self.info.input_shape), np.float32)
-        y = self.info.model_labels(np.zeros((2, *label_shape), np.float32) if label_shape else np.zeros(2, np.float32))
+        y = self.info.model_labels(np.zeros((2, *label_shape), np.float32))
         model.train_on_batch(x, y)  # builds the metrics
         if self.graph:
             self._train_run(x[None], y[None])

@@ -191,3 +191,31 @@ def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_ti
                      batch_size=16, spark=spark, verbose=0).fit((x, y))
     assert failure.value.worker == 0 and "exited unexpectedly" in str(failure.value)
     assert time.monotonic() - started < 90  # Spark notices the lost task; nobody waits 120 s
+
+
+def test_regression_targets_train_with_sync(spark):
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    baseline = float(np.mean(y ** 2))
+    trainer = SparkTrainer(model, backend="sync", num_workers=2, epochs=4, batch_size=16, spark=spark, seed=0, verbose=0)
+    result = trainer.fit(numpy_to_dataframe(spark, x, y))
+    assert result.history["loss"][-1] < 0.1 * baseline
+    assert trainer.evaluate((x, y))["loss"] < 0.1 * baseline
+
+
+def test_regression_targets_of_the_wrong_size_are_refused(spark):
+    import keras
+
+    from kerasonspark import DataError
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    x = np.zeros((50, 6), np.float32)
+    with pytest.raises(DataError, match="2 value\\(s\\) each"):
+        SparkTrainer(model, spark=spark, verbose=0).fit((x, np.zeros((50, 3), np.float32)))
