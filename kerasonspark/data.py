@@ -173,7 +173,8 @@ def _as_labels(y: Any, where: str) -> np.ndarray:
     return y.reshape(len(y), -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
 
 
-def _raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
+def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
+    """Raise one DataError that counts every problem of :func:`block_problems`, per partition."""
     messages = []
     for key, text, fix in (
         ("nonfinite_rows", "row(s) with NaN or Inf features or labels", "drop or impute them"),
@@ -207,7 +208,7 @@ def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions
     if len(x) != len(y):
         raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
     check_label_shape(y.shape, info, f"the {what} data")
-    _raise_problems([block_problems(x, y, info)], what)
+    raise_problems([block_problems(x, y, info)], what)
     return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
 
 
@@ -372,7 +373,7 @@ def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: D
     blocks = to_blocks(spark, data, features, label, info, partitions, what).persist(StorageLevel.MEMORY_ONLY)
     try:
         stats = sorted(blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(), key=lambda s: s["partition"])
-        _raise_problems(stats, what)
+        raise_problems(stats, what)
         for s in stats:
             for width in s["ywidths"]:
                 check_label_shape((1, width) if width else (1,), info, f"partition {s['partition']}")

@@ -33,7 +33,7 @@ def get_flat_weights(model: "keras.Model") -> np.ndarray:
     if not variables:
         return np.zeros(0, np.float32)
     flat = ops.concatenate([ops.reshape(ops.cast(v.value, "float32"), (-1,)) for v in variables])
-    return np.array(ops.convert_to_numpy(flat), dtype=np.float32, copy=None if flat.shape[0] else True).reshape(-1)
+    return np.asarray(ops.convert_to_numpy(flat), dtype=np.float32)
 
 
 def set_flat_weights(model: "keras.Model", flat: np.ndarray) -> None:
@@ -121,12 +121,13 @@ class ModelSpec:
         header, flat = wire.decode(data)
         return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))
 
-    def loss_name(self) -> str | None:
-        """The compiled loss as a lowercase name when it is a single built-in loss, else ``None``."""
-        loss = (self.compile_config or {}).get("loss")
-        if isinstance(loss, str):
-            return loss.lower()
-        if isinstance(loss, dict):
-            name = loss.get("config", {}).get("name") if isinstance(loss.get("config"), dict) else None
-            return (name or loss.get("class_name", "")).lower()
-        return None
+
+def loss_name(compile_config: dict[str, Any] | None) -> str | None:
+    """The loss of a Keras compile config as a lowercase name when it is a single loss, else ``None``."""
+    loss = (compile_config or {}).get("loss")
+    if isinstance(loss, str):
+        return loss.lower()
+    if isinstance(loss, dict):
+        name = loss.get("config", {}).get("name") if isinstance(loss.get("config"), dict) else None
+        return (name or loss.get("class_name", "")).lower()
+    return None

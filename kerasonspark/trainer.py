@@ -15,9 +15,9 @@ from . import data as data_module
 from .data import DataInfo
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError, from_spark_exception
-from .serialization import ModelSpec
+from .serialization import ModelSpec, loss_name
 from .session import check_slots, server_host, start_session
-from .worker import configure_tensorflow, cached_model, warm_up
+from .worker import inference_model, warm_up
 
 if TYPE_CHECKING:
     import keras
@@ -69,7 +69,7 @@ class SparkTrainer:
         self.spark = spark
         self.custom_objects = dict(custom_objects or {})
         self._owned_session: "SparkSession | None" = None
-        self.info = DataInfo.for_model(model, ModelSpec.from_model(model, self.custom_objects).loss_name())
+        self.info = DataInfo.for_model(model, loss_name(model.get_compile_config()))
 
     # -- sessions -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -183,9 +183,7 @@ class SparkTrainer:
         blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, self.info, None, what))
         x, y = self._spark_errors(lambda: data_module.collect_arrays(blocks))
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
-        problems = data_module.block_problems(x, y, self.info)
-        if any(problems.values()):
-            data_module._raise_problems([problems], what)
+        data_module.raise_problems([data_module.block_problems(x, y, self.info)], what)
         return x, y
 
     # -- evaluate / predict -----------------------------------------------------------------
@@ -207,16 +205,10 @@ class SparkTrainer:
             blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, info, None, "evaluation"))
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
             custom_objects = spec.custom_objects
-            key = f"inference-{spec.fingerprint}"
             threads = self.config.worker_threads
 
             def evaluate_partition(part: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[int, dict[str, float]]]:
-                from .parameter_server import wire
-                from .serialization import set_flat_weights
-
-                configure_tensorflow(threads)
-                model = cached_model(key, spec_broadcast.value, custom_objects)
-                set_flat_weights(model, wire.decode(spec_broadcast.value)[1])
+                model = inference_model(spec_broadcast.value, custom_objects, threads)
                 for x, y in part:
                     if len(x):
                         scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
@@ -273,18 +265,12 @@ def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, 
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, T.ArrayType(T.FloatType()))])
     spec_bytes = spec.to_bytes()
     custom_objects = spec.custom_objects
-    key = f"inference-{spec.fingerprint}"
     names = df.columns
 
     def predict_batches(batches):
         import pyarrow as pa
 
-        from .parameter_server import wire
-        from .serialization import set_flat_weights
-
-        configure_tensorflow(threads)
-        model = cached_model(key, spec_bytes, custom_objects)
-        set_flat_weights(model, wire.decode(spec_bytes)[1])
+        model = inference_model(spec_bytes, custom_objects, threads)
         for batch in batches:
             column = batch.column(temp)
             if batch.num_rows == 0:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .data import DataInfo
 from .errors import KerasOnSparkError, WorkerError, from_spark_exception
-from .serialization import ModelSpec
+from .serialization import ModelSpec, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
@@ -188,6 +188,19 @@ def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any
         _STEPS.clear()  # one training run at a time per Python worker
         steps = _STEPS[run_id] = LocalSteps(model, info)
     return steps
+
+
+def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None) -> "keras.Model":
+    """The model of ``spec_bytes`` with its weights, for evaluate and predict tasks.
+
+    The architecture is rebuilt once per Python worker; the weights are set on every call,
+    since the same architecture may come back with new weights.
+    """
+    configure_tensorflow(threads)
+    spec = ModelSpec.from_bytes(spec_bytes, custom_objects)
+    model = cached_model(f"inference-{spec.fingerprint}", spec_bytes, custom_objects)
+    set_flat_weights(model, spec.weights)
+    return model
 
 
 def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo,

@@ -170,3 +170,10 @@ def test_one_keep_alive_connection_serves_many_requests(server):
         status, _, _ = c.request("POST", "/v1/push", b"\0" * 10_000)
         assert status == 413
         assert c.health()["status"] == "ok"
+
+
+def test_failure_report_must_be_a_json_object(server):
+    with client(server) as c:
+        status, _, data = c.request("POST", "/v1/failure", b"[1, 2]", "application/json")
+    assert status == 400 and "JSON object" in json.loads(data)["error"]
+    assert server.store.failures == {}

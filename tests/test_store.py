@@ -60,3 +60,14 @@ def test_check_update_refuses_nan_and_wrong_shapes():
         store.check_update([(2, 2)], np.array([0, np.inf, 0, 0], np.float32))
     with pytest.raises(WireFormatError, match="shapes"):
         store.check_update([(4,)], np.zeros(4, np.float32))
+
+
+def test_staleness_summary_is_exact_and_bounded():
+    from collections import Counter
+
+    from kerasonspark.parameter_server.store import _summary
+
+    assert _summary(Counter({0: 1, 1: 5, 4: 1})) == {"min": 0, "median": 1, "max": 4,
+                                                      "histogram": {"0": 1, "1": 5, "4": 1}}
+    assert _summary(Counter({2: 1, 7: 1}))["median"] == 7  # the upper median, as sorted(list)[n // 2]
+    assert _summary(Counter())["max"] == 0

@@ -176,7 +176,9 @@ def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
         try:
             payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
         except ValueError:
-            raise ParameterServerError("The failure report must be a JSON object.", 400) from None
+            payload = None
+        if not isinstance(payload, dict):
+            raise ParameterServerError('The failure report must be a JSON object: {"message": "..."}.', 400)
         store.report_failure(worker_id(), str(payload.get("message", "no message")))
         return jsonify(recorded=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +62,7 @@ class ParameterStore:
         self._applying = 0
         self.started = time.time()
         self.counters: dict[str, int] = defaultdict(int)
-        self.staleness: list[int] = []
+        self.staleness: Counter[int] = Counter()  # staleness -> pushes; bounded, unlike a list per push
         self.worker_pushes: dict[int, int] = defaultdict(int)
         self.worker_samples: dict[int, int] = defaultdict(int)
         self.worker_pull_version: dict[int, int] = {}
@@ -139,7 +139,7 @@ class ParameterStore:
     def _record_push(self, worker: int, staleness: int, samples: int) -> None:
         self.version += 1
         self.counters["updates"] += 1
-        self.staleness.append(staleness)
+        self.staleness[staleness] += 1
         self.worker_pushes[worker] += 1
         self.worker_samples[worker] += samples
 
@@ -232,7 +232,7 @@ class ParameterStore:
     def stats(self) -> dict:
         """JSON-ready statistics of the run so far."""
         with self._cond:
-            staleness = sorted(self.staleness)
+            staleness = _summary(self.staleness)
             elapsed = max(time.time() - self.started, 1e-9)
             return {
                 "version": self.version,
@@ -243,12 +243,7 @@ class ParameterStore:
                 "refused_total": sum(v for k, v in self.counters.items() if k.startswith("refused_")),
                 "failed_rounds": self.counters["failed_rounds"],
                 "overlapping_writes": self.counters["overlapping_writes"],
-                "staleness": {
-                    "min": staleness[0] if staleness else 0,
-                    "median": staleness[len(staleness) // 2] if staleness else 0,
-                    "max": staleness[-1] if staleness else 0,
-                    "histogram": {str(k): staleness.count(k) for k in sorted(set(staleness))[:64]},
-                },
+                "staleness": staleness,
                 "worker_pushes": {str(k): v for k, v in sorted(self.worker_pushes.items())},
                 "worker_samples": {str(k): v for k, v in sorted(self.worker_samples.items())},
                 "failures": {str(k): v for k, v in self.failures.items()},
@@ -257,3 +252,18 @@ class ParameterStore:
                 "mb_per_s": (self.bytes_in + self.bytes_out) / 1e6 / elapsed,
                 "elapsed_s": elapsed,
             }
+
+
+def _summary(counts: Counter[int]) -> dict:
+    """min / median / max and the histogram (first 64 values) of a staleness count."""
+    values = sorted(counts)
+    if not values:
+        return {"min": 0, "median": 0, "max": 0, "histogram": {}}
+    half, seen, median = sum(counts.values()) // 2, 0, values[-1]
+    for value in values:
+        seen += counts[value]
+        if seen > half:
+            median = value
+            break
+    return {"min": values[0], "median": median, "max": values[-1],
+            "histogram": {str(k): counts[k] for k in values[:64]}}
