@@ -177,3 +177,64 @@ def test_failure_report_must_be_a_json_object(server):
         status, _, data = c.request("POST", "/v1/failure", b"[1, 2]", "application/json")
     assert status == 400 and "JSON object" in json.loads(data)["error"]
     assert server.store.failures == {}
+
+
+def raw_exchange(server, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
+    """Send raw bytes, read until the server closes; returns (what came back, whether it closed)."""
+    import socket
+
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return received, False
+    return received, True
+
+
+def status_and_error(response: bytes) -> tuple[int, str]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("head, status, fragment", [
+    (b"Content-Length: -5", 400, "non-negative"),
+    (b"Content-Length: 3\r\nContent-Length: 5", 400, "Conflicting"),
+    (b"Transfer-Encoding: chunked", 411, "Content-Length"),
+])
+def test_http_framing_errors_get_a_json_refusal_and_change_nothing(server, head, status, fragment):
+    response, closed = raw_exchange(server, b"POST /v1/push HTTP/1.1\r\n" + head + b"\r\n\r\nabcde")
+    code, error = status_and_error(response)
+    assert code == status and fragment in error and closed
+    np.testing.assert_array_equal(server.store.center, np.arange(8))
+
+
+def test_an_unsigned_request_is_refused_before_its_body_is_read(server):
+    # Only the headers are sent; the 401 must not wait for the 4,000 announced bytes.
+    response, closed = raw_exchange(server, b"POST /v1/push HTTP/1.1\r\nContent-Length: 4000\r\n\r\n", timeout=5)
+    assert status_and_error(response)[0] == 401
+    assert server.store.counters["refused_auth"] == 1
+
+
+def test_idle_and_stalled_connections_are_closed_and_clients_reconnect(no_leaked_threads):
+    from kerasonspark.parameter_server import auth
+
+    secret = new_secret()
+    store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1, rule=AddRule())
+    with ParameterServer(store, ServerConfig(secret, idle_timeout=0.5)) as srv:
+        started = time.monotonic()
+        response, closed = raw_exchange(srv, b"", timeout=10)
+        assert closed and response == b"" and time.monotonic() - started < 5
+        signature = auth.sign(secret, "POST", "/v1/push", 0, 1, 100).encode()
+        response, _ = raw_exchange(srv, b"POST /v1/push HTTP/1.1\r\nContent-Length: 100\r\nX-KOS-Auth: " + signature
+                                   + b"\r\n\r\nKOSW", timeout=10)
+        status, error = status_and_error(response)
+        assert status == 408 and "stopped arriving" in error
+        with ParameterClient(srv.url, secret, 0, timeout=10) as c:
+            c.pull()
+            time.sleep(1.0)  # the server closes the idle connection meanwhile
+            reply, _ = c.push(np.ones(8, np.float32), SHAPES, window=1, samples=1)
+        np.testing.assert_array_equal(reply, np.arange(8) + 1)
+        assert store.version == 1

@@ -11,9 +11,11 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/failure          a worker reports its own failure: {"message": "..."}
     GET  /v1/stats            statistics (JSON)
 
-Errors come back as JSON ``{"error": "...", ...}`` with 400 (malformed or wrong shapes),
-401 (authentication), 409 (conflict: replay, duplicate arrival, no rule), 413 (payload too large),
-422 (NaN/Inf update, refused and counted), 503 (shutting down) or 504 (round barrier timed out).
+Errors come back as JSON ``{"error": "...", "status": n}``: 400 (malformed, wrong shapes, bad
+Content-Length), 401 (authentication; refused before the body is read), 408 (the body stopped
+arriving), 409 (conflict: replay, duplicate arrival, no rule), 411 (chunked body), 413 (payload
+too large), 422 (NaN/Inf update, refused and counted), 431 (headers too large), 503 (shutting
+down) or 504 (round barrier timed out).
 """
 
 from __future__ import annotations
@@ -40,11 +42,15 @@ class ServerConfig:
         secret: the run's HMAC secret (see :func:`.auth.new_secret`).
         max_payload_bytes: requests with a larger body are refused with 413.
         sign_body: require the signature to cover the body's SHA-256 (slower, see :mod:`.auth`).
+        idle_timeout: seconds a connection may send nothing before the server closes it (between
+            requests: the client reconnects on its next one; within a body: 408). Bounds what a
+            client that connects and goes quiet can hold. ``None`` waits forever.
     """
 
     secret: bytes
     max_payload_bytes: int = 64 << 20
     sign_body: bool = False
+    idle_timeout: float | None = 120.0
 
 
 class _ReplayGuard:
@@ -114,14 +120,20 @@ def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
         if request.content_length is not None and request.content_length > config.max_payload_bytes:
             return _error(413, f"Payload of {request.content_length} bytes exceeds the cap of "
                                f"{config.max_payload_bytes} bytes; raise `max_payload_bytes` if the model is that large.")
-        body = _read_body(request.content_length)
-        request.environ["kerasonspark.body"] = body
+        length = request.content_length or 0
+        header = request.headers.get(auth.HEADER)
         try:
-            creds = auth.verify(config.secret, request.method, request.path, request.headers.get(auth.HEADER),
-                                body, sign_body=config.sign_body)
+            if config.sign_body:
+                body = _read_body(length)
+                creds = auth.verify(config.secret, request.method, request.path, header, length, auth.body_digest(body))
+            else:
+                # Checked from the headers alone: an unsigned request is refused before its body is read.
+                creds = auth.verify(config.secret, request.method, request.path, header, length)
+                body = _read_body(length)
         except auth.AuthenticationError as exc:
             store.counters["refused_auth"] += 1
             return _error(401, str(exc))
+        request.environ["kerasonspark.body"] = body
         state()["replay"].check(creds.worker, creds.seq)
         request.environ["kerasonspark.worker"] = creds.worker
         store.bytes_in += len(body)

@@ -49,6 +49,14 @@ def sign(secret: bytes, method: str, path: str, worker: int, seq: int, body_leng
     return f"v1 worker={worker} seq={seq} ts={ts} sig={sig}"
 
 
+def body_digest(parts: "list | bytes | bytearray | memoryview") -> str:
+    """The SHA-256 hex digest that ``sign_body`` mode binds: of one body, or of its parts in order."""
+    h = hashlib.sha256()
+    for part in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:
+        h.update(part)
+    return h.hexdigest()
+
+
 @dataclass
 class Credentials:
     worker: int
@@ -75,11 +83,17 @@ def parse(value: str | None) -> Credentials:
         raise AuthenticationError(f"Malformed `{HEADER}` header; expected 'v1 worker=.. seq=.. ts=.. sig=..'.") from None
 
 
-def verify(secret: bytes, method: str, path: str, value: str | None, body: bytes, sign_body: bool = False,
-           now: float | None = None) -> Credentials:
+def verify(secret: bytes, method: str, path: str, value: str | None, body_length: int,
+           body_digest: str | None = None, now: float | None = None) -> Credentials:
     """Check a request's signature and freshness; returns its credentials.
 
-    Replay protection by ``seq`` is the caller's (it needs per-worker state).
+    Without ``body_digest`` the request is checked from its headers alone, so a server can refuse
+    it before reading the body. Replay protection by ``seq`` is the caller's (it needs per-worker
+    state).
+
+    Args:
+        body_length: the body's length (Content-Length).
+        body_digest: the body's SHA-256 hex digest, where the server signs bodies.
 
     Raises:
         AuthenticationError: missing, malformed, wrong signature, or clock skew too large.
@@ -91,8 +105,7 @@ def verify(secret: bytes, method: str, path: str, value: str | None, body: bytes
             f"Request timestamp is {abs(now - creds.ts):.0f} s away from the server's clock "
             f"(at most {MAX_CLOCK_SKEW_S:.0f} s allowed); synchronise the clocks."
         )
-    expected = sign(secret, method, path, creds.worker, creds.seq, len(body), ts=creds.ts,
-                    body_digest=hashlib.sha256(body).hexdigest() if sign_body else None)
+    expected = sign(secret, method, path, creds.worker, creds.seq, body_length, ts=creds.ts, body_digest=body_digest)
     if not hmac.compare_digest(expected.rsplit("sig=", 1)[1], creds.sig):
         raise AuthenticationError("Bad signature: the request was not signed with this run's secret.")
     return creds

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import socket
@@ -58,12 +57,7 @@ class ParameterClient:
         parts = [body] if isinstance(body, (bytes, bytearray)) else list(body)
         length = wire.encoded_size(parts)
         self._seq += 1
-        digest = None
-        if self.sign_body:
-            h = hashlib.sha256()
-            for p in parts:
-                h.update(p)
-            digest = h.hexdigest()
+        digest = auth.body_digest(parts) if self.sign_body else None
         headers = {
             auth.HEADER: auth.sign(self.secret, method, path, self.worker, self._seq, length, body_digest=digest),
             "Content-Length": str(length),

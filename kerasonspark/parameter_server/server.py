@@ -10,15 +10,18 @@ nothing outlives a ``fit``.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import socketserver
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from ..errors import ParameterServerError
 from .app import ServerConfig, create_app
 from .store import ParameterStore
 
@@ -26,26 +29,41 @@ logger = logging.getLogger(__name__)
 
 
 class _BodyReader:
-    """``wsgi.input`` for one request: at most Content-Length bytes, counting what was read."""
+    """``wsgi.input`` for one request: at most Content-Length bytes, counting what was read.
+
+    A body that stops arriving for the connection's timeout ends the request with 408.
+    """
 
     def __init__(self, stream: Any, length: int) -> None:
         self.stream, self.remaining = stream, length
 
+    def _stalled(self) -> ParameterServerError:
+        return ParameterServerError(f"The request body stopped arriving with {self.remaining} bytes still to come.", 408)
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer)[: self.remaining]
-        n = self.stream.readinto(view) if len(view) else 0
+        try:
+            n = self.stream.readinto(view) if len(view) else 0
+        except TimeoutError:
+            raise self._stalled() from None
         self.remaining -= n or 0
         return n or 0
 
     def read(self, size: int = -1) -> bytes:
         size = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        data = self.stream.read(size) if size else b""
+        try:
+            data = self.stream.read(size) if size else b""
+        except TimeoutError:
+            raise self._stalled() from None
         self.remaining -= len(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
         size = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        data = self.stream.readline(size) if size else b""
+        try:
+            data = self.stream.readline(size) if size else b""
+        except TimeoutError:
+            raise self._stalled() from None
         self.remaining -= len(data)
         return data
 
@@ -59,17 +77,31 @@ class _WSGIHandler(BaseHTTPRequestHandler):
     server_version = "kerasonspark-ps"
     sys_version = ""
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # applied to the socket by StreamRequestHandler.setup
+        super().setup()
+
     def handle_one_request(self) -> None:
-        self.raw_requestline = self.rfile.readline(65537)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except TimeoutError:  # idle keep-alive connection: the client reconnects when it needs to
+            self.close_connection = True
+            return
         if not self.raw_requestline or len(self.raw_requestline) > 65536:
             self.close_connection = True
             return
-        if not self.parse_request():  # sends its own 400 / 505 and sets close_connection
+        if not self.parse_request():  # sends its own 400 / 431 / 505 and sets close_connection
+            return
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        if len(lengths) > 1:
+            self.send_error(400, f"Conflicting Content-Length headers: {sorted(lengths)}")
             return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(lengths.pop()) if lengths else 0
+            if length < 0:
+                raise ValueError
         except ValueError:
-            self.send_error(400, "Bad Content-Length")
+            self.send_error(400, "Content-Length must be a non-negative integer")
             return
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.send_error(411, "Send a Content-Length; chunked bodies are not accepted")
@@ -77,9 +109,21 @@ class _WSGIHandler(BaseHTTPRequestHandler):
         body = _BodyReader(self.rfile, length)
         self._run_app(self._environ(body, length))
         if body.remaining:
-            # The app answered without reading the whole body (a refusal such as 413): the
+            # The app answered without reading the whole body (a refusal such as 401 or 413): the
             # unread bytes would be taken for the next request, so end the connection.
             self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Refuse a request the HTTP layer cannot parse, in the app's JSON error shape."""
+        body = json.dumps({"error": message or HTTPStatus(code).phrase, "status": code}).encode()
+        self.close_connection = True
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _environ(self, body: _BodyReader, length: int) -> dict[str, Any]:
         path, _, query = self.path.partition("?")
@@ -141,9 +185,10 @@ class _ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: Any) -> None:
+    def __init__(self, address: tuple[str, int], app: Any, idle_timeout: float | None) -> None:
         super().__init__(address, _WSGIHandler)
         self.app = app
+        self.idle_timeout = idle_timeout
         self.connections: dict[threading.Thread, socket.socket] = {}
         self.connections_lock = threading.Lock()
 
@@ -199,7 +244,7 @@ class ParameterServer:
         self.store = store
         self.config = config
         self.app = create_app(store, config)
-        self._server = _ThreadedServer((host, port), self.app)
+        self._server = _ThreadedServer((host, port), self.app, config.idle_timeout)
         self._thread: threading.Thread | None = None
 
     @property
