@@ -22,7 +22,7 @@ from .errors import DataError
 if TYPE_CHECKING:
     import keras
     from pyspark import RDD
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +153,13 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
         )
 
 
-def _as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
+def as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"Features in {where} must be numeric. Received: dtype={x.dtype}.")
+        raise DataError(f"{where[0].upper() + where[1:]} must be numeric. Received: dtype={x.dtype}.")
     rows = x.shape[0] if x.ndim else 0
+    if x.ndim and rows == 0:
+        raise DataError(f"{where[0].upper() + where[1:]} hold no samples.")
     if x.ndim < 1 or (x.size // max(rows, 1)) != info.feature_size:
         raise DataError(
             f"Each sample in {where} must have {info.feature_size} values to fit the model's input shape "
@@ -177,7 +179,7 @@ def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
     """Raise one DataError that counts every problem of :func:`block_problems`, per partition."""
     messages = []
     for key, text, fix in (
-        ("nonfinite_rows", "row(s) with NaN or Inf features or labels", "drop or impute them"),
+        ("nonfinite_rows", "row(s) with NaN, Inf or null features or labels", "drop or impute them"),
         ("label_out_of_range", "label(s) outside the model's classes", "map labels to 0..num_classes-1 or widen the output layer"),
         ("label_not_integer", "non-integer class label(s)", "labels must be whole class indices"),
     ):
@@ -203,7 +205,7 @@ def _split_blocks(x: np.ndarray, y: np.ndarray, parts: int) -> list[Block]:
 def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions: int, what: str) -> "RDD":
     if len(data) != 2:
         raise DataError(f"NumPy {what} data must be a pair `(x, y)`. Received: a tuple of {len(data)}.")
-    x = _as_features(data[0], info, f"the {what} features")
+    x = as_features(data[0], info, f"the {what} features")
     y = _as_labels(data[1], f"the {what} labels")
     if len(x) != len(y):
         raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
@@ -219,10 +221,10 @@ def _row_blocks(rows: Iterator[Any], info: DataInfo) -> Iterator[Block]:
         xs.append(features.toArray() if hasattr(features, "toArray") else features)
         ys.append(label.toArray() if hasattr(label, "toArray") else label)
         if len(xs) == BLOCK_ROWS:
-            yield _as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+            yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
             xs, ys = [], []
     if xs:
-        yield _as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+        yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
 
 
 def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -264,24 +266,63 @@ def _decode_arrow_block(info: DataInfo) -> Callable[[Any], Block]:
     return decode
 
 
-def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInfo, what: str) -> "DataFrame":
+def feature_column(df: "DataFrame", features: str, what: str) -> "Column":
+    """The features column of ``df`` as ``array<float>`` (from an array or an ML Vector column).
+
+    Raises:
+        DataError: the column is missing or holds neither numbers nor vectors.
+    """
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
-    for role, column in (("features", features), ("label", label)):
-        if column not in fields:
-            raise DataError(f"The {what} DataFrame has no {role} column {column!r}. Its columns: {sorted(fields)}. "
-                            f"Pass `{role}=` with the right name.")
-    ftype, ltype = fields[features], fields[label]
+    if features not in fields:
+        raise DataError(f"The {what} DataFrame has no features column {features!r}. Its columns: {sorted(fields)}. "
+                        f"Pass `features=` with the right name.")
+    ftype = fields[features]
     if isinstance(ftype, VectorUDT):
-        fcol = vector_to_array(F.col(features), "float32")
-    elif isinstance(ftype, T.ArrayType) and isinstance(ftype.elementType, T.NumericType):
-        fcol = F.col(features).cast("array<float>")
-    else:
-        raise DataError(f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: {ftype.simpleString()}.")
+        return vector_to_array(F.col(features), "float32")
+    if isinstance(ftype, T.ArrayType) and isinstance(ftype.elementType, T.NumericType):
+        return F.col(features).cast("array<float>")
+    raise DataError(f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: {ftype.simpleString()}.")
+
+
+def check_first_row(df: "DataFrame", column: str, features: str, info: DataInfo, what: str, keep: tuple[str, ...] = ()) -> Any:
+    """Check the first row's feature size with one small job, before any full pass.
+
+    Returns:
+        The first row's ``keep`` columns (and its feature size as ``__size``).
+
+    Raises:
+        DataError: ``df`` is empty, or its first feature array does not fit the model's input.
+    """
+    from pyspark.sql import functions as F
+
+    first = df.select(F.size(column).alias("__size"), *keep).first()
+    if first is None:
+        raise DataError(f"The {what} DataFrame is empty.")
+    if first["__size"] != info.feature_size:
+        raise DataError(
+            f"Each sample must have {info.feature_size} values to fit the model's input shape {info.input_shape}. "
+            f"Received: feature arrays of length {first['__size']} in column {features!r}."
+        )
+    return first
+
+
+def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInfo, what: str) -> "DataFrame":
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fcol = feature_column(df, features, what)
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    if label not in fields:
+        raise DataError(f"The {what} DataFrame has no label column {label!r}. Its columns: {sorted(fields)}. "
+                        f"Pass `label=` with the right name.")
+    ltype = fields[label]
     if isinstance(ltype, VectorUDT):
         lcol = vector_to_array(F.col(label), "float32")
     elif isinstance(ltype, T.NumericType) or (isinstance(ltype, T.ArrayType) and isinstance(ltype.elementType, T.NumericType)):
@@ -292,17 +333,8 @@ def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInf
 
 
 def _dataframe_blocks(df: "DataFrame", features: str, label: str, info: DataInfo, partitions: int | None, what: str) -> "RDD":
-    from pyspark.sql import functions as F
-
     selected = _dataframe_columns(df, features, label, info, what)
-    first = selected.select(F.size("features").alias("size"), F.col("label")).first()
-    if first is None:
-        raise DataError(f"The {what} DataFrame is empty.")
-    if first["size"] != info.feature_size:
-        raise DataError(
-            f"Each sample must have {info.feature_size} values to fit the model's input shape {info.input_shape}. "
-            f"Received: feature arrays of length {first['size']} in column {features!r}."
-        )
+    first = check_first_row(selected, "features", features, info, what, keep=("label",))
     if isinstance(first["label"], (list, tuple)):
         check_label_shape((1, len(first["label"])), info, f"column {label!r}")
     if partitions is not None and selected.rdd.getNumPartitions() != partitions:

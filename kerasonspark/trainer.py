@@ -112,12 +112,14 @@ class SparkTrainer:
         self.close()
 
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, data: Any, features: str = "features", label: str = "label",
+    def fit(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
             validation_data: Any = None) -> TrainingResult:
-        """Train the model on ``data`` with the configured engine.
+        """Train the model on ``x`` with the configured engine.
 
         Args:
-            data: a Spark DataFrame, an RDD of ``(features, label)``, or NumPy ``(x, y)``.
+            x: a Spark DataFrame, an RDD of ``(features, label)``, a NumPy (or array-like) feature
+                array with its labels in ``y``, or a pair ``(x, y)``.
+            y: the labels, when ``x`` is a feature array (as in ``model.fit(x, y)``).
             features: the feature column (array or ML Vector) of a DataFrame.
             label: the label column (class index, number, or one-hot array) of a DataFrame.
             validation_data: the same kinds of input; evaluated after every epoch.
@@ -131,6 +133,7 @@ class SparkTrainer:
             WorkerError: a worker failed during training.
         """
         started = time.perf_counter()
+        data = _features_and_labels(x, y, "fit")
         with self._session(data) as spark:
             if self.engine.uses_spark_workers:
                 check_slots(spark, self.config.num_workers)
@@ -190,8 +193,10 @@ class SparkTrainer:
     def _inference_spec(self) -> ModelSpec:
         return ModelSpec.from_model(self.model, self.custom_objects)
 
-    def evaluate(self, data: Any, features: str = "features", label: str = "label", batch_size: int = 256) -> dict[str, float]:
-        """Loss and metrics of the current model on ``data``, computed on the executors.
+    def evaluate(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
+                 batch_size: int = 256) -> dict[str, float]:
+        """Loss and metrics of the current model on ``x`` (the inputs :meth:`fit` takes), computed
+        on the executors.
 
         Metrics that are means over samples (loss, accuracy) are exact; each partition's result
         is weighted by its rows.
@@ -199,6 +204,7 @@ class SparkTrainer:
         Returns:
             ``{"loss": ..., "accuracy": ..., ...}`` like ``model.evaluate(return_dict=True)``.
         """
+        data = _features_and_labels(x, y, "evaluate")
         spec = self._inference_spec()
         info = self.info
         with self._session(data) as spark:
@@ -223,7 +229,8 @@ class SparkTrainer:
         total = sum(n for n, _ in results)
         return {k: sum(n * s[k] for n, s in results) / total for k in results[0][1]}
 
-    def predict(self, data: Any, features: str = "features", output_col: str = "prediction", batch_size: int = 256) -> "DataFrame":
+    def predict(self, data: Any, *, features: str = "features", output_col: str = "prediction",
+                batch_size: int = 256) -> "DataFrame":
         """Predictions for ``data``, computed on the executors, as a DataFrame.
 
         A DataFrame keeps all its columns and gains ``output_col`` (array<float>). NumPy features
@@ -241,27 +248,37 @@ class SparkTrainer:
             elif isinstance(data, RDD):
                 df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],)).toDF([features])
             else:
-                x = np.asarray(data[0] if isinstance(data, tuple) else data, dtype=np.float32)
+                x = data_module.as_features(data[0] if isinstance(data, tuple) else data, self.info, "the prediction features")
                 df = data_module.numpy_to_dataframe(spark, x, features=features)
             return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size,
                                       self.config.worker_threads)
 
 
+def _features_and_labels(x: Any, y: Any, method: str) -> Any:
+    """``fit(x, y)`` as Keras takes it: the one input value the data layer reads."""
+    from pyspark import RDD
+    from pyspark.sql import DataFrame
+
+    if y is None:
+        if isinstance(x, np.ndarray):
+            raise DataError(f"`{method}` got a feature array without labels: pass them as `y`, as in "
+                            f"`trainer.{method}(x, y)`.")
+        return x
+    if isinstance(x, (DataFrame, RDD, tuple)):
+        raise DataError(f"`y` is only for a feature array; a {type(x).__name__} carries its own labels "
+                        f"(a DataFrame in its `label` column). Drop the `y` argument.")
+    return (x, y)
+
+
 def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, info: DataInfo, features: str,
                        output_col: str, batch_size: int, threads: int | None) -> "DataFrame":
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    if features not in df.columns:
-        raise DataError(f"The DataFrame has no features column {features!r}. Its columns: {df.columns}.")
     if output_col in df.columns:
         raise DataError(f"The DataFrame already has a column {output_col!r}; pass another `output_col`.")
-    ftype = df.schema[features].dataType
     temp = "__kerasonspark_features"
-    fcol = vector_to_array(F.col(features), "float32") if isinstance(ftype, VectorUDT) else F.col(features).cast("array<float>")
-    staged = df.withColumn(temp, fcol)
+    staged = df.withColumn(temp, data_module.feature_column(df, features, "prediction"))
+    data_module.check_first_row(staged, temp, features, info, "prediction")
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, T.ArrayType(T.FloatType()))])
     spec_bytes = spec.to_bytes()
     custom_objects = spec.custom_objects
