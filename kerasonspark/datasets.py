@@ -20,6 +20,8 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _CSV_FILES = {"train": "mnist_train.csv", "test": "mnist_test.csv"}
+# The source checkout this module runs from (site-packages for an installed copy).
+_CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -96,7 +98,13 @@ def _load_from(location: Path) -> tuple[Split, Split] | None:
 
 
 def mnist_locations(path: str | os.PathLike | None = None) -> list[Path]:
-    """The places :func:`load_mnist` looks, in order (before Keras's download)."""
+    """The places :func:`load_mnist` looks, in order (before Keras's download).
+
+    ``path``; ``$KERASONSPARK_DATA`` (and its ``mnist/``); ``~/.keras/datasets`` (where Keras
+    caches its download); then a project's own data folders, from the working directory and from
+    this source checkout: ``data/mnist`` inside it and ``../shared/data/mnist`` beside it (where
+    this project's development machines keep the files, since they cannot download).
+    """
     places = []
     if path is not None:
         places.append(Path(path).expanduser())
@@ -104,7 +112,13 @@ def mnist_locations(path: str | os.PathLike | None = None) -> list[Path]:
         env = Path(os.environ["KERASONSPARK_DATA"]).expanduser()
         places += [env / "mnist", env]
     places.append(Path("~/.keras/datasets").expanduser())
-    return places
+    for root in (Path.cwd(), _CHECKOUT_ROOT):
+        places += [root / "data" / "mnist", root.parent / "shared" / "data" / "mnist"]
+    unique: list[Path] = []
+    for place in places:
+        if place not in unique:
+            unique.append(place)
+    return unique
 
 
 def load_mnist(path: str | os.PathLike | None = None, normalize: bool = True) -> tuple[Split, Split]:
@@ -112,8 +126,8 @@ def load_mnist(path: str | os.PathLike | None = None, normalize: bool = True) ->
 
     Looks in ``path`` (a folder with the four IDX files, ``.gz`` or not, a ``mnist.npz``, or
     ``mnist_train.csv``/``mnist_test.csv`` with a label then 784 pixels per row; or an ``.npz``
-    file), then ``$KERASONSPARK_DATA`` (and its ``mnist/``), then ``~/.keras/datasets/``, then
-    Keras's own download where there is a network.
+    file), then the places :func:`mnist_locations` lists, then Keras's own download where there
+    is a network.
 
     Args:
         path: where the files are; optional.

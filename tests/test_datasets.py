@@ -4,6 +4,7 @@ import struct
 import numpy as np
 import pytest
 
+from kerasonspark import datasets
 from kerasonspark.datasets import load_mnist, read_idx
 from kerasonspark.errors import DataError
 from kerasonspark.models import MNIST_CNN_PARAMETERS, mnist_cnn
@@ -66,7 +67,20 @@ def test_environment_variable_is_searched(tmp_path, monkeypatch):
     check(load_mnist())
 
 
+def test_a_data_folder_beside_the_project_is_found(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
+    write_idx_folder(tmp_path / "shared" / "data" / "mnist")
+    monkeypatch.delenv("KERASONSPARK_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(project)
+    check(load_mnist())
+
+
 def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "_CHECKOUT_ROOT", tmp_path / "checkout")
     monkeypatch.setenv("KERASONSPARK_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
@@ -74,6 +88,7 @@ def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
         load_mnist(tmp_path / "given")
     text = str(missing.value)
     assert str(tmp_path / "given") in text and str(tmp_path / "env") in text and ".keras/datasets" in text
+    assert str(tmp_path / "checkout" / "data" / "mnist") in text
 
 
 def test_truncated_idx_is_refused(tmp_path):
