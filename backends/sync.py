@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult
-from kerasonspark.parameter_server import ParameterClient, ParameterStore
+from kerasonspark.parameter_server import ParameterStore
 from kerasonspark.serialization import get_flat_weights, set_flat_weights
-from kerasonspark.worker import Exchange
+from kerasonspark.worker import ServerExchange
 
 if TYPE_CHECKING:
     import keras
@@ -40,17 +40,13 @@ class SyncOptions(EngineOptions):
             raise ValueError(f"Expected `barrier_timeout` > 0 seconds. Received: barrier_timeout={self.barrier_timeout!r}.")
 
 
-class SyncExchange(Exchange):
+class SyncExchange(ServerExchange):
     """Worker side: meet at round ``r`` after each run of local steps and adopt the average."""
 
     def __init__(self, url: str, secret: bytes, rounds_per_epoch: int, timeout: float) -> None:
-        self.url, self.secret, self.rounds_per_epoch, self.timeout = url, secret, rounds_per_epoch, timeout
-        self.client: ParameterClient | None = None
+        super().__init__(url, secret, timeout)
+        self.rounds_per_epoch = rounds_per_epoch
         self.round = 0
-
-    def start(self, model: "keras.Model", worker: int) -> None:
-        self.client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
-        self.shapes = [tuple(w.shape) for w in model.weights]
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
         # Every worker must join every round, so the epoch is cut into the same number of runs
@@ -64,16 +60,7 @@ class SyncExchange(Exchange):
         self.round += 1
 
     def finish(self, model: "keras.Model") -> dict[str, Any]:
-        return {"rounds": self.round, "exchange_seconds": self.client.seconds,
-                "mb_sent": self.client.bytes_sent / 1e6, "mb_received": self.client.bytes_received / 1e6}
-
-    def report_failure(self, message: str) -> None:
-        if self.client is not None:
-            self.client.report_failure(message)
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        return {"rounds": self.round, **self.traffic()}
 
 
 class SyncEngine(Engine):

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .engine import EngineOptions, TrainingJob, TrainingResult
-from .parameter_server import ParameterClient, ParameterStore, wire
+from .parameter_server import ParameterStore, wire
 from .parameter_server.rules import RULES, UpdateRule, make_rule
 from .serialization import get_flat_weights, set_flat_weights
-from .worker import Exchange
+from .worker import ServerExchange
 
 if TYPE_CHECKING:
     import keras
@@ -78,7 +78,7 @@ class AsyncOptions(EngineOptions):
         return make_rule("easgd", alpha=self.resolved_alpha) if self.rule == "easgd" else make_rule(self.rule)
 
 
-class PushPullExchange(Exchange):
+class PushPullExchange(ServerExchange):
     """Worker side: push every ``window`` steps, continue from the server's reply.
 
     With ``overlap`` (delta rules only) the push travels in a background thread while the next
@@ -90,20 +90,17 @@ class PushPullExchange(Exchange):
 
     def __init__(self, url: str, secret: bytes, window: int, payload: str, delta_dtype: str, timeout: float,
                  overlap: bool = False) -> None:
-        self.url, self.secret, self.window, self.payload = url, secret, window, payload
-        self.delta_dtype, self.timeout = delta_dtype, timeout
+        super().__init__(url, secret, timeout)
+        self.window, self.payload, self.delta_dtype = window, payload, delta_dtype
         self.overlap = overlap and payload == "delta"
-        self.client: ParameterClient | None = None
-        self.synced: np.ndarray | None = None
+        self.synced = np.zeros(0, np.float32)
         self.pending: Future | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.pushes = 0
         self.staleness: list[int] = []
 
     def start(self, model: "keras.Model", worker: int) -> None:
-        self.worker = worker
-        self.client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
-        self.shapes = [tuple(w.shape) for w in model.weights]
+        super().start(model, worker)
         self.synced, _ = self.client.pull()
         set_flat_weights(model, self.synced)
         if self.overlap:
@@ -130,7 +127,7 @@ class PushPullExchange(Exchange):
             set_flat_weights(model, self.synced)
             return
         weights -= self.synced  # now the local progress since the last exchange
-        if not self.overlap:
+        if self.pool is None:
             self.synced = self._push(weights, samples)
         else:
             center = self.pending.result() if self.pending is not None else self.synced
@@ -150,23 +147,13 @@ class PushPullExchange(Exchange):
 
     def finish(self, model: "keras.Model") -> dict[str, Any]:
         self._drain(model)
-        client = self.client
-        seconds = max(client.seconds, 1e-9)
-        return {"pushes": self.pushes, "exchange_seconds": client.seconds,
-                "mb_sent": client.bytes_sent / 1e6, "mb_received": client.bytes_received / 1e6,
-                "exchange_mb_per_s": (client.bytes_sent + client.bytes_received) / 1e6 / seconds,
+        return {"pushes": self.pushes, **self.traffic(),
                 "median_staleness": float(np.median(self.staleness)) if self.staleness else 0.0}
-
-    def report_failure(self, message: str) -> None:
-        # A fresh connection: the worker's own may be busy with a push in the background.
-        with ParameterClient(self.url, self.secret, self.worker, timeout=10) as client:
-            client.report_failure(message)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.client is not None:
-            self.client.close()
+        super().close()
 
 
 def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> TrainingResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +54,15 @@ class DataInfo:
     def label_shape(self) -> tuple[int, ...]:
         """One label's shape as the model trains on it."""
         if self.label_mode == "one_hot":
-            return (self.num_classes,)
+            return (self.classes,)
         return self.target_shape if self.label_mode == "raw" else ()
+
+    @property
+    def classes(self) -> int:
+        """The number of classes (classification models only)."""
+        if self.num_classes is None:
+            raise ValueError(f"A model with label mode {self.label_mode!r} has no classes.")
+        return self.num_classes
 
     @property
     def feature_size(self) -> int:
@@ -91,7 +98,7 @@ class DataInfo:
             return (y.argmax(axis=1) if y.ndim == 2 else y).astype(np.int32)
         if self.label_mode == "one_hot":
             if y.ndim == 1:
-                return np.eye(self.num_classes, dtype=np.float32)[y.astype(np.int64)]
+                return np.eye(self.classes, dtype=np.float32)[y.astype(np.int64)]
             return y.astype(np.float32, copy=False)
         return y.astype(np.float32, copy=False).reshape((len(y), *self.target_shape))
 
@@ -214,7 +221,7 @@ def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions
     return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
 
 
-def _row_blocks(rows: Iterator[Any], info: DataInfo) -> Iterator[Block]:
+def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
     xs, ys = [], []
     for row in rows:
         features, label = row[0], row[1]
@@ -374,15 +381,14 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         if warm_up is not None:
             warm_up()
-        total = {"partition": index, "rows": 0, "ywidths": set()}
+        rows, ywidths = 0, set()
         problems: dict[str, int] = {}
         for x, y in blocks:
-            total["rows"] += len(x)
-            total["ywidths"].add(y.shape[1] if y.ndim == 2 else 0)
+            rows += len(x)
+            ywidths.add(y.shape[1] if y.ndim == 2 else 0)
             for key, value in block_problems(x, y, info).items():
                 problems[key] = problems.get(key, 0) + value
-        total["ywidths"] = sorted(total["ywidths"])
-        yield {**total, **problems}
+        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), **problems}
 
     return stats
 

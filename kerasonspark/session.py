@@ -60,7 +60,7 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
 
 
 def is_local(spark: "SparkSession") -> bool:
-    return spark.sparkContext.master.startswith("local")
+    return (spark.sparkContext.master or "").startswith("local")
 
 
 def server_host(spark: "SparkSession") -> str:

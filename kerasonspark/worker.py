@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from .data import DataInfo
 from .errors import KerasOnSparkError, WorkerError, from_spark_exception
+from .parameter_server.client import ParameterClient
 from .serialization import ModelSpec, set_flat_weights
 
 if TYPE_CHECKING:
@@ -243,6 +244,53 @@ class Exchange:
         """Release connections; called last, also after a failure."""
 
 
+class ServerExchange(Exchange):
+    """An exchange through the run's parameter server, over one keep-alive connection per worker.
+
+    Subclasses implement :meth:`schedule` and :meth:`exchange` with :attr:`client`; opening the
+    connection, traffic figures, failure reports and closing are shared.
+
+    Args:
+        url: the parameter server's base URL.
+        secret: the run's secret.
+        timeout: seconds a request may wait for the server (a round barrier waits on purpose).
+    """
+
+    def __init__(self, url: str, secret: bytes, timeout: float) -> None:
+        self.url, self.secret, self.timeout = url, secret, timeout
+        self.worker = -1
+        self.shapes: list[tuple[int, ...]] = []
+        self._client: ParameterClient | None = None
+
+    def start(self, model: "keras.Model", worker: int) -> None:
+        self.worker = worker
+        self.shapes = [tuple(w.shape) for w in model.weights]
+        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+
+    @property
+    def client(self) -> ParameterClient:
+        """The worker's connection (after :meth:`start`)."""
+        if self._client is None:
+            raise RuntimeError("The exchange was used before start().")
+        return self._client
+
+    def traffic(self) -> dict[str, float]:
+        """Seconds spent exchanging and megabytes moved, for the worker's report."""
+        client = self.client
+        return {"exchange_seconds": client.seconds, "mb_sent": client.bytes_sent / 1e6,
+                "mb_received": client.bytes_received / 1e6,
+                "exchange_mb_per_s": (client.bytes_sent + client.bytes_received) / 1e6 / max(client.seconds, 1e-9)}
+
+    def report_failure(self, message: str) -> None:
+        # A fresh connection: the worker's own may be broken mid-request, or busy in the background.
+        with ParameterClient(self.url, self.secret, self.worker, timeout=10) as client:
+            client.report_failure(message)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
 @dataclass(frozen=True)
 class StageSettings:
     """The small, picklable part of a training job that every worker needs."""
@@ -260,7 +308,7 @@ def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in logs.items() if np.asarray(v).ndim == 0}
 
 
-def _train(worker: int, blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
+def _train(worker: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
            custom_objects: dict[str, Any], settings: StageSettings, exchange: Exchange,
            validation: Any) -> dict[str, Any]:
     configure_tensorflow(settings.worker_threads)
@@ -305,12 +353,15 @@ def _train(worker: int, blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_br
     return report
 
 
-def train_partition(blocks: Iterator[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
+def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
                     settings: StageSettings, exchange: Exchange, validation: Any) -> Iterator[dict[str, Any]]:
     """The body of one barrier task: train this partition; yields the worker's report."""
     from pyspark import TaskContext
 
-    worker = TaskContext.get().partitionId()
+    context = TaskContext.get()
+    if context is None:
+        raise RuntimeError("train_partition runs inside a Spark task.")
+    worker = context.partitionId()
     try:
         yield _train(worker, blocks, spec_broadcast, custom_objects, settings, exchange, validation)
     except BaseException as exc:

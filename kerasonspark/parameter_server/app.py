@@ -24,6 +24,7 @@ import json
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -142,7 +143,7 @@ def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
     def worker_id() -> int:
         return request.environ["kerasonspark.worker"]
 
-    def read_update() -> tuple[dict, object]:
+    def read_update() -> tuple[dict, np.ndarray]:
         if request.mimetype != wire.CONTENT_TYPE:
             raise ParameterServerError(f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400)
         header, flat = wire.decode(request.environ["kerasonspark.body"])

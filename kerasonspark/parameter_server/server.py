@@ -76,10 +76,11 @@ class _WSGIHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kerasonspark-ps"
     sys_version = ""
+    server: "_ThreadedServer"
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # applied to the socket by StreamRequestHandler.setup
         super().setup()
+        self.connection.settimeout(self.server.idle_timeout)
 
     def handle_one_request(self) -> None:
         try:
@@ -184,6 +185,7 @@ class _ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    server_address: tuple[str, int]
 
     def __init__(self, address: tuple[str, int], app: Any, idle_timeout: float | None) -> None:
         super().__init__(address, _WSGIHandler)
@@ -192,7 +194,7 @@ class _ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.connections: dict[threading.Thread, socket.socket] = {}
         self.connections_lock = threading.Lock()
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         thread = threading.Thread(target=self._serve_connection, args=(request, client_address),
                                   name=f"kerasonspark-ps-conn-{client_address[1]}", daemon=True)

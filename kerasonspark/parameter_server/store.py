@@ -179,7 +179,7 @@ class ParameterStore:
                     state.sum += contribution
             if len(state.samples) == self.num_workers:
                 total = sum(state.samples.values())
-                if total:
+                if total and state.sum is not None:
                     state.sum /= np.float32(total)
                     self._center = state.sum
                 state.result = self._center

@@ -35,7 +35,7 @@ MAGIC = b"KOSW"
 VERSION = 1
 CONTENT_TYPE = "application/x-kerasonspark-weights"
 MAX_HEADER_BYTES = 1 << 20
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 _PREFIX = struct.Struct("<4sB3xI")
 
 Shapes = list[tuple[int, ...]]
@@ -85,7 +85,7 @@ def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> 
     payload = np.ascontiguousarray(flat)
     if payload.dtype.byteorder == ">":
         payload = payload.astype(payload.dtype.newbyteorder("<"))
-    return [prefix, memoryview(payload).cast("B")]
+    return [prefix, memoryview(payload).cast("B")]  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def encoded_size(parts: Sequence[bytes | memoryview]) -> int:
@@ -116,7 +116,8 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
         raise WireFormatError(f"The header is not valid UTF-8 JSON: {exc}.") from None
     if not isinstance(header, dict):
         raise WireFormatError(f"The header must be a JSON object. Received: {type(header).__name__}.")
-    dtype = DTYPES.get(header.get("dtype"))
+    dtype_name = header.get("dtype")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise WireFormatError(f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}.")
     shapes = header.get("shapes")
@@ -148,7 +149,7 @@ def unflatten(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndar
     return arrays
 
 
-def flatten(arrays: Sequence[np.ndarray], dtype: np.dtype | str = np.float32) -> tuple[np.ndarray, Shapes]:
+def flatten(arrays: Sequence[np.ndarray], dtype: np.dtype | str = "float32") -> tuple[np.ndarray, Shapes]:
     """Concatenate arrays into one flat array of ``dtype``; returns it with their shapes."""
     shapes = [tuple(int(d) for d in np.shape(a)) for a in arrays]
     if not arrays:
