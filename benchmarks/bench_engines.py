@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--backends", nargs="+", default=["single", "sync"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--master", default=None, help="Spark master URL (default: local[workers]), e.g. the URL "
+                                                       "`kerasonspark cluster start` prints")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--options", default="{}", help='JSON: {"sync": {"sync_every": 32}}')
@@ -41,7 +43,7 @@ def main() -> None:
     options = json.loads(args.options)
 
     (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
-    spark = start_session(f"local[{args.workers}]", "kerasonspark-bench")
+    spark = start_session(args.master or f"local[{args.workers}]", "kerasonspark-bench")
     try:
         train_df = numpy_to_dataframe(spark, x_train, y_train).cache()
         test_df = numpy_to_dataframe(spark, x_test, y_test).cache()

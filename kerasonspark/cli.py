@@ -1,6 +1,9 @@
-"""The ``kerasonspark`` command: train the reference MNIST model, list engines.
+"""The ``kerasonspark`` command: train the reference MNIST model, run a local cluster, list engines.
 
     kerasonspark train --backend sync --workers 2 --data ../shared/data/mnist
+    kerasonspark cluster start --workers 2        # prints the master URL to train on
+    kerasonspark train --master spark://127.0.0.1:PORT --backend async
+    kerasonspark cluster stop
     kerasonspark backends
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -38,6 +42,51 @@ def _train_parser(sub: Any) -> None:
     train.add_argument("-o", "--option", action="append", default=[], type=_option,
                        help="backend option KEY=VALUE, repeatable (e.g. -o sync_every=32)")
     train.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+
+
+def _cluster_parser(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="start, inspect or stop a Spark standalone cluster on this machine")
+    actions = cluster.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help="start a master and workers; prints the master URL")
+    start.add_argument("--workers", type=int, default=2)
+    start.add_argument("--cores", type=int, default=1, help="cores per worker (default: 1)")
+    start.add_argument("--memory", default="2g", help="memory per worker (default: 2g)")
+    start.add_argument("--host", default="127.0.0.1", help="address every daemon binds (default: 127.0.0.1)")
+    start.add_argument("--port", type=int, default=7077, help="master port (default: 7077; 0 picks a free one)")
+    for action in (start, actions.add_parser("status", help="workers and applications of the running cluster"),
+                   actions.add_parser("stop", help="stop the cluster that `start` started")):
+        action.add_argument("--state", default=None, help="state file (default: ~/.kerasonspark/cluster.json)")
+
+
+def cluster(args: argparse.Namespace) -> int:
+    """``kerasonspark cluster start|status|stop``."""
+    from .cluster import DEFAULT_STATE_FILE, StandaloneCluster, load_state, master_status, stop_processes
+
+    state_file = Path(args.state or DEFAULT_STATE_FILE).expanduser()
+    if args.action == "start":
+        if state_file.is_file():
+            print(f"A cluster is already recorded in {state_file}; run `kerasonspark cluster stop` first.",
+                  file=sys.stderr)
+            return 1
+        running = StandaloneCluster(workers=args.workers, cores_per_worker=args.cores, memory_per_worker=args.memory,
+                                    host=args.host, port=args.port).start()
+        running.save(state_file)
+        print(running.master_url)
+        return 0
+    state = load_state(state_file)
+    if args.action == "status":
+        status = master_status(state)
+        print(f"{state.master_url}  status {status.get('status')}  web UI {state.web_ui}")
+        for worker in status.get("workers", []):
+            print(f"  worker {worker['host']}:{worker['port']}  {worker['state']}  "
+                  f"cores {worker['coresused']}/{worker['cores']}")
+        for app in status.get("activeapps", []):
+            print(f"  application {app['name']}  cores {app.get('cores')}")
+        return 0
+    stop_processes(state.pids)
+    state_file.unlink()
+    print(f"Stopped {state.master_url}")
+    return 0
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _cluster_parser(sub)
     sub.add_parser("backends", help="list the installed engines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -91,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, engine in sorted(available_backends().items()):
             print(f"{name:10} {engine.__module__}.{engine.__qualname__}")
         return 0
+    if args.command == "cluster":
+        return cluster(args)
     train(args)
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError, SparkEnvironmentError
 
@@ -14,10 +16,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOCAL_CONF = {
-    # Servers we start bind to loopback unless the user runs on a cluster.
+LOOPBACK_DRIVER = {
+    # Servers we start bind to loopback unless the user runs on a cluster beyond this machine.
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
+}
+
+LOCAL_CONF = {
+    **LOOPBACK_DRIVER,
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
     "spark.driver.memory": "4g",
@@ -44,12 +50,22 @@ def require_java() -> str:
 
 
 def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None) -> "SparkSession":
-    """Start (or join) a Spark session on ``master``; local masters get loopback-only settings."""
+    """Start (or join) a Spark session on ``master``.
+
+    ``local[...]`` masters get loopback-only, quiet settings; a cluster master on this machine's
+    loopback address (``spark://127.0.0.1:...``, as :mod:`kerasonspark.cluster` starts) gets a
+    loopback driver, so the driver and the parameter server stay off the network too.
+    """
     require_java()
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master).appName(app_name)
-    settings = dict(LOCAL_CONF) if master.startswith("local") else {"spark.python.worker.reuse": "true"}
+    if master.startswith("local"):
+        settings = dict(LOCAL_CONF)
+    else:
+        settings = {"spark.python.worker.reuse": "true"}
+        if urlsplit(master).hostname in ("127.0.0.1", "localhost"):
+            settings.update(LOOPBACK_DRIVER)
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -70,15 +86,22 @@ def server_host(spark: "SparkSession") -> str:
     return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
 
 
-def check_slots(spark: "SparkSession", num_workers: int) -> None:
+def check_slots(spark: "SparkSession", num_workers: int, registration_timeout: float = 30.0) -> None:
     """Refuse to submit a barrier stage that could never be scheduled.
+
+    On a cluster, executors register a few seconds after the session starts, so this waits up
+    to ``registration_timeout`` seconds for enough of them before refusing.
 
     Raises:
         ConfigurationError: fewer task slots than workers (a barrier stage would wait forever).
     """
     sc = spark.sparkContext
-    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
-    slots = sc.defaultParallelism // max(task_cpus, 1)
+    task_cpus = max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
+    slots = sc.defaultParallelism // task_cpus
+    deadline = time.monotonic() + (0 if is_local(spark) else registration_timeout)
+    while num_workers > slots and time.monotonic() < deadline:
+        time.sleep(0.5)
+        slots = sc.defaultParallelism // task_cpus
     if num_workers > slots:
         raise ConfigurationError(
             f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as one barrier "

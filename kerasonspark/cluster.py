@@ -1,0 +1,271 @@
+"""Start and stop a real Spark standalone cluster (one master, N workers) on this machine.
+
+The same topology as the 2017 three-container setup, from the Spark that the ``pyspark`` package
+ships (``bin/spark-class``), with every daemon bound to one address (loopback by default)::
+
+    with StandaloneCluster(workers=2) as cluster:
+        spark = start_session(cluster.master_url)
+        SparkTrainer(model, backend="async", num_workers=2, spark=spark).fit(train_df)
+
+Each daemon is a child process in a process group of its own, so :meth:`StandaloneCluster.stop`
+ends it, and the executors and Python workers it started, by process id. ``kerasonspark cluster
+start`` keeps a cluster running between commands; its process ids and addresses are written to a
+state file that ``kerasonspark cluster stop`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError, SparkEnvironmentError
+from .session import require_java
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_FILE = Path("~/.kerasonspark/cluster.json")
+
+
+def spark_home() -> Path:
+    """The Spark distribution inside the installed ``pyspark`` package (or ``$SPARK_HOME``)."""
+    if os.environ.get("SPARK_HOME"):
+        return Path(os.environ["SPARK_HOME"])
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ClusterState:
+    """What identifies a running cluster: its addresses and the process ids to stop."""
+
+    master_url: str
+    web_ui: str
+    pids: list[int]
+    log_dir: str
+
+
+@dataclass
+class StandaloneCluster:
+    """A Spark standalone master and ``workers`` workers, started on this machine.
+
+    Args:
+        workers: worker daemons (Spark's executors run inside them).
+        cores_per_worker: cores each worker offers; a barrier stage of ``n`` workers needs
+            ``n`` cores in all.
+        memory_per_worker: memory each worker offers its executors (Spark's format, ``"2g"``).
+        host: the address every daemon binds (``127.0.0.1`` keeps the cluster on this machine).
+        port: the master's port; 0 picks a free one.
+        work_dir: where daemons keep logs and executor files; a fresh temporary folder by default.
+        start_timeout: seconds to wait for every worker to register with the master.
+
+    Example:
+        >>> with StandaloneCluster(workers=2) as cluster:
+        ...     spark = start_session(cluster.master_url)
+    """
+
+    workers: int = 2
+    cores_per_worker: int = 1
+    memory_per_worker: str = "2g"
+    host: str = "127.0.0.1"
+    port: int = 0
+    work_dir: str | None = None
+    start_timeout: float = 120.0
+    state: ClusterState | None = field(default=None, init=False)
+    _processes: list[subprocess.Popen] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "cores_per_worker"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+
+    @property
+    def master_url(self) -> str:
+        """``spark://host:port`` of the running master."""
+        if self.state is None:
+            raise SparkEnvironmentError("The cluster is not running; call start() first.")
+        return self.state.master_url
+
+    def start(self) -> "StandaloneCluster":
+        """Start the master and the workers; returns once every worker has registered.
+
+        Raises:
+            SparkEnvironmentError: Java is missing, a daemon exited, or the workers did not
+                register within ``start_timeout`` (the message carries the end of its log).
+        """
+        require_java()
+        work = Path(self.work_dir or tempfile.mkdtemp(prefix="kerasonspark-cluster-"))
+        logs = work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        port = self.port or free_port(self.host)
+        ui_port = free_port(self.host)
+        master_url = f"spark://{self.host}:{port}"
+        self.state = ClusterState(master_url, f"http://{self.host}:{ui_port}", [], str(logs))
+        try:
+            self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", self.host, "--port", str(port),
+                                   "--webui-port", str(ui_port)], logs)
+            for i in range(self.workers):
+                worker_dir = work / f"worker-{i}"
+                worker_dir.mkdir(exist_ok=True)
+                self._spawn(f"worker-{i}", ["org.apache.spark.deploy.worker.Worker", master_url, "--host", self.host,
+                                            "--cores", str(self.cores_per_worker), "--memory", self.memory_per_worker,
+                                            "--webui-port", str(free_port(self.host)), "--work-dir", str(worker_dir)],
+                            logs)
+            self._wait_for_workers()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("Spark standalone cluster up at %s (%d workers, web UI %s)", master_url, self.workers,
+                    self.state.web_ui)
+        return self
+
+    def _spawn(self, name: str, args: list[str], logs: Path) -> None:
+        env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=self.host,
+                   PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable))
+        with open(logs / f"{name}.log", "wb") as log:
+            process = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                       start_new_session=True)
+        self._processes.append(process)
+        assert self.state is not None
+        self.state.pids.append(process.pid)
+
+    def status(self) -> dict[str, Any]:
+        """The master's own status document (its web UI's ``/json/``)."""
+        if self.state is None:
+            raise SparkEnvironmentError("The cluster is not running; call start() first.")
+        return master_status(self.state)
+
+    def _wait_for_workers(self) -> None:
+        assert self.state is not None
+        deadline = time.monotonic() + self.start_timeout
+        alive = 0
+        while time.monotonic() < deadline:
+            for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)]):
+                if process.poll() is not None:
+                    raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}:\n"
+                                                f"{_log_tail(Path(self.state.log_dir) / f'{name}.log')}")
+            try:
+                alive = sum(w.get("state") == "ALIVE" for w in master_status(self.state).get("workers", []))
+            except OSError:
+                alive = 0
+            if alive == self.workers:
+                return
+            time.sleep(0.5)
+        raise SparkEnvironmentError(
+            f"Only {alive} of {self.workers} Spark workers registered with {self.state.master_url} within "
+            f"{self.start_timeout:.0f} s. Master log:\n{_log_tail(Path(self.state.log_dir) / 'master.log')}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop every daemon (and the executors they started); waits until they are gone."""
+        if self.state is not None:
+            stop_processes(self.state.pids, timeout)
+        for process in self._processes:
+            process.poll()  # reap, so no zombie is left behind
+        self._processes.clear()
+
+    def save(self, path: str | os.PathLike = DEFAULT_STATE_FILE) -> Path:
+        """Write the cluster's addresses and process ids, for ``kerasonspark cluster stop``."""
+        if self.state is None:
+            raise SparkEnvironmentError("The cluster is not running; call start() first.")
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(asdict(self.state), indent=2))
+        return target
+
+    def __enter__(self) -> "StandaloneCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def master_status(state: ClusterState, timeout: float = 5.0) -> dict[str, Any]:
+    """The master's status document: workers, cores, running applications."""
+    with urllib.request.urlopen(f"{state.web_ui}/json/", timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def load_state(path: str | os.PathLike = DEFAULT_STATE_FILE) -> ClusterState:
+    """Read a state file written by :meth:`StandaloneCluster.save`.
+
+    Raises:
+        SparkEnvironmentError: no state file (no cluster was started with it).
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise SparkEnvironmentError(f"No cluster state at {source}: start one with `kerasonspark cluster start`.")
+    return ClusterState(**json.loads(source.read_text()))
+
+
+def stop_processes(pids: list[int], timeout: float = 20.0) -> None:
+    """End each process group (a daemon and what it started): SIGTERM, then SIGKILL after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_group_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        if not any(_group_alive(pid) for pid in pids):
+            return
+        logger.warning("Spark daemons did not stop on SIGTERM within %.0f s; killing them", timeout)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A group whose members are all zombies still answers; a zombie has finished its work.
+    return any(_state_of(pid) not in ("Z", None) for pid in _group_members(pgid))
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def _state_of(pid: int) -> str | None:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"

@@ -1,0 +1,62 @@
+"""A real Spark standalone cluster (master + 2 workers) started on this machine, trained on, stopped."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kerasonspark import ConfigurationError, SparkEnvironmentError
+from kerasonspark.cluster import StandaloneCluster
+
+pytestmark = pytest.mark.spark
+TESTS = Path(__file__).parent
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_engines_train_on_a_real_standalone_cluster_and_it_stops_cleanly(tmp_path):
+    cluster = StandaloneCluster(workers=2, memory_per_worker="1g", work_dir=str(tmp_path))
+    with cluster:
+        pids = list(cluster.state.pids)
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        assert [w["state"] for w in cluster.status()["workers"]] == ["ALIVE", "ALIVE"]
+        run = subprocess.run([sys.executable, str(TESTS / "cluster_driver.py"), cluster.master_url, cluster.state.web_ui],
+                             capture_output=True, text=True, timeout=400, cwd=TESTS,
+                             env=dict(os.environ, PYTHONPATH=str(TESTS)))
+        lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+        assert run.returncode == 0 and lines, run.stderr[-3000:]
+        report = json.loads(lines[0][len("REPORT "):])
+    assert report["master"] == cluster.master_url and report["server_host"] == "127.0.0.1"
+    for backend in ("sync", "async"):
+        assert report[backend]["accuracy"] > 0.9
+        assert sorted(report[backend]["worker_samples"]) == [600, 600]  # each row in one partition
+    # The application held one core on each worker: the training ran in the cluster's executors.
+    assert report["apps"] == [{"name": "kerasonspark-cluster-test", "cores": 2}]
+    assert report["workers_busy"] == [1, 1]
+    assert not any(alive(pid) for pid in pids)
+    host, port = cluster.master_url[len("spark://"):].split(":")
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2)
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
+    cluster = StandaloneCluster(workers=1, memory_per_worker="lots", work_dir=str(tmp_path), start_timeout=60)
+    with pytest.raises(SparkEnvironmentError) as failed:
+        cluster.start()
+    assert "worker-0" in str(failed.value) and "exited" in str(failed.value)
+    assert not any(alive(pid) for pid in cluster.state.pids)
+
+
+def test_cluster_arguments_are_checked():
+    with pytest.raises(ConfigurationError, match="workers"):
+        StandaloneCluster(workers=0)
