@@ -25,7 +25,7 @@ LOOPBACK_DRIVER = {
 LOCAL_CONF = {
     **LOOPBACK_DRIVER,
     "spark.ui.enabled": "false",
-    "spark.ui.showConsoleProgress": "false",
+    "spark.ui.showConsoleProgress": "false",  # training prints its own progress
     "spark.driver.memory": "4g",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.python.worker.reuse": "true",
@@ -65,7 +65,7 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
     else:
         settings = {"spark.python.worker.reuse": "true"}
         if urlsplit(master).hostname in ("127.0.0.1", "localhost"):
-            settings.update(LOOPBACK_DRIVER)
+            settings.update(LOOPBACK_DRIVER, **{"spark.ui.showConsoleProgress": "false"})
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
