@@ -146,7 +146,10 @@ class TrainingJob:
             try:
                 reports = self.run_workers(exchange)
             except WorkerError as exc:
-                raise explain_failure(exc, store.failures) from exc
+                explained = explain_failure(exc, store.failures)
+                if explained is exc:
+                    raise  # keeps the Spark error it carries as its cause
+                raise explained from exc
             return reports, time.perf_counter() - started, store.stats()
 
     def result(self, reports: list[dict[str, Any]], weights: np.ndarray, train_seconds: float,

@@ -383,8 +383,10 @@ def _lost_worker_error(exc: BaseException) -> WorkerError:
     text = str(exc)
     task = re.search(r"ResultTask\(\d+, (\d+)\)", text)
     worker = int(task.group(1)) if task else -1
-    reason = next((line.strip() for line in text.splitlines()
-                   if "exited unexpectedly" in line or "OutOfMemory" in line or "Killed" in line), "")
+    signs = ("exited unexpectedly", "OutOfMemory", "Killed", "ExecutorLostFailure")
+    reason = next((line.strip() for line in text.splitlines() if any(sign in line for sign in signs)), "")
+    if reason.startswith("ExecutorLostFailure"):
+        reason = f"its executor was lost: {reason}"
     who = f"Worker {worker}" if worker >= 0 else "A worker"
     return WorkerError(f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
                        "the executor's log has the task's own output).", worker, text[-3000:])

@@ -3,10 +3,15 @@ command line and prints what happened as JSON (a Spark driver needs a process of
 the test process already holds a local session)."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 from conftest import make_blobs, small_model
-from kerasonspark import SparkTrainer
+from kerasonspark import SparkTrainer, WorkerError
 from kerasonspark.cluster import ClusterState, master_status
 from kerasonspark.session import server_host, start_session
 
@@ -23,8 +28,39 @@ def main(master_url: str, web_ui: str) -> None:
     status = master_status(ClusterState(master_url, web_ui, [], ""))
     report["apps"] = [{"name": a["name"], "cores": a["cores"]} for a in status["activeapps"]]
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
+    report["lost_executor"] = kill_an_executor_while_training(spark, x, y)
     spark.stop()
     print("REPORT " + json.dumps(report))
+
+
+def kill_an_executor_while_training(spark, x, y) -> dict:
+    """SIGKILL one executor JVM two seconds into the training stage; report how fit ended."""
+    tracker = spark.sparkContext.statusTracker()
+
+    def kill_when_training() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
+            if any("worker.py" in name for name in names):  # run_training_stage's collect
+                time.sleep(2)
+                pids = subprocess.run(["pgrep", "-f", "CoarseGrainedExecutorBackend"], capture_output=True,
+                                      text=True).stdout.split()
+                os.kill(int(pids[0]), signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_training)
+    killer.start()
+    started = time.monotonic()
+    outcome = {"error": None}
+    try:
+        SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=400, verbose=0).fit(x, y)
+    except WorkerError as exc:
+        outcome = {"error": str(exc), "worker": exc.worker}
+    outcome["seconds"] = time.monotonic() - started
+    killer.join()
+    outcome["threads"] = [t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-ps")]
+    return outcome
 
 
 if __name__ == "__main__":

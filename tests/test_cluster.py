@@ -24,7 +24,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_engines_train_on_a_real_standalone_cluster_and_it_stops_cleanly(tmp_path):
+def test_engines_train_on_a_standalone_cluster_fail_fast_on_a_lost_executor_and_it_stops_cleanly(tmp_path):
     cluster = StandaloneCluster(workers=2, memory_per_worker="1g", work_dir=str(tmp_path))
     with cluster:
         pids = list(cluster.state.pids)
@@ -43,6 +43,10 @@ def test_engines_train_on_a_real_standalone_cluster_and_it_stops_cleanly(tmp_pat
     # The application held one core on each worker: the training ran in the cluster's executors.
     assert report["apps"] == [{"name": "kerasonspark-cluster-test", "cores": 2}]
     assert report["workers_busy"] == [1, 1]
+    # An executor JVM killed mid-training fails fit at once, naming the worker and why; nothing is left running.
+    lost = report["lost_executor"]
+    assert lost["error"] and "executor was lost" in lost["error"] and lost["worker"] in (0, 1)
+    assert lost["seconds"] < 120 and lost["threads"] == []
     assert not any(alive(pid) for pid in pids)
     host, port = cluster.master_url[len("spark://"):].split(":")
     with pytest.raises(OSError):
