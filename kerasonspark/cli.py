@@ -96,7 +96,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from .models import mnist_cnn
     from .session import start_session
     from .trainer import SparkTrainer
+    from .worker import configure_tensorflow
 
+    configure_tensorflow(0)  # TensorFlow's default pools for the driver, its start-up lines held back
     (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]

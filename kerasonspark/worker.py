@@ -10,10 +10,12 @@ between synchronous averaging and the asynchronous rules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections import OrderedDict
@@ -91,7 +93,10 @@ def configure_tensorflow(threads: int | None = None) -> None:
     tune_allocator()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
+    with _native_start_up_lines_held():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe prints here, not at the first step
 
     try:
         if threads:
@@ -100,6 +105,30 @@ def configure_tensorflow(threads: int | None = None) -> None:
     except RuntimeError:
         logger.debug("TensorFlow already initialised in this process; keeping its thread pools")
     _TENSORFLOW_THREADS = threads
+
+
+@contextlib.contextmanager
+def _native_start_up_lines_held() -> Iterator[None]:
+    """Hold what native code writes to stderr while TensorFlow starts; print it only on failure.
+
+    TensorFlow's C++ start-up lines (oneDNN notice, CUDA probes on a machine without a GPU) come
+    before its logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL`` does not silence them, and
+    every Spark worker would print them into the driver's console.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def cached_model(key: str, spec_bytes: bytes, custom_objects: dict[str, Any]) -> "keras.Model":
