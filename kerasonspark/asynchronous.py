@@ -71,6 +71,7 @@ class AsyncOptions(EngineOptions):
 
     @property
     def resolved_alpha(self) -> float:
+        """Elastic averaging's moving rate: ``alpha``, or ``rho * elastic_lr`` (``rho`` 5 by default)."""
         return self.alpha if self.alpha is not None else (5.0 if self.rho is None else self.rho) * self.elastic_lr
 
     def make_rule(self) -> UpdateRule:

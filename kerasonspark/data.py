@@ -161,6 +161,11 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
 
 
 def as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
+    """``x`` as float32 samples of the model's input shape (any numeric array of the right size).
+
+    Raises:
+        DataError: ``x`` is not numeric, holds no samples, or its samples are the wrong size.
+    """
     x = np.asarray(x)
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{where[0].upper() + where[1:]} must be numeric. Received: dtype={x.dtype}.")

@@ -76,6 +76,7 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
 
 
 def is_local(spark: "SparkSession") -> bool:
+    """Whether ``spark`` runs in local mode (``local[...]``)."""
     return (spark.sparkContext.master or "").startswith("local")
 
 

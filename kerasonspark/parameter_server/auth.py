@@ -59,6 +59,8 @@ def body_digest(parts: "list | bytes | bytearray | memoryview") -> str:
 
 @dataclass
 class Credentials:
+    """The fields of a parsed ``X-KOS-Auth`` header."""
+
     worker: int
     seq: int
     ts: int

@@ -55,11 +55,11 @@ class Downpour(UpdateRule):
 
     name = "downpour"
 
-    def apply(self, center, update, staleness, window):
+    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
         new_center = center + update
         return new_center, new_center
 
-    def apply_in_place(self, center, update, staleness, window):
+    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
         center += update
         return center
 
@@ -70,12 +70,12 @@ class _Scaled(UpdateRule):
     def scale(self, staleness: int, window: int) -> float:
         raise NotImplementedError
 
-    def apply(self, center, update, staleness, window):
+    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
         new_center = update * np.float32(self.scale(staleness, window))
         new_center += center
         return new_center, new_center
 
-    def apply_in_place(self, center, update, staleness, window):
+    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
         center += update * np.float32(self.scale(staleness, window))
         return center
 
@@ -89,7 +89,7 @@ class Adag(_Scaled):
 
     name = "adag"
 
-    def scale(self, staleness, window):
+    def scale(self, staleness: int, window: int) -> float:
         return 1.0 / max(window, 1)
 
 
@@ -102,7 +102,7 @@ class DynSGD(_Scaled):
 
     name = "dynsgd"
 
-    def scale(self, staleness, window):
+    def scale(self, staleness: int, window: int) -> float:
         return 1.0 / (max(staleness, 0) + 1)
 
 
@@ -122,12 +122,12 @@ class ElasticAveraging(UpdateRule):
             raise ValueError(f"Expected 0 < alpha <= 1. Received: alpha={alpha!r}.")
         self.alpha = alpha
 
-    def apply(self, center, update, staleness, window):
+    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
         elastic = update - center
         elastic *= np.float32(self.alpha)
         return center + elastic, update - elastic
 
-    def apply_in_place(self, center, update, staleness, window):
+    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
         elastic = update - center
         elastic *= np.float32(self.alpha)
         center += elastic
