@@ -18,6 +18,7 @@ class SingleEngine(Engine):
 
     name = "single"
     uses_spark_workers = False
+    uses_parameter_server = False
 
     def run(self, job: TrainingJob) -> TrainingResult:
         x, y = collect_arrays(job.data.blocks)

@@ -233,11 +233,15 @@ class Engine:
         options_class: a dataclass for ``backend_options``, validated on construction.
         uses_spark_workers: whether the engine trains in Spark tasks (one per worker); the
             trainer then checks the cluster has a slot for each before starting.
+        uses_parameter_server: whether weights travel through the driver's parameter server
+            (plain HTTP); the trainer then refuses a cluster that encrypts its own traffic
+            unless cleartext weights are allowed (see :func:`~kerasonspark.session.check_weights_privacy`).
     """
 
     name: ClassVar[str] = "engine"
     options_class: ClassVar[type] = NoOptions
     uses_spark_workers: ClassVar[bool] = True
+    uses_parameter_server: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(self.options_class, options, self.name)

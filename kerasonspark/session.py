@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -85,6 +86,35 @@ def server_host(spark: "SparkSession") -> str:
     if is_local(spark):
         return "127.0.0.1"
     return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+
+
+ALLOW_CLEARTEXT_WEIGHTS = "spark.kerasonspark.allowCleartextWeights"
+_ENCRYPTION_SETTINGS = ("spark.ssl.enabled", "spark.network.crypto.enabled")
+
+
+def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
+    """Refuse to send weights over plain HTTP beside a cluster that encrypts its own traffic.
+
+    The parameter server authenticates every request but does not encrypt it. On loopback that
+    is private; across a network whose Spark traffic is encrypted (``spark.ssl.enabled`` or
+    ``spark.network.crypto.enabled``), cleartext weights would be the one thing left readable.
+
+    Args:
+        conf: the session's Spark configuration (``dict(spark.sparkContext.getConf().getAll())``).
+        server_host: the address the parameter server will bind.
+
+    Raises:
+        ConfigurationError: encryption is on, the server is not on loopback, and
+            ``spark.kerasonspark.allowCleartextWeights`` is not ``true``.
+    """
+    encrypted = [key for key in _ENCRYPTION_SETTINGS if conf.get(key, "false").lower() == "true"]
+    loopback = server_host in ("localhost", "::1") or server_host.startswith("127.")
+    if encrypted and not loopback and conf.get(ALLOW_CLEARTEXT_WEIGHTS, "false").lower() != "true":
+        raise ConfigurationError(
+            f"This cluster encrypts Spark's traffic ({', '.join(encrypted)}), but the parameter server at "
+            f"{server_host} sends weights in cleartext HTTP. Set `{ALLOW_CLEARTEXT_WEIGHTS}=true` to accept "
+            "that, or run the driver and workers on a private network."
+        )
 
 
 def check_slots(spark: "SparkSession", num_workers: int, registration_timeout: float = 30.0) -> None:

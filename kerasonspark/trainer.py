@@ -16,7 +16,7 @@ from .data import DataInfo
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError, from_spark_exception
 from .serialization import ModelSpec, loss_name
-from .session import check_slots, server_host, start_session
+from .session import check_slots, check_weights_privacy, server_host, start_session
 from .worker import inference_model, warm_up
 
 if TYPE_CHECKING:
@@ -137,6 +137,8 @@ class SparkTrainer:
         with self._session(data) as spark:
             if self.engine.uses_spark_workers:
                 check_slots(spark, self.config.num_workers)
+            if self.engine.uses_parameter_server:
+                check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
             spec = ModelSpec.from_model(self.model, self.custom_objects)
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())

@@ -75,3 +75,17 @@ def test_native_start_up_lines_are_held_unless_start_up_fails(capfd):
     assert "the reason it failed" in capfd.readouterr().err
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"  # stderr is back
+
+
+def test_cleartext_weights_are_refused_beside_an_encrypted_cluster_unless_allowed():
+    from kerasonspark.session import ALLOW_CLEARTEXT_WEIGHTS, check_weights_privacy
+
+    encrypted = {"spark.network.crypto.enabled": "true"}
+    with pytest.raises(ConfigurationError, match="cleartext") as refused:
+        check_weights_privacy(encrypted, "10.0.0.5")
+    assert ALLOW_CLEARTEXT_WEIGHTS in str(refused.value)
+    with pytest.raises(ConfigurationError, match="spark.ssl.enabled"):
+        check_weights_privacy({"spark.ssl.enabled": "TRUE"}, "10.0.0.5")
+    check_weights_privacy(encrypted, "127.0.0.1")  # loopback never leaves the machine
+    check_weights_privacy({**encrypted, ALLOW_CLEARTEXT_WEIGHTS: "true"}, "10.0.0.5")
+    check_weights_privacy({}, "10.0.0.5")  # an unencrypted cluster: nothing to protect more than the rest
