@@ -17,7 +17,8 @@ LABELS = {"train": RNG.integers(0, 10, 12, dtype=np.uint8), "test": RNG.integers
 def write_idx(path, array, compress=True):
     magic = 2051 if array.ndim == 3 else 2049
     data = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
-    (gzip.open if compress else open)(path, "wb").write(data)
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(data)
 
 
 def write_idx_folder(folder, compress=True):
@@ -93,8 +94,10 @@ def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
 
 def test_truncated_idx_is_refused(tmp_path):
     write_idx(tmp_path / "x.gz", IMAGES["test"])
-    data = gzip.open(tmp_path / "x.gz").read()[:-10]
-    gzip.open(tmp_path / "y.gz", "wb").write(data)
+    with gzip.open(tmp_path / "x.gz") as f:
+        data = f.read()[:-10]
+    with gzip.open(tmp_path / "y.gz", "wb") as f:
+        f.write(data)
     with pytest.raises(DataError, match="truncated"):
         read_idx(tmp_path / "y.gz")
 

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer, WorkerError
+from kerasonspark import SparkTrainer, WorkerError, available_backends
 from kerasonspark.data import numpy_to_dataframe
 from kerasonspark.serialization import get_flat_weights
 
@@ -14,6 +14,27 @@ from conftest import make_blobs, small_model
 pytestmark = pytest.mark.spark
 
 FLOOR = 0.9  # an untrained 4-class model scores about 0.25
+
+
+COMMON_STATS = {"backend", "samples", "epochs", "num_workers", "train_seconds", "wall_seconds", "prepare_seconds",
+                "samples_per_second", "workers"}
+
+
+@pytest.mark.parametrize("backend", sorted(available_backends()))
+def test_every_installed_engine_keeps_the_trainer_contract(spark, backend, no_leaked_threads):
+    """Same call, same result fields, whatever the engine: scripts compare strategies by one string."""
+    data, labels = make_blobs(1000)
+    (x, y), (xv, yv) = (data[:800], labels[:800]), (data[800:], labels[800:])
+    model = small_model()
+    before = get_flat_weights(model)
+    result = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=1,
+                          verbose=0).fit(x, y, validation_data=(xv, yv))
+    assert result.model is model and not np.allclose(get_flat_weights(model), before)
+    assert set(result.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(values) == 2 for values in result.history.values())
+    assert result.history["val_accuracy"][-1] > FLOOR
+    assert COMMON_STATS <= set(result.stats) and result.stats["backend"] == backend
+    assert result.stats["samples"] == 2 * 800 and sum(w["samples"] for w in result.stats["workers"]) == 800
 
 
 @pytest.mark.parametrize("backend", ["sync", "single"])
