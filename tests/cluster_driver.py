@@ -5,10 +5,10 @@ the test process already holds a local session)."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from conftest import make_blobs, small_model
 from kerasonspark import SparkTrainer, WorkerError
@@ -33,6 +33,18 @@ def main(master_url: str, web_ui: str) -> None:
     print("REPORT " + json.dumps(report))
 
 
+def executor_pids() -> list[int]:
+    """Process ids of the executor JVMs on this machine (read from /proc, as pgrep would)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"CoarseGrainedExecutorBackend" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
 def kill_an_executor_while_training(spark, x, y) -> dict:
     """SIGKILL one executor JVM two seconds into the training stage; report how fit ended."""
     tracker = spark.sparkContext.statusTracker()
@@ -43,9 +55,7 @@ def kill_an_executor_while_training(spark, x, y) -> dict:
             names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
             if any("worker.py" in name for name in names):  # run_training_stage's collect
                 time.sleep(2)
-                pids = subprocess.run(["pgrep", "-f", "CoarseGrainedExecutorBackend"], capture_output=True,
-                                      text=True).stdout.split()
-                os.kill(int(pids[0]), signal.SIGKILL)
+                os.kill(executor_pids()[0], signal.SIGKILL)
                 return
             time.sleep(0.2)
 
