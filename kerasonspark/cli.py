@@ -1,6 +1,7 @@
 """The ``kerasonspark`` command: train the reference MNIST model, run a local cluster, list engines.
 
     kerasonspark train --backend sync --workers 2 --data ../shared/data/mnist
+    kerasonspark compare --backends single sync async hogwild --repeat 3
     kerasonspark cluster start --workers 2        # prints the master URL to train on
     kerasonspark train --master spark://127.0.0.1:PORT --backend async
     kerasonspark cluster stop
@@ -89,19 +90,78 @@ def cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the reference CNN on MNIST as the 2017 Dist-Keras run did; prints its three lines."""
-    from .data import numpy_to_dataframe
+def _compare_parser(sub: Any) -> None:
+    compare = sub.add_parser("compare", help="train the 2017 MNIST CNN with several strategies side by side")
+    compare.add_argument("--backends", nargs="+", default=None,
+                         help="strategies: engine names, optionally engine:rule (default: every installed engine)")
+    compare.add_argument("--workers", type=int, default=2)
+    compare.add_argument("--master", default=None, help="Spark master URL (default: local[workers]), e.g. the URL "
+                                                        "`kerasonspark cluster start` prints")
+    compare.add_argument("--epochs", type=int, default=1)
+    compare.add_argument("--batch-size", type=int, default=32)
+    compare.add_argument("--options", default="{}", help='backend options as JSON: {"sync": {"sync_every": 32}}')
+    compare.add_argument("--repeat", type=int, default=1, help="runs of each strategy; medians are reported")
+    compare.add_argument("--data", default=None, help="folder with the MNIST files (default: standard locations)")
+    compare.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    compare.add_argument("--json", default=None, help="also write the figures to this file")
+
+
+def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     from .datasets import load_mnist
-    from .models import mnist_cnn
-    from .session import start_session
-    from .trainer import SparkTrainer
     from .worker import configure_tensorflow
 
     configure_tensorflow(0)  # TensorFlow's default pools for the driver, its start-up lines held back
-    (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
+    (x_train, y_train), test = load_mnist(args.data)
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
+    return (x_train, y_train), test
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train the reference CNN with each strategy on the same data and cores; prints a table."""
+    import json
+
+    from .compare import compare_strategies, format_table
+    from .data import numpy_to_dataframe
+    from .engine import available_backends
+    from .models import mnist_cnn
+    from .session import start_session
+
+    strategies = args.backends or sorted(available_backends(), key=lambda name: (name != "single", name))
+    (x_train, y_train), (x_test, y_test) = _mnist(args)
+    spark = start_session(args.master or f"local[{args.workers}]", "kerasonspark-compare")
+    try:
+        train_df = numpy_to_dataframe(spark, x_train, y_train).cache()
+        test_df = numpy_to_dataframe(spark, x_test, y_test).cache()
+        train_df.count(), test_df.count()
+
+        def report(strategy: str, run: dict[str, float]) -> None:
+            extra = (f"  overlapping writes {run['overlapping_writes']:.0f}  staleness max {run['max_staleness']:.0f}"
+                     if run["exchanges"] and strategy.startswith(("async", "hogwild")) else "")
+            print(f"{strategy:>15}: {run['samples_per_s']:8.0f} samples/s  train {run['train_s']:6.1f} s  "
+                  f"wall {run['wall_s']:6.1f} s  test accuracy {run['test_accuracy']:.4f}{extra}", flush=True)
+
+        rows = compare_strategies(lambda: mnist_cnn(seed=0), spark, train_df, test_df, strategies,
+                                  num_workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
+                                  repeat=args.repeat, options=json.loads(args.options), on_run=report)
+    finally:
+        spark.stop()
+    print(format_table(rows))
+    figures = [row.as_dict() for row in rows]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return figures
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the reference CNN on MNIST as the 2017 Dist-Keras run did; prints its three lines."""
+    from .data import numpy_to_dataframe
+    from .models import mnist_cnn
+    from .session import start_session
+    from .trainer import SparkTrainer
+
+    (x_train, y_train), (x_test, y_test) = _mnist(args)
     options = dict(args.option)
     if args.rule is not None:
         options["rule"] = args.rule
@@ -132,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _compare_parser(sub)
     _cluster_parser(sub)
     sub.add_parser("backends", help="list the installed engines")
     args = parser.parse_args(argv)
@@ -145,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cluster":
         return cluster(args)
+    if args.command == "compare":
+        compare(args)
+        return 0
     train(args)
     return 0
 

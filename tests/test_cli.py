@@ -1,5 +1,6 @@
 """The README's main command, end to end on a tiny MNIST written by the test."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +22,22 @@ def test_backends_lists_every_engine(capsys):
         assert name in out
 
 
-@pytest.mark.spark
-def test_mnist_example_prints_the_three_2017_lines(tmp_path):
+def write_tiny_mnist(folder: Path) -> None:
+    """400 training and 100 test images: each digit a bright square at a place given by its class."""
     rng = np.random.default_rng(0)
     labels = {"train": rng.integers(0, 10, 400, dtype=np.uint8), "t10k": rng.integers(0, 10, 100, dtype=np.uint8)}
     for prefix, y in labels.items():
-        # Each digit is a bright square at a position given by its class: learnable in one epoch.
         x = rng.integers(0, 40, (len(y), 28, 28), dtype=np.uint8)
         for i, label in enumerate(y):
             row, col = divmod(int(label), 5)
             x[i, 4 + row * 12:12 + row * 12, 1 + col * 5:5 + col * 5] = 255
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", x)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+
+
+@pytest.mark.spark
+def test_mnist_example_prints_the_three_2017_lines(tmp_path):
+    write_tiny_mnist(tmp_path)
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--data", str(tmp_path), "--epochs", "2",
                           "--batch-size", "16", "-o", "sync_every=5"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -44,3 +49,32 @@ def test_mnist_example_prints_the_three_2017_lines(tmp_path):
     rounds = int(lines[2].split(":")[1])
     assert accuracy > 0.5  # an untrained model scores about 0.1
     assert rounds == 2 * 3  # 2 epochs of ceil(ceil(200 rows / 16) / 5) = 3 rounds
+
+
+@pytest.mark.spark
+def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(tmp_path):
+    write_tiny_mnist(tmp_path)
+    figures = tmp_path / "figures.json"
+    run = subprocess.run([sys.executable, "-m", "kerasonspark.cli", "compare", "--data", str(tmp_path),
+                          "--backends", "single", "sync", "async:downpour", "--epochs", "3", "--batch-size", "16",
+                          "--json", str(figures)], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["strategy"]: row for row in json.loads(figures.read_text())}
+    assert list(rows) == ["single", "sync", "async:downpour"]
+    assert rows["single"]["vs_single"] == 1.0 and rows["sync"]["vs_single"] > 0
+    assert all(row["test_accuracy"] > 0.5 and row["runs"] == 1 for row in rows.values())
+    assert rows["sync"]["exchanges"] > 0 and rows["async:downpour"]["exchanges"] > rows["sync"]["exchanges"]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in table] == ["single", "sync", "async:downpour"]
+
+
+def test_compare_refuses_an_unknown_strategy_before_training(spark):
+    from kerasonspark import ConfigurationError
+    from kerasonspark.compare import compare_strategies
+
+    from conftest import small_model
+
+    runs = []
+    with pytest.raises(ConfigurationError, match="Unknown backend 'nope'"):
+        compare_strategies(small_model, spark, None, None, ["sync", "nope"], on_run=lambda *run: runs.append(run))
+    assert runs == []  # `sync` never started: the typo was caught first
