@@ -121,7 +121,8 @@ def format_table(rows: Sequence[StrategyRow]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = f"{row.vs_single:.2f}x" if row.vs_single is not None else "-"
+        exchanges = f"{row.median('exchanges'):.0f}" if row.median("exchanges") else "-"
         lines.append(f"| `{row.strategy}` | {len(row.runs)} | {row.median('samples_per_s'):,.0f} | {ratio} | "
                      f"{row.median('train_s'):.1f} | {row.median('wall_s'):.1f} | {row.median('test_accuracy'):.4f} | "
-                     f"{row.median('exchanges'):.0f} |")
+                     f"{exchanges} |")
     return "\n".join(lines)

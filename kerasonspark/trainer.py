@@ -40,7 +40,8 @@ class SparkTrainer:
         master: Spark master URL for a session the trainer starts (default ``local[num_workers]``).
         spark: an existing ``SparkSession`` to use.
         seed: makes data shuffling repeatable.
-        verbose: 0 silent, 1 a line per epoch (through the ``kerasonspark`` logger).
+        verbose: 0 silent, 1 a line per epoch with its metrics, logged (``kerasonspark`` logger)
+            when ``fit`` returns: workers report their history at the end of the stage.
         custom_objects: custom layers, losses or metrics the model uses, by name.
         worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
             (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
