@@ -139,8 +139,13 @@ class StandaloneCluster:
         return self
 
     def _spawn(self, name: str, args: list[str], logs: Path) -> None:
+        # No port retries: a master that silently moved to the next port would leave the workers
+        # (and the recorded URL) pointing at whatever holds the one asked for.
+        no_retries = "-Dspark.port.maxRetries=0"
         env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=self.host,
-                   PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable))
+                   PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable),
+                   SPARK_MASTER_OPTS=f"{os.environ.get('SPARK_MASTER_OPTS', '')} {no_retries}".strip(),
+                   SPARK_WORKER_OPTS=f"{os.environ.get('SPARK_WORKER_OPTS', '')} {no_retries}".strip())
         with open(logs / f"{name}.log", "wb") as log:
             process = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -162,8 +167,11 @@ class StandaloneCluster:
         while time.monotonic() < deadline:
             for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)]):
                 if process.poll() is not None:
-                    raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}:\n"
-                                                f"{_log_tail(Path(self.state.log_dir) / f'{name}.log')}")
+                    log = _log_tail(Path(self.state.log_dir) / f"{name}.log")
+                    hint = (" Its port is taken (another cluster? `kerasonspark cluster stop` stops the one the "
+                            "CLI started); pass another port, or 0 for a free one." if "Address already in use" in log
+                            else "")
+                    raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}.{hint}\n{log}")
             try:
                 alive = sum(w.get("state") == "ALIVE" for w in master_status(self.state).get("workers", []))
             except OSError:

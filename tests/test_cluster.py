@@ -64,3 +64,13 @@ def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
 def test_cluster_arguments_are_checked():
     with pytest.raises(ConfigurationError, match="workers"):
         StandaloneCluster(workers=0)
+
+
+def test_a_taken_master_port_is_named_not_silently_moved(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cluster = StandaloneCluster(workers=1, port=taken.getsockname()[1], work_dir=str(tmp_path))
+        with pytest.raises(SparkEnvironmentError, match="master exited.*port is taken"):
+            cluster.start()
+    assert not any(alive(pid) for pid in cluster.state.pids)
