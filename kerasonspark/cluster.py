@@ -226,7 +226,12 @@ def load_state(path: str | os.PathLike = DEFAULT_STATE_FILE) -> ClusterState:
 
 
 def stop_processes(pids: list[int], timeout: float = 20.0) -> None:
-    """End each process group (a daemon and what it started): SIGTERM, then SIGKILL after ``timeout``."""
+    """End each process group (a daemon and what it started): SIGTERM, then SIGKILL after ``timeout``.
+
+    Only groups that still hold a Spark process are signalled: process ids from an old state
+    file may belong to something else by now.
+    """
+    pids = [pid for pid in pids if any(_is_spark(member) for member in _group_members(pid))]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -263,6 +268,13 @@ def _group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid:
                 members.append(int(entry.name))
     return members
+
+
+def _is_spark(pid: int) -> bool:
+    try:
+        return b"org.apache.spark." in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _state_of(pid: int) -> str | None:

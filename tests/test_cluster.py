@@ -74,3 +74,15 @@ def test_a_taken_master_port_is_named_not_silently_moved(tmp_path):
         with pytest.raises(SparkEnvironmentError, match="master exited.*port is taken"):
             cluster.start()
     assert not any(alive(pid) for pid in cluster.state.pids)
+
+
+def test_stop_signals_only_spark_process_groups():
+    from kerasonspark.cluster import stop_processes
+
+    bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)  # as if a stale state file named it
+    try:
+        stop_processes([bystander.pid], timeout=1)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
