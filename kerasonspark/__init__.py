@@ -6,6 +6,8 @@
     result = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2).fit(train_df)
 """
 
+from .cluster import StandaloneCluster
+from .compare import compare_strategies
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, available_backends
 from .errors import (
     BarrierTimeoutError,
@@ -18,7 +20,7 @@ from .errors import (
     WorkerError,
 )
 from .trainer import SparkTrainer
-from .worker import Exchange
+from .worker import Exchange, ServerExchange
 
 __version__ = "0.1.0"
 
@@ -30,12 +32,15 @@ __all__ = [
     "Exchange",
     "KerasOnSparkError",
     "ParameterServerError",
+    "ServerExchange",
     "SparkEnvironmentError",
     "SparkTrainer",
+    "StandaloneCluster",
     "TrainingConfig",
     "TrainingJob",
     "TrainingResult",
     "WireFormatError",
     "WorkerError",
     "available_backends",
+    "compare_strategies",
 ]
