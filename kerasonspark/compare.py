@@ -6,7 +6,7 @@ sync, async, single, sync, async, ...``) so a slow minute of the machine does no
 engine, and with ``repeat > 1`` each figure is the median of its runs::
 
     rows = compare_strategies(mnist_cnn, spark, train_df, test_df, ["single", "sync", "async:downpour"])
-    print(format_table(rows))
+    table = format_table(rows)   # Markdown, medians per strategy
 
 A strategy is a backend name, optionally with an update rule after a colon (``async:adag``).
 """

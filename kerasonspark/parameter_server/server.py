@@ -50,18 +50,15 @@ class _BodyReader:
         return n or 0
 
     def read(self, size: int = -1) -> bytes:
-        size = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        try:
-            data = self.stream.read(size) if size else b""
-        except TimeoutError:
-            raise self._stalled() from None
-        self.remaining -= len(data)
-        return data
+        return self._bounded(self.stream.read, size)
 
     def readline(self, size: int = -1) -> bytes:
+        return self._bounded(self.stream.readline, size)
+
+    def _bounded(self, read: Any, size: int | None) -> bytes:
         size = self.remaining if size is None or size < 0 else min(size, self.remaining)
         try:
-            data = self.stream.readline(size) if size else b""
+            data = read(size) if size else b""
         except TimeoutError:
             raise self._stalled() from None
         self.remaining -= len(data)
