@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -55,25 +57,46 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
 
     ``local[...]`` masters get loopback-only, quiet settings; a cluster master on this machine's
     loopback address (``spark://127.0.0.1:...``, as :mod:`kerasonspark.cluster` starts) gets a
-    loopback driver, so the driver and the parameter server stay off the network too.
+    loopback driver, so the driver and the parameter server stay off the network too. On this
+    machine the Python workers run the driver's own interpreter (Spark's default is whatever
+    ``python3`` is on PATH, which in an unactivated virtual environment cannot import
+    kerasonspark); ``PYSPARK_PYTHON`` still chooses another.
     """
     require_java()
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master).appName(app_name)
+    on_this_machine = master.startswith("local") or urlsplit(master).hostname in ("127.0.0.1", "localhost")
     if master.startswith("local"):
         settings = dict(LOCAL_CONF)
     else:
         settings = {"spark.python.worker.reuse": "true"}
-        if urlsplit(master).hostname in ("127.0.0.1", "localhost"):
+        if on_this_machine:
             settings.update(LOOPBACK_DRIVER, **{"spark.ui.showConsoleProgress": "false"})
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
+    # PySpark reads PYSPARK_PYTHON once, when the context starts; put the variable back after.
+    worker_python = {"PYSPARK_PYTHON": sys.executable} if on_this_machine and not os.environ.get("PYSPARK_PYTHON") else {}
     try:
-        return builder.getOrCreate()
+        with _environment(worker_python):
+            return builder.getOrCreate()
     except Exception as exc:
         raise SparkEnvironmentError(f"Spark could not start on master {master!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def is_local(spark: "SparkSession") -> bool:
