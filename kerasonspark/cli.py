@@ -137,7 +137,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         def report(strategy: str, run: dict[str, float]) -> None:
             extra = (f"  overlapping writes {run['overlapping_writes']:.0f}  staleness max {run['max_staleness']:.0f}"
-                     if run["exchanges"] and strategy.startswith(("async", "hogwild")) else "")
+                     if run["max_staleness"] or run["overlapping_writes"] else "")
             print(f"{strategy:>15}: {run['samples_per_s']:8.0f} samples/s  train {run['train_s']:6.1f} s  "
                   f"wall {run['wall_s']:6.1f} s  test accuracy {run['test_accuracy']:.4f}{extra}", flush=True)
 

@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -101,9 +100,12 @@ class StandaloneCluster:
     @property
     def master_url(self) -> str:
         """``spark://host:port`` of the running master."""
+        return self._running().master_url
+
+    def _running(self) -> ClusterState:
         if self.state is None:
             raise SparkEnvironmentError("The cluster is not running; call start() first.")
-        return self.state.master_url
+        return self.state
 
     def start(self) -> "StandaloneCluster":
         """Start the master and the workers; returns once every worker has registered.
@@ -143,7 +145,6 @@ class StandaloneCluster:
         # (and the recorded URL) pointing at whatever holds the one asked for.
         no_retries = "-Dspark.port.maxRetries=0"
         env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=self.host,
-                   PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable),
                    SPARK_MASTER_OPTS=f"{os.environ.get('SPARK_MASTER_OPTS', '')} {no_retries}".strip(),
                    SPARK_WORKER_OPTS=f"{os.environ.get('SPARK_WORKER_OPTS', '')} {no_retries}".strip())
         with open(logs / f"{name}.log", "wb") as log:
@@ -151,37 +152,34 @@ class StandaloneCluster:
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                        start_new_session=True)
         self._processes.append(process)
-        assert self.state is not None
-        self.state.pids.append(process.pid)
+        self._running().pids.append(process.pid)
 
     def status(self) -> dict[str, Any]:
         """The master's own status document (its web UI's ``/json/``)."""
-        if self.state is None:
-            raise SparkEnvironmentError("The cluster is not running; call start() first.")
-        return master_status(self.state)
+        return master_status(self._running())
 
     def _wait_for_workers(self) -> None:
-        assert self.state is not None
+        state = self._running()
         deadline = time.monotonic() + self.start_timeout
         alive = 0
         while time.monotonic() < deadline:
             for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)]):
                 if process.poll() is not None:
-                    log = _log_tail(Path(self.state.log_dir) / f"{name}.log")
+                    log = _log_tail(Path(state.log_dir) / f"{name}.log")
                     hint = (" Its port is taken (another cluster? `kerasonspark cluster stop` stops the one the "
                             "CLI started); pass another port, or 0 for a free one." if "Address already in use" in log
                             else "")
                     raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}.{hint}\n{log}")
             try:
-                alive = sum(w.get("state") == "ALIVE" for w in master_status(self.state).get("workers", []))
+                alive = sum(w.get("state") == "ALIVE" for w in master_status(state).get("workers", []))
             except OSError:
                 alive = 0
             if alive == self.workers:
                 return
             time.sleep(0.5)
         raise SparkEnvironmentError(
-            f"Only {alive} of {self.workers} Spark workers registered with {self.state.master_url} within "
-            f"{self.start_timeout:.0f} s. Master log:\n{_log_tail(Path(self.state.log_dir) / 'master.log')}")
+            f"Only {alive} of {self.workers} Spark workers registered with {state.master_url} within "
+            f"{self.start_timeout:.0f} s. Master log:\n{_log_tail(Path(state.log_dir) / 'master.log')}")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop every daemon (and the executors they started); waits until they are gone."""
@@ -193,11 +191,10 @@ class StandaloneCluster:
 
     def save(self, path: str | os.PathLike = DEFAULT_STATE_FILE) -> Path:
         """Write the cluster's addresses and process ids, for ``kerasonspark cluster stop``."""
-        if self.state is None:
-            raise SparkEnvironmentError("The cluster is not running; call start() first.")
+        state = self._running()
         target = Path(path).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(asdict(self.state), indent=2))
+        target.write_text(json.dumps(asdict(state), indent=2))
         return target
 
     def __enter__(self) -> "StandaloneCluster":

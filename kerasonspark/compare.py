@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .engine import resolve_backend
 from .trainer import SparkTrainer
 
 if TYPE_CHECKING:
@@ -85,15 +86,12 @@ def compare_strategies(make_model: Callable[[], "keras.Model"], spark: "SparkSes
         ConfigurationError: an unknown backend or option (checked for every strategy before any
             training starts).
     """
-    trainers = {}
-    for strategy in strategies:  # resolve every engine and option first: a typo fails in seconds, not after an hour
-        backend, backend_options = parse_strategy(strategy, options)
-        trainers[strategy] = (backend, backend_options)
-        SparkTrainer(make_model(), backend=backend, backend_options=backend_options or None, spark=spark,
-                     num_workers=num_workers)
+    resolved = {strategy: parse_strategy(strategy, options) for strategy in strategies}
+    for backend, backend_options in resolved.values():  # every engine and option first: a typo fails in seconds
+        resolve_backend(backend, backend_options or None)
     rows = {strategy: StrategyRow(strategy) for strategy in strategies}
     for _ in range(repeat):
-        for strategy, (backend, backend_options) in trainers.items():
+        for strategy, (backend, backend_options) in resolved.items():
             trainer = SparkTrainer(make_model(), backend=backend, num_workers=num_workers, batch_size=batch_size,
                                    epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed,
                                    verbose=0)

@@ -66,7 +66,7 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master).appName(app_name)
-    on_this_machine = master.startswith("local") or urlsplit(master).hostname in ("127.0.0.1", "localhost")
+    on_this_machine = master.startswith("local") or is_loopback(urlsplit(master).hostname or "")
     if master.startswith("local"):
         settings = dict(LOCAL_CONF)
     else:
@@ -97,6 +97,11 @@ def _environment(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (traffic to it never leaves)."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def is_local(spark: "SparkSession") -> bool:
@@ -131,8 +136,7 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
             ``spark.kerasonspark.allowCleartextWeights`` is not ``true``.
     """
     encrypted = [key for key in _ENCRYPTION_SETTINGS if conf.get(key, "false").lower() == "true"]
-    loopback = server_host in ("localhost", "::1") or server_host.startswith("127.")
-    if encrypted and not loopback and conf.get(ALLOW_CLEARTEXT_WEIGHTS, "false").lower() != "true":
+    if encrypted and not is_loopback(server_host) and conf.get(ALLOW_CLEARTEXT_WEIGHTS, "false").lower() != "true":
         raise ConfigurationError(
             f"This cluster encrypts Spark's traffic ({', '.join(encrypted)}), but the parameter server at "
             f"{server_host} sends weights in cleartext HTTP. Set `{ALLOW_CLEARTEXT_WEIGHTS}=true` to accept "
