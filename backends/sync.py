@@ -12,10 +12,17 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult
-from kerasonspark.parameter_server import ParameterStore
-from kerasonspark.serialization import get_flat_weights, set_flat_weights
-from kerasonspark.worker import ServerExchange
+from kerasonspark.engine import (
+    Engine,
+    EngineOptions,
+    ParameterStore,
+    ServerExchange,
+    TrainingJob,
+    TrainingResult,
+    check_positive_int,
+    get_flat_weights,
+    set_flat_weights,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -34,10 +41,19 @@ class SyncOptions(EngineOptions):
     barrier_timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sync_every, int) or isinstance(self.sync_every, bool) or self.sync_every < 1:
-            raise ValueError(f"Expected `sync_every` to be a positive integer. Received: sync_every={self.sync_every!r}.")
+        check_positive_int("sync_every", self.sync_every)
         if not self.barrier_timeout > 0:
             raise ValueError(f"Expected `barrier_timeout` > 0 seconds. Received: barrier_timeout={self.barrier_timeout!r}.")
+
+
+def round_schedule(steps: int, rounds: int) -> list[int]:
+    """Cut an epoch's ``steps`` into exactly ``rounds`` runs, as even as they come, longest first.
+
+    Every worker must join every round, so every worker cuts its epoch into the same number of
+    runs; a worker with a smaller partition just takes fewer steps per run.
+    """
+    base, extra = divmod(steps, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 class SyncExchange(ServerExchange):
@@ -49,10 +65,7 @@ class SyncExchange(ServerExchange):
         self.round = 0
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
-        # Every worker must join every round, so the epoch is cut into the same number of runs
-        # everywhere; a worker with a smaller partition just takes fewer steps per run.
-        base, extra = divmod(steps, self.rounds_per_epoch)
-        return [base + 1] * extra + [base] * (self.rounds_per_epoch - extra)
+        return round_schedule(steps, self.rounds_per_epoch)
 
     def exchange(self, model: "keras.Model", samples: int) -> None:
         average = self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples)
@@ -71,14 +84,11 @@ class SyncEngine(Engine):
 
     def run(self, job: TrainingJob) -> TrainingResult:
         config, options = job.config, self.options
-        longest = math.ceil(max(job.data.counts) / config.batch_size)
+        longest = math.ceil(max(job.partition_sizes) / config.batch_size)
         rounds_per_epoch = max(1, math.ceil(longest / options.sync_every))
         store = ParameterStore(job.spec.weights, job.spec.shapes, config.num_workers, barrier_timeout=options.barrier_timeout)
-        reports, seconds, server_stats = job.run_with_parameter_server(
+        outcome = job.serve(
             store, lambda url, secret: SyncExchange(url, secret, rounds_per_epoch, options.barrier_timeout + 60))
-        return job.result(reports, store.center, seconds, {
-            "rounds": server_stats["rounds"],
-            "rounds_per_epoch": rounds_per_epoch,
-            "sync_every": options.sync_every,
-            "parameter_server": server_stats,
-        })
+        return job.result(outcome.reports, store.center, outcome.seconds, exchanges=outcome.server_stats["rounds"],
+                          engine_stats={"rounds_per_epoch": rounds_per_epoch, "sync_every": options.sync_every,
+                                        "parameter_server": outcome.server_stats})

@@ -4,11 +4,16 @@
     from kerasonspark.models import mnist_cnn
 
     result = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2).fit(train_df)
+
+The names below load on first use: a Spark task that imports ``kerasonspark.executor`` runs this
+file too, and must not pull in the trainer, the cluster launcher or Flask with it.
 """
 
-from .cluster import StandaloneCluster
-from .compare import compare_strategies
-from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, available_backends
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BarrierTimeoutError,
     ConfigurationError,
@@ -19,10 +24,27 @@ from .errors import (
     WireFormatError,
     WorkerError,
 )
-from .trainer import SparkTrainer
-from .worker import Exchange, ServerExchange
+
+if TYPE_CHECKING:
+    from .cluster import StandaloneCluster
+    from .compare import compare_strategies
+    from .engine import (
+        Engine,
+        Exchange,
+        ServerExchange,
+        TrainingConfig,
+        TrainingJob,
+        TrainingResult,
+        WorkerReport,
+        available_backends,
+    )
+    from .trainer import SparkTrainer
 
 __version__ = "0.1.0"
+
+_LAZY = {"SparkTrainer": "trainer", "StandaloneCluster": "cluster", "compare_strategies": "compare",
+         **{name: "engine" for name in ("Engine", "Exchange", "ServerExchange", "TrainingConfig", "TrainingJob",
+                                        "TrainingResult", "WorkerReport", "available_backends")}}
 
 __all__ = [
     "BarrierTimeoutError",
@@ -41,6 +63,19 @@ __all__ = [
     "TrainingResult",
     "WireFormatError",
     "WorkerError",
+    "WorkerReport",
     "available_backends",
     "compare_strategies",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import EngineOptions, TrainingJob, TrainingResult
-from .parameter_server import ParameterStore, wire
+from .engine import (
+    EngineOptions,
+    ParameterStore,
+    ServerExchange,
+    TrainingJob,
+    TrainingResult,
+    check_positive_int,
+    get_flat_weights,
+    set_flat_weights,
+)
+from .parameter_server import wire
 from .parameter_server.rules import RULES, UpdateRule, make_rule
-from .serialization import get_flat_weights, set_flat_weights
-from .worker import ServerExchange
 
 if TYPE_CHECKING:
     import keras
@@ -60,8 +67,7 @@ class AsyncOptions(EngineOptions):
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"Expected `rule` in {sorted(RULES)}. Received: rule={self.rule!r}.")
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ValueError(f"Expected `window` to be a positive integer. Received: window={self.window!r}.")
+        check_positive_int("window", self.window)
         if self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(f"Expected `delta_dtype` in {DELTA_DTYPES}. Received: delta_dtype={self.delta_dtype!r}.")
         if self.rule != "easgd" and (self.alpha is not None or self.rho is not None):
@@ -165,16 +171,9 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     """
     rule = options.make_rule()
     store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock)
-    reports, seconds, server_stats = job.run_with_parameter_server(
+    outcome = job.serve(
         store, lambda url, secret: PushPullExchange(url, secret, options.window, rule.payload, options.delta_dtype,
                                                     options.timeout, options.overlap))
-    return job.result(reports, store.center.copy(), seconds, {
-        "rule": rule.name,
-        "window": options.window,
-        "updates": server_stats["updates"],
-        "refused": server_stats["refused_total"],
-        "staleness": server_stats["staleness"],
-        "overlapping_writes": server_stats["overlapping_writes"],
-        "worker_pushes": server_stats["worker_pushes"],
-        "parameter_server": server_stats,
-    })
+    server_stats = outcome.server_stats
+    return job.result(outcome.reports, store.center.copy(), outcome.seconds, exchanges=server_stats["updates"],
+                      engine_stats={"rule": rule.name, "window": options.window, "parameter_server": server_stats})

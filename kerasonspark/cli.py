@@ -108,7 +108,7 @@ def _compare_parser(sub: Any) -> None:
 
 def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     from .datasets import load_mnist
-    from .worker import configure_tensorflow
+    from .executor import configure_tensorflow
 
     configure_tensorflow(0)  # TensorFlow's default pools for the driver, its start-up lines held back
     (x_train, y_train), test = load_mnist(args.data)
@@ -179,7 +179,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         spark.stop()
     stats = result.stats
-    updates = stats.get("updates", stats.get("rounds", 0))
+    updates = stats["exchanges"]
     print(f"Training time: {stats['wall_seconds']:.1f} s")
     print(f"Test accuracy: {accuracy:.4f}")
     print(f"Parameter-server updates: {updates}")

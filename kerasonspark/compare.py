@@ -96,12 +96,13 @@ def compare_strategies(make_model: Callable[[], "keras.Model"], spark: "SparkSes
                                    epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed,
                                    verbose=0)
             stats = trainer.fit(train_df).stats
+            server = stats.get("parameter_server", {})  # common to every engine that serves weights
             run = {
                 "samples_per_s": stats["samples_per_second"], "train_s": stats["train_seconds"],
                 "wall_s": stats["wall_seconds"], "test_accuracy": trainer.evaluate(test_df)["accuracy"],
-                "exchanges": stats.get("updates", stats.get("rounds", 0)),
-                "overlapping_writes": stats.get("overlapping_writes", 0),
-                "max_staleness": stats.get("staleness", {}).get("max", 0),
+                "exchanges": stats["exchanges"],
+                "overlapping_writes": server.get("overlapping_writes", 0),
+                "max_staleness": server.get("staleness", {}).get("max", 0),
             }
             rows[strategy].runs.append(run)
             if on_run is not None:

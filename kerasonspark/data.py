@@ -9,6 +9,7 @@ ends as an RDD whose elements are blocks ``(x, y)``: ``x`` float32 of shape
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DataError
+from .serialization import is_custom_loss, loss_name
 
 if TYPE_CHECKING:
     import keras
@@ -40,22 +42,26 @@ class DataInfo:
 
     Attributes:
         input_shape: one sample's shape, e.g. ``(28, 28, 1)``.
-        label_mode: ``"sparse"`` (class indices), ``"one_hot"``, or ``"raw"`` (used as given).
+        label_mode: ``"sparse"`` (class indices), ``"one_hot"``, ``"raw"`` (targets shaped like
+            the output), or ``"given"`` (a loss of the user's own: labels as given).
         num_classes: the output width for classification losses, else ``None``.
-        target_shape: one raw label's shape (the model's output shape) for ``"raw"``.
+        target_shape: one label's shape: the model's output shape for ``"raw"``, the data's for
+            ``"given"``.
+        label_dtype: the labels' dtype for ``"given"`` (``int32`` for integer labels).
     """
 
     input_shape: tuple[int, ...]
     label_mode: str
     num_classes: int | None
     target_shape: tuple[int, ...] = ()
+    label_dtype: str = "float32"
 
     @property
     def label_shape(self) -> tuple[int, ...]:
         """One label's shape as the model trains on it."""
         if self.label_mode == "one_hot":
             return (self.classes,)
-        return self.target_shape if self.label_mode == "raw" else ()
+        return self.target_shape if self.label_mode in ("raw", "given") else ()
 
     @property
     def classes(self) -> int:
@@ -69,8 +75,12 @@ class DataInfo:
         return math.prod(self.input_shape)
 
     @classmethod
-    def for_model(cls, model: "keras.Model", loss_name: str | None) -> "DataInfo":
+    def for_model(cls, model: "keras.Model", compile_config: dict[str, Any] | None) -> "DataInfo":
         """Read the input shape and label convention off a built, compiled model.
+
+        Keras's classification losses get class indices or one-hot labels converted to what they
+        take; Keras's other losses get targets shaped like the model's output. A loss Keras does
+        not ship (a user's own) gets the labels as the user gave them, as ``model.fit`` would.
 
         Raises:
             DataError: the model has several inputs or an input with unknown dimensions.
@@ -83,14 +93,23 @@ class DataInfo:
         out = model.output_shape
         if isinstance(out, list) or any(d is None for d in out[1:]):
             raise DataError(f"Models with several or variable-size outputs are not supported yet. Received: output_shape={out}.")
+        input_shape = tuple(int(d) for d in shape[1:])
+        if is_custom_loss(compile_config):
+            return cls(input_shape, "given", None)
+        name = loss_name(compile_config)
         width = out[-1] if len(out) > 1 else 1
-        if loss_name in _SPARSE_LOSSES:
-            mode = "sparse"
-        elif loss_name in _ONE_HOT_LOSSES:
-            mode = "one_hot"
-        else:
-            return cls(tuple(int(d) for d in shape[1:]), "raw", None, tuple(int(d) for d in out[1:]))
-        return cls(tuple(int(d) for d in shape[1:]), mode, width)
+        if name in _SPARSE_LOSSES:
+            return cls(input_shape, "sparse", width)
+        if name in _ONE_HOT_LOSSES:
+            return cls(input_shape, "one_hot", width)
+        return cls(input_shape, "raw", None, tuple(int(d) for d in out[1:]))
+
+    def with_given_labels(self, width: int, integer: bool) -> "DataInfo":
+        """For a loss of the user's own: the labels' width (0 for one value) and kind, read off the data."""
+        if self.label_mode != "given":
+            return self
+        return dataclasses.replace(self, target_shape=(width,) if width else (),
+                                   label_dtype="int32" if integer else "float32")
 
     def model_labels(self, y: np.ndarray) -> np.ndarray:
         """Labels as the model's loss wants them (indices for sparse, one-hot for categorical)."""
@@ -100,6 +119,8 @@ class DataInfo:
             if y.ndim == 1:
                 return np.eye(self.classes, dtype=np.float32)[y.astype(np.int64)]
             return y.astype(np.float32, copy=False)
+        if self.label_mode == "given":
+            return y.astype(self.label_dtype, copy=False)
         return y.astype(np.float32, copy=False).reshape((len(y), *self.target_shape))
 
 
@@ -110,10 +131,14 @@ class PreparedData:
     Attributes:
         blocks: RDD of ``(x, y)`` blocks.
         counts: rows per partition.
+        label_width: the labels' width (0 for one value per row).
+        integer_labels: whether every label column came as integers.
     """
 
     blocks: "RDD"
     counts: list[int]
+    label_width: int = 0
+    integer_labels: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -134,7 +159,7 @@ def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo) -> dict[str, in
     if np.issubdtype(y.dtype, np.floating):
         bad |= ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
     problems["nonfinite_rows"] = int(bad.sum())
-    if info.label_mode != "raw" and y.ndim == 1:
+    if info.label_mode in ("sparse", "one_hot") and y.ndim == 1:
         finite = y[np.isfinite(y)] if np.issubdtype(y.dtype, np.floating) else y
         problems["label_not_integer"] = int((finite != np.floor(finite)).sum())
         problems["label_out_of_range"] = int(((finite < 0) | (finite >= info.num_classes)).sum())
@@ -143,6 +168,8 @@ def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo) -> dict[str, in
 
 def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> None:
     """Raise when labels do not match the model's output (width for classes, size for targets)."""
+    if info.label_mode == "given":
+        return
     if info.label_mode == "raw":
         size = math.prod(y_shape[1:])
         if size != math.prod(info.target_shape):
@@ -214,7 +241,13 @@ def _split_blocks(x: np.ndarray, y: np.ndarray, parts: int) -> list[Block]:
     return blocks
 
 
-def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions: int, what: str) -> "RDD":
+def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
+    """NumPy ``(x, y)`` checked against the model: features as float32 samples, labels as given.
+
+    Raises:
+        DataError: not a pair, lengths differ, wrong feature size or label shape, NaN/Inf rows,
+            labels outside the classes.
+    """
     if len(data) != 2:
         raise DataError(f"NumPy {what} data must be a pair `(x, y)`. Received: a tuple of {len(data)}.")
     x = as_features(data[0], info, f"the {what} features")
@@ -223,6 +256,11 @@ def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions
         raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
     check_label_shape(y.shape, info, f"the {what} data")
     raise_problems([block_problems(x, y, info)], what)
+    return x, y
+
+
+def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions: int, what: str) -> "RDD":
+    x, y = validate_arrays(data, info, what)
     return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
 
 
@@ -386,14 +424,15 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         if warm_up is not None:
             warm_up()
-        rows, ywidths = 0, set()
+        rows, ywidths, integer = 0, set(), True
         problems: dict[str, int] = {}
         for x, y in blocks:
             rows += len(x)
             ywidths.add(y.shape[1] if y.ndim == 2 else 0)
+            integer &= bool(np.issubdtype(y.dtype, np.integer))
             for key, value in block_problems(x, y, info).items():
                 problems[key] = problems.get(key, 0) + value
-        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), **problems}
+        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, **problems}
 
     return stats
 
@@ -421,6 +460,10 @@ def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: D
             for width in s["ywidths"]:
                 check_label_shape((1, width) if width else (1,), info, f"partition {s['partition']}")
         counts = [s["rows"] for s in stats]
+        widths = sorted({w for s in stats for w in s["ywidths"]})
+        if len(widths) > 1:
+            raise DataError(f"The {what} labels differ in width between rows: {widths} (0 is one value per row). "
+                            "Give every row labels of the same shape.")
         if sum(counts) < len(counts):
             raise DataError(
                 f"The {what} data has {sum(counts)} row(s) for {len(counts)} workers; each worker needs at least one. "
@@ -432,7 +475,7 @@ def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: D
     except BaseException:
         blocks.unpersist()
         raise
-    return PreparedData(blocks, counts)
+    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]))
 
 
 def numpy_to_dataframe(spark: "SparkSession", x: np.ndarray, y: np.ndarray | None = None,

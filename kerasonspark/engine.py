@@ -1,41 +1,75 @@
-"""The contract between :class:`~kerasonspark.SparkTrainer` and the engines that train.
+"""The engine SDK: everything an engine author reads, in one module.
 
-An engine is a class with one method, :meth:`Engine.run`, that receives a :class:`TrainingJob`
-and returns a :class:`TrainingResult`. Engines register in the ``kerasonspark.backends``
-entry-point group; the core looks names up there and nowhere else, so a third-party engine plugs
-in with one line of its own ``pyproject.toml``::
+An engine decides only how workers cooperate. It is a class with one method, :meth:`Engine.run`,
+that receives a :class:`TrainingJob` and returns a :class:`TrainingResult`; the job carries a
+:class:`Runner` (Spark's barrier stage, or :mod:`kerasonspark.testing`'s threads) that runs the
+shared worker loop and hosts a parameter server. Between runs of local steps each worker calls the
+engine's :class:`Exchange`; every worker returns a :class:`WorkerReport`.
+
+A complete engine, model averaging once per epoch through the parameter server's round barrier::
+
+    class EpochAveraging(Engine):
+        name = "epoch_averaging"
+
+        def run(self, job):
+            store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers)
+            outcome = job.serve(store, lambda url, secret: EpochExchange(url, secret, timeout=300))
+            return job.result(outcome.reports, store.center, outcome.seconds,
+                              exchanges=outcome.server_stats["rounds"])
+
+(``examples/custom_engine.py`` has it whole, with its exchange and a test.) Engines register in the
+``kerasonspark.backends`` entry-point group; the core looks names up there and nowhere else, so a
+third-party engine plugs in with one line of its own ``pyproject.toml``::
 
     [project.entry-points."kerasonspark.backends"]
     mine = "my_package.engine:MyEngine"
+
+This module imports neither the driver side (Spark stages, the Flask server) nor the executor side
+(TensorFlow); only the parameter server's client, store and wire codec, used on both sides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
-from .errors import ConfigurationError, WorkerError
-from .serialization import ModelSpec
+from .errors import ConfigurationError
+from .parameter_server.client import ParameterClient
+from .parameter_server.store import ParameterStore
+from .serialization import ModelSpec, get_flat_weights, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
-    from pyspark.sql import SparkSession
 
-    from .data import DataInfo, PreparedData
-    from .parameter_server import ParameterStore
-    from .worker import Exchange
+    from .data import DataInfo
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "NoOptions", "ParameterStore", "Runner",
+    "ServerExchange", "StageOutcome", "TrainingConfig", "TrainingJob", "TrainingResult", "WorkerReport",
+    "available_backends", "check_positive_int", "get_flat_weights", "parse_options", "resolve_backend",
+    "set_flat_weights",
+]
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kerasonspark.backends"
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise a :class:`ConfigurationError` unless ``value`` is an ``int`` >= 1 (``bool`` is not).
+
+    Example:
+        >>> check_positive_int("window", 5)
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
 
 
 @dataclass
@@ -51,14 +85,48 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+            check_positive_int(name, getattr(self, name))
         threads = self.worker_threads
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
             raise ConfigurationError(
                 f"Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's defaults) or a positive "
                 f"integer. Received: worker_threads={threads!r}.")
+
+
+@dataclass
+class WorkerReport:
+    """What one worker returns when its training loop ends.
+
+    Attributes:
+        worker: the worker's id (its partition index).
+        samples: rows in its partition (trained once per epoch).
+        steps: local training steps over all epochs.
+        seconds: wall seconds of its training loop.
+        history: per epoch, the running means of its loss and metrics.
+        val_samples: validation rows it scored after each epoch (0 without validation data).
+        val_history: per epoch, its loss and metrics on those rows.
+        figures: the engine's own per-worker figures (what :meth:`Exchange.finish` returned).
+    """
+
+    worker: int
+    samples: int
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_samples: int = 0
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Samples trained per wall second, over all epochs."""
+        epochs = max(len(self.history), 1)
+        return self.samples * epochs / max(self.seconds, 1e-9)
+
+    def as_stats(self) -> dict[str, Any]:
+        """The report as the JSON-ready entry of ``stats["workers"]`` (histories left out)."""
+        return {"worker": self.worker, "samples": self.samples, "steps": self.steps, "seconds": self.seconds,
+                "samples_per_second": self.samples_per_second, **self.figures}
 
 
 @dataclass
@@ -69,10 +137,12 @@ class TrainingResult:
         model: the trained ``keras.Model`` (the object passed to ``SparkTrainer``, now trained).
         history: per-epoch lists, like ``keras.callbacks.History.history`` (``loss``, metrics, and
             ``val_*`` when validation data was given).
-        stats: figures of the run: ``wall_seconds``, ``prepare_seconds`` (data conversion, checks
-            and worker warm-up), ``train_seconds``, ``samples_per_second``,
-            ``samples``, engine counters (``rounds``, ``updates``...) and ``workers`` (per-worker
-            samples and seconds).
+        stats: figures of the run. Every engine fills ``backend``, ``samples``, ``epochs``,
+            ``num_workers``, ``train_seconds``, ``samples_per_second``, ``exchanges`` (pushes or
+            rounds; 0 for an engine that exchanges nothing) and ``workers`` (per-worker figures);
+            the trainer adds ``wall_seconds`` and ``prepare_seconds``. An engine's own figures sit
+            under its name (``stats["sync"]["rounds_per_epoch"]``), the parameter server's under
+            ``parameter_server``.
     """
 
     model: "keras.Model"
@@ -80,123 +150,202 @@ class TrainingResult:
     stats: dict[str, Any]
 
 
+class StageOutcome(NamedTuple):
+    """What a training stage served by a parameter server returns (see :meth:`TrainingJob.serve`)."""
+
+    reports: list[WorkerReport]
+    seconds: float
+    server_stats: dict[str, Any]
+
+
+class Exchange:
+    """An engine's worker-side hook: what happens between runs of local steps.
+
+    Instances are created on the driver, copied into each worker (pickled into the Spark task),
+    and used by that worker alone. Every method but :meth:`exchange` does nothing by default.
+    """
+
+    def start(self, model: "keras.Model", worker: int) -> None:
+        """Called once before training, with the worker's id (its partition index)."""
+
+    def schedule(self, steps: int, epoch: int) -> list[int]:
+        """Split an epoch's ``steps`` local steps into runs; :meth:`exchange` follows each run.
+
+        Every worker's schedule of an epoch is computed from its own ``steps``; an engine whose
+        workers must meet (a round barrier) must give every worker as many runs.
+        """
+        return [steps]
+
+    def exchange(self, model: "keras.Model", samples: int) -> None:
+        """Exchange weights with the others after a run of local steps over ``samples`` samples."""
+        raise NotImplementedError
+
+    def end_epoch(self, model: "keras.Model", epoch: int) -> None:
+        """Called after the epoch's last exchange, before validation."""
+
+    def finish(self, model: "keras.Model") -> dict[str, Any]:
+        """Called after training; returns the engine's figures for the :class:`WorkerReport`."""
+        return {}
+
+    def report_failure(self, message: str) -> None:
+        """Called when this worker fails, so others do not wait for it."""
+
+    def close(self) -> None:
+        """Release connections; called last, also after a failure."""
+
+
+class ServerExchange(Exchange):
+    """An exchange through the run's parameter server, over one keep-alive connection per worker.
+
+    Subclasses implement :meth:`schedule` and :meth:`exchange` with :attr:`client`; opening the
+    connection, traffic figures, failure reports and closing are shared.
+
+    Args:
+        url: the parameter server's base URL.
+        secret: the run's secret.
+        timeout: seconds a request may wait for the server (a round barrier waits on purpose).
+    """
+
+    def __init__(self, url: str, secret: bytes, timeout: float) -> None:
+        self.url, self.secret, self.timeout = url, secret, timeout
+        self.worker = -1
+        self.shapes: list[tuple[int, ...]] = []
+        self._client: ParameterClient | None = None
+
+    def start(self, model: "keras.Model", worker: int) -> None:
+        self.worker = worker
+        self.shapes = [tuple(w.shape) for w in model.weights]
+        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+
+    @property
+    def client(self) -> ParameterClient:
+        """The worker's connection (after :meth:`start`)."""
+        if self._client is None:
+            raise RuntimeError("The exchange was used before start().")
+        return self._client
+
+    def traffic(self) -> dict[str, float]:
+        """Seconds spent exchanging and megabytes moved, for the worker's figures."""
+        client = self.client
+        return {"exchange_seconds": client.seconds, "mb_sent": client.bytes_sent / 1e6,
+                "mb_received": client.bytes_received / 1e6,
+                "exchange_mb_per_s": (client.bytes_sent + client.bytes_received) / 1e6 / max(client.seconds, 1e-9)}
+
+    def report_failure(self, message: str) -> None:
+        # A fresh connection: the worker's own may be broken mid-request, or busy in the background.
+        with ParameterClient(self.url, self.secret, self.worker, timeout=10) as client:
+            client.report_failure(message)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class Runner(Protocol):
+    """What runs an engine's workers; the driver puts one in every :class:`TrainingJob`.
+
+    ``kerasonspark`` ships two: Spark's (one barrier task per worker) and the in-process runner of
+    :mod:`kerasonspark.testing` (one thread per worker, no Spark). Engines call them through the
+    job's methods, never directly.
+    """
+
+    def run_workers(self, job: "TrainingJob", exchange: Exchange) -> list[WorkerReport]:
+        """Run the shared worker loop on every partition at once; reports ordered by worker id.
+
+        Raises:
+            WorkerError: a worker failed; the message names it and carries its error.
+        """
+        ...
+
+    def serve(self, job: "TrainingJob", store: ParameterStore,
+              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+        """Serve ``store`` on the driver with a fresh secret while :meth:`run_workers` runs.
+
+        Raises:
+            WorkerError: naming the worker whose failure started it.
+        """
+        ...
+
+    def result(self, job: "TrainingJob", reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
+               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+        """Set ``weights`` on the caller's model and assemble the :class:`TrainingResult`."""
+        ...
+
+    def local_arrays(self, job: "TrainingJob") -> tuple[np.ndarray, np.ndarray]:
+        """The training data as one ``(x, y)`` pair on the driver (labels as the user gave them)."""
+        ...
+
+
 @dataclass
 class TrainingJob:
     """Everything an engine needs to train one model on one dataset.
 
     Attributes:
-        spark: the active session.
-        spec: the model to train, as plain data.
+        spec: the model to train, as plain data (architecture, compile config, weights).
         model: the caller's model object; engines that train on the driver may use it directly.
-        data: the training data, one partition per worker.
         info: what the model expects of features and labels.
         config: epochs, batch size, workers, seed, verbosity.
+        runner: runs the workers (see :class:`Runner`); call it through the methods below.
+        run_id: unique per ``fit``.
         validation: validation arrays ``(x, y)`` on the driver, or ``None``.
-        server_host: the address a driver-side server should bind.
+        server_host: the address a driver-side server binds.
+        partition_sizes: rows per worker.
         progress: called with small dicts as training advances (driver side).
     """
 
-    spark: "SparkSession"
     spec: ModelSpec
     model: "keras.Model"
-    data: "PreparedData"
     info: "DataInfo"
     config: TrainingConfig
-    run_id: str = ""
-    spec_broadcast: Any = None
+    runner: Runner
+    run_id: str
+    partition_sizes: list[int]
     validation: tuple[np.ndarray, np.ndarray] | None = None
     server_host: str = "127.0.0.1"
     progress: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
 
-    def run_workers(self, exchange: "Exchange") -> list[dict[str, Any]]:
-        """Run the shared worker loop on every partition in one barrier stage.
+    @property
+    def num_samples(self) -> int:
+        """Training rows over all workers."""
+        return sum(self.partition_sizes)
 
-        ``exchange`` is the engine's worker-side hook (see :class:`~kerasonspark.worker.Exchange`);
-        returns each worker's report, ordered by worker id.
+    def run_workers(self, exchange: Exchange) -> list[WorkerReport]:
+        """Run the shared worker loop on every partition at once, ``exchange`` between runs of steps.
 
         Raises:
             WorkerError: a worker failed; the message names it and carries its error.
         """
-        from .worker import run_training_stage
+        return self.runner.run_workers(self, exchange)
 
-        return run_training_stage(self, exchange)
-
-    def run_with_parameter_server(self, store: "ParameterStore",
-                                  make_exchange: Callable[[str, bytes], "Exchange"]) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    def serve(self, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
         """Serve ``store`` on the driver for one training stage, with a fresh secret.
 
         ``make_exchange(url, secret)`` builds the engine's worker-side hook. The server and all
         its threads are stopped when this returns or raises.
 
-        Returns:
-            ``(reports, seconds, server_stats)``: the workers' reports, the stage's wall seconds,
-            and the store's statistics at the end.
-
         Raises:
             WorkerError: naming the worker whose failure started it (from the server's reports).
         """
-        from .parameter_server import ParameterServer, ServerConfig, new_secret
-        from .worker import explain_failure
+        return self.runner.serve(self, store, make_exchange)
 
-        secret = new_secret()
-        config = ServerConfig(secret, max_payload_bytes=self.spec.weights.nbytes + (1 << 20))
-        with ParameterServer(store, config, host=self.server_host) as server:
-            exchange = make_exchange(server.url, secret)
-            started = time.perf_counter()
-            try:
-                reports = self.run_workers(exchange)
-            except WorkerError as exc:
-                explained = explain_failure(exc, store.failures)
-                if explained is exc:
-                    raise  # keeps the Spark error it carries as its cause
-                raise explained from exc
-            return reports, time.perf_counter() - started, store.stats()
-
-    def result(self, reports: list[dict[str, Any]], weights: np.ndarray, train_seconds: float,
+    def result(self, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float, *, exchanges: int,
                engine_stats: Mapping[str, Any] | None = None) -> TrainingResult:
-        """Assemble the :class:`TrainingResult` from worker reports and the final weights.
+        """Set ``weights`` on the caller's model and assemble the result.
 
-        Sets ``weights`` on the caller's model, averages each epoch's training metrics over the
-        workers weighted by their samples (validation metrics by their validation rows), and
-        fills ``stats`` with the figures every engine reports.
+        Each epoch's training metrics are averaged over the workers weighted by their samples
+        (validation metrics by their validation rows). ``exchanges`` counts pushes or rounds;
+        ``engine_stats`` lands under the engine's name in ``stats``, except a
+        ``parameter_server`` entry, which every server-backed engine shares.
         """
-        from .serialization import set_flat_weights
+        return self.runner.result(self, reports, weights, train_seconds, exchanges, engine_stats)
 
-        set_flat_weights(self.model, weights)
-        history: dict[str, list[float]] = {}
-        for epoch in range(self.config.epochs):
-            for key, value in _weighted_mean(
-                    [(r["samples"], r["history"][epoch]) for r in reports if epoch < len(r["history"])]).items():
-                history.setdefault(key, []).append(value)
-            for key, value in _weighted_mean(
-                    [r["val_history"][epoch] for r in reports if epoch < len(r.get("val_history", []))]).items():
-                history.setdefault(f"val_{key}", []).append(value)
-        samples = self.data.num_samples * self.config.epochs
-        for report in reports:
-            report["samples_per_second"] = report["samples"] * self.config.epochs / max(report["seconds"], 1e-9)
-        stats: dict[str, Any] = {
-            "backend": "",
-            "samples": samples,
-            "epochs": self.config.epochs,
-            "num_workers": self.config.num_workers,
-            "train_seconds": train_seconds,
-            "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
-            "workers": [{k: v for k, v in r.items() if k not in ("history", "val_history")} for r in reports],
-        }
-        stats.update(engine_stats or {})
-        return TrainingResult(self.model, history, stats)
-
-
-def _weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
-    total = sum(n for n, logs in entries if logs)
-    if not total:
-        return {}
-    keys = [k for k in next(logs for n, logs in entries if logs)]
-    return {k: sum(n * logs[k] for n, logs in entries if logs and k in logs) / total for k in keys}
+    def local_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training data as one ``(x, y)`` pair on the driver, for engines that train there."""
+        return self.runner.local_arrays(self)
 
 
 class EngineOptions:
-    """Base for an engine's options dataclass: validates in ``__post_init__``."""
+    """Base for an engine's options dataclass: validate in ``__post_init__``, raising ``ValueError``."""
 
 
 @dataclass
@@ -229,13 +378,14 @@ class Engine:
     Subclasses set :attr:`name` and :attr:`options_class` and implement :meth:`run`.
 
     Attributes:
-        name: the backend name users pass to ``SparkTrainer(backend=...)``.
+        name: the backend name users pass to ``SparkTrainer(backend=...)``; the key of the
+            engine's own figures in ``stats``.
         options_class: a dataclass for ``backend_options``, validated on construction.
         uses_spark_workers: whether the engine trains in Spark tasks (one per worker); the
             trainer then checks the cluster has a slot for each before starting.
         uses_parameter_server: whether weights travel through the driver's parameter server
             (plain HTTP); the trainer then refuses a cluster that encrypts its own traffic
-            unless cleartext weights are allowed (see :func:`~kerasonspark.session.check_weights_privacy`).
+            unless cleartext weights are allowed.
     """
 
     name: ClassVar[str] = "engine"
@@ -250,7 +400,7 @@ class Engine:
         """Called before :meth:`run`; does nothing by default."""
 
     def run(self, job: TrainingJob) -> TrainingResult:
-        """Train ``job.spec`` on ``job.data`` and return the result.
+        """Train ``job.spec`` on the job's data and return the result (``job.result(...)``).
 
         The engine must leave nothing running (servers, threads) when it returns or raises.
         """

@@ -86,26 +86,3 @@ class WorkerError(KerasOnSparkError, RuntimeError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.worker, self.detail))
-
-
-def from_spark_exception(exc: BaseException) -> KerasOnSparkError | None:
-    """Recover a kerasonspark exception raised inside a Spark task from Spark's wrapper.
-
-    Spark reports a Python task's failure as text; this finds the last
-    ``kerasonspark.errors.<Name>: message`` line and rebuilds that exception, or returns ``None``.
-    """
-    import re
-
-    text = str(exc)
-    matches = re.findall(r"kerasonspark\.errors\.(\w+): (.*)", text)
-    if not matches:
-        return None
-    name, message = matches[-1]
-    cls = globals().get(name)
-    if not (isinstance(cls, type) and issubclass(cls, KerasOnSparkError)):
-        return None
-    if cls is WorkerError:
-        worker = re.match(r"Worker (\d+)", message)
-        detail = text[text.rfind("Traceback"):][-3000:] if "Traceback" in text else ""
-        return WorkerError(message, int(worker.group(1)) if worker else -1, detail)
-    return cls(message)

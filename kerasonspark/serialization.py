@@ -70,7 +70,10 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, model: "keras.Model", custom_objects: dict[str, Any] | None = None) -> "ModelSpec":
-        """Capture a built Keras model.
+        """Capture a built Keras model, with the custom objects it needs.
+
+        The objects registered with ``keras.saving.register_keras_serializable`` that the model
+        names are included by themselves; ``custom_objects`` adds those Keras cannot find.
 
         Raises:
             ConfigurationError: the model is not built (its input shape is unknown) or its compile
@@ -90,7 +93,9 @@ class ModelSpec:
                 "and metrics by name or object, registering custom ones with `keras.saving.register_keras_serializable`."
             ) from None
         weights, shapes = wire.flatten(model.get_weights())
-        return cls(model.to_json(), compile_config, weights, shapes, dict(custom_objects or {}))
+        architecture = model.to_json()
+        found = {**referenced_custom_objects(architecture, compile_config), **(custom_objects or {})}
+        return cls(architecture, compile_config, weights, shapes, found)
 
     @property
     def fingerprint(self) -> str:
@@ -120,6 +125,21 @@ class ModelSpec:
         """Inverse of :meth:`to_bytes`."""
         header, flat = wire.decode(data)
         return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))
+
+
+def is_custom_loss(compile_config: dict[str, Any] | None) -> bool:
+    """Whether the config's loss is one Keras does not ship (a user's function or class)."""
+    loss = (compile_config or {}).get("loss")
+    return isinstance(loss, dict) and not str(loss.get("module") or "").startswith("keras")
+
+
+def referenced_custom_objects(architecture: str, compile_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The objects registered with ``keras.saving.register_keras_serializable`` that the model's
+    architecture or compile config names, by registered name (``"package>Name"``)."""
+    import keras
+
+    text = architecture + json.dumps(compile_config)
+    return {name: obj for name, obj in keras.saving.get_custom_objects().items() if f'"{name}"' in text}
 
 
 def loss_name(compile_config: dict[str, Any] | None) -> str | None:

@@ -1,23 +1,28 @@
-"""SparkTrainer: train, evaluate and predict with a Keras model on Spark, with any engine."""
+"""SparkTrainer (driver side): train, evaluate and predict with a Keras model on Spark, with any engine."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import sysconfig
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import data as data_module
 from .data import DataInfo
+from .driver import SparkRunner, spark_errors
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
-from .errors import ConfigurationError, DataError, from_spark_exception
-from .serialization import ModelSpec, loss_name
+from .errors import ConfigurationError, DataError
+from .executor import evaluate_partition, predict_batches, warm_up
+from .serialization import ModelSpec
 from .session import check_slots, check_weights_privacy, server_host, start_session
-from .worker import inference_model, warm_up
 
 if TYPE_CHECKING:
     import keras
@@ -70,7 +75,7 @@ class SparkTrainer:
         self.spark = spark
         self.custom_objects = dict(custom_objects or {})
         self._owned_session: "SparkSession | None" = None
-        self.info = DataInfo.for_model(model, loss_name(model.get_compile_config()))
+        self.info = DataInfo.for_model(model, model.get_compile_config())
 
     # -- sessions -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -140,7 +145,7 @@ class SparkTrainer:
                 check_slots(spark, self.config.num_workers)
             if self.engine.uses_parameter_server:
                 check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
-            spec = ModelSpec.from_model(self.model, self.custom_objects)
+            spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
             prepared = None
@@ -148,16 +153,18 @@ class SparkTrainer:
                 validation = None
                 if validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
-                info, threads = self.info, self.config.worker_threads
-                warm = ((lambda: warm_up(spec_broadcast, spec.custom_objects, run_id, info, threads))
-                        if self.engine.uses_spark_workers else None)
+                warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
+                        if self.engine.uses_spark_workers and self.info.label_mode != "given" else None)
                 prepare_started = time.perf_counter()
-                prepared = self._spark_errors(lambda: data_module.prepare(
-                    spark, data, features, label, self.info, self.config.num_workers, "training", warm))
+                with spark_errors():
+                    prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
+                                                   "training", warm)
                 prepare_seconds = time.perf_counter() - prepare_started
-                job = TrainingJob(spark=spark, spec=spec, model=self.model, data=prepared, info=self.info,
-                                  config=self.config, run_id=run_id, spec_broadcast=spec_broadcast,
-                                  validation=validation, server_host=server_host(spark))
+                job = TrainingJob(spec=spec, model=self.model,
+                                  info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
+                                  config=self.config, runner=SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name),
+                                  run_id=run_id, partition_sizes=prepared.counts, validation=validation,
+                                  server_host=server_host(spark))
                 self.engine.setup(job)
                 try:
                     result = self.engine.run(job)
@@ -169,32 +176,28 @@ class SparkTrainer:
                 spec_broadcast.destroy()
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
-        result.stats["backend"] = self.engine.name
         if self.config.verbose:
             for epoch in range(self.config.epochs):
                 logger.info("Epoch %d/%d - %s", epoch + 1, self.config.epochs,
                             " - ".join(f"{k}: {v[epoch]:.4f}" for k, v in result.history.items() if epoch < len(v)))
         return result
 
-    def _spark_errors(self, call):
-        try:
-            return call()
-        except Exception as exc:
-            recovered = from_spark_exception(exc)
-            if recovered is not None and recovered is not exc and not isinstance(exc, type(recovered)):
-                raise recovered from None
-            raise
+    def _spec(self) -> ModelSpec:
+        """The model as plain data, its custom objects made to reach executors that lack their modules."""
+        spec = ModelSpec.from_model(self.model, self.custom_objects)
+        for obj in spec.custom_objects.values():
+            ship_by_value(obj)
+        return spec
 
     def _local_arrays(self, spark: "SparkSession", data: Any, features: str, label: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-        blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, self.info, None, what))
-        x, y = self._spark_errors(lambda: data_module.collect_arrays(blocks))
+        with spark_errors():
+            blocks = data_module.to_blocks(spark, data, features, label, self.info, None, what)
+            x, y = data_module.collect_arrays(blocks)
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
         data_module.raise_problems([data_module.block_problems(x, y, self.info)], what)
         return x, y
 
     # -- evaluate / predict -----------------------------------------------------------------
-    def _inference_spec(self) -> ModelSpec:
-        return ModelSpec.from_model(self.model, self.custom_objects)
 
     def evaluate(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
                  batch_size: int = 256) -> dict[str, float]:
@@ -208,23 +211,16 @@ class SparkTrainer:
             ``{"loss": ..., "accuracy": ..., ...}`` like ``model.evaluate(return_dict=True)``.
         """
         data = _features_and_labels(x, y, "evaluate")
-        spec = self._inference_spec()
-        info = self.info
+        spec = self._spec()
         with self._session(data) as spark:
-            blocks = self._spark_errors(lambda: data_module.to_blocks(spark, data, features, label, info, None, "evaluation"))
+            with spark_errors():
+                blocks = data_module.to_blocks(spark, data, features, label, self.info, None, "evaluation")
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
-            custom_objects = spec.custom_objects
-            threads = self.config.worker_threads
-
-            def evaluate_partition(part: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[int, dict[str, float]]]:
-                model = inference_model(spec_broadcast.value, custom_objects, threads)
-                for x, y in part:
-                    if len(x):
-                        scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
-                        yield len(x), {k: float(v) for k, v in scores.items()}
-
+            body = partial(evaluate_partition, spec_broadcast=spec_broadcast, custom_objects=spec.custom_objects,
+                           info=self.info, threads=self.config.worker_threads, batch_size=batch_size)
             try:
-                results = self._spark_errors(lambda: blocks.mapPartitions(evaluate_partition).collect())
+                with spark_errors():
+                    results = blocks.mapPartitions(body).collect()
             finally:
                 spec_broadcast.destroy()
         if not results:
@@ -244,7 +240,7 @@ class SparkTrainer:
         from pyspark import RDD
         from pyspark.sql import DataFrame
 
-        spec = self._inference_spec()
+        spec = self._spec()
         with self._session(data, keep=True) as spark:
             if isinstance(data, DataFrame):
                 df = data
@@ -283,25 +279,33 @@ def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, 
     staged = df.withColumn(temp, data_module.feature_column(df, features, "prediction"))
     data_module.check_first_row(staged, temp, features, info, "prediction")
     schema = T.StructType(df.schema.fields + [T.StructField(output_col, T.ArrayType(T.FloatType()))])
-    spec_bytes = spec.to_bytes()
-    custom_objects = spec.custom_objects
-    names = df.columns
+    body = partial(predict_batches, spec_bytes=spec.to_bytes(), custom_objects=spec.custom_objects, info=info,
+                   threads=threads, batch_size=batch_size, features=temp, names=df.columns, output_col=output_col)
+    return staged.mapInArrow(body, schema)
 
-    def predict_batches(batches):
-        import pyarrow as pa
 
-        model = inference_model(spec_bytes, custom_objects, threads)
-        for batch in batches:
-            column = batch.column(temp)
-            if batch.num_rows == 0:
-                continue
-            x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-            if x.size != batch.num_rows * info.feature_size:
-                raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
-            out = np.asarray(model.predict(x.reshape((batch.num_rows, *info.input_shape)), batch_size=batch_size, verbose=0),
-                             dtype=np.float32).reshape(batch.num_rows, -1)
-            offsets = np.arange(0, out.size + 1, out.shape[1], dtype=np.int32)
-            predictions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.ravel()))
-            yield pa.RecordBatch.from_arrays([batch.column(n) for n in names] + [predictions], names=names + [output_col])
+def _is_installed(path: str) -> bool:
+    """Whether a module file belongs to Python's own library or an installed distribution."""
+    file = Path(path).resolve()
+    roots = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(file.is_relative_to(Path(root).resolve()) for root in roots)
 
-    return staged.mapInArrow(predict_batches, schema)
+
+def ship_by_value(obj: Any) -> None:
+    """Make Spark pickle ``obj``'s module by value when executors may not have it.
+
+    Classes and functions from the driver's ``__main__`` are pickled by value already; those of a
+    module beside the user's script (imported from the script's folder, not installed) would be
+    pickled by reference and fail to import on the executors, so their module travels whole.
+    """
+    from pyspark import cloudpickle
+
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or not path or _is_installed(path):
+        return
+    if module.__name__.split(".")[0] in ("keras", "kerasonspark", "tensorflow"):
+        return
+    if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
+        logger.debug("Custom objects of module %s travel by value", module.__name__)
+        cloudpickle.register_pickle_by_value(module)

@@ -19,7 +19,9 @@ from kerasonspark.session import server_host, start_session
 def main(master_url: str, web_ui: str) -> None:
     spark = start_session(master_url, "kerasonspark-cluster-test")
     x, y = make_blobs(1200)
-    report = {"master": spark.sparkContext.master, "server_host": server_host(spark)}
+    import kerasonspark
+
+    report = {"master": spark.sparkContext.master, "server_host": server_host(spark), "package": kerasonspark.__file__}
     for backend in ("sync", "async"):
         trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0)
         result = trainer.fit(x, y)
@@ -53,7 +55,7 @@ def kill_an_executor_while_training(spark, x, y) -> dict:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
-            if any("worker.py" in name for name in names):  # run_training_stage's collect
+            if any("driver.py" in name for name in names):  # SparkRunner.run_workers's collect
                 time.sleep(2)
                 os.kill(executor_pids()[0], signal.SIGKILL)
                 return

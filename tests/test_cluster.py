@@ -37,6 +37,8 @@ def test_engines_train_on_a_standalone_cluster_fail_fast_on_a_lost_executor_and_
         assert run.returncode == 0 and lines, run.stderr[-3000:]
         report = json.loads(lines[0][len("REPORT "):])
     assert report["master"] == cluster.master_url and report["server_host"] == "127.0.0.1"
+    # The driver trained with the checkout under test, not some other installed copy.
+    assert Path(report["package"]).resolve() == (TESTS.parent / "kerasonspark" / "__init__.py").resolve()
     for backend in ("sync", "async"):
         assert report[backend]["accuracy"] > 0.9
         assert sorted(report[backend]["worker_samples"]) == [600, 600]  # each row in one partition

@@ -7,9 +7,17 @@ from kerasonspark.engine import resolve_backend
 from conftest import small_model
 
 
-def test_public_surface_is_exported():
+def test_public_surface_is_exactly_what_all_names():
+    assert sorted(kerasonspark.__all__) == [
+        "BarrierTimeoutError", "ConfigurationError", "DataError", "Engine", "Exchange", "KerasOnSparkError",
+        "ParameterServerError", "ServerExchange", "SparkEnvironmentError", "SparkTrainer", "StandaloneCluster",
+        "TrainingConfig", "TrainingJob", "TrainingResult", "WireFormatError", "WorkerError", "WorkerReport",
+        "available_backends", "compare_strategies"]
     for name in kerasonspark.__all__:
-        assert hasattr(kerasonspark, name), name
+        assert getattr(kerasonspark, name) is not None, name
+    star: dict = {}
+    exec("from kerasonspark import *", star)
+    assert sorted(k for k in star if k != "__builtins__") == sorted(kerasonspark.__all__)
 
 
 def test_engines_are_found_through_entry_points():
@@ -63,7 +71,7 @@ def test_missing_java_gets_a_clear_error(monkeypatch):
 def test_native_start_up_lines_are_held_unless_start_up_fails(capfd):
     import os
 
-    from kerasonspark.worker import _native_start_up_lines_held
+    from kerasonspark.executor import _native_start_up_lines_held
 
     with _native_start_up_lines_held():
         os.write(2, b"I0000 oneDNN custom operations are on\n")

@@ -1,4 +1,8 @@
-"""What runs inside a Spark task: the local training loop every engine shares.
+"""Executor side: what runs inside a Spark task (or a worker thread of :mod:`kerasonspark.testing`).
+
+TensorFlow set-up, the model cache, the multi-step runner, the worker loop every engine shares,
+and the task bodies for training, evaluation and prediction. Nothing here serves or launches:
+this module imports no Flask, no trainer, no cluster code.
 
 Each Spark task is one worker. It sizes TensorFlow's thread pools to the task's cores (two
 single-threaded workers on two cores train 1.26x faster than one process on both; with default
@@ -19,21 +23,19 @@ import tempfile
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .data import DataInfo
-from .errors import KerasOnSparkError, WorkerError, from_spark_exception
-from .parameter_server.client import ParameterClient
+from .engine import Exchange, WorkerReport
+from .errors import DataError, WorkerError
 from .serialization import ModelSpec, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
-
-    from .engine import TrainingJob
 
 logger = logging.getLogger(__name__)
 
@@ -241,87 +243,8 @@ def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, in
     training_model(run_id, spec_broadcast.value, custom_objects, info)
 
 
-class Exchange:
-    """An engine's worker-side hook: what happens between runs of local steps.
-
-    Instances are created on the driver, pickled into the Spark task, and used by one worker.
-    Every method but :meth:`exchange` has a do-nothing default.
-    """
-
-    def start(self, model: "keras.Model", worker: int) -> None:
-        """Called once before training, with the worker's id (its partition index)."""
-
-    def schedule(self, steps: int, epoch: int) -> list[int]:
-        """Split an epoch's ``steps`` local steps into runs; :meth:`exchange` follows each run."""
-        return [steps]
-
-    def exchange(self, model: "keras.Model", samples: int) -> None:
-        """Exchange weights with the others after a run of local steps over ``samples`` samples."""
-        raise NotImplementedError
-
-    def end_epoch(self, model: "keras.Model", epoch: int) -> None:
-        """Called after the epoch's last exchange, before validation."""
-
-    def finish(self, model: "keras.Model") -> dict[str, Any]:
-        """Called after training; returns figures to merge into the worker's report."""
-        return {}
-
-    def report_failure(self, message: str) -> None:
-        """Called when this worker fails, so others do not wait for it."""
-
-    def close(self) -> None:
-        """Release connections; called last, also after a failure."""
-
-
-class ServerExchange(Exchange):
-    """An exchange through the run's parameter server, over one keep-alive connection per worker.
-
-    Subclasses implement :meth:`schedule` and :meth:`exchange` with :attr:`client`; opening the
-    connection, traffic figures, failure reports and closing are shared.
-
-    Args:
-        url: the parameter server's base URL.
-        secret: the run's secret.
-        timeout: seconds a request may wait for the server (a round barrier waits on purpose).
-    """
-
-    def __init__(self, url: str, secret: bytes, timeout: float) -> None:
-        self.url, self.secret, self.timeout = url, secret, timeout
-        self.worker = -1
-        self.shapes: list[tuple[int, ...]] = []
-        self._client: ParameterClient | None = None
-
-    def start(self, model: "keras.Model", worker: int) -> None:
-        self.worker = worker
-        self.shapes = [tuple(w.shape) for w in model.weights]
-        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
-
-    @property
-    def client(self) -> ParameterClient:
-        """The worker's connection (after :meth:`start`)."""
-        if self._client is None:
-            raise RuntimeError("The exchange was used before start().")
-        return self._client
-
-    def traffic(self) -> dict[str, float]:
-        """Seconds spent exchanging and megabytes moved, for the worker's report."""
-        client = self.client
-        return {"exchange_seconds": client.seconds, "mb_sent": client.bytes_sent / 1e6,
-                "mb_received": client.bytes_received / 1e6,
-                "exchange_mb_per_s": (client.bytes_sent + client.bytes_received) / 1e6 / max(client.seconds, 1e-9)}
-
-    def report_failure(self, message: str) -> None:
-        # A fresh connection: the worker's own may be broken mid-request, or busy in the background.
-        with ParameterClient(self.url, self.secret, self.worker, timeout=10) as client:
-            client.report_failure(message)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
 @dataclass(frozen=True)
-class StageSettings:
+class WorkerSettings:
     """The small, picklable part of a training job that every worker needs."""
 
     run_id: str
@@ -337,28 +260,37 @@ def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in logs.items() if np.asarray(v).ndim == 0}
 
 
-def _train(worker: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
-           custom_objects: dict[str, Any], settings: StageSettings, exchange: Exchange,
-           validation: Any) -> dict[str, Any]:
-    configure_tensorflow(settings.worker_threads)
-    steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
+def validation_share(validation: tuple[np.ndarray, np.ndarray] | None, worker: int,
+                     settings: WorkerSettings) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows of the validation set that ``worker`` scores: every ``num_workers``-th, from its id."""
+    if validation is None:
+        return None
+    vx, vy = validation
+    share = slice(worker, None, settings.num_workers)
+    return vx[share], settings.info.model_labels(vy[share])
+
+
+def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.ndarray, settings: WorkerSettings,
+                 exchange: Exchange, validation: tuple[np.ndarray, np.ndarray] | None) -> WorkerReport:
+    """The worker loop every engine shares: shuffle, train runs of local steps, exchange, score.
+
+    Each epoch visits every row of ``x`` once in a fresh order (seeded by ``settings.seed`` plus
+    the worker id), in runs of steps that ``exchange.schedule`` cuts; ``exchange.exchange`` follows
+    every run, also an empty one, so workers with fewer rows still meet the others.
+
+    Args:
+        steps_runner: the worker's model with its multi-step training function.
+        x: features; ``y``: labels as the model's loss takes them.
+        validation: this worker's share of the validation set, or ``None``.
+    """
     model = steps_runner.model
-    parts = list(blocks)
-    n = sum(len(b[0]) for b in parts)
-    x = np.concatenate([b[0] for b in parts]) if n else np.zeros((0, *settings.info.input_shape), np.float32)
-    y = settings.info.model_labels(np.concatenate([b[1] for b in parts])) if n else np.zeros(0, np.int32)
-    del parts
+    n = len(x)
     rng = np.random.default_rng(None if settings.seed is None else settings.seed + worker)
     batch = settings.batch_size
     steps = math.ceil(n / batch)
-    val_x = val_y = None
-    if validation is not None:
-        vx, vy = validation.value
-        val_x, val_y = vx[worker::settings.num_workers], settings.info.model_labels(vy[worker::settings.num_workers])
-
     exchange.start(model, worker)
-    history: list[dict[str, float]] = []
-    val_history: list[tuple[int, dict[str, float]]] = []
+    report = WorkerReport(worker, n, steps * settings.epochs, 0.0,
+                          val_samples=len(validation[0]) if validation is not None else 0)
     started = time.perf_counter()
     for epoch in range(settings.epochs):
         order = rng.permutation(n)
@@ -370,34 +302,29 @@ def _train(worker: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_br
                 steps_runner.run(x, y, index, batch)
             step += run
             exchange.exchange(model, len(index))
+        if step != steps:
+            raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {steps}; "
+                               "`Exchange.schedule` must return runs that add up to `steps`.")
         exchange.end_epoch(model, epoch)
-        history.append(steps_runner.metrics() if n else {})
-        if val_x is not None and len(val_x):
-            scores = model.evaluate(val_x, val_y, batch_size=max(batch, 256), verbose=0, return_dict=True)
-            val_history.append((len(val_x), _metric_logs(scores)))
-    seconds = time.perf_counter() - started
-    report = {"worker": worker, "samples": n, "steps": steps * settings.epochs, "seconds": seconds,
-              "history": history, "val_history": val_history}
-    report.update(exchange.finish(model))
+        report.history.append(steps_runner.metrics() if n else {})
+        if report.val_samples and validation is not None:
+            scores = model.evaluate(*validation, batch_size=max(batch, 256), verbose=0, return_dict=True)
+            report.val_history.append(_metric_logs(scores))
+    report.seconds = time.perf_counter() - started
+    report.figures.update(exchange.finish(model))
     return report
 
 
-def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
-                    settings: StageSettings, exchange: Exchange, validation: Any) -> Iterator[dict[str, Any]]:
-    """The body of one barrier task: train this partition; yields the worker's report."""
-    from pyspark import TaskContext
-
-    context = TaskContext.get()
-    if context is None:
-        raise RuntimeError("train_partition runs inside a Spark task.")
-    worker = context.partitionId()
+def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport]) -> WorkerReport:
+    """Run a worker's ``body``; on failure tell the others (through the exchange) and raise a
+    :class:`WorkerError` naming the worker, with its traceback's tail. Closes the exchange."""
     try:
-        yield _train(worker, blocks, spec_broadcast, custom_objects, settings, exchange, validation)
+        return body()
     except BaseException as exc:
         detail = "".join(traceback.format_exception(exc))[-3000:]
         exchange.report_failure(f"{type(exc).__name__}: {exc}\n{detail}")
-        if isinstance(exc, KerasOnSparkError) and not isinstance(exc, WorkerError):
-            raise WorkerError(f"Worker {worker} failed: {type(exc).__name__}: {exc}", worker, detail) from exc
+        if isinstance(exc, WorkerError):
+            raise
         if isinstance(exc, Exception):
             raise WorkerError(f"Worker {worker} failed: {type(exc).__name__}: {exc}", worker, detail) from exc
         raise
@@ -405,58 +332,61 @@ def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadc
         exchange.close()
 
 
-def _lost_worker_error(exc: BaseException) -> WorkerError:
-    """A WorkerError for a task that failed without a Python exception of its own (a crash)."""
-    import re
+def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
+                    settings: WorkerSettings, exchange: Exchange, validation: Any) -> Iterator[WorkerReport]:
+    """The body of one barrier task: train this partition; yields the worker's report."""
+    from pyspark import TaskContext
 
-    text = str(exc)
-    task = re.search(r"ResultTask\(\d+, (\d+)\)", text)
-    worker = int(task.group(1)) if task else -1
-    signs = ("exited unexpectedly", "OutOfMemory", "Killed", "ExecutorLostFailure")
-    reason = next((line.strip() for line in text.splitlines() if any(sign in line for sign in signs)), "")
-    if reason.startswith("ExecutorLostFailure"):
-        reason = f"its executor was lost: {reason}"
-    who = f"Worker {worker}" if worker >= 0 else "A worker"
-    return WorkerError(f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
-                       "the executor's log has the task's own output).", worker, text[-3000:])
+    context = TaskContext.get()
+    if context is None:
+        raise RuntimeError("train_partition runs inside a Spark task.")
+    worker = context.partitionId()
 
+    def body() -> WorkerReport:
+        configure_tensorflow(settings.worker_threads)
+        steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
+        x, y = concatenate_blocks(blocks, settings.info)
+        share = validation_share(validation.value if validation is not None else None, worker, settings)
+        return train_worker(worker, steps_runner, x, y, settings, exchange, share)
 
-def run_training_stage(job: "TrainingJob", exchange: Exchange) -> list[dict[str, Any]]:
-    """Run :func:`train_partition` on every partition of ``job.data`` as one barrier stage.
-
-    Raises:
-        WorkerError: a task failed; the error names the worker and carries its message.
-    """
-    sc = job.spark.sparkContext
-    settings = StageSettings(job.run_id, job.config.epochs, job.config.batch_size, job.config.num_workers,
-                             job.config.seed, job.info, job.config.worker_threads)
-    validation = sc.broadcast(job.validation) if job.validation is not None else None
-    spec_broadcast, custom_objects = job.spec_broadcast, job.spec.custom_objects
-    try:
-        stage = job.data.blocks.barrier().mapPartitions(
-            lambda blocks: train_partition(blocks, spec_broadcast, custom_objects, settings, exchange, validation))
-        reports = stage.collect()
-    except Exception as exc:
-        recovered = from_spark_exception(exc)
-        if isinstance(recovered, WorkerError):
-            raise recovered from None
-        raise _lost_worker_error(exc) from exc
-    finally:
-        if validation is not None:
-            validation.destroy()
-    return sorted(reports, key=lambda r: r["worker"])
+    yield guarded(worker, exchange, body)
 
 
-def explain_failure(error: WorkerError, failures: dict[int, str]) -> WorkerError:
-    """Name the worker whose failure started it all, from the parameter server's reports.
+def concatenate_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], info: DataInfo) -> tuple[np.ndarray, np.ndarray]:
+    """A partition's blocks as one ``(x, y)`` pair, labels as the model's loss takes them."""
+    parts = list(blocks)
+    if not any(len(b[0]) for b in parts):
+        return np.zeros((0, *info.input_shape), np.float32), info.model_labels(np.zeros(0, np.int32))
+    x = np.concatenate([b[0] for b in parts])
+    return x, info.model_labels(np.concatenate([b[1] for b in parts]))
 
-    When one worker fails, the others fail next (their round barrier is cancelled), and Spark
-    may report any of them; the first report that is not such a consequence is the cause.
-    """
-    consequences = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
-    causes = [(w, m) for w, m in failures.items() if not m.startswith(consequences)]
-    if not causes:
-        return error
-    worker, message = causes[0]
-    first_line = message.splitlines()[0] if message else "no message"
-    return WorkerError(f"Worker {worker} failed: {first_line}", worker, message)
+
+def evaluate_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
+                       custom_objects: dict[str, Any], info: DataInfo, threads: int | None,
+                       batch_size: int) -> Iterator[tuple[int, dict[str, float]]]:
+    """The body of one evaluation task: ``(rows, scores)`` for each non-empty block."""
+    model = inference_model(spec_broadcast.value, custom_objects, threads)
+    for x, y in blocks:
+        if len(x):
+            scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
+            yield len(x), _metric_logs(scores)
+
+
+def predict_batches(batches: Iterable[Any], spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo,
+                    threads: int | None, batch_size: int, features: str, names: list[str],
+                    output_col: str) -> Iterator[Any]:
+    """The body of one prediction task: each Arrow batch with the model's output appended."""
+    import pyarrow as pa
+
+    model = inference_model(spec_bytes, custom_objects, threads)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        x = batch.column(features).flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        if x.size != batch.num_rows * info.feature_size:
+            raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
+        out = np.asarray(model.predict(x.reshape((batch.num_rows, *info.input_shape)), batch_size=batch_size, verbose=0),
+                         dtype=np.float32).reshape(batch.num_rows, -1)
+        offsets = np.arange(0, out.size + 1, out.shape[1], dtype=np.int32)
+        predictions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.ravel()))
+        yield pa.RecordBatch.from_arrays([batch.column(n) for n in names] + [predictions], names=names + [output_col])

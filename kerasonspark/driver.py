@@ -1,0 +1,229 @@
+"""Driver side: Spark's runner, parameter-server hosting, result assembly, and Spark's errors mapped.
+
+:class:`SparkRunner` is the :class:`~kerasonspark.engine.Runner` the trainer puts in every job:
+it runs the workers as one barrier stage and hosts the parameter server beside it.
+:func:`spark_errors` is the one place that turns Spark's wrapped task failures into
+kerasonspark's exceptions; every Spark call of the trainer goes through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import errors
+from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
+from .errors import KerasOnSparkError, WorkerError
+from .executor import WorkerSettings, train_partition
+from .parameter_server.store import ParameterStore
+from .serialization import set_flat_weights
+
+if TYPE_CHECKING:
+    from pyspark import RDD, Broadcast
+    from pyspark.sql import SparkSession
+
+logger = logging.getLogger(__name__)
+
+# Failures that follow another worker's failure (their round was cancelled), not causes.
+_CONSEQUENCES = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
+
+
+def _recover(exc: BaseException) -> KerasOnSparkError | None:
+    """The kerasonspark exception a Spark task raised, rebuilt from Spark's error text, or ``None``.
+
+    Spark reports a Python task's failure as text; the last ``kerasonspark.errors.<Name>: message``
+    line names it.
+    """
+    text = str(exc)
+    matches = re.findall(r"kerasonspark\.errors\.(\w+): (.*)", text)
+    if not matches:
+        return None
+    name, message = matches[-1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, KerasOnSparkError)):
+        return None
+    if cls is WorkerError:
+        worker = re.match(r"Worker (\d+)", message)
+        detail = text[text.rfind("Traceback"):][-3000:] if "Traceback" in text else ""
+        return WorkerError(message, int(worker.group(1)) if worker else -1, detail)
+    return cls(message)
+
+
+def _lost_worker_error(exc: BaseException) -> WorkerError:
+    """A WorkerError for a training task that failed without a Python exception of its own (a crash)."""
+    text = str(exc)
+    task = re.search(r"ResultTask\(\d+, (\d+)\)", text)
+    worker = int(task.group(1)) if task else -1
+    signs = ("exited unexpectedly", "OutOfMemory", "Killed", "ExecutorLostFailure")
+    reason = next((line.strip() for line in text.splitlines() if any(sign in line for sign in signs)), "")
+    if reason.startswith("ExecutorLostFailure"):
+        reason = f"its executor was lost: {reason}"
+    who = f"Worker {worker}" if worker >= 0 else "A worker"
+    return WorkerError(f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
+                       "the executor's log has the task's own output).", worker, text[-3000:])
+
+
+@contextlib.contextmanager
+def spark_errors(training: bool = False) -> Iterator[None]:
+    """Map Spark's errors to kerasonspark's inside the block.
+
+    A kerasonspark exception raised in a task (a ``DataError`` while converting a partition, a
+    ``WorkerError`` from the worker loop) comes back as itself, without Spark's wrapping. With
+    ``training``, a task that failed without one (its process died, its executor was lost) becomes
+    a ``WorkerError`` naming the worker, with Spark's error as its cause.
+    """
+    try:
+        yield
+    except KerasOnSparkError:
+        raise
+    except Exception as exc:
+        recovered = _recover(exc)
+        if recovered is not None:
+            raise recovered from None
+        if training:
+            raise _lost_worker_error(exc) from exc
+        raise
+
+
+def explain_failure(error: WorkerError, failures: Mapping[int, str]) -> WorkerError:
+    """Name the worker whose failure started it all, from the parameter server's reports.
+
+    When one worker fails, the others fail next (their round barrier is cancelled), and Spark
+    may report any of them; the first report that is not such a consequence is the cause.
+    """
+    causes = [(w, m) for w, m in failures.items() if not m.startswith(_CONSEQUENCES)]
+    if not causes:
+        return error
+    worker, message = causes[0]
+    first_line = message.splitlines()[0] if message else "no message"
+    return WorkerError(f"Worker {worker} failed: {first_line}", worker, message)
+
+
+def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
+                          run_workers: Callable[[Exchange], list[WorkerReport]]) -> StageOutcome:
+    """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains.
+
+    The server and its threads are stopped when this returns or raises.
+
+    Raises:
+        WorkerError: naming the worker whose failure started it (from the server's reports).
+    """
+    from .parameter_server.app import ServerConfig
+    from .parameter_server.auth import new_secret
+    from .parameter_server.server import ParameterServer
+
+    secret = new_secret()
+    config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
+    with ParameterServer(store, config, host=job.server_host) as server:
+        exchange = make_exchange(server.url, secret)
+        started = time.perf_counter()
+        try:
+            reports = run_workers(exchange)
+        except WorkerError as exc:
+            explained = explain_failure(exc, store.failures)
+            if explained is exc:
+                raise  # keeps the Spark error it carries as its cause
+            raise explained from exc
+        return StageOutcome(reports, time.perf_counter() - started, store.stats())
+
+
+def _weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    entries = [(n, logs) for n, logs in entries if logs and n > 0]
+    total = sum(n for n, _ in entries)
+    if not total:
+        return {}
+    return {k: sum(n * logs[k] for n, logs in entries) / total for k in entries[0][1]}
+
+
+def merge_history(reports: list[WorkerReport], epochs: int) -> dict[str, list[float]]:
+    """Each epoch's metrics over the workers: training ones weighted by samples, ``val_*`` by
+    validation rows; a worker without rows (or without that epoch) does not count."""
+    history: dict[str, list[float]] = {}
+    for epoch in range(epochs):
+        train = _weighted_mean([(r.samples, r.history[epoch]) for r in reports if epoch < len(r.history)])
+        val = _weighted_mean([(r.val_samples, r.val_history[epoch]) for r in reports if epoch < len(r.val_history)])
+        for key, value in [*train.items(), *((f"val_{k}", v) for k, v in val.items())]:
+            history.setdefault(key, []).append(value)
+    return history
+
+
+def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], weights: np.ndarray,
+                    train_seconds: float, exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+    """Set ``weights`` on the caller's model and build the result every runner returns.
+
+    ``engine_stats`` goes under the engine's ``name`` in ``stats``; its ``parameter_server``
+    entry, common to every engine that uses the server, goes to ``stats["parameter_server"]``.
+    """
+    set_flat_weights(job.model, weights)
+    samples = job.num_samples * job.config.epochs
+    own = dict(engine_stats or {})
+    stats: dict[str, Any] = {
+        "backend": name,
+        "samples": samples,
+        "epochs": job.config.epochs,
+        "num_workers": job.config.num_workers,
+        "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+        "exchanges": int(exchanges),
+        "workers": [r.as_stats() for r in sorted(reports, key=lambda r: r.worker)],
+    }
+    if "parameter_server" in own:
+        stats["parameter_server"] = own.pop("parameter_server")
+    stats[name] = own
+    return TrainingResult(job.model, merge_history(reports, job.config.epochs), stats)
+
+
+def worker_settings(job: TrainingJob) -> WorkerSettings:
+    """The picklable settings every worker of ``job`` trains with."""
+    config = job.config
+    return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
+                          config.worker_threads)
+
+
+class SparkRunner:
+    """Runs a job's workers as one Spark barrier stage, one task per partition of ``blocks``.
+
+    Args:
+        spark: the session.
+        blocks: the prepared training data, an RDD with one partition per worker.
+        spec_broadcast: the model spec's bytes, broadcast once per ``fit``.
+        engine_name: where the engine's figures go in ``stats``.
+    """
+
+    def __init__(self, spark: "SparkSession", blocks: "RDD", spec_broadcast: "Broadcast[bytes]",
+                 engine_name: str) -> None:
+        self.spark, self.blocks, self.spec_broadcast, self.engine_name = spark, blocks, spec_broadcast, engine_name
+
+    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+        sc = self.spark.sparkContext
+        validation = sc.broadcast(job.validation) if job.validation is not None else None
+        body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
+                       settings=worker_settings(job), exchange=exchange, validation=validation)
+        try:
+            with spark_errors(training=True):
+                reports = self.blocks.barrier().mapPartitions(body).collect()
+        finally:
+            if validation is not None:
+                validation.destroy()
+        return sorted(reports, key=lambda r: r.worker)
+
+    def serve(self, job: TrainingJob, store: ParameterStore,
+              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+
+    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
+               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
+
+    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
+        from .data import collect_arrays
+
+        with spark_errors():
+            return collect_arrays(self.blocks)

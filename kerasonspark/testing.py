@@ -1,0 +1,131 @@
+"""An in-process runner for engine authors: an engine's workers as threads, no Spark.
+
+The workers run the real worker loop (:func:`kerasonspark.executor.train_worker`) against the
+real parameter server on loopback, and return the same :class:`~kerasonspark.engine.WorkerReport`
+s as in a Spark stage, so an engine's tests take seconds::
+
+    from kerasonspark.testing import fit_in_process
+
+    result = fit_in_process(MyEngine(), model, x, y, num_workers=2, epochs=2)
+    assert result.history["accuracy"][-1] > 0.9
+
+What it does not test: pickling into Spark tasks, Spark's scheduling and its failures. Keep one
+end-to-end test through ``SparkTrainer`` on ``local[2]`` for those.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .data import DataInfo, validate_arrays
+from .driver import assemble_result, host_parameter_server, worker_settings
+from .engine import (
+    Engine,
+    Exchange,
+    ParameterStore,
+    StageOutcome,
+    TrainingConfig,
+    TrainingJob,
+    TrainingResult,
+    WorkerReport,
+    resolve_backend,
+)
+from .executor import LocalSteps, guarded, train_worker, validation_share
+from .serialization import ModelSpec
+
+if TYPE_CHECKING:
+    import keras
+
+__all__ = ["InProcessRunner", "fit_in_process"]
+
+
+class InProcessRunner:
+    """A :class:`~kerasonspark.engine.Runner` whose workers are threads of this process.
+
+    Args:
+        partitions: one ``(x, y)`` pair per worker (labels as given).
+        engine_name: where the engine's figures go in ``stats``.
+    """
+
+    def __init__(self, partitions: list[tuple[np.ndarray, np.ndarray]], engine_name: str) -> None:
+        self.partitions, self.engine_name = partitions, engine_name
+
+    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+        settings = worker_settings(job)
+        spec_bytes = job.spec.to_bytes()
+        # Models are built here, one per worker, before any thread starts: Keras builds layers
+        # and traces functions on the calling thread.
+        bodies: list[Callable[[], WorkerReport]] = []
+        exchanges = [copy.deepcopy(exchange) for _ in self.partitions]  # each Spark task unpickles its own
+        for worker, (x, y) in enumerate(self.partitions):
+            steps = LocalSteps(ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info)
+            share = validation_share(job.validation, worker, settings)
+            bodies.append(partial(train_worker, worker, steps, x, job.info.model_labels(y), settings,
+                                  exchanges[worker], share))
+        outcomes: list[WorkerReport | BaseException | None] = [None] * len(bodies)
+
+        def run(worker: int) -> None:
+            try:
+                outcomes[worker] = guarded(worker, exchanges[worker], bodies[worker])
+            except BaseException as exc:  # handed to the caller's thread below
+                outcomes[worker] = exc
+
+        threads = [threading.Thread(target=run, args=(w,), name=f"kerasonspark-worker-{w}", daemon=True)
+                   for w in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [o for o in outcomes if isinstance(o, WorkerReport)]
+
+    def serve(self, job: TrainingJob, store: ParameterStore,
+              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+
+    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
+               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
+
+    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([p[0] for p in self.partitions]), np.concatenate([p[1] for p in self.partitions])
+
+
+def fit_in_process(engine: Engine | str, model: "keras.Model", x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
+                   num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
+                   custom_objects: Mapping[str, Any] | None = None,
+                   backend_options: Mapping[str, Any] | None = None) -> TrainingResult:
+    """Train ``model`` on ``(x, y)`` with ``engine``, its workers as threads of this process.
+
+    The data is checked as ``SparkTrainer.fit`` checks it and split into ``num_workers`` equal
+    partitions in order. Returns what ``SparkTrainer.fit`` returns, less the Spark-only figures
+    (``wall_seconds``, ``prepare_seconds``).
+
+    Raises:
+        DataError: the data does not fit the model.
+        WorkerError: a worker failed; the message names it.
+    """
+    engine = resolve_backend(engine, backend_options)
+    config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=0)
+    info = DataInfo.for_model(model, model.get_compile_config())
+    x, y = validate_arrays((x, y), info, "training")
+    info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))
+    validation = validate_arrays(tuple(validation_data), info, "validation") if validation_data is not None else None
+    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers)))
+    job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
+                      config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
+                      partition_sizes=[len(p[0]) for p in partitions], validation=validation)
+    engine.setup(job)
+    try:
+        return engine.run(job)
+    finally:
+        engine.teardown(job)
