@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -187,6 +190,33 @@ def worker_settings(job: TrainingJob) -> WorkerSettings:
                           config.worker_threads)
 
 
+def _is_installed(path: str) -> bool:
+    """Whether a module file belongs to Python's own library or an installed distribution."""
+    file = Path(path).resolve()
+    roots = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(file.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def ship_by_value(obj: Any) -> None:
+    """Make Spark pickle ``obj``'s module by value when executors may not have it.
+
+    Classes and functions from the driver's ``__main__`` are pickled by value already; those of a
+    module beside the user's script (imported from the script's folder, not installed) would be
+    pickled by reference and fail to import on the executors, so their module travels whole.
+    """
+    from pyspark import cloudpickle
+
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or not path or _is_installed(path):
+        return
+    if module.__name__.split(".")[0] in ("keras", "kerasonspark", "tensorflow"):
+        return
+    if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
+        logger.debug("Custom objects of module %s travel by value", module.__name__)
+        cloudpickle.register_pickle_by_value(module)
+
+
 class SparkRunner:
     """Runs a job's workers as one Spark barrier stage, one task per partition of ``blocks``.
 
@@ -202,6 +232,7 @@ class SparkRunner:
         self.spark, self.blocks, self.spec_broadcast, self.engine_name = spark, blocks, spec_broadcast, engine_name
 
     def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+        ship_by_value(type(exchange))  # an engine of the user's own travels like their custom objects
         sc = self.spark.sparkContext
         validation = sc.broadcast(job.validation) if job.validation is not None else None
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
-import sysconfig
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import data as data_module
 from .data import DataInfo
-from .driver import SparkRunner, spark_errors
+from .driver import SparkRunner, ship_by_value, spark_errors
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
@@ -283,29 +280,3 @@ def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, 
                    threads=threads, batch_size=batch_size, features=temp, names=df.columns, output_col=output_col)
     return staged.mapInArrow(body, schema)
 
-
-def _is_installed(path: str) -> bool:
-    """Whether a module file belongs to Python's own library or an installed distribution."""
-    file = Path(path).resolve()
-    roots = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    return any(file.is_relative_to(Path(root).resolve()) for root in roots)
-
-
-def ship_by_value(obj: Any) -> None:
-    """Make Spark pickle ``obj``'s module by value when executors may not have it.
-
-    Classes and functions from the driver's ``__main__`` are pickled by value already; those of a
-    module beside the user's script (imported from the script's folder, not installed) would be
-    pickled by reference and fail to import on the executors, so their module travels whole.
-    """
-    from pyspark import cloudpickle
-
-    module = sys.modules.get(getattr(obj, "__module__", "") or "")
-    path = getattr(module, "__file__", None)
-    if module is None or module.__name__ == "__main__" or not path or _is_installed(path):
-        return
-    if module.__name__.split(".")[0] in ("keras", "kerasonspark", "tensorflow"):
-        return
-    if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
-        logger.debug("Custom objects of module %s travel by value", module.__name__)
-        cloudpickle.register_pickle_by_value(module)

@@ -1,32 +1,144 @@
-"""The dependency rules of DESIGN.md: the core imports no engine; engines import no other engine."""
+"""The dependency rules of DESIGN.md, checked on the source and on real Spark workers.
+
+The core imports no engine; engines import no other engine; the engine SDK imports neither side;
+executor-side code imports nothing that serves or launches; no import cycles.
+"""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "kerasonspark"
+# What a Spark worker must never hold: the driver side, and what serves or launches.
+DRIVER_ONLY = ("flask", "werkzeug", "kerasonspark.trainer", "kerasonspark.driver", "kerasonspark.cluster",
+               "kerasonspark.compare", "kerasonspark.cli", "kerasonspark.testing", "kerasonspark.parameter_server.app",
+               "kerasonspark.parameter_server.server")
 
 
-def imported_modules(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or deferred, as absolute names."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            names.add(("." * node.level) + (node.module or ""))
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
+def package_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for target in imports(path):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            # a package's __init__ naming its own children is not a dependency back on it
+            if target and target != name and not target.startswith(name + ".") and not name.startswith(target + "."):
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done, stack = set(), []
+
+    def visit(node):
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        if node in done:
+            return None
+        stack.append(node)
+        for target in sorted(graph[node]):
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        stack.pop()
+        done.add(node)
+        return None
+
+    return next((c for c in (visit(n) for n in sorted(graph)) if c), None)
+
+
+def test_no_import_cycle_module_level_or_deferred():
+    assert find_cycle(package_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    return seen
+
+
+def test_executor_side_and_sdk_import_nothing_that_serves_or_launches():
+    graph = package_graph()
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for start in ("kerasonspark.executor", "kerasonspark.engine", "kerasonspark.asynchronous"):
+        modules = reachable(start, graph)
+        assert not [m for m in modules if m.startswith(DRIVER_ONLY)], start
+        outside = {name for m in modules for name in imports(paths[m])}
+        assert not [name for name in outside if name.startswith(DRIVER_ONLY)], start
+
+
 def test_core_never_imports_an_engine():
-    for path in (ROOT / "kerasonspark").rglob("*.py"):
-        for name in imported_modules(path):
-            assert "backends" not in name, f"{path.relative_to(ROOT)} imports {name}"
+    for path in PACKAGE.rglob("*.py"):
+        for name in imports(path):
+            assert not name.startswith("kerasonspark.backends"), f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_engines_import_only_the_core():
     engines = {p.stem for p in (ROOT / "backends").glob("*.py") if p.stem != "__init__"}
     for path in (ROOT / "backends").glob("*.py"):
-        for name in imported_modules(path):
-            assert not name.startswith("."), f"{path.name} uses a relative import: {name}"
+        for name in imports(path):
             parts = name.split(".")
             assert not (len(parts) > 2 and parts[:2] == ["kerasonspark", "backends"] and parts[2] in engines), \
                 f"{path.name} imports another engine: {name}"
+
+
+@pytest.mark.spark
+def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_predict(spark):
+    from kerasonspark import SparkTrainer
+
+    from conftest import make_blobs, small_model
+
+    x, y = make_blobs(400)
+    for backend in ("sync", "async"):
+        trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=1, batch_size=16, spark=spark,
+                               verbose=0)
+        trainer.fit(x, y)
+    assert trainer.evaluate(x, y)["accuracy"] > 0.5
+    assert len(trainer.predict(x[:8]).collect()) == 8
+    trainer.close()
+
+    def held(_):
+        import sys as worker_sys
+
+        yield sorted(worker_sys.modules)
+
+    per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
+    assert all("kerasonspark.executor" in names for names in per_worker)  # the workers that trained
+    leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
+    assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"

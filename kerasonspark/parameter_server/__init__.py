@@ -8,15 +8,7 @@ names here, so importing this package never imports Flask.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .app import ServerConfig, create_app
-    from .auth import new_secret
-    from .client import ParameterClient
-    from .rules import RULES, UpdateRule, make_rule
-    from .server import ParameterServer
-    from .store import ParameterStore
+from typing import Any
 
 _WHERE = {"ParameterClient": "client", "ParameterServer": "server", "ParameterStore": "store", "RULES": "rules",
           "ServerConfig": "app", "UpdateRule": "rules", "create_app": "app", "make_rule": "rules",
