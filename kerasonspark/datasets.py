@@ -20,8 +20,6 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _CSV_FILES = {"train": "mnist_train.csv", "test": "mnist_test.csv"}
-# The source checkout this module runs from (site-packages for an installed copy).
-_CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -101,9 +99,8 @@ def mnist_locations(path: str | os.PathLike | None = None) -> list[Path]:
     """The places :func:`load_mnist` looks, in order (before Keras's download).
 
     ``path``; ``$KERASONSPARK_DATA`` (and its ``mnist/``); ``~/.keras/datasets`` (where Keras
-    caches its download); then a project's own data folders, from the working directory and from
-    this source checkout: ``data/mnist`` inside it and ``../shared/data/mnist`` beside it (where
-    this project's development machines keep the files, since they cannot download).
+    caches its download). A library does not search the folders of the machine it runs on; a
+    script that knows where its data lives passes ``path`` (``examples/mnist.py`` does).
     """
     places = []
     if path is not None:
@@ -112,8 +109,6 @@ def mnist_locations(path: str | os.PathLike | None = None) -> list[Path]:
         env = Path(os.environ["KERASONSPARK_DATA"]).expanduser()
         places += [env / "mnist", env]
     places.append(Path("~/.keras/datasets").expanduser())
-    for root in (Path.cwd(), _CHECKOUT_ROOT):
-        places += [root / "data" / "mnist", root.parent / "shared" / "data" / "mnist"]
     unique: list[Path] = []
     for place in places:
         if place not in unique:

@@ -95,7 +95,7 @@ def configure_tensorflow(threads: int | None = None) -> None:
     tune_allocator()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    with _native_start_up_lines_held():
+    with native_start_up_lines_held():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the CUDA probe prints here, not at the first step
@@ -110,7 +110,7 @@ def configure_tensorflow(threads: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _native_start_up_lines_held() -> Iterator[None]:
+def native_start_up_lines_held() -> Iterator[None]:
     """Hold what native code writes to stderr while TensorFlow starts; print it only on failure.
 
     TensorFlow's C++ start-up lines (oneDNN notice, CUDA probes on a machine without a GPU) come

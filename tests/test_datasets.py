@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from kerasonspark import datasets
 from kerasonspark.datasets import load_mnist, read_idx
@@ -68,20 +69,34 @@ def test_environment_variable_is_searched(tmp_path, monkeypatch):
     check(load_mnist())
 
 
-def test_a_data_folder_beside_the_project_is_found(tmp_path, monkeypatch):
-    project = tmp_path / "project"
-    project.mkdir()
-    (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
-    write_idx_folder(tmp_path / "shared" / "data" / "mnist")
+def test_the_library_does_not_search_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    write_idx_folder(tmp_path / "data" / "mnist")
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KERASONSPARK_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(project)
-    check(load_mnist())
+    assert datasets.mnist_locations() == [tmp_path / "home" / ".keras" / "datasets"]
+    check(load_mnist(tmp_path / "data" / "mnist"))  # found when the script names it
+
+
+def test_the_example_finds_the_data_beside_its_checkout(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mnist_example", Path(__file__).parents[1] / "examples" / "mnist.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    checkout = tmp_path / "project"
+    assert example.default_data(checkout) is None
+    (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
+    assert example.default_data(checkout) == tmp_path / "shared" / "data" / "mnist"
+    (checkout / "data" / "mnist").mkdir(parents=True)
+    assert example.default_data(checkout) == checkout / "data" / "mnist"  # the project's own folder first
+    assert example.with_default_data(["--epochs", "2"], checkout) == ["--epochs", "2", "--data", str(checkout / "data" / "mnist")]
+    assert example.with_default_data(["--data", "x"], checkout) == ["--data", "x"]
 
 
 def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(datasets, "_CHECKOUT_ROOT", tmp_path / "checkout")
     monkeypatch.setenv("KERASONSPARK_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
@@ -89,7 +104,6 @@ def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
         load_mnist(tmp_path / "given")
     text = str(missing.value)
     assert str(tmp_path / "given") in text and str(tmp_path / "env") in text and ".keras/datasets" in text
-    assert str(tmp_path / "checkout" / "data" / "mnist") in text
 
 
 def test_truncated_idx_is_refused(tmp_path):

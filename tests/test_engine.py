@@ -71,13 +71,13 @@ def test_missing_java_gets_a_clear_error(monkeypatch):
 def test_native_start_up_lines_are_held_unless_start_up_fails(capfd):
     import os
 
-    from kerasonspark.executor import _native_start_up_lines_held
+    from kerasonspark.executor import native_start_up_lines_held
 
-    with _native_start_up_lines_held():
+    with native_start_up_lines_held():
         os.write(2, b"I0000 oneDNN custom operations are on\n")
     assert capfd.readouterr().err == ""
     with pytest.raises(ImportError):
-        with _native_start_up_lines_held():
+        with native_start_up_lines_held():
             os.write(2, b"E0000 the reason it failed\n")
             raise ImportError("no tensorflow")
     assert "the reason it failed" in capfd.readouterr().err

@@ -101,12 +101,13 @@ def test_oversized_payload_gets_413(server):
 
 
 def test_replayed_sequence_number_gets_409(server):
-    with client(server) as c:
-        c.pull()
-        c._seq -= 1  # re-send the last sequence number, as a replay would
+    # Two clients of one worker: the older one's sequence numbers are below the newer one's, as
+    # a recorded request replayed later would be.
+    with client(server) as older, client(server) as newer:
+        newer.pull()
         with pytest.raises(ParameterServerError) as replay:
-            c.pull()
-    assert replay.value.status == 409
+            older.pull()
+    assert replay.value.status == 409 and "Replayed or out-of-order" in str(replay.value)
 
 
 def test_barrier_returns_the_sample_weighted_average_to_everyone(server):
@@ -150,9 +151,7 @@ def test_stop_ends_every_thread_and_closes_the_port(no_leaked_threads):
 
     blocked = threading.Thread(target=wait_in_barrier)
     blocked.start()
-    deadline = time.monotonic() + 10
-    while not store._rounds and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert store.wait_for_arrivals(0, 1, timeout=10) == [0]
     srv.stop()
     blocked.join(10)
     assert not blocked.is_alive() and errors
@@ -165,7 +164,7 @@ def test_one_keep_alive_connection_serves_many_requests(server):
         for _ in range(5):
             c.pull()
         c.stats()
-        assert len(server._server.connections) == 1
+        assert server.open_connections == 1
     with client(server) as c:  # and a refused request does not poison the next one on the same connection
         status, _, _ = c.request("POST", "/v1/push", b"\0" * 10_000)
         assert status == 413

@@ -46,8 +46,7 @@ def test_reported_failure_fails_the_open_round_at_once():
 
     t = threading.Thread(target=wait)
     t.start()
-    while not store._rounds:
-        pass
+    assert store.wait_for_arrivals(0, 1, timeout=10) == [0]
     store.report_failure(1, "boom")
     t.join(5)
     assert errors and "worker 1 failed" in str(errors[0])
@@ -65,9 +64,9 @@ def test_check_update_refuses_nan_and_wrong_shapes():
 def test_staleness_summary_is_exact_and_bounded():
     from collections import Counter
 
-    from kerasonspark.parameter_server.store import _summary
+    from kerasonspark.parameter_server.store import staleness_summary
 
-    assert _summary(Counter({0: 1, 1: 5, 4: 1})) == {"min": 0, "median": 1, "max": 4,
+    assert staleness_summary(Counter({0: 1, 1: 5, 4: 1})) == {"min": 0, "median": 1, "max": 4,
                                                       "histogram": {"0": 1, "1": 5, "4": 1}}
-    assert _summary(Counter({2: 1, 7: 1}))["median"] == 7  # the upper median, as sorted(list)[n // 2]
-    assert _summary(Counter())["max"] == 0
+    assert staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7  # the upper median, as sorted(list)[n // 2]
+    assert staleness_summary(Counter())["max"] == 0

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..errors import BarrierTimeoutError, ParameterServerError
@@ -98,6 +98,18 @@ def _binary(parts: list, status: int = 200) -> Response:
     return response
 
 
+api = Blueprint("parameter_server", __name__, url_prefix="/v1")
+
+
+@dataclass
+class _State:
+    """What the views share, kept in ``app.extensions["kerasonspark"]``."""
+
+    store: ParameterStore
+    config: ServerConfig
+    replay: _ReplayGuard
+
+
 def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
     """Build the Flask app that serves ``store``.
 
@@ -111,109 +123,127 @@ def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
     """
     app = Flask("kerasonspark.parameter_server")
     app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
-    app.extensions[EXTENSION] = {"store": store, "config": config, "replay": _ReplayGuard()}
-
-    def state():
-        return app.extensions[EXTENSION]
-
-    @app.before_request
-    def authenticate():
-        if request.content_length is not None and request.content_length > config.max_payload_bytes:
-            return _error(413, f"Payload of {request.content_length} bytes exceeds the cap of "
-                               f"{config.max_payload_bytes} bytes; raise `max_payload_bytes` if the model is that large.")
-        length = request.content_length or 0
-        header = request.headers.get(auth.HEADER)
-        try:
-            if config.sign_body:
-                body = _read_body(length)
-                creds = auth.verify(config.secret, request.method, request.path, header, length, auth.body_digest(body))
-            else:
-                # Checked from the headers alone: an unsigned request is refused before its body is read.
-                creds = auth.verify(config.secret, request.method, request.path, header, length)
-                body = _read_body(length)
-        except auth.AuthenticationError as exc:
-            store.counters["refused_auth"] += 1
-            return _error(401, str(exc))
-        request.environ["kerasonspark.body"] = body
-        state()["replay"].check(creds.worker, creds.seq)
-        request.environ["kerasonspark.worker"] = creds.worker
-        store.bytes_in += len(body)
-        return None
-
-    def worker_id() -> int:
-        return request.environ["kerasonspark.worker"]
-
-    def read_update() -> tuple[dict, np.ndarray]:
-        if request.mimetype != wire.CONTENT_TYPE:
-            raise ParameterServerError(f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400)
-        header, flat = wire.decode(request.environ["kerasonspark.body"])
-        return header, store.check_update(header["shapes"], wire.as_float32(flat, header["dtype"]))
-
-    def int_field(header: dict, name: str, default: int | None = None) -> int:
-        value = header.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ParameterServerError(f"Header field `{name}` must be a non-negative integer. Received: {value!r}.", 400)
-        return value
-
-    def reply(flat, **fields) -> Response:
-        parts = wire.encode(flat, store.shapes, **fields)
-        store.bytes_out += wire.encoded_size(parts)
-        return _binary(parts)
-
-    @app.get("/v1/health")
-    def health():
-        return jsonify(status="ok", version=store.version)
-
-    @app.get("/v1/weights")
-    def pull():
-        center, version = store.pull(worker_id())
-        return reply(center, version=version)
-
-    @app.post("/v1/push")
-    def push():
-        header, update = read_update()
-        window = int_field(header, "window", 1)
-        samples = int_field(header, "samples", 0)
-        new_weights, version, staleness = store.push(worker_id(), update, window, samples)
-        return reply(new_weights, version=version, staleness=staleness)
-
-    @app.post("/v1/rounds/<int:round>")
-    def barrier(round: int):
-        header, weights = read_update()
-        samples = int_field(header, "samples")
-        average = store.barrier(round, worker_id(), weights, samples)
-        return reply(average, round=round, version=store.version)
-
-    @app.post("/v1/failure")
-    def failure():
-        try:
-            payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise ParameterServerError('The failure report must be a JSON object: {"message": "..."}.', 400)
-        store.report_failure(worker_id(), str(payload.get("message", "no message")))
-        return jsonify(recorded=True)
-
-    @app.get("/v1/stats")
-    def stats():
-        return jsonify(store.stats())
-
-    @app.errorhandler(BarrierTimeoutError)
-    def barrier_timeout(exc: BarrierTimeoutError):
-        return _error(504, str(exc), round=exc.round, missing=list(exc.missing))
-
-    @app.errorhandler(ParameterServerError)
-    def refused(exc: ParameterServerError):
-        return _error(exc.status or 500, str(exc))
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if exc.code == 413:
-            return _error(413, f"Payload exceeds the cap of {config.max_payload_bytes} bytes.")
-        return _error(exc.code or 500, exc.description or exc.name)
-
+    app.extensions[EXTENSION] = _State(store, config, _ReplayGuard())
+    app.register_blueprint(api)
+    app.register_error_handler(BarrierTimeoutError, _barrier_timeout)
+    app.register_error_handler(ParameterServerError, _refused)
+    app.register_error_handler(HTTPException, _http_error)
     return app
+
+
+def _state() -> _State:
+    return current_app.extensions[EXTENSION]
+
+
+@api.before_request
+def _authenticate() -> Response | None:
+    store, config = _state().store, _state().config
+    if request.content_length is not None and request.content_length > config.max_payload_bytes:
+        return _error(413, f"Payload of {request.content_length} bytes exceeds the cap of "
+                           f"{config.max_payload_bytes} bytes; raise `max_payload_bytes` if the model is that large.")
+    length = request.content_length or 0
+    header = request.headers.get(auth.HEADER)
+    try:
+        if config.sign_body:
+            body = _read_body(length)
+            creds = auth.verify(config.secret, request.method, request.path, header, length, auth.body_digest(body))
+        else:
+            # Checked from the headers alone: an unsigned request is refused before its body is read.
+            creds = auth.verify(config.secret, request.method, request.path, header, length)
+            body = _read_body(length)
+    except auth.AuthenticationError as exc:
+        store.count("refused_auth")
+        return _error(401, str(exc))
+    request.environ["kerasonspark.body"] = body
+    _state().replay.check(creds.worker, creds.seq)
+    request.environ["kerasonspark.worker"] = creds.worker
+    store.count_bytes(received=len(body))
+    return None
+
+
+def _worker_id() -> int:
+    return request.environ["kerasonspark.worker"]
+
+
+def _read_update() -> tuple[dict, np.ndarray]:
+    if request.mimetype != wire.CONTENT_TYPE:
+        raise ParameterServerError(f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400)
+    header, flat = wire.decode(request.environ["kerasonspark.body"])
+    return header, _state().store.check_update(header["shapes"], wire.as_float32(flat, header["dtype"]))
+
+
+def _int_field(header: dict, name: str, default: int | None = None) -> int:
+    value = header.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ParameterServerError(f"Header field `{name}` must be a non-negative integer. Received: {value!r}.", 400)
+    return value
+
+
+def _reply(flat: np.ndarray, **fields: object) -> Response:
+    store = _state().store
+    parts = wire.encode(flat, store.shapes, **fields)
+    store.count_bytes(sent=wire.encoded_size(parts))
+    return _binary(parts)
+
+
+@api.get("/health")
+def health() -> Response:
+    return jsonify(status="ok", version=_state().store.version)
+
+
+@api.get("/weights")
+def pull() -> Response:
+    center, version = _state().store.pull(_worker_id())
+    return _reply(center, version=version)
+
+
+@api.post("/push")
+def push() -> Response:
+    header, update = _read_update()
+    window = _int_field(header, "window", 1)
+    samples = _int_field(header, "samples", 0)
+    new_weights, version, staleness = _state().store.push(_worker_id(), update, window, samples)
+    return _reply(new_weights, version=version, staleness=staleness)
+
+
+@api.post("/rounds/<int:round>")
+def barrier(round: int) -> Response:
+    header, weights = _read_update()
+    samples = _int_field(header, "samples")
+    store = _state().store
+    average = store.barrier(round, _worker_id(), weights, samples)
+    return _reply(average, round=round, version=store.version)
+
+
+@api.post("/failure")
+def failure() -> Response:
+    try:
+        payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise ParameterServerError('The failure report must be a JSON object: {"message": "..."}.', 400)
+    _state().store.report_failure(_worker_id(), str(payload.get("message", "no message")))
+    return jsonify(recorded=True)
+
+
+@api.get("/stats")
+def stats() -> Response:
+    return jsonify(_state().store.stats())
+
+
+def _barrier_timeout(exc: BarrierTimeoutError) -> Response:
+    return _error(504, str(exc), round=exc.round, missing=list(exc.missing))
+
+
+def _refused(exc: ParameterServerError) -> Response:
+    return _error(exc.status or 500, str(exc))
+
+
+def _http_error(exc: HTTPException) -> Response:
+    if exc.code == 413:
+        return _error(413, f"Payload exceeds the cap of {_state().config.max_payload_bytes} bytes.")
+    return _error(exc.code or 500, exc.description or exc.name)
 
 
 def _error(status: int, message: str, **fields) -> Response:

@@ -258,6 +258,12 @@ class ParameterServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (each served by one thread)."""
+        with self._server.connections_lock:
+            return len(self._server.connections)
+
     def start(self) -> "ParameterServer":
         """Start serving in a background thread; returns self."""
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},

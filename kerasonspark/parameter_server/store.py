@@ -70,6 +70,18 @@ class ParameterStore:
         self.bytes_in = 0
         self.bytes_out = 0
 
+    # -- counters: changed under the lock, since every request thread changes them ---------
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` (``refused_auth``, ``refused_shape``, ...)."""
+        with self._cond:
+            self.counters[name] += n
+
+    def count_bytes(self, received: int = 0, sent: int = 0) -> None:
+        """Add request and reply bytes to the traffic figures."""
+        with self._cond:
+            self.bytes_in += received
+            self.bytes_out += sent
+
     # -- validation ---------------------------------------------------------------------
     def check_update(self, shapes: Sequence[Sequence[int]], update: np.ndarray) -> np.ndarray:
         """Validate a pushed array against the model; returns it as float32.
@@ -78,14 +90,14 @@ class ParameterStore:
             WireFormatError: wrong shapes (status 400) or NaN/Inf values (status 422).
         """
         if [tuple(s) for s in shapes] != self.shapes:
-            self.counters["refused_shape"] += 1
+            self.count("refused_shape")
             raise WireFormatError(
                 f"Update shapes do not match the model: expected {len(self.shapes)} arrays with shapes "
                 f"{self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: {list(shapes)[:4]}."
             )
         update = update.astype(np.float32, copy=False)
         if not np.isfinite(update).all():
-            self.counters["refused_nonfinite"] += 1
+            self.count("refused_nonfinite")
             raise WireFormatError(
                 f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was refused and the "
                 "center weights are unchanged. Lower the learning rate or clip gradients.", status=422)
@@ -171,6 +183,7 @@ class ParameterStore:
             if worker in state.samples:
                 raise ParameterServerError(f"Worker {worker} already arrived in round {round}.", 409)
             state.samples[worker] = samples
+            self._cond.notify_all()
             if samples:
                 contribution = weights * np.float32(samples)
                 if state.sum is None:
@@ -210,6 +223,24 @@ class ParameterStore:
                 raise RoundClosedError("The parameter server shut down during the round.", 503)
             raise BarrierTimeoutError(state.failed or "round failed", round, tuple(self._missing(state)))
 
+    def wait_for_arrivals(self, round: int, count: int, timeout: float) -> list[int]:
+        """Wait until ``count`` workers wait in ``round`` (or it completed); returns who arrived.
+
+        Raises:
+            TimeoutError: fewer arrived within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                state = self._rounds.get(round)
+                arrived = sorted(state.samples) if state is not None else []
+                if len(arrived) >= count:
+                    return arrived
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(arrived)} of {count} workers arrived in round {round} within {timeout} s.")
+                self._cond.wait(remaining)
+
     def _missing(self, state: _Round) -> list[int]:
         return [w for w in range(self.num_workers) if w not in state.samples]
 
@@ -232,7 +263,7 @@ class ParameterStore:
     def stats(self) -> dict:
         """JSON-ready statistics of the run so far."""
         with self._cond:
-            staleness = _summary(self.staleness)
+            staleness = staleness_summary(self.staleness)
             elapsed = max(time.time() - self.started, 1e-9)
             return {
                 "version": self.version,
@@ -254,7 +285,7 @@ class ParameterStore:
             }
 
 
-def _summary(counts: Counter[int]) -> dict:
+def staleness_summary(counts: Counter[int]) -> dict:
     """min / median / max and the histogram (first 64 values) of a staleness count."""
     values = sorted(counts)
     if not values:
