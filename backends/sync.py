@@ -67,12 +67,12 @@ class SyncExchange(ServerExchange):
     def schedule(self, steps: int, epoch: int) -> list[int]:
         return round_schedule(steps, self.rounds_per_epoch)
 
-    def exchange(self, model: "keras.Model", samples: int) -> None:
+    def exchange(self, model: keras.Model, samples: int) -> None:
         average = self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples)
         set_flat_weights(model, average)
         self.round += 1
 
-    def finish(self, model: "keras.Model") -> dict[str, Any]:
+    def finish(self, model: keras.Model) -> dict[str, Any]:
         return {"rounds": self.round, **self.traffic()}
 
 

@@ -26,9 +26,7 @@ assert sum(int(np.prod(s)) for s in SHAPES) == MNIST_CNN_PARAMETERS
 
 
 def ps_client(url: str, secret: bytes, worker: int, trips: int, dtype: str, out: mp.Queue) -> None:
-    from kerasonspark.parameter_server import ParameterClient
-
-    from kerasonspark.parameter_server import wire
+    from kerasonspark.parameter_server import ParameterClient, wire
 
     # Realistic deltas: an Adam step or five moves weights by about 1e-5 to 1e-3.
     delta = (np.random.default_rng(worker).normal(size=MNIST_CNN_PARAMETERS) * 1e-4).astype(np.float32)
@@ -129,7 +127,7 @@ def main() -> None:
             store = ParameterStore(np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag"))
             with ParameterServer(store, ServerConfig(secret, max_payload_bytes=size + (1 << 20))) as server:
                 times, busy, nbytes = run_clients(
-                    ps_client, lambda i: (server.url, secret, i, args.trips, dtype), clients)
+                    ps_client, lambda i, url=server.url, key=secret, up=dtype: (url, key, i, args.trips, up), clients)
             report(f"parameter server push ({dtype} up)", times, busy, nbytes, clients)
 
 

@@ -106,7 +106,7 @@ class PushPullExchange(ServerExchange):
         self.pushes = 0
         self.staleness: list[int] = []
 
-    def start(self, model: "keras.Model", worker: int) -> None:
+    def start(self, model: keras.Model, worker: int) -> None:
         super().start(model, worker)
         self.synced, _ = self.client.pull()
         set_flat_weights(model, self.synced)
@@ -125,7 +125,7 @@ class PushPullExchange(ServerExchange):
         self.staleness.append(header.get("staleness", 0))
         return reply
 
-    def exchange(self, model: "keras.Model", samples: int) -> None:
+    def exchange(self, model: keras.Model, samples: int) -> None:
         if samples == 0:
             return
         weights = get_flat_weights(model)
@@ -142,17 +142,17 @@ class PushPullExchange(ServerExchange):
             self.synced = center + weights
         set_flat_weights(model, self.synced)
 
-    def _drain(self, model: "keras.Model") -> None:
+    def _drain(self, model: keras.Model) -> None:
         if self.pending is not None:
             center = self.pending.result()
             self.pending = None
             self.synced = center + (get_flat_weights(model) - self.synced)
             set_flat_weights(model, self.synced)
 
-    def end_epoch(self, model: "keras.Model", epoch: int) -> None:
+    def end_epoch(self, model: keras.Model, epoch: int) -> None:
         self._drain(model)
 
-    def finish(self, model: "keras.Model") -> dict[str, Any]:
+    def finish(self, model: keras.Model) -> dict[str, Any]:
         self._drain(model)
         return {"pushes": self.pushes, **self.traffic(),
                 "median_staleness": float(np.median(self.staleness)) if self.staleness else 0.0}

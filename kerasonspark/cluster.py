@@ -107,7 +107,7 @@ class StandaloneCluster:
             raise SparkEnvironmentError("The cluster is not running; call start() first.")
         return self.state
 
-    def start(self) -> "StandaloneCluster":
+    def start(self) -> StandaloneCluster:
         """Start the master and the workers; returns once every worker has registered.
 
         Raises:
@@ -163,7 +163,7 @@ class StandaloneCluster:
         deadline = time.monotonic() + self.start_timeout
         alive = 0
         while time.monotonic() < deadline:
-            for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)]):
+            for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)], strict=True):
                 if process.poll() is not None:
                     log = _log_tail(Path(state.log_dir) / f"{name}.log")
                     hint = (" Its port is taken (another cluster? `kerasonspark cluster stop` stops the one the "
@@ -197,7 +197,7 @@ class StandaloneCluster:
         target.write_text(json.dumps(asdict(state), indent=2))
         return target
 
-    def __enter__(self) -> "StandaloneCluster":
+    def __enter__(self) -> StandaloneCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -65,8 +65,8 @@ def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | Non
     return backend, chosen
 
 
-def compare_strategies(make_model: Callable[[], "keras.Model"], spark: "SparkSession", train_df: "DataFrame",
-                       test_df: "DataFrame", strategies: Sequence[str], *, num_workers: int = 2, batch_size: int = 32,
+def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSession, train_df: DataFrame,
+                       test_df: DataFrame, strategies: Sequence[str], *, num_workers: int = 2, batch_size: int = 32,
                        epochs: int = 1, repeat: int = 1, seed: int = 0,
                        options: Mapping[str, Mapping[str, Any]] | None = None,
                        on_run: Callable[[str, dict[str, float]], None] | None = None) -> list[StrategyRow]:

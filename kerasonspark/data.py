@@ -75,7 +75,7 @@ class DataInfo:
         return math.prod(self.input_shape)
 
     @classmethod
-    def for_model(cls, model: "keras.Model", compile_config: dict[str, Any] | None) -> "DataInfo":
+    def for_model(cls, model: keras.Model, compile_config: dict[str, Any] | None) -> DataInfo:
         """Read the input shape and label convention off a built, compiled model.
 
         Keras's classification losses get class indices or one-hot labels converted to what they
@@ -104,7 +104,7 @@ class DataInfo:
             return cls(input_shape, "one_hot", width)
         return cls(input_shape, "raw", None, tuple(int(d) for d in out[1:]))
 
-    def with_given_labels(self, width: int, integer: bool) -> "DataInfo":
+    def with_given_labels(self, width: int, integer: bool) -> DataInfo:
         """For a loss of the user's own: the labels' width (0 for one value) and kind, read off the data."""
         if self.label_mode != "given":
             return self
@@ -135,7 +135,7 @@ class PreparedData:
         integer_labels: whether every label column came as integers.
     """
 
-    blocks: "RDD"
+    blocks: RDD
     counts: list[int]
     label_width: int = 0
     integer_labels: bool = False
@@ -219,7 +219,8 @@ def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
     messages = []
     for key, text, fix in (
         ("nonfinite_rows", "row(s) with NaN, Inf or null features or labels", "drop or impute them"),
-        ("label_out_of_range", "label(s) outside the model's classes", "map labels to 0..num_classes-1 or widen the output layer"),
+        ("label_out_of_range", "label(s) outside the model's classes",
+         "map labels to 0..num_classes-1 or widen the output layer"),
         ("label_not_integer", "non-integer class label(s)", "labels must be whole class indices"),
     ):
         where = {i: p[key] for i, p in enumerate(per_partition) if p.get(key)}
@@ -236,8 +237,8 @@ def _split_blocks(x: np.ndarray, y: np.ndarray, parts: int) -> list[Block]:
     part_x, part_y = np.array_split(x, parts), np.array_split(y, parts)
     per_part = max(1, math.ceil(max(len(p) for p in part_x) / BLOCK_ROWS))
     blocks = []
-    for px, py in zip(part_x, part_y):
-        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part)))
+    for px, py in zip(part_x, part_y, strict=True):
+        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part), strict=True))
     return blocks
 
 
@@ -259,7 +260,7 @@ def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
     return x, y
 
 
-def _numpy_blocks(spark: "SparkSession", data: tuple, info: DataInfo, partitions: int, what: str) -> "RDD":
+def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str) -> RDD:
     x, y = validate_arrays(data, info, what)
     return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
 
@@ -297,7 +298,8 @@ def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[
             if pa.types.is_list(labels.type) or pa.types.is_fixed_size_list(labels.type):
                 y = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
             else:
-                y = labels.to_numpy(zero_copy_only=False).astype(np.float64 if labels.null_count else labels.type.to_pandas_dtype())
+                kind = np.float64 if labels.null_count else labels.type.to_pandas_dtype()
+                y = labels.to_numpy(zero_copy_only=False).astype(kind)
             yield pa.RecordBatch.from_arrays(
                 [pa.array([x.tobytes()], pa.large_binary()), pa.array([y.tobytes()], pa.large_binary()),
                  pa.array([n], pa.int64()), pa.array([str(y.dtype)]), pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32())],
@@ -316,7 +318,7 @@ def _decode_arrow_block(info: DataInfo) -> Callable[[Any], Block]:
     return decode
 
 
-def feature_column(df: "DataFrame", features: str, what: str) -> "Column":
+def feature_column(df: DataFrame, features: str, what: str) -> Column:
     """The features column of ``df`` as ``array<float>`` (from an array or an ML Vector column).
 
     Raises:
@@ -339,7 +341,7 @@ def feature_column(df: "DataFrame", features: str, what: str) -> "Column":
     raise DataError(f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: {ftype.simpleString()}.")
 
 
-def check_first_row(df: "DataFrame", column: str, features: str, info: DataInfo, what: str, keep: tuple[str, ...] = ()) -> Any:
+def check_first_row(df: DataFrame, column: str, features: str, info: DataInfo, what: str, keep: tuple[str, ...] = ()) -> Any:
     """Check the first row's feature size with one small job, before any full pass.
 
     Returns:
@@ -361,7 +363,7 @@ def check_first_row(df: "DataFrame", column: str, features: str, info: DataInfo,
     return first
 
 
-def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInfo, what: str) -> "DataFrame":
+def _dataframe_columns(df: DataFrame, features: str, label: str, info: DataInfo, what: str) -> DataFrame:
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
@@ -382,7 +384,7 @@ def _dataframe_columns(df: "DataFrame", features: str, label: str, info: DataInf
     return df.select(fcol.alias("features"), lcol.alias("label"))
 
 
-def _dataframe_blocks(df: "DataFrame", features: str, label: str, info: DataInfo, partitions: int | None, what: str) -> "RDD":
+def _dataframe_blocks(df: DataFrame, features: str, label: str, info: DataInfo, partitions: int | None, what: str) -> RDD:
     selected = _dataframe_columns(df, features, label, info, what)
     first = check_first_row(selected, "features", features, info, what, keep=("label",))
     if isinstance(first["label"], (list, tuple)):
@@ -393,8 +395,8 @@ def _dataframe_blocks(df: "DataFrame", features: str, label: str, info: DataInfo
     return selected.mapInArrow(_arrow_block_function(info), schema).rdd.map(_decode_arrow_block(info))
 
 
-def to_blocks(spark: "SparkSession", data: Any, features: str, label: str, info: DataInfo,
-              partitions: int | None, what: str = "training") -> "RDD":
+def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo,
+              partitions: int | None, what: str = "training") -> RDD:
     """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
 
     Args:
@@ -437,7 +439,7 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     return stats
 
 
-def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: DataInfo, partitions: int,
+def prepare(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo, partitions: int,
             what: str = "training", warm_up: Callable[[], None] | None = None) -> PreparedData:
     """Convert, partition, cache and validate data in one pass.
 
@@ -478,8 +480,8 @@ def prepare(spark: "SparkSession", data: Any, features: str, label: str, info: D
     return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]))
 
 
-def numpy_to_dataframe(spark: "SparkSession", x: np.ndarray, y: np.ndarray | None = None,
-                       features: str = "features", label: str = "label") -> "DataFrame":
+def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,
+                       features: str = "features", label: str = "label") -> DataFrame:
     """A DataFrame with an array<float> feature column (and a label column) from NumPy, through Arrow.
 
     Example:
@@ -500,7 +502,7 @@ def numpy_to_dataframe(spark: "SparkSession", x: np.ndarray, y: np.ndarray | Non
     return spark.createDataFrame(pa.table(columns))
 
 
-def collect_arrays(blocks: "RDD") -> tuple[np.ndarray, np.ndarray]:
+def collect_arrays(blocks: RDD) -> tuple[np.ndarray, np.ndarray]:
     """Bring blocks to the driver as one ``(x, y)`` pair (for validation sets and the single engine)."""
     parts = blocks.collect()
     if not parts:

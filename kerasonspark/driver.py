@@ -227,7 +227,7 @@ class SparkRunner:
         engine_name: where the engine's figures go in ``stats``.
     """
 
-    def __init__(self, spark: "SparkSession", blocks: "RDD", spec_broadcast: "Broadcast[bytes]",
+    def __init__(self, spark: SparkSession, blocks: RDD, spec_broadcast: Broadcast[bytes],
                  engine_name: str) -> None:
         self.spark, self.blocks, self.spec_broadcast, self.engine_name = spark, blocks, spec_broadcast, engine_name
 

@@ -145,7 +145,7 @@ class TrainingResult:
             ``parameter_server``.
     """
 
-    model: "keras.Model"
+    model: keras.Model
     history: dict[str, list[float]]
     stats: dict[str, Any]
 
@@ -165,7 +165,7 @@ class Exchange:
     and used by that worker alone. Every method but :meth:`exchange` does nothing by default.
     """
 
-    def start(self, model: "keras.Model", worker: int) -> None:
+    def start(self, model: keras.Model, worker: int) -> None:
         """Called once before training, with the worker's id (its partition index)."""
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
@@ -176,14 +176,14 @@ class Exchange:
         """
         return [steps]
 
-    def exchange(self, model: "keras.Model", samples: int) -> None:
+    def exchange(self, model: keras.Model, samples: int) -> None:
         """Exchange weights with the others after a run of local steps over ``samples`` samples."""
         raise NotImplementedError
 
-    def end_epoch(self, model: "keras.Model", epoch: int) -> None:
+    def end_epoch(self, model: keras.Model, epoch: int) -> None:
         """Called after the epoch's last exchange, before validation."""
 
-    def finish(self, model: "keras.Model") -> dict[str, Any]:
+    def finish(self, model: keras.Model) -> dict[str, Any]:
         """Called after training; returns the engine's figures for the :class:`WorkerReport`."""
         return {}
 
@@ -212,7 +212,7 @@ class ServerExchange(Exchange):
         self.shapes: list[tuple[int, ...]] = []
         self._client: ParameterClient | None = None
 
-    def start(self, model: "keras.Model", worker: int) -> None:
+    def start(self, model: keras.Model, worker: int) -> None:
         self.worker = worker
         self.shapes = [tuple(w.shape) for w in model.weights]
         self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
@@ -249,7 +249,7 @@ class Runner(Protocol):
     job's methods, never directly.
     """
 
-    def run_workers(self, job: "TrainingJob", exchange: Exchange) -> list[WorkerReport]:
+    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
         """Run the shared worker loop on every partition at once; reports ordered by worker id.
 
         Raises:
@@ -257,7 +257,7 @@ class Runner(Protocol):
         """
         ...
 
-    def serve(self, job: "TrainingJob", store: ParameterStore,
+    def serve(self, job: TrainingJob, store: ParameterStore,
               make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
         """Serve ``store`` on the driver with a fresh secret while :meth:`run_workers` runs.
 
@@ -266,12 +266,12 @@ class Runner(Protocol):
         """
         ...
 
-    def result(self, job: "TrainingJob", reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
+    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
                exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
         """Set ``weights`` on the caller's model and assemble the :class:`TrainingResult`."""
         ...
 
-    def local_arrays(self, job: "TrainingJob") -> tuple[np.ndarray, np.ndarray]:
+    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         """The training data as one ``(x, y)`` pair on the driver (labels as the user gave them)."""
         ...
 
@@ -294,8 +294,8 @@ class TrainingJob:
     """
 
     spec: ModelSpec
-    model: "keras.Model"
-    info: "DataInfo"
+    model: keras.Model
+    info: DataInfo
     config: TrainingConfig
     runner: Runner
     run_id: str

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MODEL_CACHE: "OrderedDict[str, keras.Model]" = OrderedDict()
+_MODEL_CACHE: OrderedDict[str, keras.Model] = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 _TENSORFLOW_THREADS: int | None = None
 
@@ -133,7 +133,7 @@ def native_start_up_lines_held() -> Iterator[None]:
             os.close(saved)
 
 
-def cached_model(key: str, spec_bytes: bytes, custom_objects: dict[str, Any]) -> "keras.Model":
+def cached_model(key: str, spec_bytes: bytes, custom_objects: dict[str, Any]) -> keras.Model:
     """The model for ``key``, rebuilt from ``spec_bytes`` only the first time in this process."""
     model = _MODEL_CACHE.get(key)
     if model is None:
@@ -154,7 +154,7 @@ class LocalSteps:
     weights and the optimizer's state are put back, so the first real step starts fresh.
     """
 
-    def __init__(self, model: "keras.Model", info: DataInfo) -> None:
+    def __init__(self, model: keras.Model, info: DataInfo) -> None:
         import keras
         import tensorflow as tf
 
@@ -183,9 +183,9 @@ class LocalSteps:
         model.train_on_batch(x, y)  # builds the metrics
         if self.graph:
             self._train_run(x[None], y[None])
-        for variable, value in zip(model.weights, weights):
+        for variable, value in zip(model.weights, weights, strict=True):
             variable.assign(value)
-        for variable, value in zip(model.optimizer.variables, fresh):
+        for variable, value in zip(model.optimizer.variables, fresh, strict=True):
             variable.assign(value)
         model.reset_metrics()
 
@@ -222,7 +222,7 @@ def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any
     return steps
 
 
-def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None) -> "keras.Model":
+def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None) -> keras.Model:
     """The model of ``spec_bytes`` with its weights, for evaluate and predict tasks.
 
     The architecture is rebuilt once per Python worker; the weights are set on every call,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import keras
 
 
-def get_flat_weights(model: "keras.Model") -> np.ndarray:
+def get_flat_weights(model: keras.Model) -> np.ndarray:
     """All of the model's weights as one flat, writable float32 array, in ``model.weights`` order.
 
     The concatenation runs in the backend, so the weights are copied once (``get_weights`` plus
@@ -36,7 +36,7 @@ def get_flat_weights(model: "keras.Model") -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(flat), dtype=np.float32)
 
 
-def set_flat_weights(model: "keras.Model", flat: np.ndarray) -> None:
+def set_flat_weights(model: keras.Model, flat: np.ndarray) -> None:
     """Set the model's weights from a flat float32 array laid out as :func:`get_flat_weights`.
 
     Assigns variable by variable from views of ``flat``, skipping ``set_weights``' per-call
@@ -46,7 +46,7 @@ def set_flat_weights(model: "keras.Model", flat: np.ndarray) -> None:
     expected = sum(int(np.prod(v.shape)) for v in variables)
     if flat.size != expected:
         raise ValueError(f"Expected {expected} weights for this model. Received: {flat.size}.")
-    for variable, value in zip(variables, wire.unflatten(flat, [tuple(v.shape) for v in variables])):
+    for variable, value in zip(variables, wire.unflatten(flat, [tuple(v.shape) for v in variables]), strict=True):
         variable.assign(value)
 
 
@@ -69,7 +69,7 @@ class ModelSpec:
     custom_objects: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: "keras.Model", custom_objects: dict[str, Any] | None = None) -> "ModelSpec":
+    def from_model(cls, model: keras.Model, custom_objects: dict[str, Any] | None = None) -> ModelSpec:
         """Capture a built Keras model, with the custom objects it needs.
 
         The objects registered with ``keras.saving.register_keras_serializable`` that the model
@@ -104,7 +104,7 @@ class ModelSpec:
         h.update(json.dumps(self.compile_config, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
-    def build(self, compile: bool = True) -> "keras.Model":
+    def build(self, compile: bool = True) -> keras.Model:
         """Rebuild the model with these weights (and compiled, when a compile config exists)."""
         import keras
 
@@ -121,7 +121,7 @@ class ModelSpec:
         return b"".join(bytes(p) for p in parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, custom_objects: dict[str, Any] | None = None) -> "ModelSpec":
+    def from_bytes(cls, data: bytes, custom_objects: dict[str, Any] | None = None) -> ModelSpec:
         """Inverse of :meth:`to_bytes`."""
         header, flat = wire.decode(data)
         return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))

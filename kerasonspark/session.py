@@ -52,7 +52,7 @@ def require_java() -> str:
     return java
 
 
-def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None) -> "SparkSession":
+def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None) -> SparkSession:
     """Start (or join) a Spark session on ``master``.
 
     ``local[...]`` masters get loopback-only, quiet settings; a cluster master on this machine's
@@ -104,12 +104,12 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def is_local(spark: "SparkSession") -> bool:
+def is_local(spark: SparkSession) -> bool:
     """Whether ``spark`` runs in local mode (``local[...]``)."""
     return (spark.sparkContext.master or "").startswith("local")
 
 
-def server_host(spark: "SparkSession") -> str:
+def server_host(spark: SparkSession) -> str:
     """Where a driver-side server should bind: loopback locally, the driver's address on a cluster."""
     if is_local(spark):
         return "127.0.0.1"
@@ -144,7 +144,7 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
         )
 
 
-def check_slots(spark: "SparkSession", num_workers: int, registration_timeout: float = 30.0) -> None:
+def check_slots(spark: SparkSession, num_workers: int, registration_timeout: float = 30.0) -> None:
     """Refuse to submit a barrier stage that could never be scheduled.
 
     On a cluster, executors register a few seconds after the session starts, so this waits up

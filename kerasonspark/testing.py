@@ -100,7 +100,7 @@ class InProcessRunner:
         return np.concatenate([p[0] for p in self.partitions]), np.concatenate([p[1] for p in self.partitions])
 
 
-def fit_in_process(engine: Engine | str, model: "keras.Model", x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
+def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
                    num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
                    custom_objects: Mapping[str, Any] | None = None,
                    backend_options: Mapping[str, Any] | None = None) -> TrainingResult:
@@ -120,7 +120,7 @@ def fit_in_process(engine: Engine | str, model: "keras.Model", x: Any, y: Any, *
     x, y = validate_arrays((x, y), info, "training")
     info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))
     validation = validate_arrays(tuple(validation_data), info, "validation") if validation_data is not None else None
-    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers)))
+    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers), strict=True))
     job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
                       config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
                       partition_sizes=[len(p[0]) for p in partitions], validation=validation)

@@ -54,9 +54,9 @@ class SparkTrainer:
         >>> result.history["val_accuracy"]
     """
 
-    def __init__(self, model: "keras.Model", backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
+    def __init__(self, model: keras.Model, backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
-                 spark: "SparkSession | None" = None, seed: int | None = None, verbose: int = 1,
+                 spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None) -> None:
         import keras
 
@@ -71,12 +71,12 @@ class SparkTrainer:
         self.master = master
         self.spark = spark
         self.custom_objects = dict(custom_objects or {})
-        self._owned_session: "SparkSession | None" = None
+        self._owned_session: SparkSession | None = None
         self.info = DataInfo.for_model(model, model.get_compile_config())
 
     # -- sessions -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _session(self, data: Any, keep: bool = False) -> Iterator["SparkSession"]:
+    def _session(self, data: Any, keep: bool = False) -> Iterator[SparkSession]:
         from pyspark import RDD
         from pyspark.sql import DataFrame, SparkSession
 
@@ -108,7 +108,7 @@ class SparkTrainer:
             self._owned_session.stop()
             self._owned_session = None
 
-    def __enter__(self) -> "SparkTrainer":
+    def __enter__(self) -> SparkTrainer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -159,7 +159,8 @@ class SparkTrainer:
                 prepare_seconds = time.perf_counter() - prepare_started
                 job = TrainingJob(spec=spec, model=self.model,
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
-                                  config=self.config, runner=SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name),
+                                  config=self.config,
+                                  runner=SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name),
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
                                   server_host=server_host(spark))
                 self.engine.setup(job)
@@ -186,7 +187,8 @@ class SparkTrainer:
             ship_by_value(obj)
         return spec
 
-    def _local_arrays(self, spark: "SparkSession", data: Any, features: str, label: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    def _local_arrays(self, spark: SparkSession, data: Any, features: str, label: str,
+                      what: str) -> tuple[np.ndarray, np.ndarray]:
         with spark_errors():
             blocks = data_module.to_blocks(spark, data, features, label, self.info, None, what)
             x, y = data_module.collect_arrays(blocks)
@@ -226,7 +228,7 @@ class SparkTrainer:
         return {k: sum(n * s[k] for n, s in results) / total for k in results[0][1]}
 
     def predict(self, data: Any, *, features: str = "features", output_col: str = "prediction",
-                batch_size: int = 256) -> "DataFrame":
+                batch_size: int = 256) -> DataFrame:
         """Predictions for ``data``, computed on the executors, as a DataFrame.
 
         A DataFrame keeps all its columns and gains ``output_col`` (array<float>). NumPy features
@@ -242,7 +244,8 @@ class SparkTrainer:
             if isinstance(data, DataFrame):
                 df = data
             elif isinstance(data, RDD):
-                df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],)).toDF([features])
+                df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],))\
+                    .toDF([features])
             else:
                 x = data_module.as_features(data[0] if isinstance(data, tuple) else data, self.info, "the prediction features")
                 df = data_module.numpy_to_dataframe(spark, x, features=features)
@@ -266,8 +269,8 @@ def _features_and_labels(x: Any, y: Any, method: str) -> Any:
     return (x, y)
 
 
-def _predict_dataframe(spark: "SparkSession", df: "DataFrame", spec: ModelSpec, info: DataInfo, features: str,
-                       output_col: str, batch_size: int, threads: int | None) -> "DataFrame":
+def _predict_dataframe(spark: SparkSession, df: DataFrame, spec: ModelSpec, info: DataInfo, features: str,
+                       output_col: str, batch_size: int, threads: int | None) -> DataFrame:
     from pyspark.sql import types as T
 
     if output_col in df.columns:

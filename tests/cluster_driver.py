@@ -10,10 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import make_blobs, small_model
 from kerasonspark import SparkTrainer, WorkerError
 from kerasonspark.cluster import ClusterState, master_status
 from kerasonspark.session import server_host, start_session
+
+from conftest import make_blobs, small_model
 
 
 def main(master_url: str, web_ui: str) -> None:

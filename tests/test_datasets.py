@@ -1,9 +1,9 @@
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
-from pathlib import Path
 
 from kerasonspark import datasets
 from kerasonspark.datasets import load_mnist, read_idx

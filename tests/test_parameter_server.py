@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from kerasonspark.errors import BarrierTimeoutError, ParameterServerError
-from kerasonspark.parameter_server import (ParameterClient, ParameterServer, ParameterStore, ServerConfig,
-                                           UpdateRule, new_secret, wire)
+from kerasonspark.parameter_server import (
+    ParameterClient,
+    ParameterServer,
+    ParameterStore,
+    ServerConfig,
+    UpdateRule,
+    new_secret,
+    wire,
+)
 
 SHAPES = [(3, 2), (2,)]
 

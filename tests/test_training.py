@@ -67,7 +67,7 @@ def test_sync_trains_from_numpy_rdd_and_one_hot_labels(spark):
 
     x, y = make_blobs(800)
     model = small_model(loss="categorical_crossentropy")
-    rdd = spark.sparkContext.parallelize([(row, int(label)) for row, label in zip(x.tolist(), y)], 3)
+    rdd = spark.sparkContext.parallelize([(row, int(label)) for row, label in zip(x.tolist(), y, strict=True)], 3)
     trainer = SparkTrainer(model, backend="sync", num_workers=2, epochs=2, batch_size=16, spark=spark, seed=0, verbose=0)
     trainer.fit(rdd)
     scores = trainer.evaluate((x, keras.utils.to_categorical(y, 4)))
@@ -78,7 +78,7 @@ def test_vector_features_and_empty_partition(spark):
     from pyspark.ml.linalg import Vectors
 
     x, y = make_blobs(600)
-    rows = [(Vectors.dense(r), float(label)) for r, label in zip(x.tolist(), y)]
+    rows = [(Vectors.dense(r), float(label)) for r, label in zip(x.tolist(), y, strict=True)]
     # Two partitions, one of them empty: that worker only joins the rounds.
     two_parts = spark.sparkContext.parallelize(rows, 2).mapPartitionsWithIndex(lambda i, it: it if i == 0 else iter([]))
     df = spark.createDataFrame(two_parts, ["features", "label"])
@@ -96,7 +96,9 @@ def test_predict_keeps_columns_and_runs_on_executors(spark):
     model = small_model()
     model.fit(x, y, epochs=5, verbose=0)
     trainer = SparkTrainer(model, spark=spark, verbose=0)
-    df = numpy_to_dataframe(spark, x, y).withColumn("row", __import__("pyspark.sql.functions", fromlist=["x"]).monotonically_increasing_id())
+    from pyspark.sql import functions as F
+
+    df = numpy_to_dataframe(spark, x, y).withColumn("row", F.monotonically_increasing_id())
     out = trainer.predict(df).orderBy("row").collect()
     assert len(out) == 300 and set(out[0].asDict()) == {"features", "label", "row", "prediction"}
     predicted = np.array([r.prediction for r in out])

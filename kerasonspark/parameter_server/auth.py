@@ -49,7 +49,7 @@ def sign(secret: bytes, method: str, path: str, worker: int, seq: int, body_leng
     return f"v1 worker={worker} seq={seq} ts={ts} sig={sig}"
 
 
-def body_digest(parts: "list | bytes | bytearray | memoryview") -> str:
+def body_digest(parts: list | bytes | bytearray | memoryview) -> str:
     """The SHA-256 hex digest that ``sign_body`` mode binds: of one body, or of its parts in order."""
     h = hashlib.sha256()
     for part in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:

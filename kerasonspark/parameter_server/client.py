@@ -81,7 +81,8 @@ class ParameterClient:
                 # A keep-alive connection the server closed while idle: reconnect once. Never
                 # retry after a timeout, which may mean the server applied the request.
                 if attempt == 1:
-                    raise ParameterServerError(f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
+                    raise ParameterServerError(
+                        f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
             except OSError as exc:
                 self.close()
                 raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
@@ -138,7 +139,7 @@ class ParameterClient:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "ParameterClient":
+    def __enter__(self) -> ParameterClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

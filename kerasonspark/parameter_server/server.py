@@ -16,8 +16,8 @@ import socket
 import socketserver
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler
 from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote
 
@@ -73,7 +73,7 @@ class _WSGIHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kerasonspark-ps"
     sys_version = ""
-    server: "_ThreadedServer"
+    server: _ThreadedServer
 
     def setup(self) -> None:
         super().setup()
@@ -264,7 +264,7 @@ class ParameterServer:
         with self._server.connections_lock:
             return len(self._server.connections)
 
-    def start(self) -> "ParameterServer":
+    def start(self) -> ParameterServer:
         """Start serving in a background thread; returns self."""
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="kerasonspark-ps", daemon=True)
@@ -284,7 +284,7 @@ class ParameterServer:
         if stuck:
             logger.warning("%d parameter-server connection thread(s) did not stop within %.0f s", len(stuck), timeout)
 
-    def __enter__(self) -> "ParameterServer":
+    def __enter__(self) -> ParameterServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
