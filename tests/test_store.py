@@ -1,6 +1,7 @@
 """The store's logic without HTTP."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,3 +71,12 @@ def test_staleness_summary_is_exact_and_bounded():
                                                       "histogram": {"0": 1, "1": 5, "4": 1}}
     assert staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7  # the upper median, as sorted(list)[n // 2]
     assert staleness_summary(Counter())["max"] == 0
+
+
+def test_a_round_opened_after_a_failure_report_fails_at_once():
+    store = ParameterStore(np.zeros(2, np.float32), [(2,)], num_workers=2, barrier_timeout=60)
+    store.report_failure(1, "boom")
+    started = time.monotonic()
+    with pytest.raises(BarrierTimeoutError, match="worker\\(s\\) \\[1\\] failed"):
+        store.barrier(3, 0, np.ones(2, np.float32), 1)
+    assert time.monotonic() - started < 5

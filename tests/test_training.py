@@ -161,37 +161,6 @@ def test_a_failing_worker_fails_fit_quickly_and_names_itself(spark, no_leaked_th
     assert time.monotonic() - started < 90  # well under the 120 s barrier timeout
 
 
-@pytest.mark.parametrize("backend, options", [
-    ("async", {"rule": "adag", "window": 4}),
-    ("async", {"rule": "downpour", "window": 2}),
-    ("async", {"rule": "dynsgd", "window": 4}),
-    ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
-    ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
-    ("async", {"rule": "adag", "window": 4, "overlap": True}),
-    ("hogwild", {"window": 4}),
-])
-def test_asynchronous_engines_train_above_the_floor(spark, backend, options, no_leaked_threads):
-    x, y = make_blobs(1200)
-    model = small_model()
-    trainer = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=0,
-                           verbose=0, backend_options=options)
-    result = trainer.fit((x, y), validation_data=make_blobs(300, seed=0))
-    assert result.history["val_accuracy"][-1] > FLOOR
-    stats = result.stats
-    steps_per_worker = [-(-w["samples"] // 16) for w in stats["workers"]]
-    expected_pushes = sum(2 * -(-s // options["window"]) for s in steps_per_worker)
-    server = stats["parameter_server"]
-    assert stats["exchanges"] == server["updates"] == expected_pushes == sum(w["pushes"] for w in stats["workers"])
-    assert server["refused_total"] == 0
-    # With two workers a push is stale by the other's pushes since this worker's last one: every
-    # push counted once, each of the other's pushes at most once.
-    histogram = {int(k): v for k, v in server["staleness"]["histogram"].items()}
-    assert sum(histogram.values()) == expected_pushes
-    assert sum(k * v for k, v in histogram.items()) <= expected_pushes
-    assert server["worker_pushes"] == {str(w["worker"]): w["pushes"] for w in stats["workers"]}
-    assert all(w["samples_per_second"] > 0 and w["exchange_mb_per_s"] > 0 for w in stats["workers"])
-
-
 def test_async_worker_failure_stops_everything_and_names_the_worker(spark, no_leaked_threads):
     x, y = make_blobs(800)
     engine = crashing("async", lambda inner: CrashingExchange(inner, 0, 4, ValueError("worker 0 lost its disk")),

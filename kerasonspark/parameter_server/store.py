@@ -178,6 +178,9 @@ class ParameterStore:
             if self._closed:
                 raise RoundClosedError("The parameter server is shutting down.", 503)
             state = self._rounds.setdefault(round, _Round())
+            if self.failures and state.failed is None and state.result is None:
+                # A worker that failed never arrives: a round opened after its report cannot complete either.
+                state.failed = f"Round {round} cannot complete: worker(s) {sorted(self.failures)} failed."
             if state.failed:
                 raise BarrierTimeoutError(state.failed, round, tuple(self._missing(state)))
             if worker in state.samples:

@@ -1,0 +1,109 @@
+"""Data validation on arrays, without Spark: what each check refuses, and what it lets through."""
+
+import numpy as np
+import pytest
+
+from kerasonspark import DataError
+from kerasonspark.data import (
+    DataInfo,
+    as_features,
+    block_problems,
+    check_label_shape,
+    raise_problems,
+    validate_arrays,
+)
+
+SPARSE = DataInfo((2, 2), "sparse", 3)
+ONE_HOT = DataInfo((4,), "one_hot", 3)
+RAW = DataInfo((4,), "raw", None, (2,))
+GIVEN = DataInfo((4,), "given", None)
+
+
+def test_features_are_reshaped_to_the_input_and_cast():
+    x = as_features(np.arange(8, dtype=np.int64).reshape(2, 4), SPARSE, "the features")
+    assert x.shape == (2, 2, 2) and x.dtype == np.float32
+    with pytest.raises(DataError, match="4 values to fit the model's input shape \\(2, 2\\).*\\(2, 3\\)"):
+        as_features(np.zeros((2, 3)), SPARSE, "the features")
+    with pytest.raises(DataError, match="The features hold no samples"):
+        as_features(np.zeros((0, 4)), SPARSE, "the features")
+    with pytest.raises(DataError, match="must be numeric"):
+        as_features(np.array([["a"] * 4]), SPARSE, "the features")
+    with pytest.raises(DataError, match="4 values"):
+        as_features(np.float32(1.0), SPARSE, "the features")
+
+
+def test_block_problems_count_each_reason():
+    x = np.zeros((5, 4), np.float32)
+    x[1, 2] = np.nan
+    y = np.array([0, 1, 2, 3, 1.5])
+    assert block_problems(x, y, ONE_HOT) == {"nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 1}
+    assert block_problems(x[:0], y[:0], ONE_HOT) == {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0}
+    y_bad = np.array([0.0, np.inf, -1, 2, 2])
+    assert block_problems(np.zeros((5, 4), np.float32), y_bad, SPARSE) == {
+        "nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 0}
+    # Targets and a loss of the user's own are not class indices: only non-finite values count.
+    assert block_problems(x, np.array([9.5, -3, 0, 1, 2]), RAW)["label_out_of_range"] == 0
+    assert block_problems(x, np.array([9, -3, 0, 1, 2]), GIVEN) == {
+        "nonfinite_rows": 1, "label_out_of_range": 0, "label_not_integer": 0}
+
+
+def test_raise_problems_names_every_reason_and_partition():
+    raise_problems([{"nonfinite_rows": 0}], "training")  # nothing wrong, nothing raised
+    with pytest.raises(DataError) as refused:
+        raise_problems([{"nonfinite_rows": 2}, {"nonfinite_rows": 1, "label_out_of_range": 4}], "training")
+    text = str(refused.value)
+    assert "3 row(s) with NaN" in text and "2 in partition 0, 1 in partition 1" in text
+    assert "4 label(s) outside the model's classes (4 in partition 1)" in text and "The training data" in text
+
+
+def test_label_shapes_are_checked_against_the_output():
+    check_label_shape((10,), SPARSE, "y")
+    check_label_shape((10, 3), ONE_HOT, "y")
+    with pytest.raises(DataError, match="one-hot vectors of width 3.*\\(10, 4\\)"):
+        check_label_shape((10, 4), ONE_HOT, "y")
+    check_label_shape((10, 2), RAW, "y")
+    check_label_shape((10, 1, 2), RAW, "y")
+    with pytest.raises(DataError, match="2 value\\(s\\) each"):
+        check_label_shape((10, 3), RAW, "y")
+    check_label_shape((10, 7), GIVEN, "y")  # as the user gave them
+
+
+def test_validate_arrays_refuses_before_any_work():
+    x, y = np.zeros((6, 4), np.float32), np.array([0, 1, 2, 0, 1, 2])
+    vx, vy = validate_arrays((x, y), ONE_HOT, "training")
+    assert vx.shape == (6, 4) and np.array_equal(vy, y)
+    assert validate_arrays((x, y[:, None]), ONE_HOT, "training")[1].shape == (6,)  # a column of labels
+    with pytest.raises(DataError, match="a pair `\\(x, y\\)`. Received: a tuple of 3"):
+        validate_arrays((x, y, y), ONE_HOT, "training")
+    with pytest.raises(DataError, match="differ in length: 6 vs 5"):
+        validate_arrays((x, y[:5]), ONE_HOT, "training")
+    with pytest.raises(DataError, match="Labels in the validation labels must be numeric"):
+        validate_arrays((x, np.array(list("abcdef"))), ONE_HOT, "validation")
+    with pytest.raises(DataError, match="outside the model's classes"):
+        validate_arrays((x, y + 1), ONE_HOT, "training")
+
+
+def test_labels_are_converted_to_what_the_loss_takes():
+    indices = np.array([2, 0])
+    assert SPARSE.model_labels(indices).dtype == np.int32
+    assert np.array_equal(SPARSE.model_labels(np.eye(3)[indices]), indices)
+    assert np.array_equal(ONE_HOT.model_labels(indices), np.eye(3, dtype=np.float32)[indices])
+    assert RAW.model_labels(np.zeros((3, 1, 2))).shape == (3, 2)
+    given = GIVEN.with_given_labels(0, integer=True)
+    assert given.model_labels(indices).dtype == np.int32 and given.label_shape == ()
+    assert GIVEN.with_given_labels(3, integer=False).label_shape == (3,)
+    assert SPARSE.with_given_labels(3, integer=False) is SPARSE  # only a loss of the user's own reads them
+
+
+def test_the_label_convention_is_read_off_the_loss():
+    import keras
+
+    from conftest import small_model
+
+    assert DataInfo.for_model(small_model(), {"loss": "sparse_categorical_crossentropy"}).label_mode == "sparse"
+    assert DataInfo.for_model(small_model(), {"loss": "categorical_crossentropy"}).label_mode == "one_hot"
+    assert DataInfo.for_model(small_model(), {"loss": "mse"}).label_mode == "raw"
+    keras_class = keras.losses.MeanSquaredError()
+    assert DataInfo.for_model(small_model(), {"loss": keras.saving.serialize_keras_object(keras_class)}).label_mode == "raw"
+    mine = {"module": "builtins", "class_name": "function", "config": "me>loss", "registered_name": "function"}
+    assert DataInfo.for_model(small_model(), {"loss": mine}).label_mode == "given"

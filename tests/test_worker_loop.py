@@ -1,0 +1,227 @@
+"""The worker loop, result assembly and sync scheduling, isolated or in-process (seconds, no Spark)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from kerasonspark import WorkerError, WorkerReport
+from kerasonspark.data import DataInfo
+from kerasonspark.driver import merge_history
+from kerasonspark.engine import Exchange
+from kerasonspark.executor import WorkerSettings, train_worker, validation_share
+from kerasonspark.testing import fit_in_process
+
+from conftest import make_blobs, small_model
+
+INFO = DataInfo((3,), "sparse", 2)
+
+
+class FakeModel:
+    """Stands in for a Keras model where the loop only resets metrics and evaluates."""
+
+    def __init__(self):
+        self.resets, self.evaluated = 0, []
+
+    def reset_metrics(self):
+        self.resets += 1
+
+    def evaluate(self, x, y, **kwargs):
+        self.evaluated.append(len(x))
+        return {"loss": 0.5, "accuracy": float(len(x))}
+
+
+class FakeSteps:
+    """Records which rows each run of steps trained on, in which batch size."""
+
+    def __init__(self):
+        self.model, self.runs = FakeModel(), []
+
+    def run(self, x, y, index, batch_size):
+        self.runs.append((index.copy(), batch_size))
+
+    def metrics(self):
+        return {"loss": float(len(self.runs))}
+
+
+class Recording(Exchange):
+    def __init__(self, runs_per_epoch=None, bad_schedule=False):
+        self.runs_per_epoch, self.bad_schedule = runs_per_epoch, bad_schedule
+        self.events = []
+
+    def start(self, model, worker):
+        self.events.append(("start", worker))
+
+    def schedule(self, steps, epoch):
+        if self.bad_schedule:
+            return [steps + 1]
+        if self.runs_per_epoch is None:
+            return [steps]
+        base, extra = divmod(steps, self.runs_per_epoch)
+        return [base + 1] * extra + [base] * (self.runs_per_epoch - extra)
+
+    def exchange(self, model, samples):
+        self.events.append(("exchange", samples))
+
+    def end_epoch(self, model, epoch):
+        self.events.append(("end_epoch", epoch))
+
+    def finish(self, model):
+        return {"figure": 7}
+
+
+def settings(epochs=2, batch=4, workers=2, seed=3):
+    return WorkerSettings("run", epochs, batch, workers, seed, INFO)
+
+
+def loop(n=10, exchange=None, validation=None, worker=0, **kw):
+    x, y = np.zeros((n, 3), np.float32), np.zeros(n, np.int32)
+    steps, exchange = FakeSteps(), exchange or Recording(runs_per_epoch=2)
+    report = train_worker(worker, steps, x, y, settings(**kw), exchange, validation)
+    return report, steps, exchange
+
+
+def test_every_epoch_visits_every_row_once_in_a_fresh_order():
+    report, steps, _ = loop(n=10, epochs=3, batch=4)
+    per_epoch = [np.concatenate([i for i, _ in steps.runs[e * 2:(e + 1) * 2]]) for e in range(3)]
+    for order in per_epoch:
+        assert sorted(order) == list(range(10))
+    assert not np.array_equal(per_epoch[0], per_epoch[1])
+    assert all(batch == 4 for _, batch in steps.runs)
+    # 10 rows at batch 4 = 3 steps an epoch, cut into runs of 2 and 1 steps
+    assert [len(i) for i, _ in steps.runs[:2]] == [8, 2]
+    assert (report.samples, report.steps) == (10, 9)
+
+
+def test_shuffling_is_seeded_per_worker():
+    first = [i for i, _ in loop(seed=5)[1].runs]
+    again = [i for i, _ in loop(seed=5)[1].runs]
+    other_worker = [i for i, _ in loop(seed=5, worker=1)[1].runs]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other_worker, strict=True))
+
+
+def test_exchanges_follow_every_run_and_epochs_end_in_order():
+    report, _, exchange = loop(n=10, epochs=2, batch=4)
+    assert exchange.events == [("start", 0), ("exchange", 8), ("exchange", 2), ("end_epoch", 0),
+                               ("exchange", 8), ("exchange", 2), ("end_epoch", 1)]
+    assert report.figures == {"figure": 7} and report.worker == 0
+
+
+def test_metrics_are_read_and_reset_once_per_epoch():
+    report, steps, _ = loop(epochs=3)
+    assert steps.model.resets == 3
+    assert report.history == [{"loss": 2.0}, {"loss": 4.0}, {"loss": 6.0}]  # running runs count at each epoch's end
+
+
+def test_an_empty_partition_still_joins_every_exchange():
+    report, steps, exchange = loop(n=0, epochs=2)
+    assert steps.runs == [] and report.history == [{}, {}]
+    assert [e for e in exchange.events if e[0] == "exchange"] == [("exchange", 0)] * 4
+
+
+def test_validation_share_is_scored_after_every_epoch():
+    vx, vy = np.zeros((9, 3), np.float32), np.arange(9) % 2
+    share = validation_share((vx, vy), 1, settings(workers=2))
+    assert len(share[0]) == 4 and share[1].dtype == np.int32  # rows 1, 3, 5, 7, labels as the loss takes them
+    report, steps, _ = loop(epochs=2, validation=share, worker=1)
+    assert steps.model.evaluated == [4, 4] and report.val_samples == 4
+    assert report.val_history == [{"loss": 0.5, "accuracy": 4.0}] * 2
+    assert validation_share(None, 0, settings()) is None
+
+
+def test_a_schedule_that_does_not_cover_the_epoch_fails_at_once():
+    with pytest.raises(RuntimeError, match="must return runs that add up"):
+        loop(exchange=Recording(bad_schedule=True))
+
+
+def test_history_is_weighted_by_samples_and_validation_rows():
+    reports = [
+        WorkerReport(0, 30, 3, 1.0, history=[{"loss": 1.0}, {"loss": 0.5}], val_samples=10, val_history=[{"loss": 2.0}] * 2),
+        WorkerReport(1, 10, 1, 1.0, history=[{"loss": 3.0}, {"loss": 1.5}], val_samples=30, val_history=[{"loss": 4.0}] * 2),
+        WorkerReport(2, 0, 0, 1.0, history=[{}, {}]),  # an empty partition counts for nothing
+    ]
+    history = merge_history(reports, 2)
+    assert history == {"loss": [1.5, 0.75], "val_loss": [3.5, 3.5]}
+    assert merge_history([], 2) == {}
+
+
+def test_worker_report_figures_for_stats():
+    report = WorkerReport(3, 100, 10, 2.0, history=[{}, {}], figures={"pushes": 4})
+    assert report.samples_per_second == 100.0
+    assert report.as_stats() == {"worker": 3, "samples": 100, "steps": 10, "seconds": 2.0,
+                                 "samples_per_second": 100.0, "pushes": 4}
+
+
+def test_sync_cuts_every_epoch_into_the_same_rounds():
+    from kerasonspark.backends.sync import round_schedule
+
+    assert round_schedule(10, 3) == [4, 3, 3]
+    assert round_schedule(2, 3) == [1, 1, 0]  # a small partition still meets every round
+    assert round_schedule(0, 2) == [0, 0]
+    for steps in range(0, 40):
+        assert len(round_schedule(steps, 4)) == 4 and sum(round_schedule(steps, 4)) == steps
+
+
+# -- the real engines, in-process ------------------------------------------------------------------
+@pytest.mark.parametrize("backend, options", [
+    ("sync", {"sync_every": 8}),
+    ("async", {"rule": "adag", "window": 4}),
+    ("async", {"rule": "downpour", "window": 2}),
+    ("async", {"rule": "dynsgd", "window": 4}),
+    ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
+    ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
+    ("async", {"rule": "adag", "window": 4, "overlap": True}),
+    ("hogwild", {"window": 4}),
+    ("single", None),
+])
+def test_engines_learn_and_count_their_exchanges_in_process(backend, options):
+    x, y = make_blobs(1000)
+    result = fit_in_process(backend, small_model(), x, y, epochs=2, batch_size=16, seed=0, backend_options=options,
+                            validation_data=make_blobs(200, seed=0))
+    assert result.history["val_accuracy"][-1] > 0.9
+    stats = result.stats
+    assert [w["samples"] for w in stats["workers"]] == ([500, 500] if backend != "single" else [1000])
+    steps = [-(-w["samples"] // 16) for w in stats["workers"]]  # 32 steps an epoch each
+    if backend == "sync":
+        assert stats["exchanges"] == 2 * 4 and stats["sync"]["rounds_per_epoch"] == 4
+        assert [w["rounds"] for w in stats["workers"]] == [8, 8]
+    elif backend == "single":
+        assert stats["exchanges"] == 0 and "parameter_server" not in stats
+    else:
+        expected = sum(2 * -(-s // options["window"]) for s in steps)
+        assert stats["exchanges"] == expected == sum(w["pushes"] for w in stats["workers"])
+        assert stats["parameter_server"]["refused_total"] == 0
+        histogram = {int(k): v for k, v in stats["parameter_server"]["staleness"]["histogram"].items()}
+        assert sum(histogram.values()) == expected and sum(k * v for k, v in histogram.items()) <= expected
+
+
+def test_a_failing_worker_names_itself_in_process_and_leaves_no_thread():
+    from kerasonspark.backends.sync import SyncEngine
+
+    class Failing(SyncEngine):
+        def run(self, job):
+            serve = job.serve
+
+            def make(make_exchange):
+                def build(url, secret):
+                    inner = make_exchange(url, secret)
+                    original = inner.exchange
+
+                    def exchange(model, samples):
+                        if inner.worker == 1 and inner.round == 2:
+                            raise ValueError("disk full")
+                        original(model, samples)
+
+                    inner.exchange = exchange
+                    return inner
+                return build
+
+            job.serve = lambda store, make_exchange: serve(store, make(make_exchange))
+            return super().run(job)
+
+    x, y = make_blobs(400)
+    with pytest.raises(WorkerError, match="Worker 1 failed: ValueError: disk full") as failed:
+        fit_in_process(Failing(sync_every=2, barrier_timeout=60), small_model(), x, y, epochs=2, batch_size=16)
+    assert failed.value.worker == 1
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("kerasonspark-ps", "kerasonspark-worker"))]
