@@ -124,7 +124,7 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
 
     from conftest import make_blobs, small_model
 
-    x, y = make_blobs(400)
+    x, y = make_blobs(200)
     for backend in ("sync", "async"):
         trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=1, batch_size=16, spark=spark,
                                verbose=0)

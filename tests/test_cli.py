@@ -56,7 +56,7 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(tmp_p
     write_tiny_mnist(tmp_path)
     figures = tmp_path / "figures.json"
     run = subprocess.run([sys.executable, "-m", "kerasonspark.cli", "compare", "--data", str(tmp_path),
-                          "--backends", "single", "sync", "async:downpour", "--epochs", "3", "--batch-size", "16",
+                          "--backends", "single", "sync", "async:downpour", "--epochs", "2", "--batch-size", "16",
                           "--json", str(figures)], capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {row["strategy"]: row for row in json.loads(figures.read_text())}

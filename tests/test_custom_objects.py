@@ -1,35 +1,71 @@
-"""Custom Keras objects reach the executors by themselves, from __main__ and from a helper module
-the executors lack, for training, evaluate and predict, with every engine."""
+"""Custom Keras objects reach the executors by themselves, from the user's script (`__main__`) and
+from a helper module the executors lack, for training, evaluate and predict, with every engine."""
 
-import json
-import os
-import subprocess
+import importlib
+import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kerasonspark import available_backends
+from kerasonspark import SparkTrainer, available_backends
+
+from conftest import make_blobs
 
 pytestmark = pytest.mark.spark
-SCRIPT = Path(__file__).parent / "custom_objects" / "train_custom.py"
+HERE = Path(__file__).parent / "custom_objects"
 
 
-def test_script_defined_layer_loss_and_metric_train_on_every_engine(tmp_path):
-    # The script and its helper in a folder of their own, run as a user runs a script: the helper
-    # is importable on the driver (the script's folder is on its path) and nowhere else.
-    for name in ("train_custom.py", "custom_parts.py"):
-        (tmp_path / name).write_text((SCRIPT.parent / name).read_text())
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, str(tmp_path / "train_custom.py")], capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path.parent, env=env)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
-    assert run.returncode == 0 and lines, run.stderr[-4000:]
-    report = json.loads(lines[0][len("REPORT "):])
-    assert report["executors_lack_helper"]
-    for backend in available_backends():
-        outcome = report[backend]
-        assert {"top_probability", "mean_confidence", "val_top_probability", "val_mean_confidence"} <= set(outcome["history"])
-        assert outcome["val_accuracy"] > 0.9, (backend, outcome)
-    assert report["evaluate"]["accuracy"] > 0.9 and 0.5 < report["evaluate"]["top_probability"] <= 1.0
-    assert report["predict_matches"]
+@pytest.fixture
+def user_code(tmp_path):
+    """The user's script run in this process's `__main__`, and their helper module importable on the
+    driver alone (from the script's folder, as `python script.py` puts it on the driver's path)."""
+    main = sys.modules["__main__"]
+    before = set(vars(main))
+    exec(compile((HERE / "user_script.py").read_text(), "user_script.py", "exec"), vars(main))
+    shutil.copy(HERE / "custom_parts.py", tmp_path / "custom_parts.py")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        helper = importlib.import_module("custom_parts")
+        yield main, helper
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("custom_parts", None)
+        for name in set(vars(main)) - before:
+            delattr(main, name)
+
+
+def build_model(main, helper):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dense(32, activation="relu")(helper.Offset()(main.Scale()(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
+    model.compile(keras.optimizers.Adam(0.01), main.sparse_loss,
+                  metrics=[main.top_probability, helper.mean_confidence, "accuracy"])
+    return model
+
+
+def test_script_defined_layer_loss_and_metric_train_on_every_engine(spark, user_code):
+    main, helper = user_code
+    assert main.Scale.__module__ == "__main__" and helper.Offset.__module__ == "custom_parts"
+    lacking = spark.sparkContext.parallelize([0, 1], 2).map(
+        lambda _: importlib.util.find_spec("custom_parts") is None).collect()
+    assert lacking == [True, True]  # the executors cannot import the helper module
+    x, y = make_blobs(600)
+    for backend in sorted(available_backends()):
+        model = build_model(main, helper)
+        trainer = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=0,
+                               verbose=0)
+        result = trainer.fit(x, y, validation_data=(x[:200], y[:200]))
+        assert {"top_probability", "mean_confidence", "val_top_probability", "val_mean_confidence"} <= set(result.history)
+        assert result.history["val_accuracy"][-1] > 0.9, (backend, result.history)
+    # evaluate and predict rebuild the model on the executors the same way whatever trained it
+    scores = trainer.evaluate(x, y)
+    assert scores["accuracy"] > 0.9 and 0.5 < scores["top_probability"] <= 1.0 and "mean_confidence" in scores
+    predicted = np.array([r.prediction for r in trainer.predict(x[:20]).collect()])
+    np.testing.assert_allclose(predicted, model.predict(x[:20], verbose=0), atol=1e-5)
+    trainer.close()

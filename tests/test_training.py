@@ -39,7 +39,7 @@ def test_every_installed_engine_keeps_the_trainer_contract(spark, backend, no_le
     assert result.stats["samples"] == 2 * 800 and sum(w["samples"] for w in result.stats["workers"]) == 800
 
 
-@pytest.mark.parametrize("backend", ["sync", "single"])
+@pytest.mark.parametrize("backend", ["sync"])
 def test_engine_trains_above_the_floor_from_a_dataframe(spark, backend, no_leaked_threads):
     x, y = make_blobs(1200)
     xv, yv = make_blobs(400, seed=0)[0][:400], make_blobs(400, seed=0)[1][:400]
@@ -81,14 +81,16 @@ def test_vector_features_and_empty_partition(spark):
     rows = [(Vectors.dense(r), float(label)) for r, label in zip(x.tolist(), y, strict=True)]
     # Two partitions, one of them empty: that worker only joins the rounds.
     two_parts = spark.sparkContext.parallelize(rows, 2).mapPartitionsWithIndex(lambda i, it: it if i == 0 else iter([]))
-    df = spark.createDataFrame(two_parts, ["features", "label"])
-    assert df.rdd.getNumPartitions() == 2
+    # Cached, so fit and evaluate read the partitions instead of running the Python rows again.
+    df = spark.createDataFrame(two_parts, ["features", "label"]).cache()
+    assert df.rdd.getNumPartitions() == 2 and df.count() == 300
     trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, epochs=3, batch_size=16, spark=spark,
                            seed=0, verbose=0)
     result = trainer.fit(df)
     counts = sorted(w["samples"] for w in result.stats["workers"])
     assert counts == [0, 300]
     assert trainer.evaluate(df)["accuracy"] > FLOOR
+    df.unpersist()
 
 
 def test_predict_keeps_columns_and_runs_on_executors(spark):
@@ -173,26 +175,6 @@ def test_async_worker_failure_stops_everything_and_names_the_worker(spark, no_le
     assert time.monotonic() - started < 60
 
 
-def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_timeout(spark, no_leaked_threads):
-    import os
-
-    class Dying(CrashingExchange):
-        def exchange(self, model, samples):
-            self.calls += 1
-            if self.me == self.worker and self.calls == self.at:
-                os._exit(3)  # no traceback, no failure report: the process is simply gone
-            self.inner.exchange(model, samples)
-
-    x, y = make_blobs(800)
-    started = time.monotonic()
-    with pytest.raises(WorkerError) as failure:
-        SparkTrainer(small_model(), backend=crashing("sync", lambda inner: Dying(inner, 0, 2, None), sync_every=4,
-                                                          barrier_timeout=120), num_workers=2, epochs=2,
-                     batch_size=16, spark=spark, verbose=0).fit((x, y))
-    assert failure.value.worker == 0 and "exited unexpectedly" in str(failure.value)
-    assert time.monotonic() - started < 90  # Spark notices the lost task; nobody waits 120 s
-
-
 def test_regression_targets_train_with_sync(spark):
     import keras
 
@@ -219,3 +201,24 @@ def test_regression_targets_of_the_wrong_size_are_refused(spark):
     x = np.zeros((50, 6), np.float32)
     with pytest.raises(DataError, match="2 value\\(s\\) each"):
         SparkTrainer(model, spark=spark, verbose=0).fit((x, np.zeros((50, 3), np.float32)))
+
+
+# Last: it kills a Python worker, and every later test would pay for a fresh one (TensorFlow's import).
+def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_timeout(spark, no_leaked_threads):
+    import os
+
+    class Dying(CrashingExchange):
+        def exchange(self, model, samples):
+            self.calls += 1
+            if self.me == self.worker and self.calls == self.at:
+                os._exit(3)  # no traceback, no failure report: the process is simply gone
+            self.inner.exchange(model, samples)
+
+    x, y = make_blobs(800)
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        SparkTrainer(small_model(), backend=crashing("sync", lambda inner: Dying(inner, 0, 2, None), sync_every=4,
+                                                          barrier_timeout=120), num_workers=2, epochs=2,
+                     batch_size=16, spark=spark, verbose=0).fit((x, y))
+    assert failure.value.worker == 0 and "exited unexpectedly" in str(failure.value)
+    assert time.monotonic() - started < 90  # Spark notices the lost task; nobody waits 120 s
