@@ -11,10 +11,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -117,6 +122,24 @@ def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     return (x_train, y_train), test
 
 
+@contextlib.contextmanager
+def _session(args: argparse.Namespace, app_name: str) -> Iterator[SparkSession]:
+    """The Spark session for a command: the running one (left running), or one started and stopped here."""
+    from pyspark.sql import SparkSession
+
+    from .session import start_session
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    spark = start_session(args.master or f"local[{args.workers}]", app_name)
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
 def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train the reference CNN with each strategy on the same data and cores; prints a table."""
     import json
@@ -125,12 +148,10 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .data import numpy_to_dataframe
     from .engine import available_backends
     from .models import mnist_cnn
-    from .session import start_session
 
     strategies = args.backends or sorted(available_backends(), key=lambda name: (name != "single", name))
     (x_train, y_train), (x_test, y_test) = _mnist(args)
-    spark = start_session(args.master or f"local[{args.workers}]", "kerasonspark-compare")
-    try:
+    with _session(args, "kerasonspark-compare") as spark:
         train_df = numpy_to_dataframe(spark, x_train, y_train).cache()
         test_df = numpy_to_dataframe(spark, x_test, y_test).cache()
         train_df.count(), test_df.count()
@@ -141,11 +162,12 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{strategy:>15}: {run['samples_per_s']:8.0f} samples/s  train {run['train_s']:6.1f} s  "
                   f"wall {run['wall_s']:6.1f} s  test accuracy {run['test_accuracy']:.4f}{extra}", flush=True)
 
-        rows = compare_strategies(lambda: mnist_cnn(seed=0), spark, train_df, test_df, strategies,
-                                  num_workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
-                                  repeat=args.repeat, options=json.loads(args.options), on_run=report)
-    finally:
-        spark.stop()
+        try:
+            rows = compare_strategies(lambda: mnist_cnn(seed=0), spark, train_df, test_df, strategies,
+                                      num_workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
+                                      repeat=args.repeat, options=json.loads(args.options), on_run=report)
+        finally:
+            train_df.unpersist(), test_df.unpersist()
     print(format_table(rows))
     figures = [row.as_dict() for row in rows]
     if args.json:
@@ -158,7 +180,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train the reference CNN on MNIST as the 2017 Dist-Keras run did; prints its three lines."""
     from .data import numpy_to_dataframe
     from .models import mnist_cnn
-    from .session import start_session
     from .trainer import SparkTrainer
 
     (x_train, y_train), (x_test, y_test) = _mnist(args)
@@ -167,8 +188,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         options["rule"] = args.rule
     if args.window is not None:
         options["window"] = args.window
-    spark = start_session(args.master or f"local[{args.workers}]", "kerasonspark-mnist")
-    try:
+    with _session(args, "kerasonspark-mnist") as spark:
         train_df = numpy_to_dataframe(spark, x_train, y_train)
         test_df = numpy_to_dataframe(spark, x_test, y_test)
         trainer = SparkTrainer(mnist_cnn(seed=args.seed), backend=args.backend, num_workers=args.workers,
@@ -176,8 +196,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                spark=spark, seed=args.seed)
         result = trainer.fit(train_df)
         accuracy = trainer.evaluate(test_df)["accuracy"]
-    finally:
-        spark.stop()
     stats = result.stats
     updates = stats["exchanges"]
     print(f"Training time: {stats['wall_seconds']:.1f} s")

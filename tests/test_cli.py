@@ -52,20 +52,24 @@ def test_mnist_example_prints_the_three_2017_lines(tmp_path):
 
 
 @pytest.mark.spark
-def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(tmp_path):
+def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark, tmp_path, capsys):
+    # In this process, on the running session (which `compare` leaves running): the command's own
+    # process start is what test_mnist_example covers.
+    from kerasonspark.cli import main
+
     write_tiny_mnist(tmp_path)
     figures = tmp_path / "figures.json"
-    run = subprocess.run([sys.executable, "-m", "kerasonspark.cli", "compare", "--data", str(tmp_path),
-                          "--backends", "single", "sync", "async:downpour", "--epochs", "2", "--batch-size", "16",
-                          "--json", str(figures)], capture_output=True, text=True, timeout=400, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(["compare", "--data", str(tmp_path), "--backends", "single", "sync", "async:downpour",
+                 "--epochs", "2", "--batch-size", "16", "--json", str(figures)]) == 0
     rows = {row["strategy"]: row for row in json.loads(figures.read_text())}
     assert list(rows) == ["single", "sync", "async:downpour"]
     assert rows["single"]["vs_single"] == 1.0 and rows["sync"]["vs_single"] > 0
     assert all(row["test_accuracy"] > 0.5 and row["runs"] == 1 for row in rows.values())
+    assert rows["single"]["exchanges"] == 0
     assert rows["sync"]["exchanges"] > 0 and rows["async:downpour"]["exchanges"] > rows["sync"]["exchanges"]
-    table = [line for line in run.stdout.splitlines() if line.startswith("| `")]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == ["single", "sync", "async:downpour"]
+    assert spark.range(3).count() == 3  # the session still runs
 
 
 def test_compare_refuses_an_unknown_strategy_before_training(spark):
