@@ -20,6 +20,7 @@ from kerasonspark.engine import (
     TrainingJob,
     TrainingResult,
     check_positive_int,
+    even_runs,
     get_flat_weights,
     set_flat_weights,
 )
@@ -46,16 +47,6 @@ class SyncOptions(EngineOptions):
             raise ValueError(f"Expected `barrier_timeout` > 0 seconds. Received: barrier_timeout={self.barrier_timeout!r}.")
 
 
-def round_schedule(steps: int, rounds: int) -> list[int]:
-    """Cut an epoch's ``steps`` into exactly ``rounds`` runs, as even as they come, longest first.
-
-    Every worker must join every round, so every worker cuts its epoch into the same number of
-    runs; a worker with a smaller partition just takes fewer steps per run.
-    """
-    base, extra = divmod(steps, rounds)
-    return [base + 1] * extra + [base] * (rounds - extra)
-
-
 class SyncExchange(ServerExchange):
     """Worker side: meet at round ``r`` after each run of local steps and adopt the average."""
 
@@ -65,7 +56,8 @@ class SyncExchange(ServerExchange):
         self.round = 0
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
-        return round_schedule(steps, self.rounds_per_epoch)
+        # Every worker must join every round, so every epoch is cut into the same number of runs.
+        return even_runs(steps, self.rounds_per_epoch)
 
     def exchange(self, model: keras.Model, samples: int) -> None:
         average = self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples)

@@ -28,6 +28,7 @@ from kerasonspark.engine import (
     TrainingJob,
     TrainingResult,
     check_positive_int,
+    even_runs,
     get_flat_weights,
     set_flat_weights,
 )
@@ -52,8 +53,7 @@ class EpochAveragingExchange(ServerExchange):
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
         # The same number of runs on every worker, or some would wait at a round the others skip.
-        base, extra = divmod(steps, self.rounds_per_epoch)
-        return [base + 1] * extra + [base] * (self.rounds_per_epoch - extra)
+        return even_runs(steps, self.rounds_per_epoch)
 
     def exchange(self, model: Any, samples: int) -> None:
         set_flat_weights(model, self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples))

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError, SparkEnvironmentError
+from .engine import check_positive_int
+from .errors import SparkEnvironmentError
 from .session import require_java
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ class StandaloneCluster:
 
     def __post_init__(self) -> None:
         for name in ("workers", "cores_per_worker"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+            check_positive_int(name, getattr(self, name))
 
     @property
     def master_url(self) -> str:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "NoOptions", "ParameterStore", "Runner",
     "ServerExchange", "StageOutcome", "TrainingConfig", "TrainingJob", "TrainingResult", "WorkerReport",
-    "available_backends", "check_positive_int", "get_flat_weights", "parse_options", "resolve_backend",
+    "available_backends", "check_positive_int", "even_runs", "get_flat_weights", "parse_options", "resolve_backend",
     "set_flat_weights",
 ]
 
@@ -70,6 +70,20 @@ def check_positive_int(name: str, value: Any) -> None:
     """
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+
+
+def even_runs(steps: int, runs: int) -> list[int]:
+    """Cut ``steps`` into exactly ``runs`` runs, as even as they come, longest first.
+
+    For :meth:`Exchange.schedule` when workers meet after every run: each worker cuts its epoch
+    into the same number of runs, and a worker with a smaller partition takes fewer steps a run.
+
+    Example:
+        >>> even_runs(10, 3)
+        [4, 3, 3]
+    """
+    base, extra = divmod(steps, runs)
+    return [base + 1] * extra + [base] * (runs - extra)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 from kerasonspark import WorkerError, WorkerReport
 from kerasonspark.data import DataInfo
 from kerasonspark.driver import merge_history
-from kerasonspark.engine import Exchange
+from kerasonspark.engine import Exchange, even_runs
 from kerasonspark.executor import WorkerSettings, train_worker, validation_share
 from kerasonspark.testing import fit_in_process
 
@@ -154,16 +154,19 @@ def test_worker_report_figures_for_stats():
 
 
 def test_sync_cuts_every_epoch_into_the_same_rounds():
-    from kerasonspark.backends.sync import round_schedule
+    from kerasonspark.backends.sync import SyncExchange
 
-    assert round_schedule(10, 3) == [4, 3, 3]
-    assert round_schedule(2, 3) == [1, 1, 0]  # a small partition still meets every round
-    assert round_schedule(0, 2) == [0, 0]
+    schedule = SyncExchange("http://127.0.0.1:1", b"k" * 32, rounds_per_epoch=3, timeout=1).schedule
+    assert schedule(10, 0) == [4, 3, 3] == even_runs(10, 3)
+    assert schedule(2, 5) == [1, 1, 0]  # a small partition still meets every round
+    assert even_runs(0, 2) == [0, 0]
     for steps in range(0, 40):
-        assert len(round_schedule(steps, 4)) == 4 and sum(round_schedule(steps, 4)) == steps
+        assert len(even_runs(steps, 4)) == 4 and sum(even_runs(steps, 4)) == steps
+        assert max(even_runs(steps, 4)) - min(even_runs(steps, 4)) <= 1
 
 
 # -- the real engines, in-process ------------------------------------------------------------------
+@pytest.mark.inprocess
 @pytest.mark.parametrize("backend, options", [
     ("sync", {"sync_every": 8}),
     ("async", {"rule": "adag", "window": 4}),
@@ -196,6 +199,7 @@ def test_engines_learn_and_count_their_exchanges_in_process(backend, options):
         assert sum(histogram.values()) == expected and sum(k * v for k, v in histogram.items()) <= expected
 
 
+@pytest.mark.inprocess
 def test_a_failing_worker_names_itself_in_process_and_leaves_no_thread():
     from kerasonspark.backends.sync import SyncEngine
 
