@@ -48,3 +48,34 @@ def test_body_signing_binds_the_content():
     auth.verify(secret, "POST", "/v1/push", value, 5, body_digest=auth.body_digest([b"he", b"llo"]))
     with pytest.raises(auth.AuthenticationError):
         auth.verify(secret, "POST", "/v1/push", value, 5, body_digest=auth.body_digest(b"jello"))
+
+
+def test_secrets_are_256_bits_and_fresh():
+    first, second = auth.new_secret(), auth.new_secret()
+    assert len(first) == 32 and first != second
+
+
+def test_freshness_is_judged_by_the_server_clock_given():
+    secret = auth.new_secret()
+    value = auth.sign(secret, "GET", "/v1/stats", 0, 1, 0, ts=1_000_000)
+    assert auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000).ts == 1_000_000
+    assert auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000 + auth.MAX_CLOCK_SKEW_S).seq == 1
+    with pytest.raises(auth.AuthenticationError, match="^Request timestamp is 301 s away from the server's clock"):
+        auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000 + auth.MAX_CLOCK_SKEW_S + 1)
+
+
+def test_an_older_timestamp_within_the_window_still_verifies_against_its_own_signature():
+    secret = auth.new_secret()
+    ts = int(time.time()) - 100
+    value = auth.sign(secret, "POST", "/v1/push", 1, 5, 10, ts=ts)
+    assert auth.verify(secret, "POST", "/v1/push", value, 10).ts == ts
+    with pytest.raises(auth.AuthenticationError, match="^Bad signature: the request was not signed with this run's secret.$"):
+        auth.verify(auth.new_secret(), "POST", "/v1/push", value, 10)
+
+
+def test_header_parsing_names_what_is_wrong():
+    assert auth.parse("v1 worker=3 seq=4 ts=5 sig=a=b") == auth.Credentials(3, 4, 5, "a=b")
+    with pytest.raises(auth.AuthenticationError, match="^Unsupported auth scheme 'v2'; expected 'v1'.$"):
+        auth.parse("v2 worker=3 seq=4 ts=5 sig=ab")
+    with pytest.raises(auth.AuthenticationError, match="^Malformed `X-KOS-Auth` header"):
+        auth.parse("v1 worker=3 seq=4 ts=5")

@@ -26,8 +26,10 @@ def test_features_are_reshaped_to_the_input_and_cast():
         as_features(np.zeros((2, 3)), SPARSE, "the features")
     with pytest.raises(DataError, match="The features hold no samples"):
         as_features(np.zeros((0, 4)), SPARSE, "the features")
-    with pytest.raises(DataError, match="must be numeric"):
+    with pytest.raises(DataError, match="^The features must be numeric. Received: dtype=<U1.$"):
         as_features(np.array([["a"] * 4]), SPARSE, "the features")
+    assert as_features(np.ones((1, 2, 2)), SPARSE, "x").shape == (1, 2, 2)  # one sample
+    assert as_features(np.arange(5), DataInfo((1,), "raw", None, (1,)), "x").shape == (5, 1)  # one value a sample
     with pytest.raises(DataError, match="4 values"):
         as_features(np.float32(1.0), SPARSE, "the features")
 
@@ -45,6 +47,20 @@ def test_block_problems_count_each_reason():
     assert block_problems(x, np.array([9.5, -3, 0, 1, 2]), RAW)["label_out_of_range"] == 0
     assert block_problems(x, np.array([9, -3, 0, 1, 2]), GIVEN) == {
         "nonfinite_rows": 1, "label_out_of_range": 0, "label_not_integer": 0}
+
+
+def test_raise_problems_message_in_full():
+    with pytest.raises(DataError) as refused:
+        raise_problems([{"nonfinite_rows": 1, "label_out_of_range": 2, "label_not_integer": 3}], "validation")
+    assert str(refused.value) == (
+        "The validation data cannot be trained on as given: "
+        "1 row(s) with NaN, Inf or null features or labels (1 in partition 0); drop or impute them; "
+        "2 label(s) outside the model's classes (2 in partition 0); "
+        "map labels to 0..num_classes-1 or widen the output layer; "
+        "3 non-integer class label(s) (3 in partition 0); labels must be whole class indices.")
+    with pytest.raises(DataError) as many:
+        raise_problems([{"nonfinite_rows": 1}] * 10, "training")
+    assert "10 row(s)" in str(many.value) and "1 in partition 7);" in str(many.value) and "partition 8" not in str(many.value)
 
 
 def test_raise_problems_names_every_reason_and_partition():
@@ -79,8 +95,14 @@ def test_validate_arrays_refuses_before_any_work():
         validate_arrays((x, y[:5]), ONE_HOT, "training")
     with pytest.raises(DataError, match="Labels in the validation labels must be numeric"):
         validate_arrays((x, np.array(list("abcdef"))), ONE_HOT, "validation")
-    with pytest.raises(DataError, match="outside the model's classes"):
+    with pytest.raises(DataError, match="^The training data cannot be trained on as given: 2 label\\(s\\) outside"):
         validate_arrays((x, y + 1), ONE_HOT, "training")
+    with pytest.raises(DataError, match="^Each sample in the training features must have 4 values"):
+        validate_arrays((x[:, :3], y), ONE_HOT, "training")
+    with pytest.raises(DataError, match="^Labels in the training data should be class indices or one-hot"):
+        validate_arrays((x, np.zeros((6, 5))), ONE_HOT, "training")
+    one_hot = np.eye(3)[y]
+    assert np.array_equal(validate_arrays((x, one_hot), ONE_HOT, "training")[1], one_hot)  # kept whole
 
 
 def test_labels_are_converted_to_what_the_loss_takes():
@@ -88,10 +110,14 @@ def test_labels_are_converted_to_what_the_loss_takes():
     assert SPARSE.model_labels(indices).dtype == np.int32
     assert np.array_equal(SPARSE.model_labels(np.eye(3)[indices]), indices)
     assert np.array_equal(ONE_HOT.model_labels(indices), np.eye(3, dtype=np.float32)[indices])
+    assert ONE_HOT.model_labels(indices).dtype == ONE_HOT.model_labels(np.eye(3)[indices]).dtype == np.float32
     assert RAW.model_labels(np.zeros((3, 1, 2))).shape == (3, 2)
+    assert RAW.model_labels(np.zeros((3, 2), np.float64)).dtype == np.float32
     given = GIVEN.with_given_labels(0, integer=True)
     assert given.model_labels(indices).dtype == np.int32 and given.label_shape == ()
     assert GIVEN.with_given_labels(3, integer=False).label_shape == (3,)
+    assert GIVEN.with_given_labels(3, integer=False).label_dtype == "float32"
+    assert GIVEN.with_given_labels(0, integer=False).model_labels(indices).dtype == np.float32
     assert SPARSE.with_given_labels(3, integer=False) is SPARSE  # only a loss of the user's own reads them
 
 

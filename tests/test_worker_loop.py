@@ -21,24 +21,26 @@ class FakeModel:
     """Stands in for a Keras model where the loop only resets metrics and evaluates."""
 
     def __init__(self):
-        self.resets, self.evaluated = 0, []
+        self.resets, self.evaluated, self.evaluate_options = 0, [], []
 
     def reset_metrics(self):
         self.resets += 1
 
     def evaluate(self, x, y, **kwargs):
         self.evaluated.append(len(x))
-        return {"loss": 0.5, "accuracy": float(len(x))}
+        self.evaluate_options.append(kwargs)
+        return {"loss": 0.5, "accuracy": float(len(x)), "per_class": np.ones(3)}  # not a scalar: left out
 
 
 class FakeSteps:
-    """Records which rows each run of steps trained on, in which batch size."""
+    """Records which rows each run of steps trained on, in which batch size, from which arrays."""
 
     def __init__(self):
-        self.model, self.runs = FakeModel(), []
+        self.model, self.runs, self.arrays = FakeModel(), [], set()
 
     def run(self, x, y, index, batch_size):
         self.runs.append((index.copy(), batch_size))
+        self.arrays.add((id(x), id(y)))
 
     def metrics(self):
         return {"loss": float(len(self.runs))}
@@ -47,12 +49,14 @@ class FakeSteps:
 class Recording(Exchange):
     def __init__(self, runs_per_epoch=None, bad_schedule=False):
         self.runs_per_epoch, self.bad_schedule = runs_per_epoch, bad_schedule
-        self.events = []
+        self.events, self.models, self.epochs = [], set(), []
 
     def start(self, model, worker):
+        self.models.add(id(model))
         self.events.append(("start", worker))
 
     def schedule(self, steps, epoch):
+        self.epochs.append(epoch)
         if self.bad_schedule:
             return [steps + 1]
         if self.runs_per_epoch is None:
@@ -61,12 +65,15 @@ class Recording(Exchange):
         return [base + 1] * extra + [base] * (self.runs_per_epoch - extra)
 
     def exchange(self, model, samples):
+        self.models.add(id(model))
         self.events.append(("exchange", samples))
 
     def end_epoch(self, model, epoch):
+        self.models.add(id(model))
         self.events.append(("end_epoch", epoch))
 
     def finish(self, model):
+        self.models.add(id(model))
         return {"figure": 7}
 
 
@@ -78,6 +85,9 @@ def loop(n=10, exchange=None, validation=None, worker=0, **kw):
     x, y = np.zeros((n, 3), np.float32), np.zeros(n, np.int32)
     steps, exchange = FakeSteps(), exchange or Recording(runs_per_epoch=2)
     report = train_worker(worker, steps, x, y, settings(**kw), exchange, validation)
+    if n:
+        assert steps.arrays == {(id(x), id(y))}  # every run trains on the worker's own arrays
+    assert exchange.models == {id(steps.model)}  # every hook sees the worker's model
     return report, steps, exchange
 
 
@@ -94,15 +104,19 @@ def test_every_epoch_visits_every_row_once_in_a_fresh_order():
 
 
 def test_shuffling_is_seeded_per_worker():
-    first = [i for i, _ in loop(seed=5)[1].runs]
-    again = [i for i, _ in loop(seed=5)[1].runs]
-    other_worker = [i for i, _ in loop(seed=5, worker=1)[1].runs]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other_worker, strict=True))
+    # Worker w shuffles with seed + w, one fresh permutation per epoch.
+    runs = [i for i, _ in loop(seed=5, worker=1, epochs=2)[1].runs]
+    rng = np.random.default_rng(6)
+    assert np.array_equal(np.concatenate(runs[:2]), rng.permutation(10))
+    assert np.array_equal(np.concatenate(runs[2:]), rng.permutation(10))
+    unseeded = [np.concatenate([i for i, _ in loop(seed=None)[1].runs]) for _ in range(3)]
+    assert not all(np.array_equal(unseeded[0], other) for other in unseeded[1:])
 
 
 def test_exchanges_follow_every_run_and_epochs_end_in_order():
     report, _, exchange = loop(n=10, epochs=2, batch=4)
+    assert exchange.epochs == [0, 1]
+    assert 0 <= report.seconds < 5 and report.val_samples == 0 and report.val_history == []
     assert exchange.events == [("start", 0), ("exchange", 8), ("exchange", 2), ("end_epoch", 0),
                                ("exchange", 8), ("exchange", 2), ("end_epoch", 1)]
     assert report.figures == {"figure": 7} and report.worker == 0
@@ -126,12 +140,14 @@ def test_validation_share_is_scored_after_every_epoch():
     assert len(share[0]) == 4 and share[1].dtype == np.int32  # rows 1, 3, 5, 7, labels as the loss takes them
     report, steps, _ = loop(epochs=2, validation=share, worker=1)
     assert steps.model.evaluated == [4, 4] and report.val_samples == 4
+    assert steps.model.evaluate_options == [{"batch_size": 256, "verbose": 0, "return_dict": True}] * 2
     assert report.val_history == [{"loss": 0.5, "accuracy": 4.0}] * 2
     assert validation_share(None, 0, settings()) is None
 
 
 def test_a_schedule_that_does_not_cover_the_epoch_fails_at_once():
-    with pytest.raises(RuntimeError, match="must return runs that add up"):
+    with pytest.raises(RuntimeError, match="^The exchange scheduled 4 steps for an epoch of 3; "
+                                           "`Exchange.schedule` must return runs that add up to `steps`.$"):
         loop(exchange=Recording(bad_schedule=True))
 
 
@@ -144,6 +160,12 @@ def test_history_is_weighted_by_samples_and_validation_rows():
     history = merge_history(reports, 2)
     assert history == {"loss": [1.5, 0.75], "val_loss": [3.5, 3.5]}
     assert merge_history([], 2) == {}
+    # one worker of one sample; a worker that reported fewer epochs counts only where it has them
+    lone = WorkerReport(0, 1, 1, 1.0, history=[{"loss": 2.0, "accuracy": 0.5}])
+    assert merge_history([lone], 1) == {"loss": [2.0], "accuracy": [0.5]}
+    short = WorkerReport(1, 3, 1, 1.0, history=[{"loss": 4.0, "accuracy": 1.0}])
+    longer = WorkerReport(0, 1, 2, 1.0, history=[{"loss": 0.0, "accuracy": 0.0}, {"loss": 1.0, "accuracy": 1.0}])
+    assert merge_history([longer, short], 2) == {"loss": [3.0, 1.0], "accuracy": [0.75, 1.0]}
 
 
 def test_worker_report_figures_for_stats():
