@@ -126,10 +126,30 @@ def test_the_label_convention_is_read_off_the_loss():
 
     from conftest import small_model
 
-    assert DataInfo.for_model(small_model(), {"loss": "sparse_categorical_crossentropy"}).label_mode == "sparse"
-    assert DataInfo.for_model(small_model(), {"loss": "categorical_crossentropy"}).label_mode == "one_hot"
-    assert DataInfo.for_model(small_model(), {"loss": "mse"}).label_mode == "raw"
-    keras_class = keras.losses.MeanSquaredError()
-    assert DataInfo.for_model(small_model(), {"loss": keras.saving.serialize_keras_object(keras_class)}).label_mode == "raw"
+    model = small_model()  # 16 inputs, 4 classes
+    assert DataInfo.for_model(model, {"loss": "sparse_categorical_crossentropy"}) == DataInfo((16,), "sparse", 4)
+    assert DataInfo.for_model(model, {"loss": "categorical_crossentropy"}) == DataInfo((16,), "one_hot", 4)
+    assert DataInfo.for_model(model, {"loss": "mse"}) == DataInfo((16,), "raw", None, (4,))
+    keras_class = keras.saving.serialize_keras_object(keras.losses.MeanSquaredError())
+    assert DataInfo.for_model(model, {"loss": keras_class}) == DataInfo((16,), "raw", None, (4,))
     mine = {"module": "builtins", "class_name": "function", "config": "me>loss", "registered_name": "function"}
-    assert DataInfo.for_model(small_model(), {"loss": mine}).label_mode == "given"
+    assert DataInfo.for_model(model, {"loss": mine}) == DataInfo((16,), "given", None)
+    images = keras.Sequential([keras.Input((5, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    assert DataInfo.for_model(images, {"loss": "sparse_categorical_crossentropy"}) == DataInfo((5, 3), "sparse", 2)
+
+
+def test_models_the_data_path_cannot_feed_are_named():
+    import keras
+
+    a, b = keras.Input((2,)), keras.Input((3,))
+    two_inputs = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(DataError, match="^Models with several inputs are not supported yet. Received: input_shape="):
+        DataInfo.for_model(two_inputs, {"loss": "mse"})
+    ragged = keras.Sequential([keras.Input((None, 3)), keras.layers.Dense(2)])
+    with pytest.raises(DataError, match="^The model's input shape must be fully known except the batch. Received: "
+                                        "\\(None, None, 3\\)"):
+        DataInfo.for_model(ragged, {"loss": "mse"})
+    x = keras.Input((4,))
+    two_outputs = keras.Model(x, [keras.layers.Dense(1)(x), keras.layers.Dense(2)(x)])
+    with pytest.raises(DataError, match="^Models with several or variable-size outputs are not supported yet"):
+        DataInfo.for_model(two_outputs, {"loss": "mse"})

@@ -168,6 +168,64 @@ def test_history_is_weighted_by_samples_and_validation_rows():
     assert merge_history([longer, short], 2) == {"loss": [3.0, 1.0], "accuracy": [0.75, 1.0]}
 
 
+def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
+    from kerasonspark.driver import assemble_result
+    from kerasonspark.engine import TrainingConfig, TrainingJob, get_flat_weights
+    from kerasonspark.serialization import ModelSpec
+
+    model = small_model()
+    spec = ModelSpec.from_model(model)
+    job = TrainingJob(spec=spec, model=model, info=DataInfo((16,), "sparse", 4), runner=None,
+                      config=TrainingConfig(epochs=2, num_workers=2), run_id="r", partition_sizes=[30, 10])
+    reports = [WorkerReport(1, 10, 2, 1.0, history=[{"loss": 3.0}] * 2, figures={"pushes": 3}),
+               WorkerReport(0, 30, 4, 2.0, history=[{"loss": 1.0}] * 2, figures={"pushes": 5})]
+    weights = np.full(spec.weights.size, 0.5, np.float32)
+    result = assemble_result(job, "mine", reports, weights, 4.0, 8,
+                             {"rule": "adag", "parameter_server": {"updates": 8}})
+    assert result.model is model and np.all(get_flat_weights(model) == 0.5)
+    assert result.history == {"loss": [1.5, 1.5]}
+    stats = result.stats
+    assert {k: stats[k] for k in ("backend", "samples", "epochs", "num_workers", "train_seconds", "samples_per_second",
+                                  "exchanges")} == {"backend": "mine", "samples": 80, "epochs": 2, "num_workers": 2,
+                                                    "train_seconds": 4.0, "samples_per_second": 20.0, "exchanges": 8}
+    assert [w["worker"] for w in stats["workers"]] == [0, 1] and stats["workers"][0]["pushes"] == 5
+    assert stats["mine"] == {"rule": "adag"} and stats["parameter_server"] == {"updates": 8}
+    unserved = assemble_result(job, "plain", reports, weights, 0.0, 0, None).stats
+    assert unserved["samples_per_second"] == 0.0 and unserved["plain"] == {} and "parameter_server" not in unserved
+
+
+def test_a_job_hands_every_call_to_its_runner():
+    from kerasonspark.engine import TrainingConfig, TrainingJob
+
+    calls = []
+
+    class Runner:
+        def run_workers(self, job, exchange):
+            calls.append(("run_workers", exchange))
+            return ["report"]
+
+        def serve(self, job, store, make_exchange):
+            calls.append(("serve", store, make_exchange))
+            return "outcome"
+
+        def result(self, job, reports, weights, seconds, exchanges, engine_stats):
+            calls.append(("result", reports, weights, seconds, exchanges, engine_stats))
+            return "result"
+
+        def local_arrays(self, job):
+            calls.append(("local_arrays",))
+            return "arrays"
+
+    job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(), runner=Runner(), run_id="r",
+                      partition_sizes=[3, 4])
+    assert job.num_samples == 7
+    assert job.run_workers("ex") == ["report"] and job.serve("store", "make") == "outcome"
+    assert job.result(["r"], "w", 2.0, exchanges=5, engine_stats={"a": 1}) == "result"
+    assert job.local_arrays() == "arrays"
+    assert calls == [("run_workers", "ex"), ("serve", "store", "make"), ("result", ["r"], "w", 2.0, 5, {"a": 1}),
+                     ("local_arrays",)]
+
+
 def test_worker_report_figures_for_stats():
     report = WorkerReport(3, 100, 10, 2.0, history=[{}, {}], figures={"pushes": 4})
     assert report.samples_per_second == 100.0
