@@ -217,7 +217,30 @@ def ship_by_value(obj: Any) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-class SparkRunner:
+class DriverRunner:
+    """What every driver-side runner shares: the parameter server and the result. Subclasses run
+    the workers (:meth:`run_workers`) and hand over the data (:meth:`local_arrays`).
+
+    Args:
+        engine_name: where the engine's figures go in ``stats``.
+    """
+
+    def __init__(self, engine_name: str) -> None:
+        self.engine_name = engine_name
+
+    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+        raise NotImplementedError
+
+    def serve(self, job: TrainingJob, store: ParameterStore,
+              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+
+    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
+               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
+
+
+class SparkRunner(DriverRunner):
     """Runs a job's workers as one Spark barrier stage, one task per partition of ``blocks``.
 
     Args:
@@ -244,14 +267,6 @@ class SparkRunner:
             if validation is not None:
                 validation.destroy()
         return sorted(reports, key=lambda r: r.worker)
-
-    def serve(self, job: TrainingJob, store: ParameterStore,
-              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
-        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
-
-    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
-        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         from .data import collect_arrays

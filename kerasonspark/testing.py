@@ -26,12 +26,10 @@ import numpy as np
 from pyspark import cloudpickle
 
 from .data import DataInfo, validate_arrays
-from .driver import assemble_result, host_parameter_server, worker_settings
+from .driver import DriverRunner, worker_settings
 from .engine import (
     Engine,
     Exchange,
-    ParameterStore,
-    StageOutcome,
     TrainingConfig,
     TrainingJob,
     TrainingResult,
@@ -47,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["InProcessRunner", "fit_in_process"]
 
 
-class InProcessRunner:
+class InProcessRunner(DriverRunner):
     """A :class:`~kerasonspark.engine.Runner` whose workers are threads of this process.
 
     Args:
@@ -56,7 +54,8 @@ class InProcessRunner:
     """
 
     def __init__(self, partitions: list[tuple[np.ndarray, np.ndarray]], engine_name: str) -> None:
-        self.partitions, self.engine_name = partitions, engine_name
+        super().__init__(engine_name)
+        self.partitions = partitions
 
     def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
         settings = worker_settings(job)
@@ -91,14 +90,6 @@ class InProcessRunner:
             if isinstance(outcome, BaseException):
                 raise outcome
         return [o for o in outcomes if isinstance(o, WorkerReport)]
-
-    def serve(self, job: TrainingJob, store: ParameterStore,
-              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
-        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
-
-    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
-        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate([p[0] for p in self.partitions]), np.concatenate([p[1] for p in self.partitions])

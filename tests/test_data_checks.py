@@ -136,6 +136,8 @@ def test_the_label_convention_is_read_off_the_loss():
     assert DataInfo.for_model(model, {"loss": mine}) == DataInfo((16,), "given", None)
     images = keras.Sequential([keras.Input((5, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
     assert DataInfo.for_model(images, {"loss": "sparse_categorical_crossentropy"}) == DataInfo((5, 3), "sparse", 2)
+    per_step = keras.Sequential([keras.Input((5, 3)), keras.layers.Dense(2)])  # output (None, 5, 2): classes last
+    assert DataInfo.for_model(per_step, {"loss": "categorical_crossentropy"}) == DataInfo((5, 3), "one_hot", 2)
 
 
 def test_models_the_data_path_cannot_feed_are_named():

@@ -192,6 +192,7 @@ def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
     assert stats["mine"] == {"rule": "adag"} and stats["parameter_server"] == {"updates": 8}
     unserved = assemble_result(job, "plain", reports, weights, 0.0, 0, None).stats
     assert unserved["samples_per_second"] == 0.0 and unserved["plain"] == {} and "parameter_server" not in unserved
+    assert assemble_result(job, "quick", reports, weights, 0.5, 0, None).stats["samples_per_second"] == 160.0
 
 
 def test_a_job_hands_every_call_to_its_runner():
@@ -209,20 +210,20 @@ def test_a_job_hands_every_call_to_its_runner():
             return "outcome"
 
         def result(self, job, reports, weights, seconds, exchanges, engine_stats):
-            calls.append(("result", reports, weights, seconds, exchanges, engine_stats))
+            calls.append(("result", job is the_job, reports, weights, seconds, exchanges, engine_stats))
             return "result"
 
         def local_arrays(self, job):
             calls.append(("local_arrays",))
             return "arrays"
 
-    job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(), runner=Runner(), run_id="r",
-                      partition_sizes=[3, 4])
+    job = the_job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(), runner=Runner(), run_id="r",
+                                partition_sizes=[3, 4])
     assert job.num_samples == 7
     assert job.run_workers("ex") == ["report"] and job.serve("store", "make") == "outcome"
     assert job.result(["r"], "w", 2.0, exchanges=5, engine_stats={"a": 1}) == "result"
     assert job.local_arrays() == "arrays"
-    assert calls == [("run_workers", "ex"), ("serve", "store", "make"), ("result", ["r"], "w", 2.0, 5, {"a": 1}),
+    assert calls == [("run_workers", "ex"), ("serve", "store", "make"), ("result", True, ["r"], "w", 2.0, 5, {"a": 1}),
                      ("local_arrays",)]
 
 
