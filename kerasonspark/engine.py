@@ -6,14 +6,16 @@ that receives a :class:`TrainingJob` and returns a :class:`TrainingResult`; the 
 shared worker loop and hosts a parameter server. Between runs of local steps each worker calls the
 engine's :class:`Exchange`; every worker returns a :class:`WorkerReport`.
 
-A complete engine, model averaging once per epoch through the parameter server's round barrier::
+The driver side of a complete engine, model averaging ``rounds`` times an epoch through the
+parameter server's round barrier (its worker side, ``EpochAveragingExchange``, is a
+:class:`ServerExchange` whose ``exchange`` calls ``self.client.barrier``)::
 
-    class EpochAveraging(Engine):
+    class EpochAveragingEngine(Engine):
         name = "epoch_averaging"
 
         def run(self, job):
             store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers)
-            outcome = job.serve(store, lambda url, secret: EpochExchange(url, secret, timeout=300))
+            outcome = job.serve(store, lambda url, secret: EpochAveragingExchange(url, secret, rounds=1))
             return job.result(outcome.reports, store.center, outcome.seconds,
                               exchanges=outcome.server_stats["rounds"])
 
