@@ -186,7 +186,6 @@ class ParameterStore:
             if worker in state.samples:
                 raise ParameterServerError(f"Worker {worker} already arrived in round {round}.", 409)
             state.samples[worker] = samples
-            self._cond.notify_all()
             if samples:
                 contribution = weights * np.float32(samples)
                 if state.sum is None:
@@ -242,7 +241,8 @@ class ParameterStore:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"{len(arrived)} of {count} workers arrived in round {round} within {timeout} s.")
-                self._cond.wait(remaining)
+                # Arrivals do not notify (the barrier's hot path stays as it was): look again shortly.
+                self._cond.wait(min(remaining, 0.05))
 
     def _missing(self, state: _Round) -> list[int]:
         return [w for w in range(self.num_workers) if w not in state.samples]
