@@ -15,7 +15,7 @@ end-to-end test through ``SparkTrainer`` on ``local[2]`` for those.
 
 from __future__ import annotations
 
-import pickle
+import copy
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -23,7 +23,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pyspark import cloudpickle
 
 from .data import DataInfo, validate_arrays
 from .driver import DriverRunner, worker_settings
@@ -63,10 +62,8 @@ class InProcessRunner(DriverRunner):
         # Models are built here, one per worker, before any thread starts: Keras builds layers
         # and traces functions on the calling thread.
         bodies: list[Callable[[], WorkerReport]] = []
-        # Each worker unpickles its own copy, as each Spark task does: an exchange that cannot
-        # travel to an executor fails here too.
-        shipped = cloudpickle.dumps(exchange)
-        exchanges = [pickle.loads(shipped) for _ in self.partitions]
+        # Each worker gets its own copy, as each Spark task unpickles its own.
+        exchanges = [copy.deepcopy(exchange) for _ in self.partitions]
         for worker, (x, y) in enumerate(self.partitions):
             steps = LocalSteps(ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info)
             share = validation_share(job.validation, worker, settings)

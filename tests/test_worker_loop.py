@@ -284,25 +284,34 @@ def test_engines_learn_and_count_their_exchanges_in_process(backend, options):
 def test_a_failing_worker_names_itself_in_process_and_leaves_no_thread():
     from kerasonspark.backends.sync import SyncEngine
 
+    class DiskFull(Exchange):
+        """Worker 1's exchange fails at round 2; everything else is the sync engine's own."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def start(self, model, worker):
+            self.inner.start(model, worker)
+
+        def schedule(self, steps, epoch):
+            return self.inner.schedule(steps, epoch)
+
+        def exchange(self, model, samples):
+            if self.inner.worker == 1 and self.inner.round == 2:
+                raise ValueError("disk full")
+            self.inner.exchange(model, samples)
+
+        def report_failure(self, message):
+            self.inner.report_failure(message)
+
+        def close(self):
+            self.inner.close()
+
     class Failing(SyncEngine):
         def run(self, job):
             serve = job.serve
-
-            def make(make_exchange):
-                def build(url, secret):
-                    inner = make_exchange(url, secret)
-                    original = inner.exchange
-
-                    def exchange(model, samples):
-                        if inner.worker == 1 and inner.round == 2:
-                            raise ValueError("disk full")
-                        original(model, samples)
-
-                    inner.exchange = exchange
-                    return inner
-                return build
-
-            job.serve = lambda store, make_exchange: serve(store, make(make_exchange))
+            job.serve = lambda store, make_exchange: serve(
+                store, lambda url, secret: DiskFull(make_exchange(url, secret)))
             return super().run(job)
 
     x, y = make_blobs(400)
