@@ -213,10 +213,14 @@ _STEPS: dict[str, LocalSteps] = {}
 
 
 def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo) -> LocalSteps:
-    """This run's model with its traced multi-step function, built once per Python worker."""
+    """This run's model with its traced multi-step function, built once per Python worker.
+
+    Traced again only when ``info`` differs from the warm-up's (a loss of the user's own, whose
+    labels' shape and dtype are read off the data after the warm-up ran).
+    """
     model = cached_model(run_id, spec_bytes, custom_objects)
     steps = _STEPS.get(run_id)
-    if steps is None or steps.model is not model:
+    if steps is None or steps.model is not model or steps.info != info:
         _STEPS.clear()  # one training run at a time per Python worker
         steps = _STEPS[run_id] = LocalSteps(model, info)
     return steps

@@ -151,7 +151,7 @@ class SparkTrainer:
                 if validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
                 warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
-                        if self.engine.uses_spark_workers and self.info.label_mode != "given" else None)
+                        if self.engine.uses_spark_workers else None)
                 prepare_started = time.perf_counter()
                 with spark_errors():
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
