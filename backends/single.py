@@ -1,7 +1,8 @@
 """``backend="single"``: plain ``model.fit`` in the driver process, the reference for every engine.
 
 The data is collected to the driver, so use it for data that fits there: it exists to measure
-what the distributed engines gain over one process using all the driver's cores.
+what the distributed engines gain over one process using all the driver's cores. Callbacks,
+``verbose``, ``initial_epoch`` and ``validation_freq`` go to ``model.fit`` as they are.
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ class SingleEngine(Engine):
         validation = None
         if job.validation is not None:
             validation = (job.validation[0], job.info.model_labels(job.validation[1]))
+        config = job.config
         started = time.perf_counter()
-        keras_history = job.model.fit(x, y, batch_size=job.config.batch_size, epochs=job.config.epochs,
-                                      validation_data=validation, shuffle=True, verbose=0).history
+        keras_history = job.model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
+                                      validation_data=validation, shuffle=True, verbose=config.verbose,
+                                      callbacks=job.callbacks, initial_epoch=config.initial_epoch,
+                                      validation_freq=config.validation_freq).history
         seconds = time.perf_counter() - started
-        epochs = range(job.config.epochs)
+        trained = len(keras_history.get("loss", []))
+        epochs = range(trained)
         train_keys = [k for k in keras_history if not k.startswith("val_")]
         report = WorkerReport(
-            worker=0, samples=len(x), steps=-(-len(x) // job.config.batch_size) * job.config.epochs, seconds=seconds,
+            worker=0, samples=len(x), steps=-(-len(x) // config.batch_size) * trained, seconds=seconds,
             history=[{k: keras_history[k][e] for k in train_keys} for e in epochs],
             val_samples=len(validation[0]) if validation is not None else 0,
             val_history=[{k: keras_history[f"val_{k}"][e] for k in train_keys if f"val_{k}" in keras_history}
-                         for e in epochs] if validation is not None else [])
+                         for e in range(len(keras_history.get("val_loss", [])))])
         return job.result([report], get_flat_weights(job.model), seconds, exchanges=0)

@@ -50,6 +50,8 @@ class SyncOptions(EngineOptions):
 class SyncExchange(ServerExchange):
     """Worker side: meet at round ``r`` after each run of local steps and adopt the average."""
 
+    holds_center = True  # the epoch's last round leaves every worker holding the center
+
     def __init__(self, url: str, secret: bytes, rounds_per_epoch: int, timeout: float) -> None:
         super().__init__(url, secret, timeout)
         self.rounds_per_epoch = rounds_per_epoch

@@ -152,6 +152,12 @@ class PushPullExchange(ServerExchange):
     def end_epoch(self, model: keras.Model, epoch: int) -> None:
         self._drain(model)
 
+    def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
+        if self.payload == "weights":
+            return  # elastic averaging: each worker keeps its own weights, tied to the center by the rule
+        self.synced = center.copy()
+        set_flat_weights(model, self.synced)
+
     def finish(self, model: keras.Model) -> dict[str, Any]:
         self._drain(model)
         return {"pushes": self.pushes, **self.traffic(),

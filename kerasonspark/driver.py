@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import sys
 import sysconfig
 import time
@@ -24,15 +25,18 @@ import numpy as np
 from . import errors
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .errors import KerasOnSparkError, WorkerError
-from .executor import WorkerSettings, train_partition
+from .executor import EpochGate, WorkerSettings, train_partition
 from .parameter_server.store import ParameterStore
 from .serialization import set_flat_weights
+from .steering import Steering, has_terminate_on_nan, weighted_mean
 
 if TYPE_CHECKING:
     from pyspark import RDD, Broadcast
     from pyspark.sql import SparkSession
 
 logger = logging.getLogger(__name__)
+
+JOB_GROUP = "kerasonspark"
 
 # Failures that follow another worker's failure (their round was cancelled), not causes.
 _CONSEQUENCES = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
@@ -74,6 +78,22 @@ def _lost_worker_error(exc: BaseException) -> WorkerError:
 
 
 @contextlib.contextmanager
+def spark_job(spark: SparkSession, description: str) -> Iterator[None]:
+    """Name the Spark jobs this thread starts inside the block, so the Spark UI reads like the
+    training: job group ``kerasonspark`` and ``description`` (``kerasonspark fit sync (5 epochs,
+    2 workers)``). The thread's previous group and description come back afterwards."""
+    sc = spark.sparkContext
+    keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+    saved = {key: sc.getLocalProperty(key) for key in keys}
+    sc.setJobGroup(JOB_GROUP, description, interruptOnCancel=True)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            sc.setLocalProperty(key, value)  # type: ignore[arg-type]  # None removes the property
+
+
+@contextlib.contextmanager
 def spark_errors(training: bool = False) -> Iterator[None]:
     """Map Spark's errors to kerasonspark's inside the block.
 
@@ -110,39 +130,41 @@ def explain_failure(error: WorkerError, failures: Mapping[int, str]) -> WorkerEr
 
 
 def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
-                          run_workers: Callable[[Exchange], list[WorkerReport]]) -> StageOutcome:
-    """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains.
+                          run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
+                          ) -> tuple[StageOutcome, Steering]:
+    """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
+    steer the run from this thread (callbacks, progress, the center validated each epoch).
 
-    The server and its threads are stopped when this returns or raises.
+    The server and its threads are stopped when this returns or raises. The live stats page's
+    URL, with its read-only token, is logged at INFO.
 
     Raises:
         WorkerError: naming the worker whose failure started it (from the server's reports).
     """
     from .parameter_server.app import ServerConfig
     from .parameter_server.auth import new_secret
+    from .parameter_server.board import EpochBoard
     from .parameter_server.server import ParameterServer
 
     secret = new_secret()
-    config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20))
-    with ParameterServer(store, config, host=job.server_host) as server:
+    config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
+                          view_token=secrets.token_urlsafe(16))
+    board = EpochBoard(store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks))
+    steering = Steering(job, store, board)
+    with ParameterServer(store, config, host=job.server_host, board=board) as server:
+        logger.info("Live training stats: %s", server.dashboard_url)
         exchange = make_exchange(server.url, secret)
+        gate = EpochGate(server.url, secret, validation_freq=job.config.validation_freq,
+                         learning_rate=steering.begin(), terminate_on_nan=board.terminate_on_nan)
         started = time.perf_counter()
         try:
-            reports = run_workers(exchange)
+            reports = steering.drive(partial(run_workers, exchange, gate))
         except WorkerError as exc:
             explained = explain_failure(exc, store.failures)
             if explained is exc:
                 raise  # keeps the Spark error it carries as its cause
             raise explained from exc
-        return StageOutcome(reports, time.perf_counter() - started, store.stats())
-
-
-def _weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
-    entries = [(n, logs) for n, logs in entries if logs and n > 0]
-    total = sum(n for n, _ in entries)
-    if not total:
-        return {}
-    return {k: sum(n * logs[k] for n, logs in entries) / total for k in entries[0][1]}
+        return StageOutcome(reports, time.perf_counter() - started, store.stats()), steering
 
 
 def merge_history(reports: list[WorkerReport], epochs: int) -> dict[str, list[float]]:
@@ -150,27 +172,36 @@ def merge_history(reports: list[WorkerReport], epochs: int) -> dict[str, list[fl
     validation rows; a worker without rows (or without that epoch) does not count."""
     history: dict[str, list[float]] = {}
     for epoch in range(epochs):
-        train = _weighted_mean([(r.samples, r.history[epoch]) for r in reports if epoch < len(r.history)])
-        val = _weighted_mean([(r.val_samples, r.val_history[epoch]) for r in reports if epoch < len(r.val_history)])
+        train = weighted_mean([(r.samples, r.history[epoch]) for r in reports if epoch < len(r.history)])
+        val = weighted_mean([(r.val_samples, r.val_history[epoch]) for r in reports if epoch < len(r.val_history)])
         for key, value in [*train.items(), *((f"val_{k}", v) for k, v in val.items())]:
             history.setdefault(key, []).append(value)
     return history
 
 
 def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], weights: np.ndarray,
-                    train_seconds: float, exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+                    train_seconds: float, exchanges: int, engine_stats: Mapping[str, Any] | None,
+                    steering: Steering | None = None) -> TrainingResult:
     """Set ``weights`` on the caller's model and build the result every runner returns.
 
     ``engine_stats`` goes under the engine's ``name`` in ``stats``; its ``parameter_server``
     entry, common to every engine that uses the server, goes to ``stats["parameter_server"]``.
+    After a steered run the history is the one the callbacks saw, and ``on_train_end`` runs
+    with the final weights in the model (a callback may change them).
     """
+    if steering is not None:
+        weights = steering.finish(weights)
+        history, epochs = steering.history, steering.epochs_run
+    else:
+        epochs = max((len(r.history) for r in reports), default=0)
+        history = merge_history(reports, epochs)
     set_flat_weights(job.model, weights)
-    samples = job.num_samples * job.config.epochs
+    samples = job.num_samples * epochs
     own = dict(engine_stats or {})
     stats: dict[str, Any] = {
         "backend": name,
         "samples": samples,
-        "epochs": job.config.epochs,
+        "epochs": epochs,
         "num_workers": job.config.num_workers,
         "train_seconds": train_seconds,
         "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
@@ -179,15 +210,17 @@ def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], we
     }
     if "parameter_server" in own:
         stats["parameter_server"] = own.pop("parameter_server")
+    if steering is not None:
+        stats["epoch_events"] = steering.stats()
     stats[name] = own
-    return TrainingResult(job.model, merge_history(reports, job.config.epochs), stats)
+    return TrainingResult(job.model, history, stats)
 
 
 def worker_settings(job: TrainingJob) -> WorkerSettings:
     """The picklable settings every worker of ``job`` trains with."""
     config = job.config
     return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
-                          config.worker_threads)
+                          config.worker_threads, config.initial_epoch)
 
 
 def _is_installed(path: str) -> bool:
@@ -227,17 +260,21 @@ class DriverRunner:
 
     def __init__(self, engine_name: str) -> None:
         self.engine_name = engine_name
+        self._steering: Steering | None = None
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
         raise NotImplementedError
 
     def serve(self, job: TrainingJob, store: ParameterStore,
               make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
-        return host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+        outcome, self._steering = host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+        return outcome
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
                exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
-        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats)
+        steering, self._steering = self._steering, None
+        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats,
+                               steering)
 
 
 class SparkRunner(DriverRunner):
@@ -252,16 +289,20 @@ class SparkRunner(DriverRunner):
 
     def __init__(self, spark: SparkSession, blocks: RDD, spec_broadcast: Broadcast[bytes],
                  engine_name: str) -> None:
-        self.spark, self.blocks, self.spec_broadcast, self.engine_name = spark, blocks, spec_broadcast, engine_name
+        super().__init__(engine_name)
+        self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
         ship_by_value(type(exchange))  # an engine of the user's own travels like their custom objects
         sc = self.spark.sparkContext
         validation = sc.broadcast(job.validation) if job.validation is not None else None
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
-                       settings=worker_settings(job), exchange=exchange, validation=validation)
+                       settings=worker_settings(job), exchange=exchange, validation=validation, gate=gate)
+        config = job.config
+        description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
+                       f"{config.num_workers} workers)")
         try:
-            with spark_errors(training=True):
+            with spark_errors(training=True), spark_job(self.spark, description):
                 reports = self.blocks.barrier().mapPartitions(body).collect()
         finally:
             if validation is not None:

@@ -90,7 +90,11 @@ def even_runs(steps: int, runs: int) -> list[int]:
 
 @dataclass
 class TrainingConfig:
-    """What every engine trains with; the arguments of ``SparkTrainer`` that mirror ``model.fit``."""
+    """What every engine trains with; the arguments of ``SparkTrainer`` and ``fit`` that mirror ``model.fit``.
+
+    Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
+    validation data after every ``validation_freq``-th epoch.
+    """
 
     epochs: int = 1
     batch_size: int = 32
@@ -98,10 +102,16 @@ class TrainingConfig:
     seed: int | None = None
     verbose: int = 1
     worker_threads: int | None = None
+    initial_epoch: int = 0
+    validation_freq: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_workers"):
+        for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
             check_positive_int(name, getattr(self, name))
+        if not isinstance(self.initial_epoch, int) or isinstance(self.initial_epoch, bool) or self.initial_epoch < 0:
+            raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
+        if self.verbose not in (0, 1, 2):
+            raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
             raise ConfigurationError(
@@ -179,7 +189,14 @@ class Exchange:
 
     Instances are created on the driver, copied into each worker (pickled into the Spark task),
     and used by that worker alone. Every method but :meth:`exchange` does nothing by default.
+
+    Attributes:
+        holds_center: whether the worker's model holds the run's center after the epoch's last
+            exchange (a round barrier's average). If not, the driver sends the epoch's center to
+            the worker at each epoch boundary (see :meth:`epoch_center`).
     """
+
+    holds_center: ClassVar[bool] = False
 
     def start(self, model: keras.Model, worker: int) -> None:
         """Called once before training, with the worker's id (its partition index)."""
@@ -197,7 +214,17 @@ class Exchange:
         raise NotImplementedError
 
     def end_epoch(self, model: keras.Model, epoch: int) -> None:
-        """Called after the epoch's last exchange, before validation."""
+        """Called after the epoch's last exchange, before the epoch boundary's meeting with the driver."""
+
+    def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
+        """Called at each epoch boundary with the center the driver validated and checkpointed
+        (the center when the last worker ended the epoch). By default the worker continues from it."""
+        set_flat_weights(model, center)
+
+    def should_stop(self) -> bool:
+        """Whether the driver asked every worker to stop now (checked after each exchange); the
+        worker then ends its epoch early and meets the driver at the epoch boundary."""
+        return False
 
     def finish(self, model: keras.Model) -> dict[str, Any]:
         """Called after training; returns the engine's figures for the :class:`WorkerReport`."""
@@ -240,6 +267,9 @@ class ServerExchange(Exchange):
             raise RuntimeError("The exchange was used before start().")
         return self._client
 
+    def should_stop(self) -> bool:
+        return self._client is not None and self._client.stop_requested
+
     def traffic(self) -> dict[str, float]:
         """Seconds spent exchanging and megabytes moved, for the worker's figures."""
         client = self.client
@@ -265,8 +295,11 @@ class Runner(Protocol):
     job's methods, never directly.
     """
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: Any = None) -> list[WorkerReport]:
         """Run the shared worker loop on every partition at once; reports ordered by worker id.
+
+        ``gate`` (an ``executor.EpochGate``, given by :meth:`serve`) is each worker's line to the
+        driver's epoch events.
 
         Raises:
             WorkerError: a worker failed; the message names it and carries its error.
@@ -306,7 +339,10 @@ class TrainingJob:
         validation: validation arrays ``(x, y)`` on the driver, or ``None``.
         server_host: the address a driver-side server binds.
         partition_sizes: rows per worker.
-        progress: called with small dicts as training advances (driver side).
+        callbacks: the ``keras.callbacks.Callback`` objects of ``fit``. Engines served through
+            :meth:`serve` need not look at them: the driver runs them at every epoch boundary.
+            An engine that trains otherwise runs them itself (``single`` hands them to
+            ``model.fit``) or sets ``accepts_callbacks = False``.
     """
 
     spec: ModelSpec
@@ -318,7 +354,7 @@ class TrainingJob:
     partition_sizes: list[int]
     validation: tuple[np.ndarray, np.ndarray] | None = None
     server_host: str = "127.0.0.1"
-    progress: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
+    callbacks: list[Any] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -328,9 +364,17 @@ class TrainingJob:
     def run_workers(self, exchange: Exchange) -> list[WorkerReport]:
         """Run the shared worker loop on every partition at once, ``exchange`` between runs of steps.
 
+        Without :meth:`serve` the driver has no line to the workers: no callbacks, no live
+        progress, and each worker scores its own model on its validation rows.
+
         Raises:
             WorkerError: a worker failed; the message names it and carries its error.
+            ConfigurationError: the job has callbacks, which need :meth:`serve`.
         """
+        if self.callbacks:
+            raise ConfigurationError(
+                "This engine trains without the parameter server (`job.serve`), so the driver cannot run "
+                "callbacks between epochs. Drop `callbacks`, or set `accepts_callbacks = False` on the engine.")
         return self.runner.run_workers(self, exchange)
 
     def serve(self, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
@@ -402,12 +446,16 @@ class Engine:
         uses_parameter_server: whether weights travel through the driver's parameter server
             (plain HTTP); the trainer then refuses a cluster that encrypts its own traffic
             unless cleartext weights are allowed.
+        accepts_callbacks: whether ``fit(callbacks=...)`` works with the engine. Engines that
+            train through :meth:`TrainingJob.serve` get them from the driver for free; an engine
+            that trains otherwise and cannot run them sets ``False``, and ``fit`` refuses them.
     """
 
     name: ClassVar[str] = "engine"
     options_class: ClassVar[type] = NoOptions
     uses_spark_workers: ClassVar[bool] = True
     uses_parameter_server: ClassVar[bool] = True
+    accepts_callbacks: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(self.options_class, options, self.name)

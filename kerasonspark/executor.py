@@ -20,9 +20,10 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,8 @@ import numpy as np
 from .data import DataInfo
 from .engine import Exchange, WorkerReport
 from .errors import DataError, WorkerError
-from .serialization import ModelSpec, set_flat_weights
+from .parameter_server.client import ParameterClient
+from .serialization import ModelSpec, get_flat_weights, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
@@ -258,6 +260,135 @@ class WorkerSettings:
     seed: int | None
     info: DataInfo
     worker_threads: int | None = None
+    initial_epoch: int = 0
+
+
+class _ForwardedLogs(logging.Handler):
+    """Collects the warnings of kerasonspark's loggers on this worker's thread, for the driver's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.lines: deque[str] = deque(maxlen=50)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    def take(self) -> list[str]:
+        lines = list(self.lines)
+        self.lines.clear()
+        return lines
+
+
+@dataclass(frozen=True)
+class EpochDecision:
+    """What the driver's callbacks decided at an epoch boundary."""
+
+    stop: bool
+    learning_rate: float | None
+
+
+class EpochGate:
+    """A worker's line to the driver: progress reports, the epoch boundary, the driver's decisions.
+
+    Created on the driver (it travels in the Spark task), used by one worker over its own
+    connection to the parameter server.
+
+    Args:
+        url: the parameter server's base URL.
+        secret: the run's secret.
+        validation_freq: score the center after every ``validation_freq``-th epoch.
+        learning_rate: the rate to train the first epoch with (callbacks may have set it), or
+            ``None`` to keep the optimizer's.
+        terminate_on_nan: stop at once when the running loss is not finite
+            (``keras.callbacks.TerminateOnNaN`` is among the callbacks).
+        progress_interval: seconds between two progress reports.
+        timeout: seconds a request may wait (the epoch boundary waits for the slowest worker).
+    """
+
+    def __init__(self, url: str, secret: bytes, validation_freq: int = 1, learning_rate: float | None = None,
+                 terminate_on_nan: bool = False, progress_interval: float = 1.0, timeout: float = 86_400.0) -> None:
+        self.url, self.secret, self.timeout = url, secret, timeout
+        self.validation_freq, self.learning_rate = validation_freq, learning_rate
+        self.terminate_on_nan, self.progress_interval = terminate_on_nan, progress_interval
+        self.seconds = 0.0
+        self._client: ParameterClient | None = None
+        self._logs: _ForwardedLogs | None = None
+        self._last_report = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_logs": None}
+
+    @property
+    def client(self) -> ParameterClient:
+        if self._client is None:
+            raise RuntimeError("The epoch gate was used before start().")
+        return self._client
+
+    def start(self, worker: int) -> None:
+        """Open the worker's connection and start forwarding its warnings."""
+        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+        self._logs = _ForwardedLogs()
+        logging.getLogger("kerasonspark").addHandler(self._logs)
+        self._last_report = time.monotonic()
+
+    def validates(self, epoch: int) -> bool:
+        """Whether the center is scored at the end of ``epoch`` (``validation_freq`` as in Keras)."""
+        return (epoch + 1) % self.validation_freq == 0
+
+    def progress(self, epoch: int, samples: int, steps: int, metrics: Callable[[], dict[str, float]],
+                 force: bool = False) -> None:
+        """Report progress in ``epoch``, at most once per ``progress_interval`` unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._last_report < self.progress_interval:
+            return
+        self._last_report = now
+        logs = self._logs.take() if self._logs is not None else []
+        self.client.post_json("/v1/progress", {"epoch": epoch, "samples": samples, "steps": steps,
+                                               "metrics": metrics(), "logs": logs})
+
+    def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], want_center: bool) -> np.ndarray | None:
+        """Arrive at the end of ``epoch`` and wait for every worker; the epoch's center if wanted."""
+        started = time.perf_counter()
+        if self._logs is not None and self._logs.lines:
+            self.progress(epoch, samples, 0, lambda: metrics, force=True)
+        center = self.client.end_epoch(epoch, samples, metrics, want_center)
+        self.seconds += time.perf_counter() - started
+        return center
+
+    def ready(self, epoch: int, rows: int, scores: dict[str, float], learning_rate: float | None) -> EpochDecision:
+        """Report the center's scores on this worker's validation rows; wait for the driver's decision."""
+        started = time.perf_counter()
+        reply = self.client.post_json(f"/v1/epochs/{epoch}/ready",
+                                      {"rows": rows, "scores": scores, "learning_rate": learning_rate})
+        self.seconds += time.perf_counter() - started
+        return EpochDecision(bool(reply.get("stop")), reply.get("learning_rate"))
+
+    def close(self) -> None:
+        """Stop forwarding warnings and close the connection."""
+        if self._logs is not None:
+            logging.getLogger("kerasonspark").removeHandler(self._logs)
+            self._logs = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def learning_rate_of(model: keras.Model) -> float | None:
+    """The optimizer's current learning rate, or ``None`` when a schedule computes it per step."""
+    import keras
+
+    optimizer = model.optimizer
+    if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+        return None
+    return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+
+
+def set_learning_rate(model: keras.Model, rate: float | None) -> None:
+    """Set the optimizer's learning rate (the traced training function reads it as a variable)."""
+    if rate is not None and learning_rate_of(model) is not None:
+        model.optimizer.learning_rate = rate
 
 
 def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
@@ -274,18 +405,39 @@ def validation_share(validation: tuple[np.ndarray, np.ndarray] | None, worker: i
     return vx[share], settings.info.model_labels(vy[share])
 
 
+def _score(model: keras.Model, weights: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray],
+           batch_size: int) -> dict[str, float]:
+    """Loss and metrics on ``validation`` of ``weights`` (the model's own when ``None``); the
+    model's weights are left as they were."""
+    local = None
+    if weights is not None:
+        local = get_flat_weights(model)
+        set_flat_weights(model, weights)
+    try:
+        return _metric_logs(model.evaluate(*validation, batch_size=max(batch_size, 256), verbose=0, return_dict=True))
+    finally:
+        if local is not None:
+            set_flat_weights(model, local)
+
+
 def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.ndarray, settings: WorkerSettings,
-                 exchange: Exchange, validation: tuple[np.ndarray, np.ndarray] | None) -> WorkerReport:
-    """The worker loop every engine shares: shuffle, train runs of local steps, exchange, score.
+                 exchange: Exchange, validation: tuple[np.ndarray, np.ndarray] | None,
+                 gate: EpochGate | None = None) -> WorkerReport:
+    """The worker loop every engine shares: shuffle, train runs of local steps, exchange, meet the driver.
 
     Each epoch visits every row of ``x`` once in a fresh order (seeded by ``settings.seed`` plus
     the worker id), in runs of steps that ``exchange.schedule`` cuts; ``exchange.exchange`` follows
-    every run, also an empty one, so workers with fewer rows still meet the others.
+    every run, also an empty one, so workers with fewer rows still meet the others. With a
+    ``gate`` the worker reports progress as it trains, and at each epoch boundary waits for the
+    others, scores the epoch's center on its validation rows and takes the driver's decision
+    (stop, a new learning rate). Without one (an engine that trains without the parameter
+    server), it scores its own model after each epoch.
 
     Args:
         steps_runner: the worker's model with its multi-step training function.
         x: features; ``y``: labels as the model's loss takes them.
         validation: this worker's share of the validation set, or ``None``.
+        gate: the worker's line to the driver, or ``None``.
     """
     model = steps_runner.model
     n = len(x)
@@ -293,35 +445,72 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
     batch = settings.batch_size
     steps = math.ceil(n / batch)
     exchange.start(model, worker)
-    report = WorkerReport(worker, n, steps * settings.epochs, 0.0,
-                          val_samples=len(validation[0]) if validation is not None else 0)
+    if gate is not None:
+        gate.start(worker)
+        set_learning_rate(model, gate.learning_rate)
+    report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
+    rates: list[float | None] = []
     started = time.perf_counter()
-    for epoch in range(settings.epochs):
+    for epoch in range(settings.initial_epoch, settings.epochs):
         order = rng.permutation(n)
         model.reset_metrics()
-        step = 0
+        rates.append(learning_rate_of(model))
+        step, stopped = 0, False
         for run in exchange.schedule(steps, epoch):
             index = order[step * batch:(step + run) * batch]
             if len(index):
                 steps_runner.run(x, y, index, batch)
             step += run
+            done = min(step * batch, n)
+            if gate is not None and gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
+                gate.progress(epoch, done, step, steps_runner.metrics, force=True)  # the driver stops every worker
+                stopped = True
+                break
             exchange.exchange(model, len(index))
-        if step != steps:
+            if gate is not None:
+                gate.progress(epoch, done, step, steps_runner.metrics)
+                if exchange.should_stop():
+                    stopped = True
+                    break
+        if step != steps and not stopped:
             raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {steps}; "
                                "`Exchange.schedule` must return runs that add up to `steps`.")
+        report.steps += step
         exchange.end_epoch(model, epoch)
-        report.history.append(steps_runner.metrics() if n else {})
-        if report.val_samples and validation is not None:
-            scores = model.evaluate(*validation, batch_size=max(batch, 256), verbose=0, return_dict=True)
-            report.val_history.append(_metric_logs(scores))
+        metrics = steps_runner.metrics() if n else {}
+        report.history.append(metrics)
+        if gate is None:
+            if report.val_samples and validation is not None:
+                report.val_history.append(_score(model, None, validation, batch))
+            continue
+        center = gate.end_epoch(epoch, min(step * batch, n), metrics, want_center=stopped or not exchange.holds_center)
+        rows, scores = 0, {}
+        if report.val_samples and validation is not None and gate.validates(epoch):
+            rows, scores = report.val_samples, _score(model, center, validation, batch)
+            report.val_history.append(scores)
+        if center is not None:
+            exchange.epoch_center(model, center)
+        decision = gate.ready(epoch, rows, scores, rates[-1])
+        if decision.stop or stopped:
+            break
+        set_learning_rate(model, decision.learning_rate)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
+    if gate is not None:
+        report.figures.update(learning_rates=rates, epoch_gate_seconds=gate.seconds)
     return report
 
 
-def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport]) -> WorkerReport:
+def _finite_loss(steps_runner: LocalSteps) -> bool:
+    loss = steps_runner.metrics().get("loss")
+    return loss is None or math.isfinite(loss)
+
+
+def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
+            gate: EpochGate | None = None) -> WorkerReport:
     """Run a worker's ``body``; on failure tell the others (through the exchange) and raise a
-    :class:`WorkerError` naming the worker, with its traceback's tail. Closes the exchange."""
+    :class:`WorkerError` naming the worker, with its traceback's tail. Closes the exchange and
+    the gate."""
     try:
         return body()
     except BaseException as exc:
@@ -334,10 +523,13 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport]) -
         raise
     finally:
         exchange.close()
+        if gate is not None:
+            gate.close()
 
 
 def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
-                    settings: WorkerSettings, exchange: Exchange, validation: Any) -> Iterator[WorkerReport]:
+                    settings: WorkerSettings, exchange: Exchange, validation: Any,
+                    gate: EpochGate | None = None) -> Iterator[WorkerReport]:
     """The body of one barrier task: train this partition; yields the worker's report."""
     from pyspark import TaskContext
 
@@ -351,9 +543,9 @@ def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadc
         steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
         x, y = concatenate_blocks(blocks, settings.info)
         share = validation_share(validation.value if validation is not None else None, worker, settings)
-        return train_worker(worker, steps_runner, x, y, settings, exchange, share)
+        return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate)
 
-    yield guarded(worker, exchange, body)
+    yield guarded(worker, exchange, body, gate)
 
 
 def concatenate_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], info: DataInfo) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from .engine import (
     WorkerReport,
     resolve_backend,
 )
-from .executor import LocalSteps, guarded, train_worker, validation_share
+from .executor import EpochGate, LocalSteps, guarded, train_worker, validation_share
 from .serialization import ModelSpec
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class InProcessRunner(DriverRunner):
         super().__init__(engine_name)
         self.partitions = partitions
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange) -> list[WorkerReport]:
+    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
         settings = worker_settings(job)
         spec_bytes = job.spec.to_bytes()
         # Models are built here, one per worker, before any thread starts: Keras builds layers
@@ -64,16 +64,17 @@ class InProcessRunner(DriverRunner):
         bodies: list[Callable[[], WorkerReport]] = []
         # Each worker gets its own copy, as each Spark task unpickles its own.
         exchanges = [copy.deepcopy(exchange) for _ in self.partitions]
+        gates = [copy.deepcopy(gate) for _ in self.partitions]
         for worker, (x, y) in enumerate(self.partitions):
             steps = LocalSteps(ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info)
             share = validation_share(job.validation, worker, settings)
             bodies.append(partial(train_worker, worker, steps, x, job.info.model_labels(y), settings,
-                                  exchanges[worker], share))
+                                  exchanges[worker], share, gates[worker]))
         outcomes: list[WorkerReport | BaseException | None] = [None] * len(bodies)
 
         def run(worker: int) -> None:
             try:
-                outcomes[worker] = guarded(worker, exchanges[worker], bodies[worker])
+                outcomes[worker] = guarded(worker, exchanges[worker], bodies[worker], gates[worker])
             except BaseException as exc:  # handed to the caller's thread below
                 outcomes[worker] = exc
 
@@ -95,7 +96,8 @@ class InProcessRunner(DriverRunner):
 def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
                    num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
                    custom_objects: Mapping[str, Any] | None = None,
-                   backend_options: Mapping[str, Any] | None = None) -> TrainingResult:
+                   backend_options: Mapping[str, Any] | None = None, callbacks: list[Any] | None = None,
+                   verbose: int = 0) -> TrainingResult:
     """Train ``model`` on ``(x, y)`` with ``engine``, its workers as threads of this process.
 
     The data is checked as ``SparkTrainer.fit`` checks it and split into ``num_workers`` equal
@@ -107,7 +109,7 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
         WorkerError: a worker failed; the message names it.
     """
     engine = resolve_backend(engine, backend_options)
-    config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=0)
+    config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose)
     info = DataInfo.for_model(model, model.get_compile_config())
     x, y = validate_arrays((x, y), info, "training")
     info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))
@@ -115,7 +117,8 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
     partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers), strict=True))
     job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
                       config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
-                      partition_sizes=[len(p[0]) for p in partitions], validation=validation)
+                      partition_sizes=[len(p[0]) for p in partitions], validation=validation,
+                      callbacks=list(callbacks or []))
     engine.setup(job)
     try:
         return engine.run(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import data as data_module
 from .data import DataInfo
-from .driver import SparkRunner, ship_by_value, spark_errors
+from .driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
@@ -42,8 +43,9 @@ class SparkTrainer:
         master: Spark master URL for a session the trainer starts (default ``local[num_workers]``).
         spark: an existing ``SparkSession`` to use.
         seed: makes data shuffling repeatable.
-        verbose: 0 silent, 1 a line per epoch with its metrics, logged (``kerasonspark`` logger)
-            when ``fit`` returns: workers report their history at the end of the stage.
+        verbose: as in ``model.fit``: 0 silent, 1 a live progress bar per epoch (samples done,
+            samples/s, running loss and metrics, rounds or pushes and staleness), 2 one line per
+            epoch. Where output is not a terminal or a notebook, the bar prints plain lines.
         custom_objects: custom layers, losses or metrics the model uses, by name.
         worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
             (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
@@ -116,7 +118,8 @@ class SparkTrainer:
 
     # -- fit ------------------------------------------------------------------------------
     def fit(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
-            validation_data: Any = None) -> TrainingResult:
+            validation_data: Any = None, callbacks: list[keras.callbacks.Callback] | None = None,
+            initial_epoch: int = 0, validation_freq: int = 1) -> TrainingResult:
         """Train the model on ``x`` with the configured engine.
 
         Args:
@@ -125,17 +128,28 @@ class SparkTrainer:
             y: the labels, when ``x`` is a feature array (as in ``model.fit(x, y)``).
             features: the feature column (array or ML Vector) of a DataFrame.
             label: the label column (class index, number, or one-hot array) of a DataFrame.
-            validation_data: the same kinds of input; evaluated after every epoch.
+            validation_data: the same kinds of input. At the end of each epoch every worker
+                scores the epoch's center on its share of these rows, so ``val_*`` is the model
+                ``fit`` returns.
+            callbacks: ``keras.callbacks.Callback`` objects, run on the driver against a model
+                holding the center weights (see :mod:`kerasonspark.steering` for which hooks
+                fire when). ``model.stop_training`` stops every worker at the epoch boundary; a
+                new learning rate reaches every worker before its next epoch.
+            initial_epoch: the epoch to start from, as in Keras (to resume a run).
+            validation_freq: score the center after every ``validation_freq``-th epoch.
 
         Returns:
             A :class:`TrainingResult` with the trained model, per-epoch history and run figures.
 
         Raises:
             DataError: the data does not fit the model (checked before training starts).
-            ConfigurationError: the cluster has fewer task slots than ``num_workers``.
+            ConfigurationError: the cluster has fewer task slots than ``num_workers``, or the
+                engine cannot run callbacks.
             WorkerError: a worker failed during training.
         """
         started = time.perf_counter()
+        callbacks = _check_callbacks(callbacks, self.engine)
+        config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq)
         data = _features_and_labels(x, y, "fit")
         with self._session(data) as spark:
             if self.engine.uses_spark_workers:
@@ -153,16 +167,16 @@ class SparkTrainer:
                 warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
                         if self.engine.uses_spark_workers else None)
                 prepare_started = time.perf_counter()
-                with spark_errors():
+                with spark_errors(), spark_job(spark, "kerasonspark prepare"):
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
                                                    "training", warm)
                 prepare_seconds = time.perf_counter() - prepare_started
                 job = TrainingJob(spec=spec, model=self.model,
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
-                                  config=self.config,
+                                  config=config,
                                   runner=SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name),
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
-                                  server_host=server_host(spark))
+                                  server_host=server_host(spark), callbacks=callbacks)
                 self.engine.setup(job)
                 try:
                     result = self.engine.run(job)
@@ -174,10 +188,6 @@ class SparkTrainer:
                 spec_broadcast.destroy()
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
-        if self.config.verbose:
-            for epoch in range(self.config.epochs):
-                logger.info("Epoch %d/%d - %s", epoch + 1, self.config.epochs,
-                            " - ".join(f"{k}: {v[epoch]:.4f}" for k, v in result.history.items() if epoch < len(v)))
         return result
 
     def _spec(self) -> ModelSpec:
@@ -189,7 +199,7 @@ class SparkTrainer:
 
     def _local_arrays(self, spark: SparkSession, data: Any, features: str, label: str,
                       what: str) -> tuple[np.ndarray, np.ndarray]:
-        with spark_errors():
+        with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
             blocks = data_module.to_blocks(spark, data, features, label, self.info, None, what)
             x, y = data_module.collect_arrays(blocks)
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
@@ -218,7 +228,7 @@ class SparkTrainer:
             body = partial(evaluate_partition, spec_broadcast=spec_broadcast, custom_objects=spec.custom_objects,
                            info=self.info, threads=self.config.worker_threads, batch_size=batch_size)
             try:
-                with spark_errors():
+                with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
                     results = blocks.mapPartitions(body).collect()
             finally:
                 spec_broadcast.destroy()
@@ -251,6 +261,24 @@ class SparkTrainer:
                 df = data_module.numpy_to_dataframe(spark, x, features=features)
             return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size,
                                       self.config.worker_threads)
+
+
+def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Callback]:
+    """``fit``'s callbacks as a list, refused before any work when the engine cannot run them."""
+    import keras
+
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, keras.callbacks.Callback):
+        callbacks = [callbacks]
+    callbacks = list(callbacks)
+    wrong = [type(cb).__name__ for cb in callbacks if not isinstance(cb, keras.callbacks.Callback)]
+    if wrong:
+        raise TypeError(f"Expected `callbacks` to be keras.callbacks.Callback objects. Received: {wrong}.")
+    if callbacks and not engine.accepts_callbacks:
+        raise ConfigurationError(f"Backend {engine.name!r} cannot run Keras callbacks. Drop `callbacks` or choose "
+                                 "another backend (sync, async, hogwild and single run them).")
+    return callbacks
 
 
 def _features_and_labels(x: Any, y: Any, method: str) -> Any:

@@ -9,7 +9,16 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/rounds/<round>   round barrier (wire format; field "samples"); answers the
                               sample-weighted average once every worker has arrived
     POST /v1/failure          a worker reports its own failure: {"message": "..."}
+    POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs)
+    POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, metrics, center); waits for
+                              the others, answers the epoch's center (wire format) if asked
+    POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores,
+                              learning_rate); waits for the driver's decision {"stop", "learning_rate"}
     GET  /v1/stats            statistics (JSON)
+    GET  /v1/dashboard        the live stats page (HTML)
+
+``/v1/stats`` and ``/v1/dashboard`` also open to ``?token=<view token>``: a read-only token,
+never the training secret, that the driver logs with the page's URL at the start of ``fit``.
 
 Errors come back as JSON ``{"error": "...", "status": n}``: 400 (malformed, wrong shapes, bad
 Content-Length), 401 (authentication; refused before the body is read), 408 (the body stopped
@@ -20,7 +29,9 @@ down) or 504 (round barrier timed out).
 
 from __future__ import annotations
 
+import hmac
 import json
+import math
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +41,8 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import BarrierTimeoutError, ParameterServerError
 from . import auth, wire
+from .board import EpochBoard
+from .dashboard import DASHBOARD_HTML
 from .store import ParameterStore
 
 EXTENSION = "kerasonspark"
@@ -46,27 +59,36 @@ class ServerConfig:
         idle_timeout: seconds a connection may send nothing before the server closes it (between
             requests: the client reconnects on its next one; within a body: 408). Bounds what a
             client that connects and goes quiet can hold. ``None`` waits forever.
+        view_token: opens the read-only routes (stats, dashboard) to ``?token=...``; ``None``
+            keeps them behind the secret.
     """
 
     secret: bytes
     max_payload_bytes: int = 64 << 20
     sign_body: bool = False
     idle_timeout: float | None = 120.0
+    view_token: str | None = None
 
 
 class _ReplayGuard:
-    """Remembers each worker's last sequence number; a request must carry a larger one."""
+    """Remembers each worker's last sequence number per channel; a request must carry a larger one.
+
+    A worker talks on two channels, each over its own connection with its own sequence: weights
+    (pull, push, rounds) and control (progress, epochs). The path is signed, so a request cannot
+    change channel.
+    """
 
     def __init__(self) -> None:
-        self._last: dict[int, int] = {}
+        self._last: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
 
-    def check(self, worker: int, seq: int) -> None:
+    def check(self, worker: int, channel: str, seq: int) -> None:
         with self._lock:
-            if seq <= self._last.get(worker, -1):
+            last = self._last.get((worker, channel), -1)
+            if seq <= last:
                 raise ParameterServerError(
-                    f"Replayed or out-of-order request from worker {worker}: seq {seq} is not above {self._last[worker]}.", 409)
-            self._last[worker] = seq
+                    f"Replayed or out-of-order request from worker {worker}: seq {seq} is not above {last}.", 409)
+            self._last[worker, channel] = seq
 
 
 def _read_body(length: int | None) -> bytes | bytearray:
@@ -108,14 +130,17 @@ class _State:
     store: ParameterStore
     config: ServerConfig
     replay: _ReplayGuard
+    board: EpochBoard | None
 
 
-def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
+def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | None = None) -> Flask:
     """Build the Flask app that serves ``store``.
 
     Args:
         store: the run's weights and barriers.
         config: the secret and limits.
+        board: the run's progress and epoch gate; without it the progress and epoch routes
+            answer 409.
 
     Returns:
         A Flask app; serve it with :class:`~kerasonspark.parameter_server.server.ParameterServer`
@@ -123,7 +148,7 @@ def create_app(store: ParameterStore, config: ServerConfig) -> Flask:
     """
     app = Flask("kerasonspark.parameter_server")
     app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
-    app.extensions[EXTENSION] = _State(store, config, _ReplayGuard())
+    app.extensions[EXTENSION] = _State(store, config, _ReplayGuard(), board)
     app.register_blueprint(api)
     app.register_error_handler(BarrierTimeoutError, _barrier_timeout)
     app.register_error_handler(ParameterServerError, _refused)
@@ -135,9 +160,22 @@ def _state() -> _State:
     return current_app.extensions[EXTENSION]
 
 
+_VIEW_ROUTES = ("/v1/stats", "/v1/dashboard")
+_CONTROL_PREFIXES = ("/v1/progress", "/v1/epochs/")
+
+
+def _view_token_valid(config: ServerConfig) -> bool:
+    token = request.args.get("token", "")
+    return (config.view_token is not None and request.method == "GET" and request.path in _VIEW_ROUTES
+            and hmac.compare_digest(token.encode("utf-8", "replace"), config.view_token.encode()))
+
+
 @api.before_request
 def _authenticate() -> Response | None:
     store, config = _state().store, _state().config
+    if _view_token_valid(config):
+        request.environ["kerasonspark.worker"] = -1
+        return None
     if request.content_length is not None and request.content_length > config.max_payload_bytes:
         return _error(413, f"Payload of {request.content_length} bytes exceeds the cap of "
                            f"{config.max_payload_bytes} bytes; raise `max_payload_bytes` if the model is that large.")
@@ -155,7 +193,7 @@ def _authenticate() -> Response | None:
         store.count("refused_auth")
         return _error(401, str(exc))
     request.environ["kerasonspark.body"] = body
-    _state().replay.check(creds.worker, creds.seq)
+    _state().replay.check(creds.worker, "control" if request.path.startswith(_CONTROL_PREFIXES) else "weights", creds.seq)
     request.environ["kerasonspark.worker"] = creds.worker
     store.count_bytes(received=len(body))
     return None
@@ -203,7 +241,7 @@ def push() -> Response:
     window = _int_field(header, "window", 1)
     samples = _int_field(header, "samples", 0)
     new_weights, version, staleness = _state().store.push(_worker_id(), update, window, samples)
-    return _reply(new_weights, version=version, staleness=staleness)
+    return _reply(new_weights, version=version, staleness=staleness, **_stop_field())
 
 
 @api.post("/rounds/<int:round>")
@@ -212,24 +250,99 @@ def barrier(round: int) -> Response:
     samples = _int_field(header, "samples")
     store = _state().store
     average = store.barrier(round, _worker_id(), weights, samples)
-    return _reply(average, round=round, version=store.version)
+    return _reply(average, round=round, version=store.version, **_stop_field())
+
+
+def _stop_field() -> dict[str, bool]:
+    # Present only when the driver asked for a stop: the hot path's header stays as it was.
+    return {"stop": True} if _state().store.stop_requested else {}
 
 
 @api.post("/failure")
 def failure() -> Response:
-    try:
-        payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        raise ParameterServerError('The failure report must be a JSON object: {"message": "..."}.', 400)
-    _state().store.report_failure(_worker_id(), str(payload.get("message", "no message")))
+    message = str(_json_body().get("message", "no message"))
+    state = _state()
+    state.store.report_failure(_worker_id(), message)
+    if state.board is not None:
+        state.board.fail(f"Worker {_worker_id()} failed: {message.splitlines()[0] if message else 'no message'}")
     return jsonify(recorded=True)
 
 
 @api.get("/stats")
 def stats() -> Response:
-    return jsonify(_state().store.stats())
+    state = _state()
+    figures = state.store.stats()
+    if state.board is not None:
+        figures["live"] = state.board.stats()
+    return jsonify(figures)
+
+
+@api.get("/dashboard")
+def dashboard() -> Response:
+    return Response(DASHBOARD_HTML, mimetype="text/html")
+
+
+def _board() -> EpochBoard:
+    board = _state().board
+    if board is None:
+        raise ParameterServerError("This server has no epoch gate (it serves no training run).", 409)
+    return board
+
+
+def _json_body() -> dict:
+    try:
+        payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise ParameterServerError("Expected a JSON object as the request body.", 400)
+    return payload
+
+
+def _metrics_field(payload: dict, name: str) -> dict[str, float]:
+    value = payload.get(name, {})
+    if not isinstance(value, dict) or len(value) > 256 or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
+        raise ParameterServerError(f"Field `{name}` must be an object of at most 256 names to numbers.", 400)
+    return {k: float(v) for k, v in value.items()}
+
+
+def _learning_rate_field(payload: dict) -> float | None:
+    value = payload.get("learning_rate")
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ParameterServerError(f"Field `learning_rate` must be a finite number or null. Received: {value!r}.", 400)
+    return float(value)
+
+
+@api.post("/progress")
+def progress() -> Response:
+    payload = _json_body()
+    logs = payload.get("logs", [])
+    if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
+        raise ParameterServerError("Field `logs` must be a list of strings.", 400)
+    _board().report_progress(_worker_id(), _int_field(payload, "epoch"), _int_field(payload, "samples"),
+                             _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs)
+    return jsonify(recorded=True)
+
+
+@api.post("/epochs/<int:epoch>/end")
+def epoch_end(epoch: int) -> Response:
+    payload = _json_body()
+    center = _board().arrive(_worker_id(), epoch, _int_field(payload, "samples"), _metrics_field(payload, "metrics"),
+                             want_center=payload.get("center") is True)
+    if center is None:
+        return jsonify(epoch=epoch)
+    return _reply(center, epoch=epoch)
+
+
+@api.post("/epochs/<int:epoch>/ready")
+def epoch_ready(epoch: int) -> Response:
+    payload = _json_body()
+    decision = _board().ready(_worker_id(), epoch, _int_field(payload, "rows", 0), _metrics_field(payload, "scores"),
+                              _learning_rate_field(payload))
+    return jsonify(decision)
 
 
 def _barrier_timeout(exc: BarrierTimeoutError) -> Response:

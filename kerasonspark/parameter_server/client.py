@@ -39,6 +39,7 @@ class ParameterClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.seconds = 0.0
+        self.stop_requested = False  # a reply said the driver stops the run
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -95,7 +96,10 @@ class ParameterClient:
         status, content_type, data = self.request(method, path, body)
         if status != 200:
             _raise_for(status, content_type, data)
-        return wire.decode(data)
+        header, flat = wire.decode(data)
+        if header.get("stop"):
+            self.stop_requested = True
+        return header, flat
 
     def health(self) -> dict[str, Any]:
         """The server's health document."""
@@ -127,8 +131,21 @@ class ParameterClient:
         except Exception:  # the worker is already failing; its own error is what matters
             pass
 
-    def _json(self, method: str, path: str) -> dict[str, Any]:
-        status, content_type, data = self.request(method, path)
+    def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST a JSON object; returns the JSON reply."""
+        return self._json("POST", path, json.dumps(payload).encode())
+
+    def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], center: bool) -> np.ndarray | None:
+        """Tell the driver this worker ended ``epoch``; waits for every worker. Returns the
+        epoch's center when ``center`` asks for it."""
+        payload = json.dumps({"samples": samples, "metrics": metrics, "center": center}).encode()
+        status, content_type, data = self.request("POST", f"/v1/epochs/{epoch}/end", payload, "application/json")
+        if status != 200:
+            _raise_for(status, content_type, data)
+        return wire.decode(data)[1] if content_type.startswith(wire.CONTENT_TYPE) else None
+
+    def _json(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
+        status, content_type, data = self.request(method, path, body, "application/json" if body else wire.CONTENT_TYPE)
         if status != 200:
             _raise_for(status, content_type, data)
         return json.loads(data)

@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from ..errors import ParameterServerError
 from .app import ServerConfig, create_app
+from .board import EpochBoard
 from .store import ParameterStore
 
 logger = logging.getLogger(__name__)
@@ -233,16 +234,19 @@ class ParameterServer:
         config: secret and limits.
         host: address to bind (the driver's address; ``127.0.0.1`` for local runs).
         port: port to bind; 0 picks a free one.
+        board: the run's progress reports and epoch gate (see :mod:`.board`).
 
     Example:
         >>> with ParameterServer(store, ServerConfig(secret)) as server:
         ...     server.url
     """
 
-    def __init__(self, store: ParameterStore, config: ServerConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, store: ParameterStore, config: ServerConfig, host: str = "127.0.0.1", port: int = 0,
+                 board: EpochBoard | None = None) -> None:
         self.store = store
         self.config = config
-        self.app = create_app(store, config)
+        self.board = board
+        self.app = create_app(store, config, board)
         self._server = _ThreadedServer((host, port), self.app, config.idle_timeout)
         self._thread: threading.Thread | None = None
 
@@ -257,6 +261,12 @@ class ParameterServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The live stats page with its read-only token, or ``None`` without a view token."""
+        token = self.config.view_token
+        return f"{self.url}/v1/dashboard?token={token}" if token else None
 
     @property
     def open_connections(self) -> int:
@@ -275,6 +285,8 @@ class ParameterServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving, wake blocked barriers, close connections, and join every thread."""
         self.store.close()
+        if self.board is not None:
+            self.board.close()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout)

@@ -59,6 +59,7 @@ class ParameterStore:
         self._cond = threading.Condition()
         self._rounds: dict[int, _Round] = {}
         self._closed = False
+        self.stop_requested = False
         self._applying = 0
         self.started = time.time()
         self.counters: dict[str, int] = defaultdict(int)
@@ -178,6 +179,8 @@ class ParameterStore:
             if self._closed:
                 raise RoundClosedError("The parameter server is shutting down.", 503)
             state = self._rounds.setdefault(round, _Round())
+            if self.stop_requested:
+                return self._center  # training is stopping: no worker waits for the others
             if self.failures and state.failed is None and state.result is None:
                 # A worker that failed never arrives: a round opened after its report cannot complete either.
                 state.failed = f"Round {round} cannot complete: worker(s) {sorted(self.failures)} failed."
@@ -247,7 +250,21 @@ class ParameterStore:
     def _missing(self, state: _Round) -> list[int]:
         return [w for w in range(self.num_workers) if w not in state.samples]
 
-    # -- failures, stats, lifecycle -------------------------------------------------------
+    # -- failures, stops, stats, lifecycle --------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask every worker to stop at its next exchange (a callback set ``model.stop_training``).
+
+        Open rounds complete at once with the center as it is, and so does every later round,
+        so workers that are mid-epoch meet at the epoch boundary without waiting for each other.
+        Replies carry ``"stop": true`` from now on.
+        """
+        with self._cond:
+            self.stop_requested = True
+            for state in self._rounds.values():
+                if state.result is None and state.failed is None:
+                    state.result = self._center
+            self._cond.notify_all()
+
     def report_failure(self, worker: int, message: str) -> None:
         """Record that a worker failed; fails every open round so no one waits for it."""
         with self._cond:

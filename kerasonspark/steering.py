@@ -1,0 +1,230 @@
+"""Driver side: the run's epoch events, where the driver sees and steers training while it runs.
+
+While the training stage runs (in a background thread), the driver's thread waits at each epoch
+boundary for every worker (:class:`~kerasonspark.parameter_server.board.EpochBoard`), merges
+their metrics and their scores of the epoch's center, puts the center into the caller's model,
+runs the Keras callbacks with Keras's own ``CallbackList``, and hands the workers its decision
+(stop, the next epoch's learning rate) before any of them starts the next epoch. Between
+boundaries it shows the workers' progress.
+
+Which hooks fire when:
+
+- ``on_train_begin``, ``on_epoch_begin(initial_epoch)``: before the stage starts (a rate set here
+  trains the first epoch);
+- ``on_epoch_end(e, logs)``: when every worker ended epoch ``e``; ``logs`` holds the training
+  metrics weighted by samples and ``val_*`` of the center weighted by validation rows; the model
+  holds the epoch's center;
+- ``on_epoch_begin(e + 1)``: right after, unless a callback stopped training;
+- ``on_train_batch_begin/end(batch, logs)``: once per round of progress reports (about every
+  ``progress_interval`` seconds), with ``batch`` the steps all workers took this epoch and
+  ``logs`` their running metrics; the model then holds the current center. Setting
+  ``model.stop_training`` here stops every worker at its next exchange;
+- ``on_train_end``: after the stage, with the final center in the model (so
+  ``EarlyStopping(restore_best_weights=True)`` decides what ``fit`` returns).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .engine import TrainingJob, WorkerReport
+from .executor import learning_rate_of
+from .parameter_server.board import EpochBoard
+from .parameter_server.store import ParameterStore
+from .progress import ProgressBar
+from .serialization import get_flat_weights, set_flat_weights
+
+if TYPE_CHECKING:
+    import keras
+
+logger = logging.getLogger(__name__)
+worker_logger = logging.getLogger("kerasonspark.worker")
+
+_BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+
+
+def weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    """Each key's mean over ``(weight, values)`` entries; entries with no weight do not count."""
+    entries = [(n, logs) for n, logs in entries if logs and n > 0]
+    total = sum(n for n, _ in entries)
+    if not total:
+        return {}
+    keys = [k for k in entries[0][1] if all(k in logs for _, logs in entries)]
+    return {k: sum(n * logs[k] for n, logs in entries) / total for k in keys}
+
+
+def uses_batch_hooks(callbacks: list[keras.callbacks.Callback]) -> bool:
+    """Whether any callback overrides a batch-level hook of ``keras.callbacks.Callback``."""
+    import keras
+
+    return any(getattr(type(cb), hook) is not getattr(keras.callbacks.Callback, hook)
+               for cb in callbacks for hook in _BATCH_HOOKS)
+
+
+def has_terminate_on_nan(callbacks: list[keras.callbacks.Callback]) -> bool:
+    """Whether ``keras.callbacks.TerminateOnNaN`` is among the callbacks (workers then check their loss)."""
+    import keras
+
+    return any(isinstance(cb, keras.callbacks.TerminateOnNaN) for cb in callbacks)
+
+
+class Steering:
+    """The driver's loop over a run's epoch boundaries.
+
+    Args:
+        job: the training job (its model, callbacks, config and validation data).
+        store: the run's parameter store (the center, the stop flag, the exchange counters).
+        board: the run's progress reports and epoch gate.
+    """
+
+    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard) -> None:
+        import keras
+
+        self.job, self.store, self.board = job, store, board
+        config = job.config
+        self.steps_per_epoch = sum(-(-n // config.batch_size) for n in job.partition_sizes)
+        user_callbacks = list(job.callbacks)
+        self.callbacks = keras.callbacks.CallbackList(
+            user_callbacks, add_history=True, add_progbar=False, model=job.model,
+            verbose=config.verbose, epochs=config.epochs, steps=self.steps_per_epoch)
+        self.batch_hooks = uses_batch_hooks(user_callbacks)
+        self.bar = ProgressBar(config.verbose, config.epochs, job.num_samples)
+        self.history: dict[str, list[float]] = {}
+        self.callback_seconds = 0.0
+        self.barrier_seconds = 0.0
+        self.epochs_run = 0
+        self.stopped_early = False
+        self._reports_seen = 0
+
+    @property
+    def validates(self) -> bool:
+        return self.job.validation is not None
+
+    def _timed(self, hook: Callable[..., None], *args: Any) -> None:
+        started = time.perf_counter()
+        hook(*args)
+        self.callback_seconds += time.perf_counter() - started
+
+    def begin(self) -> float | None:
+        """Run ``on_train_begin`` and the first ``on_epoch_begin``; returns the first epoch's learning rate."""
+        model, config = self.job.model, self.job.config
+        model.stop_training = False
+        self._timed(self.callbacks.on_train_begin)
+        if config.initial_epoch < config.epochs:
+            self._timed(self.callbacks.on_epoch_begin, config.initial_epoch)
+        return learning_rate_of(model)
+
+    def drive(self, stage: Callable[[], list[WorkerReport]]) -> list[WorkerReport]:
+        """Run ``stage`` (the training stage) in a background thread and steer it from this one.
+
+        Returns the stage's reports; re-raises its error. If this thread is interrupted, every
+        worker is told the run failed before the error propagates.
+        """
+        outcome: dict[str, Any] = {}
+
+        def run_stage() -> None:
+            try:
+                outcome["reports"] = stage()
+            except BaseException as exc:  # handed to the driver's thread below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run_stage, name="kerasonspark-stage", daemon=True)
+        thread.start()
+        try:
+            config = self.job.config
+            for epoch in range(config.initial_epoch, config.epochs):
+                if not self._epoch(epoch, thread):
+                    break
+        except BaseException as exc:
+            self.board.fail(f"The driver stopped the run: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            thread.join()
+            self._forward_logs()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["reports"]
+
+    def _wait(self, epoch: int, wait: Callable[[int, float], Any], thread: threading.Thread) -> Any:
+        while True:
+            found = wait(epoch, 0.25)
+            self._forward_logs()
+            if found is not None:
+                return found
+            if not thread.is_alive() or self.board.failed:
+                return None
+            self._progress(epoch)
+
+    def _epoch(self, epoch: int, thread: threading.Thread) -> bool:
+        """Steer one epoch boundary; returns whether training goes on."""
+        model, config = self.job.model, self.job.config
+        self.bar.start_epoch(epoch)
+        arrivals = self._wait(epoch, self.board.wait_arrivals, thread)
+        if arrivals is None:
+            return False
+        logs = weighted_mean([(a["samples"], a["metrics"]) for a in arrivals.values()])
+        ready = self._wait(epoch, self.board.wait_ready, thread)
+        if ready is None:
+            return False
+        validation = weighted_mean([(r["rows"], r["scores"]) for r in ready.values()])
+        logs.update({f"val_{k}": v for k, v in validation.items()})
+        self.barrier_seconds += self.board.barrier_seconds(epoch)
+        set_flat_weights(model, self.board.center(epoch))
+        self._timed(self.callbacks.on_epoch_end, epoch, logs)
+        self.epochs_run += 1
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        stop = bool(model.stop_training or self.store.stop_requested)
+        if not stop and epoch + 1 < config.epochs:
+            self._timed(self.callbacks.on_epoch_begin, epoch + 1)
+            stop = bool(model.stop_training)
+        self.stopped_early = stop and epoch + 1 < config.epochs
+        self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
+        self.board.release(epoch, stop, learning_rate_of(model))
+        self.bar.end_epoch({**logs, **self._exchange_figures()})
+        return not stop
+
+    def _exchange_figures(self) -> dict[str, float]:
+        stats = self.store.stats()
+        if stats["updates"]:
+            return {"pushes": stats["updates"], "staleness": stats["staleness"]["median"]}
+        return {"rounds": stats["rounds"]} if stats["rounds"] else {}
+
+    def _progress(self, epoch: int) -> None:
+        progress = [p for p in self.board.progress().values() if p.epoch == epoch]
+        reports = sum(p.reports for p in progress)
+        if not progress or reports == self._reports_seen:
+            return
+        self._reports_seen = reports
+        samples = sum(p.samples for p in progress)
+        running = weighted_mean([(p.samples, p.metrics) for p in progress])
+        if self.batch_hooks:
+            batch = sum(p.steps for p in progress)
+            set_flat_weights(self.job.model, self.store.center.copy())
+            self._timed(self.callbacks.on_train_batch_begin, batch)
+            self._timed(self.callbacks.on_train_batch_end, batch, running)
+            if self.job.model.stop_training:
+                self.store.request_stop()
+        self.bar.update(samples, {**running, **self._exchange_figures()})
+
+    def _forward_logs(self) -> None:
+        for worker, line in self.board.take_logs():
+            worker_logger.warning("worker %d: %s", worker, line)
+
+    def finish(self, weights: np.ndarray) -> np.ndarray:
+        """Put the final center in the model, run ``on_train_end``; returns the weights ``fit`` returns
+        (a callback such as ``EarlyStopping(restore_best_weights=True)`` may have changed them)."""
+        set_flat_weights(self.job.model, weights)
+        self._timed(self.callbacks.on_train_end)
+        return get_flat_weights(self.job.model)
+
+    def stats(self) -> dict[str, Any]:
+        """The figures of the run's epoch events, for ``stats["epoch_events"]``."""
+        return {"epochs_run": self.epochs_run, "stopped_early": self.stopped_early,
+                "callback_seconds": self.callback_seconds, "epoch_barrier_seconds": self.barrier_seconds}
