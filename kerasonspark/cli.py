@@ -48,6 +48,10 @@ def _train_parser(sub: Any) -> None:
     train.add_argument("-o", "--option", action="append", default=[], type=_option,
                        help="backend option KEY=VALUE, repeatable (e.g. -o sync_every=32)")
     train.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                       help="1 a live progress bar per epoch (default), 2 a line per epoch, 0 silent")
+    train.add_argument("--validate", action="store_true",
+                       help="score the center on the test images at every epoch boundary (val_* in the bar)")
 
 
 def _cluster_parser(sub: Any) -> None:
@@ -193,8 +197,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         test_df = numpy_to_dataframe(spark, x_test, y_test)
         trainer = SparkTrainer(mnist_cnn(seed=args.seed), backend=args.backend, num_workers=args.workers,
                                batch_size=args.batch_size, epochs=args.epochs, backend_options=options or None,
-                               spark=spark, seed=args.seed)
-        result = trainer.fit(train_df)
+                               spark=spark, seed=args.seed, verbose=args.verbose)
+        result = trainer.fit(train_df, validation_data=test_df if args.validate else None)
         accuracy = trainer.evaluate(test_df)["accuracy"]
     stats = result.stats
     updates = stats["exchanges"]

@@ -331,7 +331,7 @@ class EpochGate:
         self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
         self._logs = _ForwardedLogs()
         logging.getLogger("kerasonspark").addHandler(self._logs)
-        self._last_report = time.monotonic()
+        self._last_report = 0.0  # the first exchange reports at once
 
     def validates(self, epoch: int) -> bool:
         """Whether the center is scored at the end of ``epoch`` (``validation_freq`` as in Keras)."""
@@ -444,17 +444,17 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
     rng = np.random.default_rng(None if settings.seed is None else settings.seed + worker)
     batch = settings.batch_size
     steps = math.ceil(n / batch)
-    exchange.start(model, worker)
     if gate is not None:
-        gate.start(worker)
+        gate.start(worker)  # first: warnings from the exchange's start reach the driver too
         set_learning_rate(model, gate.learning_rate)
+    exchange.start(model, worker)
     report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
     rates: list[float | None] = []
     started = time.perf_counter()
     for epoch in range(settings.initial_epoch, settings.epochs):
         order = rng.permutation(n)
         model.reset_metrics()
-        rates.append(learning_rate_of(model))
+        rates.append(learning_rate_of(model) if gate is not None else None)
         step, stopped = 0, False
         for run in exchange.schedule(steps, epoch):
             index = order[step * batch:(step + run) * batch]

@@ -43,7 +43,6 @@ from .serialization import get_flat_weights, set_flat_weights
 if TYPE_CHECKING:
     import keras
 
-logger = logging.getLogger(__name__)
 worker_logger = logging.getLogger("kerasonspark.worker")
 
 _BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
@@ -93,9 +92,11 @@ class Steering:
         self.callbacks = keras.callbacks.CallbackList(
             user_callbacks, add_history=True, add_progbar=False, model=job.model,
             verbose=config.verbose, epochs=config.epochs, steps=self.steps_per_epoch)
+        # Keras's own History (the user's, or the one CallbackList adds last) records the logs as
+        # every callback left them (ReduceLROnPlateau adds `learning_rate`).
+        self.keras_history = next(cb for cb in self.callbacks.callbacks if isinstance(cb, keras.callbacks.History))
         self.batch_hooks = uses_batch_hooks(user_callbacks)
         self.bar = ProgressBar(config.verbose, config.epochs, job.num_samples)
-        self.history: dict[str, list[float]] = {}
         self.callback_seconds = 0.0
         self.barrier_seconds = 0.0
         self.epochs_run = 0
@@ -178,8 +179,6 @@ class Steering:
         set_flat_weights(model, self.board.center(epoch))
         self._timed(self.callbacks.on_epoch_end, epoch, logs)
         self.epochs_run += 1
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
         stop = bool(model.stop_training or self.store.stop_requested)
         if not stop and epoch + 1 < config.epochs:
             self._timed(self.callbacks.on_epoch_begin, epoch + 1)
@@ -216,6 +215,11 @@ class Steering:
     def _forward_logs(self) -> None:
         for worker, line in self.board.take_logs():
             worker_logger.warning("worker %d: %s", worker, line)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-epoch logs as the callbacks left them, like ``model.fit(...).history``."""
+        return dict(self.keras_history.history)
 
     def finish(self, weights: np.ndarray) -> np.ndarray:
         """Put the final center in the model, run ``on_train_end``; returns the weights ``fit`` returns

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -25,9 +24,6 @@ from .session import check_slots, check_weights_privacy, server_host, start_sess
 if TYPE_CHECKING:
     import keras
     from pyspark.sql import DataFrame, SparkSession
-
-logger = logging.getLogger(__name__)
-
 
 class SparkTrainer:
     """Train a Keras model on Spark the way ``model.fit`` trains it locally.

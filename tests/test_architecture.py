@@ -142,3 +142,21 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
     assert all("kerasonspark.executor" in names for names in per_worker)  # the workers that trained
     leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
     assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
+
+
+def test_library_code_logs_through_the_kerasonspark_logger_only():
+    """Every logger the package logs through is `kerasonspark` or below it (the CLI, an application,
+    also sets the levels of others), and nothing prints but the CLI."""
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "backends").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name == "logging.getLogger" and path.name != "cli.py":
+                arg = node.args[0] if node.args else None
+                ok = (isinstance(arg, ast.Name) and arg.id == "__name__") or (
+                    isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] == "kerasonspark")
+                assert ok, f"{path.name}:{node.lineno} creates a logger outside `kerasonspark`"
+            if name == "print":
+                assert path.name == "cli.py", f"{path.name}:{node.lineno} prints; log through `kerasonspark` instead"
