@@ -47,6 +47,8 @@ class EpochAveragingOptions(EngineOptions):
 class EpochAveragingExchange(ServerExchange):
     """Worker side: train a stretch, meet the others at round ``r``, continue from the average."""
 
+    holds_center = True  # the epoch's last round leaves every worker with the center
+
     def __init__(self, url: str, secret: bytes, rounds_per_epoch: int) -> None:
         super().__init__(url, secret, timeout=600)
         self.rounds_per_epoch, self.round = rounds_per_epoch, 0

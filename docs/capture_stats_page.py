@@ -1,0 +1,71 @@
+"""Take the README's screenshot of the live stats page during a real MNIST run.
+
+    python docs/capture_stats_page.py --data ../shared/data/mnist --backend async --out docs/stats-page.png
+
+Trains the reference CNN on MNIST (2 workers, local Spark, validation on the test images), reads
+the stats page's URL from the ``kerasonspark`` log as a user would, and has headless Chromium
+(``apt-get install chromium``) load it a given number of seconds into the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import threading
+import time
+
+
+class _UrlCatcher(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.url: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Live training stats: "):
+            self.url = message.split(": ", 1)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--backend", default="async")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--after", type=float, default=45.0, help="seconds into training to take the picture")
+    parser.add_argument("--out", default="docs/stats-page.png")
+    args = parser.parse_args()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise SystemExit("No headless browser found: `apt-get install chromium`.")
+
+    from kerasonspark import SparkTrainer
+    from kerasonspark.datasets import load_mnist
+    from kerasonspark.executor import configure_tensorflow
+    from kerasonspark.models import mnist_cnn
+    from kerasonspark.session import start_session
+
+    catcher = _UrlCatcher()
+    logger = logging.getLogger("kerasonspark")
+    logger.addHandler(catcher)
+    logger.setLevel(logging.INFO)
+    configure_tensorflow(0)
+    (x, y), test = load_mnist(args.data)
+    spark = start_session("local[2]", "kerasonspark-stats-page")
+    trainer = SparkTrainer(mnist_cnn(), backend=args.backend, num_workers=2, epochs=args.epochs, spark=spark, verbose=0)
+    training = threading.Thread(target=trainer.fit, args=((x, y),), kwargs={"validation_data": test})
+    training.start()
+    while catcher.url is None and training.is_alive():
+        time.sleep(0.2)
+    time.sleep(args.after)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1000,1150", "--virtual-time-budget=4000", f"--screenshot={args.out}", catcher.url],
+                   check=True, capture_output=True, timeout=120)
+    print(f"Saved {args.out} from {catcher.url.split('?')[0]}")
+    training.join()
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
