@@ -60,7 +60,7 @@ def main() -> None:
         time.sleep(0.2)
     time.sleep(args.after)
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1000,1150", "--virtual-time-budget=4000", f"--screenshot={args.out}", catcher.url],
+                    "--window-size=1000,820", "--virtual-time-budget=4000", f"--screenshot={args.out}", catcher.url],
                    check=True, capture_output=True, timeout=120)
     print(f"Saved {args.out} from {catcher.url.split('?')[0]}")
     training.join()

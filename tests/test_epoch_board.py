@@ -147,3 +147,15 @@ def test_view_token_opens_only_the_read_only_routes(served):
             urllib.request.urlopen(url, timeout=10)
         assert refused.value.code == 401
     assert served.dashboard_url == f"{served.url}/v1/dashboard?token=view-token"
+
+
+def test_stats_page_json_holds_no_nan():
+    board = make_board()
+    board.report_progress(0, 0, 10, 1, {"loss": float("nan"), "accuracy": 0.5})
+    board.report_progress(1, 0, 10, 1, {"loss": 0.7})
+    board.epoch_logs.append({"epoch": 1, "loss": float("inf")})
+    text = json.dumps(board.stats(), allow_nan=False)  # raises on NaN or Inf
+    figures = json.loads(text)
+    assert figures["workers"]["0"]["metrics"] == {"loss": None, "accuracy": 0.5}
+    assert figures["workers"]["0"]["loss_over_time"] == [] and len(figures["workers"]["1"]["loss_over_time"]) == 1
+    assert figures["epochs"] == [{"epoch": 1, "loss": None}]

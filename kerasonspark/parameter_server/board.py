@@ -217,10 +217,16 @@ class EpochBoard:
             return lines
 
     def stats(self) -> dict[str, Any]:
-        """JSON-ready figures for the live stats page."""
+        """JSON-ready figures for the live stats page (a NaN or Inf loss becomes ``null``: browsers
+        refuse ``NaN`` in JSON)."""
         with self._cond:
-            workers = {str(w): {"epoch": p.epoch, "samples": p.samples, "steps": p.steps, "metrics": p.metrics,
+            workers = {str(w): {"epoch": p.epoch, "samples": p.samples, "steps": p.steps, "metrics": _finite(p.metrics),
                                 "samples_per_second": p.samples_per_second, "seconds_since_report": time.time() - p.updated,
-                                "loss_over_time": [list(point) for point in self._history.get(w, ())]}
+                                "loss_over_time": [list(point) for point in self._history.get(w, ())
+                                                   if math.isfinite(point[2])]}
                        for w, p in sorted(self._progress.items())}
-            return {"workers": workers, "epochs": list(self.epoch_logs), "failed": self._failed}
+            return {"workers": workers, "epochs": [_finite(logs) for logs in self.epoch_logs], "failed": self._failed}
+
+
+def _finite(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}

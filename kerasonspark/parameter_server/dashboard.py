@@ -27,7 +27,7 @@ const colors=["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377
 const fmt=(v,d=4)=>typeof v==="number"?(Math.abs(v)>=1000?v.toFixed(0):v.toFixed(d)):(v??"");
 function table(el,head,rows){el.innerHTML="<tr>"+head.map(h=>"<th>"+h+"</th>").join("")+"</tr>"+
  rows.map(r=>"<tr>"+r.map(c=>"<td>"+c+"</td>").join("")+"</tr>").join("");}
-function plot(workers){const svg=document.getElementById("plot"),W=720,H=260,P=40;let pts=[];
+function plot(workers){const svg=document.getElementById("plot"),W=720,H=260,P=56;let pts=[];
  for(const w in workers)for(const p of workers[w].loss_over_time)pts.push(p);
  if(!pts.length){svg.innerHTML="";return;}
  const t0=Math.min(...pts.map(p=>p[0])),t1=Math.max(...pts.map(p=>p[0]),t0+1);
@@ -45,14 +45,14 @@ async function tick(){try{const r=await fetch("stats"+location.search,{cache:"no
  if(!r.ok)throw new Error("HTTP "+r.status);const s=await r.json(),live=s.live||{workers:{},epochs:[]};
  document.getElementById("sub").textContent=`${Object.keys(live.workers).length} workers - `+
   `${fmt(s.elapsed_s,0)} s - updated ${new Date().toLocaleTimeString()}`+(live.failed?" - FAILED: "+live.failed:"");
- const cards=[["pushes",s.updates],["rounds",s.rounds],["staleness (median)",s.staleness.median],
-  ["MB/s through the server",fmt(s.mb_per_s,1)],["refused requests",s.refused_total]];
+ const cards=(s.rounds?[["rounds",s.rounds]]:[["pushes",s.updates],["staleness (median)",s.staleness.median]]).concat(
+  [["MB/s through the server",fmt(s.mb_per_s,1)],["refused requests",s.refused_total]]);
  document.getElementById("cards").innerHTML=cards.map(c=>`<div class="card">${c[0]}<b>${c[1]}</b></div>`).join("");
  const names=[...new Set(Object.values(live.workers).flatMap(w=>Object.keys(w.metrics)))];
  table(document.getElementById("workers"),["worker","epoch","samples this epoch","samples/s","pushes",...names],
   Object.entries(live.workers).map(([w,v])=>[w,v.epoch+1,v.samples,fmt(v.samples_per_second,0),
    (s.worker_pushes||{})[w]??0,...names.map(n=>fmt(v.metrics[n]))]));
- const keys=[...new Set(live.epochs.flatMap(e=>Object.keys(e)))];
+ const keys=["epoch",...[...new Set(live.epochs.flatMap(e=>Object.keys(e)))].filter(k=>k!=="epoch").sort()];
  table(document.getElementById("epochs"),keys,live.epochs.map(e=>keys.map(k=>k==="epoch"?e[k]:fmt(e[k]))));
  plot(live.workers);}catch(e){document.getElementById("sub").innerHTML=`<span class="err">${e}</span>`;}}
 tick();setInterval(tick,1000);
