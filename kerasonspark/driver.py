@@ -25,7 +25,7 @@ import numpy as np
 from . import errors
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .errors import KerasOnSparkError, WorkerError
-from .executor import EpochGate, WorkerSettings, train_partition
+from .executor import EpochGate, WorkerSettings, learning_rate_of, train_partition
 from .parameter_server.store import ParameterStore
 from .serialization import set_flat_weights
 from .steering import Steering, has_terminate_on_nan, weighted_mean
@@ -33,6 +33,8 @@ from .steering import Steering, has_terminate_on_nan, weighted_mean
 if TYPE_CHECKING:
     from pyspark import RDD, Broadcast
     from pyspark.sql import SparkSession
+
+    from .parameter_server.board import EpochBoard
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +131,100 @@ def explain_failure(error: WorkerError, failures: Mapping[int, str]) -> WorkerEr
     return WorkerError(f"Worker {worker} failed: {first_line}", worker, message)
 
 
+class StageRestarts:
+    """Restarts of a training stage after a lost worker: the budget, the repeated-error check, the figures.
+
+    A restarted stage resumes from the parameter server's center: each worker at its place in
+    its epoch's order after its last applied exchange (``sync``: the last completed round). What
+    a worker trained after that exchange is lost and trained again; it is counted from the
+    workers' progress reports (at most ``progress_interval`` old), so the counts are lower bounds.
+
+    Args:
+        job: the training job (partition sizes, batch size, epochs).
+        store: the run's parameter store; its center and counters outlive a stage.
+        board: the run's progress and epoch gate.
+        exchange: the engine's exchange (its ``schedule`` says which runs a count of exchanges covers).
+        fence: shuts out the failed stage's tasks that still run (the server's secret changes).
+    """
+
+    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard, exchange: Exchange,
+                 fence: Callable[[], None]) -> None:
+        self.job, self.store, self.board, self.exchange, self.fence = job, store, board, exchange, fence
+        self.limit = job.config.max_restarts
+        self.count = 0
+        self.lost_steps = 0
+        self.last_cause = ""
+        self.log: list[dict[str, Any]] = []
+        self._causes: set[tuple[int, str]] = set()
+
+    def after(self, error: BaseException, epoch: int) -> dict[int, int]:
+        """Account for a failed stage; returns each worker's applied exchanges, or raises to end ``fit``.
+
+        Raises:
+            WorkerError: the failure is not a worker's, the same error failed the same worker
+                before (a bug restarting cannot fix), or the budget of restarts is spent.
+        """
+        if not isinstance(error, WorkerError):
+            raise error
+        explained = explain_failure(error, self.store.failures)
+        cause = explained.args[0].splitlines()[0] if explained.args else str(explained)
+        key = (explained.worker, cause.split(": ", 1)[-1])
+        if key in self._causes:
+            raise WorkerError(f"{cause} (the same error as before the last restart, so restarting again cannot help; "
+                              f"{self.count} restart(s) made)", explained.worker, explained.detail) from error
+        if self.count >= self.limit:
+            if self.limit == 0:
+                if explained is error:
+                    raise error  # keeps the Spark error it carries as its cause
+                raise explained from error
+            raise WorkerError(f"{cause} (after {self.count} restart(s), the limit `max_restarts={self.limit}`)",
+                              explained.worker, explained.detail) from error
+        self._causes.add(key)
+        self.fence()
+        resume = {w: self.store.applied_exchanges(w) for w in range(self.job.config.num_workers)}
+        lost = self._lost_steps(resume, epoch)
+        self.count += 1
+        self.lost_steps += lost
+        self.last_cause = cause
+        self.log.append({"epoch": epoch, "worker": explained.worker, "cause": cause, "lost_steps": lost,
+                         "resume_exchanges": resume, "at": time.time()})
+        self.store.reopen()
+        self.board.reopen(epoch)
+        return resume
+
+    def _lost_steps(self, resume: Mapping[int, int], epoch: int) -> int:
+        config, progress = self.job.config, self.board.progress()
+        lost = 0
+        for worker, applied in resume.items():
+            steps = -(-self.job.partition_sizes[worker] // config.batch_size)
+            before = sum(len(self.exchange.schedule(steps, e)) for e in range(config.initial_epoch, epoch))
+            runs = self.exchange.schedule(steps, epoch)
+            applied_steps = sum(runs[:max(applied - before, 0)])
+            report = progress.get(worker)
+            trained = report.steps if report is not None and report.epoch == epoch else 0
+            lost += max(trained - applied_steps, 0)
+        return lost
+
+    def stats(self) -> dict[str, Any]:
+        """``restarts``, ``lost_steps``, ``redone_steps`` (equal: a restarted worker trains again
+        exactly what was lost) and the log of restarts."""
+        return {"restarts": self.count, "lost_steps": self.lost_steps, "redone_steps": self.lost_steps,
+                "restart_log": list(self.log)}
+
+
 def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
                           run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
                           ) -> tuple[StageOutcome, Steering]:
     """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
-    steer the run from this thread (callbacks, progress, the center validated each epoch).
+    steer the run from this thread (callbacks, progress, the center validated each epoch,
+    restarts after a lost worker).
 
     The server and its threads are stopped when this returns or raises. The live stats page's
     URL, with its read-only token, is logged at INFO.
 
     Raises:
-        WorkerError: naming the worker whose failure started it (from the server's reports).
+        WorkerError: naming the worker whose failure started it (from the server's reports), when
+            the restarts (``max_restarts``) cannot save the run.
     """
     from .parameter_server.app import ServerConfig
     from .parameter_server.auth import new_secret
@@ -153,17 +238,27 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
     steering = Steering(job, store, board)
     with ParameterServer(store, config, host=job.server_host, board=board) as server:
         logger.info("Live training stats: %s", server.dashboard_url)
-        exchange = make_exchange(server.url, secret)
-        gate = EpochGate(server.url, secret, validation_freq=job.config.validation_freq,
-                         learning_rate=steering.begin(), terminate_on_nan=board.terminate_on_nan)
+        template = make_exchange(server.url, secret)
+
+        def make_stage(first_epoch: int | None, resume: Mapping[int, int] | None) -> Callable[[], list[WorkerReport]]:
+            if first_epoch is None:
+                exchange = template
+            else:  # a restarted stage gets the secret `fence` put in place, and exchanges made with it
+                exchange = make_exchange(server.url, config.secret)
+            gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
+                             learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
+                             first_epoch=first_epoch, resume=resume)
+            return partial(run_workers, exchange, gate)
+
+        def fence() -> None:
+            # A task of the failed stage may still run for a while (Spark kills tasks lazily); with a
+            # fresh secret its pushes, rounds and reports are refused, so nothing is applied twice.
+            config.secret = new_secret()
+
+        steering.begin()
         started = time.perf_counter()
-        try:
-            reports = steering.drive(partial(run_workers, exchange, gate))
-        except WorkerError as exc:
-            explained = explain_failure(exc, store.failures)
-            if explained is exc:
-                raise  # keeps the Spark error it carries as its cause
-            raise explained from exc
+        # A worker's failure reaches the caller through StageRestarts, which names the worker that started it.
+        reports = steering.drive(make_stage, StageRestarts(job, store, board, template, fence))
         return StageOutcome(reports, time.perf_counter() - started, store.stats()), steering
 
 
@@ -212,6 +307,7 @@ def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], we
         stats["parameter_server"] = own.pop("parameter_server")
     if steering is not None:
         stats["epoch_events"] = steering.stats()
+        stats.update(steering.restart_stats())
     stats[name] = own
     return TrainingResult(job.model, history, stats)
 
@@ -291,23 +387,29 @@ class SparkRunner(DriverRunner):
                  engine_name: str) -> None:
         super().__init__(engine_name)
         self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
+        self._validation: Broadcast | None = None
 
     def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
         ship_by_value(type(exchange))  # an engine of the user's own travels like their custom objects
         sc = self.spark.sparkContext
-        validation = sc.broadcast(job.validation) if job.validation is not None else None
+        # One broadcast for every stage of the fit: a restarted stage's tasks may land in Python
+        # workers whose killed tasks still hold the previous one.
+        if self._validation is None and job.validation is not None:
+            self._validation = sc.broadcast(job.validation)
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
-                       settings=worker_settings(job), exchange=exchange, validation=validation, gate=gate)
+                       settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate)
         config = job.config
         description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
                        f"{config.num_workers} workers)")
-        try:
-            with spark_errors(training=True), spark_job(self.spark, description):
-                reports = self.blocks.barrier().mapPartitions(body).collect()
-        finally:
-            if validation is not None:
-                validation.destroy()
+        with spark_errors(training=True), spark_job(self.spark, description):
+            reports = self.blocks.barrier().mapPartitions(body).collect()
         return sorted(reports, key=lambda r: r.worker)
+
+    def release(self) -> None:
+        """Destroy what the fit's stages shared (the validation broadcast)."""
+        if self._validation is not None:
+            self._validation.destroy()
+            self._validation = None
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         from .data import collect_arrays

@@ -93,7 +93,8 @@ class TrainingConfig:
     """What every engine trains with; the arguments of ``SparkTrainer`` and ``fit`` that mirror ``model.fit``.
 
     Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
-    validation data after every ``validation_freq``-th epoch.
+    validation data after every ``validation_freq``-th epoch. A training stage that loses a worker
+    runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once).
     """
 
     epochs: int = 1
@@ -104,12 +105,15 @@ class TrainingConfig:
     worker_threads: int | None = None
     initial_epoch: int = 0
     validation_freq: int = 1
+    max_restarts: int = 2
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
             check_positive_int(name, getattr(self, name))
         if not isinstance(self.initial_epoch, int) or isinstance(self.initial_epoch, bool) or self.initial_epoch < 0:
             raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
+            raise ConfigurationError(f"Expected `max_restarts` to be an integer >= 0. Received: {self.max_restarts!r}.")
         if self.verbose not in (0, 1, 2):
             raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads

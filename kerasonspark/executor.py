@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,9 +187,14 @@ class LocalSteps:
             self._train_run(x[None], y[None])
         for variable, value in zip(model.weights, weights, strict=True):
             variable.assign(value)
-        for variable, value in zip(model.optimizer.variables, fresh, strict=True):
-            variable.assign(value)
+        self._fresh_optimizer = fresh
+        self.reset_optimizer()
         model.reset_metrics()
+
+    def reset_optimizer(self) -> None:
+        """Put the optimizer's state (moments, step count, rate) back as it was built."""
+        for variable, value in zip(self.model.optimizer.variables, self._fresh_optimizer, strict=True):
+            variable.assign(value)
 
     def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int) -> None:
         """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller)."""
@@ -305,20 +310,26 @@ class EpochGate:
             (``keras.callbacks.TerminateOnNaN`` is among the callbacks).
         progress_interval: seconds between two progress reports.
         timeout: seconds a request may wait (the epoch boundary waits for the slowest worker).
+        first_epoch: the epoch a restarted stage resumes in (``None``: the run's first).
+        resume: per worker, the exchanges the center already holds; a restarted worker skips the
+            runs of steps they came from, so it resumes at its place in its epoch's order.
     """
 
     def __init__(self, url: str, secret: bytes, validation_freq: int = 1, learning_rate: float | None = None,
-                 terminate_on_nan: bool = False, progress_interval: float = 1.0, timeout: float = 86_400.0) -> None:
+                 terminate_on_nan: bool = False, progress_interval: float = 1.0, timeout: float = 86_400.0,
+                 first_epoch: int | None = None, resume: Mapping[int, int] | None = None) -> None:
         self.url, self.secret, self.timeout = url, secret, timeout
+        self.first_epoch, self.resume = first_epoch, dict(resume or {})
         self.validation_freq, self.learning_rate = validation_freq, learning_rate
         self.terminate_on_nan, self.progress_interval = terminate_on_nan, progress_interval
         self.seconds = 0.0
         self._client: ParameterClient | None = None
         self._logs: _ForwardedLogs | None = None
         self._last_report = 0.0
+        self._position: tuple[int, int, int, Callable[[], dict[str, float]]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_logs": None}
+        return {**self.__dict__, "_client": None, "_logs": None, "_position": None}
 
     @property
     def client(self) -> ParameterClient:
@@ -340,13 +351,25 @@ class EpochGate:
     def progress(self, epoch: int, samples: int, steps: int, metrics: Callable[[], dict[str, float]],
                  force: bool = False) -> None:
         """Report progress in ``epoch``, at most once per ``progress_interval`` unless ``force``."""
+        self._position = (epoch, samples, steps, metrics)
         now = time.monotonic()
         if not force and now - self._last_report < self.progress_interval:
             return
         self._last_report = now
+        self._position = None
         logs = self._logs.take() if self._logs is not None else []
         self.client.post_json("/v1/progress", {"epoch": epoch, "samples": samples, "steps": steps,
                                                "metrics": metrics(), "logs": logs})
+
+    def flush(self) -> None:
+        """Report the last position not reported yet (a failing worker's steps trained, so the
+        driver counts what the failure lost). Never raises."""
+        if self._position is None or self._client is None:
+            return
+        try:
+            self.progress(*self._position, force=True)
+        except Exception:  # the worker is already failing; its own error is what matters
+            pass
 
     def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], want_center: bool) -> np.ndarray | None:
         """Arrive at the end of ``epoch`` and wait for every worker; the epoch's center if wanted."""
@@ -444,38 +467,52 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
     rng = np.random.default_rng(None if settings.seed is None else settings.seed + worker)
     batch = settings.batch_size
     steps = math.ceil(n / batch)
+    first_epoch, skip = settings.initial_epoch, 0
     if gate is not None:
         gate.start(worker)  # first: warnings from the exchange's start reach the driver too
+        # The center of this moment (the start, or where a restarted stage resumes), with a fresh
+        # optimizer: a restarted worker's optimizer state is not kept.
+        set_flat_weights(model, gate.client.center())
+        steps_runner.reset_optimizer()
         set_learning_rate(model, gate.learning_rate)
+        first_epoch = gate.first_epoch if gate.first_epoch is not None else first_epoch
+        skip = gate.resume.get(worker, 0)
     exchange.start(model, worker)
     report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
     rates: list[float | None] = []
     started = time.perf_counter()
     for epoch in range(settings.initial_epoch, settings.epochs):
-        order = rng.permutation(n)
+        order = rng.permutation(n)  # drawn for skipped epochs too, so a resumed epoch keeps its order
+        schedule = exchange.schedule(steps, epoch)
+        if epoch < first_epoch:
+            skip -= len(schedule)
+            continue
         model.reset_metrics()
         rates.append(learning_rate_of(model) if gate is not None else None)
         step, stopped = 0, False
-        for run in exchange.schedule(steps, epoch):
+        for run in schedule:
             index = order[step * batch:(step + run) * batch]
+            step += run
+            if skip > 0:  # the center holds this run's exchange already
+                skip -= 1
+                continue
             if len(index):
                 steps_runner.run(x, y, index, batch)
-            step += run
+            report.steps += run
             done = min(step * batch, n)
-            if gate is not None and gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
-                gate.progress(epoch, done, step, steps_runner.metrics, force=True)  # the driver stops every worker
-                stopped = True
-                break
-            exchange.exchange(model, len(index))
             if gate is not None:
-                gate.progress(epoch, done, step, steps_runner.metrics)
-                if exchange.should_stop():
+                if gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
+                    gate.progress(epoch, done, step, steps_runner.metrics, force=True)  # the driver stops every worker
                     stopped = True
                     break
+                gate.progress(epoch, done, step, steps_runner.metrics)  # before the exchange: steps trained
+            exchange.exchange(model, len(index))
+            if exchange.should_stop():
+                stopped = True
+                break
         if step != steps and not stopped:
             raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {steps}; "
                                "`Exchange.schedule` must return runs that add up to `steps`.")
-        report.steps += step
         exchange.end_epoch(model, epoch)
         metrics = steps_runner.metrics() if n else {}
         report.history.append(metrics)
@@ -515,6 +552,8 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
         return body()
     except BaseException as exc:
         detail = "".join(traceback.format_exception(exc))[-3000:]
+        if gate is not None:
+            gate.flush()
         exchange.report_failure(f"{type(exc).__name__}: {exc}\n{detail}")
         if isinstance(exc, WorkerError):
             raise

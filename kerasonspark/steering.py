@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,24 @@ from .serialization import get_flat_weights, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
+
+logger = logging.getLogger(__name__)
+
+
+class RestartPolicy(Protocol):
+    """Decides whether a failed training stage runs again (see ``driver.StageRestarts``)."""
+
+    count: int
+    limit: int
+    last_cause: str
+
+    def after(self, error: BaseException, epoch: int) -> dict[int, int]:
+        """Account for the failure; return each worker's applied exchanges, or raise to end ``fit``."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """The restart figures for ``stats``."""
+        ...
 
 worker_logger = logging.getLogger("kerasonspark.worker")
 
@@ -101,7 +119,9 @@ class Steering:
         self.barrier_seconds = 0.0
         self.epochs_run = 0
         self.stopped_early = False
+        self.restart_policy: RestartPolicy | None = None
         self._reports_seen = 0
+        self._bar_epoch = -1
 
     @property
     def validates(self) -> bool:
@@ -121,36 +141,52 @@ class Steering:
             self._timed(self.callbacks.on_epoch_begin, config.initial_epoch)
         return learning_rate_of(model)
 
-    def drive(self, stage: Callable[[], list[WorkerReport]]) -> list[WorkerReport]:
-        """Run ``stage`` (the training stage) in a background thread and steer it from this one.
+    def drive(self, make_stage: Callable[[int | None, Mapping[int, int] | None], Callable[[], list[WorkerReport]]],
+              restarts: RestartPolicy | None = None) -> list[WorkerReport]:
+        """Run the training stage in a background thread and steer it from this one.
 
-        Returns the stage's reports; re-raises its error. If this thread is interrupted, every
+        ``make_stage(first_epoch, resume)`` gives the stage to run: ``(None, None)`` the first;
+        after a failure ``restarts`` decides: it raises (no restart), or returns where each worker
+        resumes, and a stage made for that runs from the current center while the epoch loop goes
+        on where it was. Returns the last stage's reports; if this thread is interrupted, every
         worker is told the run failed before the error propagates.
         """
-        outcome: dict[str, Any] = {}
+        self.restart_policy = restarts
+        config = self.job.config
+        epoch, stage = config.initial_epoch, make_stage(None, None)
+        while True:
+            outcome: dict[str, Any] = {}
 
-        def run_stage() -> None:
+            def run(stage: Callable[[], list[WorkerReport]] = stage, outcome: dict[str, Any] = outcome) -> None:
+                try:
+                    outcome["reports"] = stage()
+                except BaseException as exc:  # handed to the driver's thread below
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=run, name="kerasonspark-stage", daemon=True)
+            thread.start()
             try:
-                outcome["reports"] = stage()
-            except BaseException as exc:  # handed to the driver's thread below
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=run_stage, name="kerasonspark-stage", daemon=True)
-        thread.start()
-        try:
-            config = self.job.config
-            for epoch in range(config.initial_epoch, config.epochs):
-                if not self._epoch(epoch, thread):
-                    break
-        except BaseException as exc:
-            self.board.fail(f"The driver stopped the run: {type(exc).__name__}: {exc}")
-            raise
-        finally:
-            thread.join()
-            self._forward_logs()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["reports"]
+                while epoch < config.epochs:
+                    verdict = self._epoch(epoch, thread)
+                    if verdict == "failed":
+                        break
+                    epoch += 1
+                    if verdict == "stop":
+                        break
+            except BaseException as exc:
+                self.board.fail(f"The driver stopped the run: {type(exc).__name__}: {exc}")
+                raise
+            finally:
+                thread.join()
+                self._forward_logs()
+            if "error" not in outcome:
+                return outcome["reports"]
+            if restarts is None:
+                raise outcome["error"]
+            resume = restarts.after(outcome["error"], epoch)  # raises when the run cannot go on
+            logger.warning("Restarting the training stage (restart %d of %d) from the current center, epoch %d: %s",
+                           restarts.count, restarts.limit, epoch + 1, restarts.last_cause)
+            stage = make_stage(epoch, resume)
 
     def _wait(self, epoch: int, wait: Callable[[int, float], Any], thread: threading.Thread) -> Any:
         while True:
@@ -162,17 +198,19 @@ class Steering:
                 return None
             self._progress(epoch)
 
-    def _epoch(self, epoch: int, thread: threading.Thread) -> bool:
-        """Steer one epoch boundary; returns whether training goes on."""
+    def _epoch(self, epoch: int, thread: threading.Thread) -> str:
+        """Steer one epoch boundary; returns ``"next"``, ``"stop"`` or ``"failed"`` (the stage ended first)."""
         model, config = self.job.model, self.job.config
-        self.bar.start_epoch(epoch)
+        if self._bar_epoch != epoch:
+            self.bar.start_epoch(epoch)
+            self._bar_epoch = epoch
         arrivals = self._wait(epoch, self.board.wait_arrivals, thread)
         if arrivals is None:
-            return False
+            return "failed"
         logs = weighted_mean([(a["samples"], a["metrics"]) for a in arrivals.values()])
         ready = self._wait(epoch, self.board.wait_ready, thread)
         if ready is None:
-            return False
+            return "failed"
         validation = weighted_mean([(r["rows"], r["scores"]) for r in ready.values()])
         logs.update({f"val_{k}": v for k, v in validation.items()})
         self.barrier_seconds += self.board.barrier_seconds(epoch)
@@ -187,7 +225,7 @@ class Steering:
         self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
         self.board.release(epoch, stop, learning_rate_of(model))
         self.bar.end_epoch({**logs, **self._exchange_figures()})
-        return not stop
+        return "stop" if stop else "next"
 
     def _exchange_figures(self) -> dict[str, float]:
         stats = self.store.stats()
@@ -227,6 +265,12 @@ class Steering:
         set_flat_weights(self.job.model, weights)
         self._timed(self.callbacks.on_train_end)
         return get_flat_weights(self.job.model)
+
+    def restart_stats(self) -> dict[str, Any]:
+        """``restarts``, ``lost_steps``, ``redone_steps`` and the restart log, for ``stats``."""
+        if self.restart_policy is None:
+            return {"restarts": 0, "lost_steps": 0, "redone_steps": 0, "restart_log": []}
+        return self.restart_policy.stats()
 
     def stats(self) -> dict[str, Any]:
         """The figures of the run's epoch events, for ``stats["epoch_events"]``."""

@@ -45,6 +45,10 @@ class SparkTrainer:
         custom_objects: custom layers, losses or metrics the model uses, by name.
         worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
             (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
+        max_restarts: times a training stage that lost a worker (its process died, its executor
+            was lost, it raised) runs again from the parameter server's current center; 0 fails
+            ``fit`` at once. The same error on the same worker twice ends ``fit`` without using
+            the rest. Restarted workers start with a fresh optimizer state.
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -55,7 +59,8 @@ class SparkTrainer:
     def __init__(self, model: keras.Model, backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
                  spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
-                 custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None) -> None:
+                 custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
+                 max_restarts: int = 2) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -64,7 +69,7 @@ class SparkTrainer:
             raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
         self.model = model
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                                     verbose=verbose, worker_threads=worker_threads)
+                                     verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark
@@ -155,7 +160,7 @@ class SparkTrainer:
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
-            prepared = None
+            prepared, runner = None, None
             try:
                 validation = None
                 if validation_data is not None:
@@ -167,10 +172,10 @@ class SparkTrainer:
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
                                                    "training", warm)
                 prepare_seconds = time.perf_counter() - prepare_started
+                runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name)
                 job = TrainingJob(spec=spec, model=self.model,
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
-                                  config=config,
-                                  runner=SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name),
+                                  config=config, runner=runner,
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
                                   server_host=server_host(spark), callbacks=callbacks)
                 self.engine.setup(job)
@@ -179,6 +184,8 @@ class SparkTrainer:
                 finally:
                     self.engine.teardown(job)
             finally:
+                if runner is not None:
+                    runner.release()
                 if prepared is not None:
                     prepared.release()
                 spec_broadcast.destroy()

@@ -54,3 +54,44 @@ def no_leaked_threads():
     yield
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-ps")]
     assert not leaked, f"threads left running: {leaked}"
+
+
+class CrashingExchange:
+    """Wraps an engine's exchange; worker `worker` raises `error` at its `at`-th exchange."""
+
+    def __init__(self, inner, worker, at, error):
+        self.inner, self.worker, self.at, self.error, self.calls = inner, worker, at, error, 0
+
+    def __getattr__(self, name):
+        if name == "inner":  # during unpickling, before __dict__ is restored
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def start(self, model, worker):
+        self.me = worker
+        self.inner.start(model, worker)
+
+    def exchange(self, model, samples):
+        self.calls += 1
+        if self.me == self.worker and self.calls == self.at:
+            raise self.error
+        self.inner.exchange(model, samples)
+
+
+def crashing(engine_name, wrap, **options):
+    """An engine of `engine_name` whose exchange is wrapped by `wrap` (e.g. a CrashingExchange)."""
+    import sys
+
+    from pyspark import cloudpickle
+
+    from kerasonspark import available_backends
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors cannot import test modules
+
+    class Crashing(available_backends()[engine_name]):
+        def run(self, job):
+            serve = job.serve
+            job.serve = lambda store, make_exchange: serve(store, lambda url, secret: wrap(make_exchange(url, secret)))
+            return super().run(job)
+
+    return Crashing(**options)

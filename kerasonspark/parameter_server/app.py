@@ -14,6 +14,7 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
                               the others, answers the epoch's center (wire format) if asked
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores,
                               learning_rate); waits for the driver's decision {"stop", "learning_rate"}
+    GET  /v1/epochs/center    the center a worker starts or resumes from (wire format)
     GET  /v1/stats            statistics (JSON)
     GET  /v1/dashboard        the live stats page (HTML)
 
@@ -325,6 +326,12 @@ def progress() -> Response:
     _board().report_progress(_worker_id(), _int_field(payload, "epoch"), _int_field(payload, "samples"),
                              _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs)
     return jsonify(recorded=True)
+
+
+@api.get("/epochs/center")
+def epoch_center() -> Response:
+    # On the control channel: a worker fetches the center it starts or resumes from.
+    return _reply(_state().store.center.copy())
 
 
 @api.post("/epochs/<int:epoch>/end")

@@ -193,6 +193,15 @@ class EpochBoard:
             self._failed = message
             self._cond.notify_all()
 
+    def reopen(self, epoch: int) -> None:
+        """Clear a failed stage's failure and its unfinished epoch boundaries from ``epoch`` on,
+        for a restarted stage; released decisions and progress stay."""
+        with self._cond:
+            self._failed = None
+            for number in [e for e, state in self._epochs.items() if e >= epoch and state.decision is None]:
+                del self._epochs[number]
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Wake every waiter; the run is over."""
         with self._cond:

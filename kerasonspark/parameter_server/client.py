@@ -135,6 +135,10 @@ class ParameterClient:
         """POST a JSON object; returns the JSON reply."""
         return self._json("POST", path, json.dumps(payload).encode())
 
+    def center(self) -> np.ndarray:
+        """The center to start or resume from (on the control channel, unlike :meth:`pull`)."""
+        return self._weights("GET", "/v1/epochs/center")[1]
+
     def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], center: bool) -> np.ndarray | None:
         """Tell the driver this worker ended ``epoch``; waits for every worker. Returns the
         epoch's center when ``center`` asks for it."""

@@ -274,6 +274,22 @@ class ParameterStore:
                     state.failed = f"Round {number} cannot complete: worker {worker} failed."
             self._cond.notify_all()
 
+    def applied_exchanges(self, worker: int) -> int:
+        """Exchanges of ``worker`` the center holds: its applied pushes, or the completed rounds."""
+        with self._cond:
+            return self.worker_pushes.get(worker, 0) + self.counters["rounds"]
+
+    def reopen(self) -> None:
+        """Forget a failed stage's failure reports and open rounds, so a restarted stage can meet.
+
+        The center, its version and every counter carry over: the restarted workers continue
+        from them. Round numbers start again at 0.
+        """
+        with self._cond:
+            self.failures.clear()
+            self._rounds.clear()
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Wake every waiter; no further round completes."""
         with self._cond:
