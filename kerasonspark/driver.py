@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pyspark import RDD, Broadcast
     from pyspark.sql import SparkSession
 
+    from .backup import BackupPlan
     from .parameter_server.board import EpochBoard
 
 logger = logging.getLogger(__name__)
@@ -145,11 +146,14 @@ class StageRestarts:
         board: the run's progress and epoch gate.
         exchange: the engine's exchange (its ``schedule`` says which runs a count of exchanges covers).
         fence: shuts out the failed stage's tasks that still run (the server's secret changes).
+        offsets: per worker, the exchanges the first stage skipped (a run resumed from a backup
+            taken mid-epoch); the store counts only those made in this ``fit``.
     """
 
     def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard, exchange: Exchange,
-                 fence: Callable[[], None]) -> None:
+                 fence: Callable[[], None], offsets: Mapping[int, int] | None = None) -> None:
         self.job, self.store, self.board, self.exchange, self.fence = job, store, board, exchange, fence
+        self.offsets = dict(offsets or {})
         self.limit = job.config.max_restarts
         self.count = 0
         self.lost_steps = 0
@@ -181,8 +185,9 @@ class StageRestarts:
                               explained.worker, explained.detail) from error
         self._causes.add(key)
         self.fence()
-        resume = {w: self.store.applied_exchanges(w) for w in range(self.job.config.num_workers)}
-        lost = self._lost_steps(resume, epoch)
+        applied = {w: self.store.applied_exchanges(w) for w in range(self.job.config.num_workers)}
+        resume = {w: n + self.offsets.get(w, 0) for w, n in applied.items()}
+        lost = self._lost_steps(applied, epoch)
         self.count += 1
         self.lost_steps += lost
         self.last_cause = cause
@@ -192,14 +197,24 @@ class StageRestarts:
         self.board.reopen(epoch)
         return resume
 
+    def in_epoch(self, applied: Mapping[int, int], epoch: int) -> dict[int, int]:
+        """Each worker's exchanges the center holds, counted from the start of ``epoch``, given the
+        store's counts (which start at this ``fit``)."""
+        config = self.job.config
+        positions = {}
+        for worker, count in applied.items():
+            steps = -(-self.job.partition_sizes[worker] // config.batch_size)
+            before = sum(len(self.exchange.schedule(steps, e)) for e in range(config.initial_epoch, epoch))
+            positions[worker] = max(count + self.offsets.get(worker, 0) - before, 0)
+        return positions
+
     def _lost_steps(self, resume: Mapping[int, int], epoch: int) -> int:
         config, progress = self.job.config, self.board.progress()
         lost = 0
-        for worker, applied in resume.items():
+        for worker, applied in self.in_epoch(resume, epoch).items():
             steps = -(-self.job.partition_sizes[worker] // config.batch_size)
-            before = sum(len(self.exchange.schedule(steps, e)) for e in range(config.initial_epoch, epoch))
             runs = self.exchange.schedule(steps, epoch)
-            applied_steps = sum(runs[:max(applied - before, 0)])
+            applied_steps = sum(runs[:applied])
             report = progress.get(worker)
             trained = report.steps if report is not None and report.epoch == epoch else 0
             lost += max(trained - applied_steps, 0)
@@ -214,7 +229,7 @@ class StageRestarts:
 
 def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
                           run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
-                          ) -> tuple[StageOutcome, Steering]:
+                          backup: BackupPlan | None = None) -> tuple[StageOutcome, Steering]:
     """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
     steer the run from this thread (callbacks, progress, the center validated each epoch,
     restarts after a lost worker).
@@ -235,7 +250,7 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
     config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
                           view_token=secrets.token_urlsafe(16))
     board = EpochBoard(store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks))
-    steering = Steering(job, store, board)
+    steering = Steering(job, store, board, backup)
     with ParameterServer(store, config, host=job.server_host, board=board) as server:
         logger.info("Live training stats: %s", server.dashboard_url)
         template = make_exchange(server.url, secret)
@@ -258,7 +273,8 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
         steering.begin()
         started = time.perf_counter()
         # A worker's failure reaches the caller through StageRestarts, which names the worker that started it.
-        reports = steering.drive(make_stage, StageRestarts(job, store, board, template, fence))
+        offsets = backup.resumed.resume if backup is not None and backup.resumed is not None else None
+        reports = steering.drive(make_stage, StageRestarts(job, store, board, template, fence, offsets))
         return StageOutcome(reports, time.perf_counter() - started, store.stats()), steering
 
 
@@ -354,8 +370,9 @@ class DriverRunner:
         engine_name: where the engine's figures go in ``stats``.
     """
 
-    def __init__(self, engine_name: str) -> None:
+    def __init__(self, engine_name: str, backup: BackupPlan | None = None) -> None:
         self.engine_name = engine_name
+        self.backup = backup
         self._steering: Steering | None = None
 
     def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
@@ -363,7 +380,8 @@ class DriverRunner:
 
     def serve(self, job: TrainingJob, store: ParameterStore,
               make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
-        outcome, self._steering = host_parameter_server(job, store, make_exchange, partial(self.run_workers, job))
+        outcome, self._steering = host_parameter_server(job, store, make_exchange, partial(self.run_workers, job),
+                                                        self.backup)
         return outcome
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
@@ -381,11 +399,12 @@ class SparkRunner(DriverRunner):
         blocks: the prepared training data, an RDD with one partition per worker.
         spec_broadcast: the model spec's bytes, broadcast once per ``fit``.
         engine_name: where the engine's figures go in ``stats``.
+        backup: how the run is backed up and what it resumed from, or ``None``.
     """
 
     def __init__(self, spark: SparkSession, blocks: RDD, spec_broadcast: Broadcast[bytes],
-                 engine_name: str) -> None:
-        super().__init__(engine_name)
+                 engine_name: str, backup: BackupPlan | None = None) -> None:
+        super().__init__(engine_name, backup)
         self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
         self._validation: Broadcast | None = None
 

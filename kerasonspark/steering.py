@@ -43,6 +43,8 @@ from .serialization import get_flat_weights, set_flat_weights
 if TYPE_CHECKING:
     import keras
 
+    from .backup import BackupPlan
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +57,10 @@ class RestartPolicy(Protocol):
 
     def after(self, error: BaseException, epoch: int) -> dict[int, int]:
         """Account for the failure; return each worker's applied exchanges, or raise to end ``fit``."""
+        ...
+
+    def in_epoch(self, applied: Mapping[int, int], epoch: int) -> dict[int, int]:
+        """Each worker's applied exchanges counted from the start of ``epoch``."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -100,10 +106,12 @@ class Steering:
         board: the run's progress reports and epoch gate.
     """
 
-    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard) -> None:
+    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard,
+                 backup: BackupPlan | None = None) -> None:
         import keras
 
-        self.job, self.store, self.board = job, store, board
+        self.job, self.store, self.board, self.backup = job, store, board, backup
+        self._saved_at = 0  # exchanges at the last backup
         config = job.config
         self.steps_per_epoch = sum(-(-n // config.batch_size) for n in job.partition_sizes)
         user_callbacks = list(job.callbacks)
@@ -120,6 +128,8 @@ class Steering:
         self.epochs_run = 0
         self.stopped_early = False
         self.restart_policy: RestartPolicy | None = None
+        self.backups = 0
+        self.backup_seconds = 0.0
         self._reports_seen = 0
         self._bar_epoch = -1
 
@@ -136,6 +146,9 @@ class Steering:
         """Run ``on_train_begin`` and the first ``on_epoch_begin``; returns the first epoch's learning rate."""
         model, config = self.job.model, self.job.config
         model.stop_training = False
+        if self.backup is not None and self.backup.resumed is not None:
+            for key, values in self.backup.resumed.history.items():  # the history continues the backup's
+                self.keras_history.history[key] = list(values)
         self._timed(self.callbacks.on_train_begin)
         if config.initial_epoch < config.epochs:
             self._timed(self.callbacks.on_epoch_begin, config.initial_epoch)
@@ -153,7 +166,12 @@ class Steering:
         """
         self.restart_policy = restarts
         config = self.job.config
-        epoch, stage = config.initial_epoch, make_stage(None, None)
+        resumed = self.backup.resumed if self.backup is not None else None
+        if resumed is not None and resumed.resume:  # a backup taken mid-epoch: each worker where it was
+            stage = make_stage(config.initial_epoch, resumed.resume)
+        else:
+            stage = make_stage(None, None)
+        epoch = config.initial_epoch
         while True:
             outcome: dict[str, Any] = {}
 
@@ -197,6 +215,7 @@ class Steering:
             if not thread.is_alive() or self.board.failed:
                 return None
             self._progress(epoch)
+            self._maybe_save_mid_epoch(epoch)
 
     def _epoch(self, epoch: int, thread: threading.Thread) -> str:
         """Steer one epoch boundary; returns ``"next"``, ``"stop"`` or ``"failed"`` (the stage ended first)."""
@@ -224,8 +243,35 @@ class Steering:
         self.stopped_early = stop and epoch + 1 < config.epochs
         self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
         self.board.release(epoch, stop, learning_rate_of(model))
+        if self.backup is not None and self.backup.save_freq == "epoch":
+            self._save(epoch + 1, self.board.center(epoch), {})
         self.bar.end_epoch({**logs, **self._exchange_figures()})
         return "stop" if stop else "next"
+
+    def _exchanges(self) -> int:
+        stats = self.store.stats()
+        return int(stats["updates"] + stats["rounds"])
+
+    def _save(self, epoch: int, center: np.ndarray, resume: Mapping[int, int]) -> None:
+        from .backup import RunState
+
+        assert self.backup is not None
+        started = time.perf_counter()
+        exchanges = self._exchanges()
+        self.backup.store.save(RunState(epoch=epoch, center=center, resume=dict(resume), history=self.history,
+                                        exchanges=exchanges, settings=self.backup.settings))
+        self._saved_at = exchanges
+        self.backup_seconds += time.perf_counter() - started
+        self.backups += 1
+
+    def _maybe_save_mid_epoch(self, epoch: int) -> None:
+        backup, policy = self.backup, self.restart_policy
+        if backup is None or not isinstance(backup.save_freq, int) or policy is None:
+            return
+        if self._exchanges() - self._saved_at < backup.save_freq:
+            return
+        center, applied = self.store.snapshot()
+        self._save(epoch, center, policy.in_epoch(applied, epoch))
 
     def _exchange_figures(self) -> dict[str, float]:
         stats = self.store.stats()
@@ -264,6 +310,8 @@ class Steering:
         (a callback such as ``EarlyStopping(restore_best_weights=True)`` may have changed them)."""
         set_flat_weights(self.job.model, weights)
         self._timed(self.callbacks.on_train_end)
+        if self.backup is not None and self.backup.delete_when_done:
+            self.backup.store.clear()  # the run completed, as Keras's BackupAndRestore does
         return get_flat_weights(self.job.model)
 
     def restart_stats(self) -> dict[str, Any]:
@@ -275,4 +323,7 @@ class Steering:
     def stats(self) -> dict[str, Any]:
         """The figures of the run's epoch events, for ``stats["epoch_events"]``."""
         return {"epochs_run": self.epochs_run, "stopped_early": self.stopped_early,
-                "callback_seconds": self.callback_seconds, "epoch_barrier_seconds": self.barrier_seconds}
+                "callback_seconds": self.callback_seconds, "epoch_barrier_seconds": self.barrier_seconds,
+                "backups": self.backups, "backup_seconds": self.backup_seconds,
+                "resumed_from_epoch": (self.backup.resumed.epoch if self.backup is not None
+                                       and self.backup.resumed is not None else None)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -13,17 +14,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import data as data_module
+from .backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
 from .data import DataInfo
 from .driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
-from .serialization import ModelSpec
+from .serialization import ModelSpec, set_flat_weights
 from .session import check_slots, check_weights_privacy, server_host, start_session
 
 if TYPE_CHECKING:
     import keras
     from pyspark.sql import DataFrame, SparkSession
+
+logger = logging.getLogger(__name__)
 
 class SparkTrainer:
     """Train a Keras model on Spark the way ``model.fit`` trains it locally.
@@ -45,6 +49,9 @@ class SparkTrainer:
         custom_objects: custom layers, losses or metrics the model uses, by name.
         worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
             (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
+        checkpoint_dir: back the run up there at every epoch boundary and resume from the latest
+            backup when ``fit`` runs again (shorthand for
+            ``fit(callbacks=[keras.callbacks.BackupAndRestore(checkpoint_dir)])``).
         max_restarts: times a training stage that lost a worker (its process died, its executor
             was lost, it raised) runs again from the parameter server's current center; 0 fails
             ``fit`` at once. The same error on the same worker twice ends ``fit`` without using
@@ -60,7 +67,7 @@ class SparkTrainer:
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
                  spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
-                 max_restarts: int = 2) -> None:
+                 max_restarts: int = 2, checkpoint_dir: str | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -73,6 +80,7 @@ class SparkTrainer:
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark
+        self.checkpoint_dir = checkpoint_dir
         self.custom_objects = dict(custom_objects or {})
         self._owned_session: SparkSession | None = None
         self.info = DataInfo.for_model(model, model.get_compile_config())
@@ -150,9 +158,12 @@ class SparkTrainer:
         """
         started = time.perf_counter()
         callbacks = _check_callbacks(callbacks, self.engine)
+        callbacks, backup = self._backup_plan(callbacks)
         config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq)
         data = _features_and_labels(x, y, "fit")
         with self._session(data) as spark:
+            if backup is not None:
+                config = self._resume(backup, config, spark)
             if self.engine.uses_spark_workers:
                 check_slots(spark, self.config.num_workers)
             if self.engine.uses_parameter_server:
@@ -172,7 +183,7 @@ class SparkTrainer:
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
                                                    "training", warm)
                 prepare_seconds = time.perf_counter() - prepare_started
-                runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name)
+                runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name, backup)
                 job = TrainingJob(spec=spec, model=self.model,
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
                                   config=config, runner=runner,
@@ -192,6 +203,53 @@ class SparkTrainer:
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
         return result
+
+    def _backup_plan(self, callbacks: list[keras.callbacks.Callback]) -> tuple[list[keras.callbacks.Callback],
+                                                                               BackupPlan | None]:
+        """Take ``BackupAndRestore`` out of the callbacks (the driver backs the run up itself,
+        atomically, with what a distributed run needs) and make the plan."""
+        import keras
+
+        chosen = [cb for cb in callbacks if isinstance(cb, keras.callbacks.BackupAndRestore)]
+        if len(chosen) > 1:
+            raise ConfigurationError("Pass at most one keras.callbacks.BackupAndRestore.")
+        if chosen and self.checkpoint_dir is not None:
+            raise ConfigurationError("Pass either `checkpoint_dir` or a BackupAndRestore callback, not both.")
+        if not chosen and self.checkpoint_dir is None:
+            return callbacks, None
+        if not self.engine.uses_parameter_server:
+            if chosen:
+                return callbacks, None  # an engine that trains on the driver hands the callback to model.fit
+            raise ConfigurationError(f"Backend {self.engine.name!r} trains without the parameter server; pass "
+                                     "keras.callbacks.BackupAndRestore to back it up instead of `checkpoint_dir`.")
+        directory, save_freq, delete = self.checkpoint_dir, "epoch", True
+        if chosen:
+            directory, save_freq, delete = chosen[0].backup_dir, chosen[0].save_freq, chosen[0].delete_checkpoint
+        assert directory is not None
+        settings = run_settings(architecture(self.model), self.engine.name, self._schema(), self.config.num_workers, "")
+        plan = BackupPlan(BackupStore(directory), save_freq, settings, delete_when_done=delete)
+        return [cb for cb in callbacks if cb not in chosen], plan
+
+    def _schema(self) -> dict[str, Any]:
+        info = self.info
+        return {"input_shape": list(info.input_shape), "label_mode": info.label_mode, "num_classes": info.num_classes,
+                "target_shape": list(info.target_shape)}
+
+    def _resume(self, plan: BackupPlan, config: TrainingConfig, spark: SparkSession) -> TrainingConfig:
+        """Start from the plan's latest backup, if there is one: its weights and its epoch."""
+        plan.settings["master"] = spark.sparkContext.master
+        state = plan.store.latest()
+        if state is None:
+            return config
+        check_resumable(state, plan.settings)
+        if state.center.shape != (sum(int(np.prod(w.shape)) for w in self.model.weights),):
+            raise ConfigurationError(f"The backup holds {state.center.size} weights; the model has a different size.")
+        if state.settings.get("num_workers") != config.num_workers:
+            state.resume = {}  # positions belong to the old workers: resume at the start of the epoch
+        set_flat_weights(self.model, state.center)
+        plan.resumed = state
+        logger.info("Resuming from the backup in %s: epoch %d", plan.store.directory, state.epoch + 1)
+        return dataclasses.replace(config, initial_epoch=state.epoch)
 
     def _spec(self) -> ModelSpec:
         """The model as plain data, its custom objects made to reach executors that lack their modules."""

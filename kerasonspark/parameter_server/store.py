@@ -279,6 +279,12 @@ class ParameterStore:
         with self._cond:
             return self.worker_pushes.get(worker, 0) + self.counters["rounds"]
 
+    def snapshot(self) -> tuple[np.ndarray, dict[int, int]]:
+        """A copy of the center and each worker's applied exchanges, taken together."""
+        with self._cond:
+            return self._center.copy(), {w: self.worker_pushes.get(w, 0) + self.counters["rounds"]
+                                         for w in range(self.num_workers)}
+
     def reopen(self) -> None:
         """Forget a failed stage's failure reports and open rounds, so a restarted stage can meet.
 
