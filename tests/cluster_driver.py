@@ -31,7 +31,8 @@ def main(master_url: str, web_ui: str) -> None:
     status = master_status(ClusterState(master_url, web_ui, [], ""))
     report["apps"] = [{"name": a["name"], "cores": a["cores"]} for a in status["activeapps"]]
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
-    report["lost_executor"] = kill_an_executor_while_training(spark, x, y)
+    report["lost_executor"] = kill_an_executor_while_training(spark, x, y, max_restarts=0, epochs=400)
+    report["restarted"] = kill_an_executor_while_training(spark, x, y, max_restarts=2, epochs=150)
     spark.stop()
     print("REPORT " + json.dumps(report))
 
@@ -48,7 +49,7 @@ def executor_pids() -> list[int]:
     return sorted(pids)
 
 
-def kill_an_executor_while_training(spark, x, y) -> dict:
+def kill_an_executor_while_training(spark, x, y, max_restarts: int, epochs: int) -> dict:
     """SIGKILL one executor JVM two seconds into the training stage; report how fit ended."""
     tracker = spark.sparkContext.statusTracker()
 
@@ -66,8 +67,12 @@ def kill_an_executor_while_training(spark, x, y) -> dict:
     killer.start()
     started = time.monotonic()
     outcome = {"error": None}
+    trainer = SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=epochs, verbose=0,
+                           max_restarts=max_restarts)
     try:
-        SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=400, verbose=0).fit(x, y)
+        result = trainer.fit(x, y)
+        outcome.update(restarts=result.stats["restarts"], causes=[r["cause"] for r in result.stats["restart_log"]],
+                       epochs=len(result.history["loss"]), accuracy=trainer.evaluate(x, y)["accuracy"])
     except WorkerError as exc:
         outcome = {"error": str(exc), "worker": exc.worker}
     outcome["seconds"] = time.monotonic() - started
