@@ -359,7 +359,7 @@ class EpochGate:
         self._position = None
         logs = self._logs.take() if self._logs is not None else []
         self.client.post_json("/v1/progress", {"epoch": epoch, "samples": samples, "steps": steps,
-                                               "metrics": metrics(), "logs": logs})
+                                               "metrics": metrics(), "logs": logs, "pid": os.getpid()})
 
     def flush(self) -> None:
         """Report the last position not reported yet (a failing worker's steps trained, so the

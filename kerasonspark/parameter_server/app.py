@@ -324,7 +324,8 @@ def progress() -> Response:
     if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
         raise ParameterServerError("Field `logs` must be a list of strings.", 400)
     _board().report_progress(_worker_id(), _int_field(payload, "epoch"), _int_field(payload, "samples"),
-                             _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs)
+                             _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs,
+                             pid=_int_field(payload, "pid", 0))
     return jsonify(recorded=True)
 
 

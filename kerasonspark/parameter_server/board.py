@@ -39,6 +39,7 @@ class WorkerProgress:
     first_report: float = 0.0
     updated: float = 0.0
     reports: int = 0
+    pid: int = 0  # the worker's process on its host
 
     @property
     def samples_per_second(self) -> float:
@@ -77,11 +78,13 @@ class EpochBoard:
         self._failed: str | None = None
         self._closed = False
         self.started = time.time()
+        self.restarts = 0
+        self.version_at_restart = -1  # the store's version when the last restart reopened the board
         self.epoch_logs: list[dict[str, float]] = []  # the driver's merged logs, for the stats page
 
     # -- workers ----------------------------------------------------------------------------
     def report_progress(self, worker: int, epoch: int, samples: int, steps: int, metrics: dict[str, float],
-                        logs: list[str] | None = None) -> None:
+                        logs: list[str] | None = None, pid: int = 0) -> None:
         """Record a worker's progress in ``epoch`` (``samples`` and ``steps`` done in it so far)."""
         self._check_worker(worker)
         now = time.time()
@@ -92,6 +95,7 @@ class EpochBoard:
             progress.epoch, progress.samples, progress.steps = epoch, samples, steps
             progress.metrics, progress.updated = dict(metrics), now
             progress.reports += 1
+            progress.pid = pid
             loss = metrics.get("loss")
             if loss is not None:
                 self._history.setdefault(worker, deque(maxlen=HISTORY_POINTS)).append(
@@ -198,6 +202,8 @@ class EpochBoard:
         for a restarted stage; released decisions and progress stay."""
         with self._cond:
             self._failed = None
+            self.restarts += 1
+            self.version_at_restart = self.store.version
             for number in [e for e, state in self._epochs.items() if e >= epoch and state.decision is None]:
                 del self._epochs[number]
             self._cond.notify_all()
@@ -230,11 +236,13 @@ class EpochBoard:
         refuse ``NaN`` in JSON)."""
         with self._cond:
             workers = {str(w): {"epoch": p.epoch, "samples": p.samples, "steps": p.steps, "metrics": _finite(p.metrics),
+                                "pid": p.pid,
                                 "samples_per_second": p.samples_per_second, "seconds_since_report": time.time() - p.updated,
                                 "loss_over_time": [list(point) for point in self._history.get(w, ())
                                                    if math.isfinite(point[2])]}
                        for w, p in sorted(self._progress.items())}
-            return {"workers": workers, "epochs": [_finite(logs) for logs in self.epoch_logs], "failed": self._failed}
+            return {"workers": workers, "epochs": [_finite(logs) for logs in self.epoch_logs], "failed": self._failed,
+                    "restarts": self.restarts, "version_at_restart": self.version_at_restart}
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:
