@@ -229,7 +229,8 @@ class StageRestarts:
 
 def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
                           run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
-                          backup: BackupPlan | None = None) -> tuple[StageOutcome, Steering]:
+                          backup: BackupPlan | None = None,
+                          before_restart: Callable[[], None] | None = None) -> tuple[StageOutcome, Steering]:
     """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
     steer the run from this thread (callbacks, progress, the center validated each epoch,
     restarts after a lost worker).
@@ -259,6 +260,8 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
             if first_epoch is None:
                 exchange = template
             else:  # a restarted stage gets the secret `fence` put in place, and exchanges made with it
+                if before_restart is not None:
+                    before_restart()
                 exchange = make_exchange(server.url, config.secret)
             gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
                              learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
@@ -381,8 +384,11 @@ class DriverRunner:
     def serve(self, job: TrainingJob, store: ParameterStore,
               make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
         outcome, self._steering = host_parameter_server(job, store, make_exchange, partial(self.run_workers, job),
-                                                        self.backup)
+                                                        self.backup, partial(self.before_restart, job))
         return outcome
+
+    def before_restart(self, job: TrainingJob) -> None:
+        """Called before a restarted stage starts; does nothing by default."""
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
                exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
@@ -423,6 +429,22 @@ class SparkRunner(DriverRunner):
         with spark_errors(training=True), spark_job(self.spark, description):
             reports = self.blocks.barrier().mapPartitions(body).collect()
         return sorted(reports, key=lambda r: r.worker)
+
+    def before_restart(self, job: TrainingJob) -> None:
+        """Wait up to ``restart_timeout`` for a task slot for every worker (a lost executor coming back).
+
+        Raises:
+            SparkEnvironmentError: the slots did not come back; the message names how many are missing.
+        """
+        from .session import check_slots
+
+        timeout = job.config.restart_timeout
+        try:
+            check_slots(self.spark, job.config.num_workers, registration_timeout=timeout)
+        except errors.ConfigurationError as exc:
+            raise errors.SparkEnvironmentError(
+                f"The restart needs {job.config.num_workers} task slots at once, and the cluster did not offer them "
+                f"within restart_timeout={timeout:.0f} s: {exc}") from None
 
     def release(self) -> None:
         """Destroy what the fit's stages shared (the validation broadcast)."""

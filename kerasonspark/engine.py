@@ -94,7 +94,8 @@ class TrainingConfig:
 
     Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
     validation data after every ``validation_freq``-th epoch. A training stage that loses a worker
-    runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once).
+    runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once),
+    waiting up to ``restart_timeout`` seconds for a task slot for every worker.
     """
 
     epochs: int = 1
@@ -106,6 +107,7 @@ class TrainingConfig:
     initial_epoch: int = 0
     validation_freq: int = 1
     max_restarts: int = 2
+    restart_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
@@ -114,6 +116,9 @@ class TrainingConfig:
             raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
         if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
             raise ConfigurationError(f"Expected `max_restarts` to be an integer >= 0. Received: {self.max_restarts!r}.")
+        if not isinstance(self.restart_timeout, (int, float)) or isinstance(self.restart_timeout, bool) \
+                or not self.restart_timeout > 0:
+            raise ConfigurationError(f"Expected `restart_timeout` > 0 seconds. Received: {self.restart_timeout!r}.")
         if self.verbose not in (0, 1, 2):
             raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads

@@ -144,6 +144,20 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
         )
 
 
+def task_slots(spark: SparkSession) -> int:
+    """Tasks the cluster's registered executors can run at once, as Spark counts them for a barrier stage.
+
+    Spark's own count (``maxNumConcurrentTasks``) follows executors as they come and go;
+    ``defaultParallelism`` does not (it never drops below 2).
+    """
+    sc = spark.sparkContext
+    try:
+        jsc = sc._jsc.sc()
+        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+    except Exception:  # a Spark without the method: the documented, coarser count
+        return sc.defaultParallelism // max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
+
+
 def check_slots(spark: SparkSession, num_workers: int, registration_timeout: float = 30.0) -> None:
     """Refuse to submit a barrier stage that could never be scheduled.
 
@@ -154,12 +168,11 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
         ConfigurationError: fewer task slots than workers (a barrier stage would wait forever).
     """
     sc = spark.sparkContext
-    task_cpus = max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
-    slots = sc.defaultParallelism // task_cpus
+    slots = task_slots(spark)
     deadline = time.monotonic() + (0 if is_local(spark) else registration_timeout)
     while num_workers > slots and time.monotonic() < deadline:
         time.sleep(0.5)
-        slots = sc.defaultParallelism // task_cpus
+        slots = task_slots(spark)
     if num_workers > slots:
         raise ConfigurationError(
             f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as one barrier "

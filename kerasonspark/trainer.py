@@ -56,6 +56,8 @@ class SparkTrainer:
             was lost, it raised) runs again from the parameter server's current center; 0 fails
             ``fit`` at once. The same error on the same worker twice ends ``fit`` without using
             the rest. Restarted workers start with a fresh optimizer state.
+        restart_timeout: seconds a restart waits for a task slot for every worker (a lost
+            executor coming back) before ``fit`` fails naming the missing slots.
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -67,7 +69,7 @@ class SparkTrainer:
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
                  spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
-                 max_restarts: int = 2, checkpoint_dir: str | None = None) -> None:
+                 max_restarts: int = 2, restart_timeout: float = 120.0, checkpoint_dir: str | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -76,7 +78,8 @@ class SparkTrainer:
             raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
         self.model = model
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                                     verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts)
+                                     verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
+                                     restart_timeout=restart_timeout)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark

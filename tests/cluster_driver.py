@@ -33,8 +33,56 @@ def main(master_url: str, web_ui: str) -> None:
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
     report["lost_executor"] = kill_an_executor_while_training(spark, x, y, max_restarts=0, epochs=400)
     report["restarted"] = kill_an_executor_while_training(spark, x, y, max_restarts=2, epochs=150)
+    report["no_slot"] = lose_a_worker_for_good(spark, x, y)  # last: the cluster keeps one worker
     spark.stop()
     print("REPORT " + json.dumps(report))
+
+
+def processes_with(marker: bytes) -> list[int]:
+    """Process ids whose command line holds ``marker`` (read from /proc, as pgrep would)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def lose_a_worker_for_good(spark, x, y) -> dict:
+    """SIGKILL a worker daemon and its executor mid-training: no slot comes back, the restart must give up."""
+    tracker = spark.sparkContext.statusTracker()
+
+    def kill_when_training() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if tracker.getActiveStageIds():
+                time.sleep(2)
+                worker = processes_with(b"org.apache.spark.deploy.worker.Worker")[0]
+                executors = [p for p in executor_pids() if parent_of(p) == worker]
+                for pid in [worker, *executors]:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_training)
+    killer.start()
+    started = time.monotonic()
+    outcome: dict = {"error": None}
+    try:
+        SparkTrainer(small_model(), backend="sync", num_workers=2, spark=spark, epochs=400, verbose=0,
+                     restart_timeout=10).fit(x, y)
+    except Exception as exc:
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+    outcome["seconds"] = time.monotonic() - started
+    killer.join()
+    outcome["threads"] = [t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-")]
+    return outcome
 
 
 def executor_pids() -> list[int]:

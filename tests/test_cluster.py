@@ -54,6 +54,11 @@ def test_engines_train_on_a_standalone_cluster_survive_a_lost_executor_and_it_st
     assert restarted["error"] is None and restarted["restarts"] == 1 and restarted["epochs"] == 150, restarted
     assert "executor was lost" in restarted["causes"][0] and restarted["accuracy"] > 0.9
     assert restarted["threads"] == []
+    # A worker lost for good: the restart waits restart_timeout (10 s) for its slot, then fails naming the shortfall.
+    no_slot = report["no_slot"]
+    assert no_slot["error"].startswith("SparkEnvironmentError: The restart needs 2 task slots"), no_slot
+    assert "restart_timeout=10 s" in no_slot["error"] and "offers 1" in no_slot["error"]
+    assert no_slot["seconds"] < 120 and no_slot["threads"] == []
     # Nothing is left running.
     assert not any(alive(pid) for pid in pids)
     host, port = cluster.master_url[len("spark://"):].split(":")
