@@ -53,7 +53,7 @@ class SyncExchange(ServerExchange):
     holds_center = True  # the epoch's last round leaves every worker holding the center
 
     def __init__(self, url: str, secret: bytes, rounds_per_epoch: int, timeout: float) -> None:
-        super().__init__(url, secret, timeout)
+        super().__init__(url, secret, timeout, timeout_name="barrier_timeout")
         self.rounds_per_epoch = rounds_per_epoch
         self.round = 0
 

@@ -178,7 +178,7 @@ class StandaloneCluster:
             time.sleep(0.5)
         raise SparkEnvironmentError(
             f"Only {alive} of {self.workers} Spark workers registered with {state.master_url} within "
-            f"{self.start_timeout:.0f} s. Master log:\n{_log_tail(Path(state.log_dir) / 'master.log')}")
+            f"{self.start_timeout:.0f} s (`start_timeout`). Master log:\n{_log_tail(Path(state.log_dir) / 'master.log')}")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop every daemon (and the executors they started); waits until they are gone."""

@@ -265,7 +265,7 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
                 exchange = make_exchange(server.url, config.secret)
             gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
                              learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
-                             first_epoch=first_epoch, resume=resume)
+                             timeout=job.config.epoch_timeout, first_epoch=first_epoch, resume=resume)
             return partial(run_workers, exchange, gate)
 
         def fence() -> None:

@@ -95,7 +95,9 @@ class TrainingConfig:
     Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
     validation data after every ``validation_freq``-th epoch. A training stage that loses a worker
     runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once),
-    waiting up to ``restart_timeout`` seconds for a task slot for every worker.
+    waiting up to ``restart_timeout`` seconds for a task slot for every worker. ``registration_timeout``
+    bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
+    epoch boundary (for the slowest worker and the driver's callbacks).
     """
 
     epochs: int = 1
@@ -108,6 +110,8 @@ class TrainingConfig:
     validation_freq: int = 1
     max_restarts: int = 2
     restart_timeout: float = 120.0
+    registration_timeout: float = 30.0
+    epoch_timeout: float = 86_400.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
@@ -116,9 +120,10 @@ class TrainingConfig:
             raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
         if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
             raise ConfigurationError(f"Expected `max_restarts` to be an integer >= 0. Received: {self.max_restarts!r}.")
-        if not isinstance(self.restart_timeout, (int, float)) or isinstance(self.restart_timeout, bool) \
-                or not self.restart_timeout > 0:
-            raise ConfigurationError(f"Expected `restart_timeout` > 0 seconds. Received: {self.restart_timeout!r}.")
+        for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigurationError(f"Expected `{name}` > 0 seconds. Received: {name}={value!r}.")
         if self.verbose not in (0, 1, 2):
             raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads
@@ -256,10 +261,11 @@ class ServerExchange(Exchange):
         url: the parameter server's base URL.
         secret: the run's secret.
         timeout: seconds a request may wait for the server (a round barrier waits on purpose).
+        timeout_name: the engine option ``timeout`` comes from, named when the wait expires.
     """
 
-    def __init__(self, url: str, secret: bytes, timeout: float) -> None:
-        self.url, self.secret, self.timeout = url, secret, timeout
+    def __init__(self, url: str, secret: bytes, timeout: float, timeout_name: str = "timeout") -> None:
+        self.url, self.secret, self.timeout, self.timeout_name = url, secret, timeout, timeout_name
         self.worker = -1
         self.shapes: list[tuple[int, ...]] = []
         self._client: ParameterClient | None = None
@@ -267,7 +273,8 @@ class ServerExchange(Exchange):
     def start(self, model: keras.Model, worker: int) -> None:
         self.worker = worker
         self.shapes = [tuple(w.shape) for w in model.weights]
-        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout,
+                                       timeout_name=f"backend_options['{self.timeout_name}']")
 
     @property
     def client(self) -> ParameterClient:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -320,6 +321,7 @@ class EpochGate:
                  first_epoch: int | None = None, resume: Mapping[int, int] | None = None) -> None:
         self.url, self.secret, self.timeout = url, secret, timeout
         self.first_epoch, self.resume = first_epoch, dict(resume or {})
+        self.stage = secrets.token_hex(8)  # each training stage's gates share it
         self.validation_freq, self.learning_rate = validation_freq, learning_rate
         self.terminate_on_nan, self.progress_interval = terminate_on_nan, progress_interval
         self.seconds = 0.0
@@ -339,7 +341,8 @@ class EpochGate:
 
     def start(self, worker: int) -> None:
         """Open the worker's connection and start forwarding its warnings."""
-        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout)
+        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout, timeout_name="epoch_timeout")
+        self._client.post_json("/v1/epochs/join", {"stage": self.stage})
         self._logs = _ForwardedLogs()
         logging.getLogger("kerasonspark").addHandler(self._logs)
         self._last_report = 0.0  # the first exchange reports at once

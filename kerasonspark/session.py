@@ -174,7 +174,8 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
         time.sleep(0.5)
         slots = task_slots(spark)
     if num_workers > slots:
+        waited = "" if is_local(spark) else f" after waiting {registration_timeout:.0f} s (`registration_timeout`)"
         raise ConfigurationError(
             f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as one barrier "
-            f"stage), but master {sc.master!r} offers {slots}. Use num_workers <= {slots} or add executor cores."
+            f"stage), but master {sc.master!r} offers {slots}{waited}. Use num_workers <= {slots} or add executor cores."
         )

@@ -58,6 +58,10 @@ class SparkTrainer:
             the rest. Restarted workers start with a fresh optimizer state.
         restart_timeout: seconds a restart waits for a task slot for every worker (a lost
             executor coming back) before ``fit`` fails naming the missing slots.
+        registration_timeout: seconds ``fit`` waits for executors to register a slot for every
+            worker on a cluster before it refuses to start.
+        epoch_timeout: seconds a worker waits at an epoch boundary (for the slowest worker and
+            the driver's callbacks) before it fails naming this setting.
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -69,7 +73,8 @@ class SparkTrainer:
                  epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
                  spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
-                 max_restarts: int = 2, restart_timeout: float = 120.0, checkpoint_dir: str | None = None) -> None:
+                 max_restarts: int = 2, restart_timeout: float = 120.0, registration_timeout: float = 30.0,
+                 epoch_timeout: float = 86_400.0, checkpoint_dir: str | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -79,7 +84,8 @@ class SparkTrainer:
         self.model = model
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                      verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
-                                     restart_timeout=restart_timeout)
+                                     restart_timeout=restart_timeout, registration_timeout=registration_timeout,
+                                     epoch_timeout=epoch_timeout)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark
@@ -168,7 +174,7 @@ class SparkTrainer:
             if backup is not None:
                 config = self._resume(backup, config, spark)
             if self.engine.uses_spark_workers:
-                check_slots(spark, self.config.num_workers)
+                check_slots(spark, self.config.num_workers, self.config.registration_timeout)
             if self.engine.uses_parameter_server:
                 check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
             spec = self._spec()

@@ -159,3 +159,32 @@ def test_stats_page_json_holds_no_nan():
     assert figures["workers"]["0"]["metrics"] == {"loss": None, "accuracy": 0.5}
     assert figures["workers"]["0"]["loss_over_time"] == [] and len(figures["workers"]["1"]["loss_over_time"]) == 1
     assert figures["epochs"] == [{"epoch": 1, "loss": None}]
+
+
+def test_a_wait_that_expires_names_the_setting_that_bounds_it():
+    import socket
+
+    from kerasonspark.engine import TrainingConfig
+    from kerasonspark.errors import ConfigurationError
+
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        client = ParameterClient(f"http://127.0.0.1:{silent.getsockname()[1]}", b"s" * 32, 0, timeout=0.5,
+                                 timeout_name="epoch_timeout")
+        with pytest.raises(ParameterServerError, match=r"within 0.5 s: the wait `epoch_timeout` allows expired"):
+            client.post_json("/v1/epochs/0/ready", {})
+        client.close()
+    for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
+        with pytest.raises(ConfigurationError, match=name):
+            TrainingConfig(**{name: 0})
+
+
+def test_a_worker_joins_a_stage_once_so_a_spark_retry_of_the_stage_is_refused():
+    board = make_board()
+    board.join(0, "stage-a")
+    board.join(1, "stage-a")
+    with pytest.raises(ParameterServerError, match="Spark ran worker 1's task of this training stage again") as again:
+        board.join(1, "stage-a")
+    assert again.value.status == 409
+    board.join(1, "stage-b")  # the trainer's own restart is a new stage

@@ -14,6 +14,7 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
                               the others, answers the epoch's center (wire format) if asked
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores,
                               learning_rate); waits for the driver's decision {"stop", "learning_rate"}
+    POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker and stage
     GET  /v1/epochs/center    the center a worker starts or resumes from (wire format)
     GET  /v1/stats            statistics (JSON)
     GET  /v1/dashboard        the live stats page (HTML)
@@ -327,6 +328,15 @@ def progress() -> Response:
                              _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs,
                              pid=_int_field(payload, "pid", 0))
     return jsonify(recorded=True)
+
+
+@api.post("/epochs/join")
+def epoch_join() -> Response:
+    stage = _json_body().get("stage")
+    if not isinstance(stage, str) or not 0 < len(stage) <= 64:
+        raise ParameterServerError("Field `stage` must be a string of 1 to 64 characters.", 400)
+    _board().join(_worker_id(), stage)
+    return jsonify(joined=True)
 
 
 @api.get("/epochs/center")

@@ -76,6 +76,7 @@ class EpochBoard:
         self._history: dict[int, deque[tuple[float, float, float]]] = {}
         self._logs: deque[tuple[int, str]] = deque(maxlen=MAX_LOG_LINES)
         self._failed: str | None = None
+        self._joined: set[tuple[str, int]] = set()
         self._closed = False
         self.started = time.time()
         self.restarts = 0
@@ -104,6 +105,23 @@ class EpochBoard:
                 self._logs.append((worker, str(line)[:2000]))
         if self.terminate_on_nan and loss is not None and not math.isfinite(loss):
             self.store.request_stop()
+
+    def join(self, worker: int, stage: str) -> None:
+        """A worker starts in training stage ``stage``; each worker starts once per stage.
+
+        Raises:
+            ParameterServerError: Spark ran this worker's task of the stage again (its own retry of
+                a failed barrier stage), 409: the trainer restarts stages itself, from where the
+                center is, and counts them in ``max_restarts``; a task re-run from the stage's
+                start would train twice what the center already holds.
+        """
+        self._check_worker(worker)
+        with self._cond:
+            if (stage, worker) in self._joined:
+                raise ParameterServerError(
+                    f"Spark ran worker {worker}'s task of this training stage again (its own retry of a failed "
+                    "barrier stage); kerasonspark restarts the stage itself from the center (`max_restarts`).", 409)
+            self._joined.add((stage, worker))
 
     def arrive(self, worker: int, epoch: int, samples: int, metrics: dict[str, float],
                want_center: bool) -> np.ndarray | None:

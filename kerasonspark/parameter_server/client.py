@@ -24,14 +24,17 @@ class ParameterClient:
         worker: this worker's id (the driver uses -1).
         timeout: socket timeout in seconds; a round barrier may legitimately wait this long.
         sign_body: sign the body's SHA-256 too (the server must be configured the same way).
+        timeout_name: the setting ``timeout`` comes from, named when a wait expires.
     """
 
-    def __init__(self, url: str, secret: bytes, worker: int, timeout: float = 660.0, sign_body: bool = False) -> None:
+    def __init__(self, url: str, secret: bytes, worker: int, timeout: float = 660.0, sign_body: bool = False,
+                 timeout_name: str = "timeout") -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.secret = secret
         self.worker = worker
         self.timeout = timeout
+        self.timeout_name = timeout_name
         self.sign_body = sign_body
         # Sequence numbers start at the clock so a retried task never reuses its predecessor's.
         self._seq = time.time_ns()
@@ -84,6 +87,11 @@ class ParameterClient:
                 if attempt == 1:
                     raise ParameterServerError(
                         f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
+            except TimeoutError as exc:
+                self.close()
+                raise ParameterServerError(
+                    f"No reply from the parameter server at {self.host}:{self.port} to {method} {path} within "
+                    f"{self.timeout:g} s: the wait `{self.timeout_name}` allows expired.") from exc
             except OSError as exc:
                 self.close()
                 raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
