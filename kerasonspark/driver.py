@@ -9,13 +9,14 @@ kerasonspark's exceptions; every Spark call of the trainer goes through it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import secrets
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from .errors import KerasOnSparkError, WorkerError
 from .executor import EpochGate, WorkerSettings, learning_rate_of, train_partition
 from .parameter_server.store import ParameterStore
 from .serialization import set_flat_weights
+from .session import check_slots
 from .steering import Steering, has_terminate_on_nan, weighted_mean
 
 if TYPE_CHECKING:
@@ -230,7 +232,8 @@ class StageRestarts:
 def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
                           run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
                           backup: BackupPlan | None = None,
-                          before_restart: Callable[[], None] | None = None) -> tuple[StageOutcome, Steering]:
+                          before_restart: Callable[[], list[int] | None] | None = None,
+                          ) -> tuple[StageOutcome, Steering]:
     """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
     steer the run from this thread (callbacks, progress, the center validated each epoch,
     restarts after a lost worker).
@@ -260,8 +263,14 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
             if first_epoch is None:
                 exchange = template
             else:  # a restarted stage gets the secret `fence` put in place, and exchanges made with it
-                if before_restart is not None:
-                    before_restart()
+                sizes = before_restart() if before_restart is not None else None
+                if sizes is not None:  # fewer workers: the data re-split, the epoch from its start
+                    logger.warning("Going on with %d of %d workers; epoch %d starts again from the current center",
+                                   len(sizes), job.config.num_workers, first_epoch + 1)
+                    job.config = dataclasses.replace(job.config, num_workers=len(sizes))
+                    job.partition_sizes = list(sizes)
+                    store.num_workers = board.num_workers = len(sizes)
+                    resume = None
                 exchange = make_exchange(server.url, config.secret)
             gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
                              learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
@@ -365,6 +374,10 @@ def ship_by_value(obj: Any) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+def _partition_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[int]:
+    yield sum(len(block[0]) for block in blocks)
+
+
 class DriverRunner:
     """What every driver-side runner shares: the parameter server and the result. Subclasses run
     the workers (:meth:`run_workers`) and hand over the data (:meth:`local_arrays`).
@@ -387,8 +400,10 @@ class DriverRunner:
                                                         self.backup, partial(self.before_restart, job))
         return outcome
 
-    def before_restart(self, job: TrainingJob) -> None:
-        """Called before a restarted stage starts; does nothing by default."""
+    def before_restart(self, job: TrainingJob) -> list[int] | None:
+        """Called before a restarted stage starts. Returns the new partition sizes when the stage
+        goes on with fewer workers, else ``None``; does nothing by default."""
+        return None
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
                exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
@@ -424,27 +439,42 @@ class SparkRunner(DriverRunner):
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
                        settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate)
         config = job.config
+        # A barrier stage without a slot for every task waits, not fails: an executor lost since
+        # `fit` checked (during the data's preparation) must not leave the stage hanging.
+        check_slots(self.spark, config.num_workers, registration_timeout=config.registration_timeout)
         description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
                        f"{config.num_workers} workers)")
         with spark_errors(training=True), spark_job(self.spark, description):
             reports = self.blocks.barrier().mapPartitions(body).collect()
         return sorted(reports, key=lambda r: r.worker)
 
-    def before_restart(self, job: TrainingJob) -> None:
+    def before_restart(self, job: TrainingJob) -> list[int] | None:
         """Wait up to ``restart_timeout`` for a task slot for every worker (a lost executor coming back).
 
-        Raises:
-            SparkEnvironmentError: the slots did not come back; the message names how many are missing.
-        """
-        from .session import check_slots
+        With ``restart_with_fewer_workers``, when fewer slots come back, the data is re-split
+        among the workers that can be placed (its blocks shuffled into as many partitions) and
+        their sizes returned.
 
-        timeout = job.config.restart_timeout
+        Raises:
+            SparkEnvironmentError: the slots did not come back (and the run may not shrink, or no
+                slot is left); the message names how many are missing.
+        """
+        from .session import task_slots
+
+        config = job.config
         try:
-            check_slots(self.spark, job.config.num_workers, registration_timeout=timeout)
+            check_slots(self.spark, config.num_workers, registration_timeout=config.restart_timeout)
+            return None
         except errors.ConfigurationError as exc:
-            raise errors.SparkEnvironmentError(
-                f"The restart needs {job.config.num_workers} task slots at once, and the cluster did not offer them "
-                f"within restart_timeout={timeout:.0f} s: {exc}") from None
+            slots = task_slots(self.spark)
+            if not config.restart_with_fewer_workers or slots < 1:
+                raise errors.SparkEnvironmentError(
+                    f"The restart needs {config.num_workers} task slots at once, and the cluster did not offer them "
+                    f"within restart_timeout={config.restart_timeout:.0f} s: {exc}") from None
+        # A shuffle, not coalesce(): a barrier stage refuses ancestors with another partition count.
+        self.blocks = self.blocks.repartition(slots)
+        with spark_errors(), spark_job(self.spark, "kerasonspark re-split the data"):
+            return self.blocks.mapPartitions(_partition_rows).collect()
 
     def release(self) -> None:
         """Destroy what the fit's stages shared (the validation broadcast)."""

@@ -95,7 +95,9 @@ class TrainingConfig:
     Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
     validation data after every ``validation_freq``-th epoch. A training stage that loses a worker
     runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once),
-    waiting up to ``restart_timeout`` seconds for a task slot for every worker. ``registration_timeout``
+    waiting up to ``restart_timeout`` seconds for a task slot for every worker; with
+    ``restart_with_fewer_workers`` it then goes on with the workers it can place, the data re-split
+    among them, instead of failing. ``registration_timeout``
     bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
     epoch boundary (for the slowest worker and the driver's callbacks).
     """
@@ -112,6 +114,7 @@ class TrainingConfig:
     restart_timeout: float = 120.0
     registration_timeout: float = 30.0
     epoch_timeout: float = 86_400.0
+    restart_with_fewer_workers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers", "validation_freq"):

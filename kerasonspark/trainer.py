@@ -58,6 +58,9 @@ class SparkTrainer:
             the rest. Restarted workers start with a fresh optimizer state.
         restart_timeout: seconds a restart waits for a task slot for every worker (a lost
             executor coming back) before ``fit`` fails naming the missing slots.
+        restart_with_fewer_workers: when a restart's slots do not all come back within
+            ``restart_timeout``, go on with the workers the cluster can place (the data re-split
+            among them, the epoch started again from the current center) instead of failing.
         registration_timeout: seconds ``fit`` waits for executors to register a slot for every
             worker on a cluster before it refuses to start.
         epoch_timeout: seconds a worker waits at an epoch boundary (for the slowest worker and
@@ -74,7 +77,8 @@ class SparkTrainer:
                  spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
                  max_restarts: int = 2, restart_timeout: float = 120.0, registration_timeout: float = 30.0,
-                 epoch_timeout: float = 86_400.0, checkpoint_dir: str | None = None) -> None:
+                 epoch_timeout: float = 86_400.0, restart_with_fewer_workers: bool = False,
+                 checkpoint_dir: str | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -85,7 +89,7 @@ class SparkTrainer:
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                      verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
                                      restart_timeout=restart_timeout, registration_timeout=registration_timeout,
-                                     epoch_timeout=epoch_timeout)
+                                     epoch_timeout=epoch_timeout, restart_with_fewer_workers=restart_with_fewer_workers)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark

@@ -54,14 +54,16 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def lose_a_worker_for_good(spark, x, y) -> dict:
-    """SIGKILL a worker daemon and its executor mid-training: no slot comes back, the restart must give up."""
+def lose_a_worker_for_good(spark, x, y, **options) -> dict:
+    """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives up,
+    or with ``restart_with_fewer_workers`` goes on with the other worker."""
     tracker = spark.sparkContext.statusTracker()
 
     def kill_when_training() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if tracker.getActiveStageIds():
+            names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
+            if any("driver.py" in name for name in names):  # SparkRunner.run_workers's collect
                 time.sleep(2)
                 worker = processes_with(b"org.apache.spark.deploy.worker.Worker")[0]
                 executors = [p for p in executor_pids() if parent_of(p) == worker]
@@ -74,9 +76,13 @@ def lose_a_worker_for_good(spark, x, y) -> dict:
     killer.start()
     started = time.monotonic()
     outcome: dict = {"error": None}
+    trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, spark=spark, verbose=0, restart_timeout=10,
+                           **{"epochs": 400, **options})
     try:
-        SparkTrainer(small_model(), backend="sync", num_workers=2, spark=spark, epochs=400, verbose=0,
-                     restart_timeout=10).fit(x, y)
+        result = trainer.fit(x, y)
+        outcome.update(num_workers=result.stats["num_workers"], epochs=len(result.history["loss"]),
+                       restarts=result.stats["restarts"], accuracy=trainer.evaluate(x, y)["accuracy"],
+                       worker_samples=[w["samples"] for w in result.stats["workers"]])
     except Exception as exc:
         outcome = {"error": f"{type(exc).__name__}: {exc}"}
     outcome["seconds"] = time.monotonic() - started
@@ -129,5 +135,17 @@ def kill_an_executor_while_training(spark, x, y, max_restarts: int, epochs: int)
     return outcome
 
 
+def shrink(master_url: str) -> None:
+    """Lose a worker for good with `restart_with_fewer_workers`: the run goes on with one worker."""
+    spark = start_session(master_url, "kerasonspark-cluster-test")
+    x, y = make_blobs(1200)
+    report = {"shrunk": lose_a_worker_for_good(spark, x, y, epochs=150, restart_with_fewer_workers=True)}
+    spark.stop()
+    print("REPORT " + json.dumps(report))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "shrink":
+        shrink(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2])

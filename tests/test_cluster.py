@@ -66,6 +66,20 @@ def test_engines_train_on_a_standalone_cluster_survive_a_lost_executor_and_it_st
         socket.create_connection((host, int(port)), timeout=2)
 
 
+def test_a_run_that_loses_a_worker_for_good_goes_on_with_the_others_when_allowed(tmp_path):
+    with StandaloneCluster(workers=2, memory_per_worker="1g", work_dir=str(tmp_path)) as cluster:
+        run = subprocess.run([sys.executable, str(TESTS / "cluster_driver.py"), "shrink", cluster.master_url],
+                             capture_output=True, text=True, timeout=400, cwd=TESTS,
+                             env=dict(os.environ, PYTHONPATH=str(TESTS)))
+        lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+        assert run.returncode == 0 and lines, run.stderr[-3000:]
+        shrunk = json.loads(lines[0][len("REPORT "):])["shrunk"]
+    assert shrunk["error"] is None, shrunk
+    assert shrunk["restarts"] == 1 and shrunk["num_workers"] == 1 and shrunk["epochs"] == 150
+    assert shrunk["worker_samples"] == [1200]  # both partitions' rows, now one worker's
+    assert shrunk["accuracy"] > 0.9 and shrunk["threads"] == []
+
+
 def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
     cluster = StandaloneCluster(workers=1, memory_per_worker="lots", work_dir=str(tmp_path), start_timeout=60)
     with pytest.raises(SparkEnvironmentError) as failed:
