@@ -34,18 +34,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from kerasonspark.driver import StatsPageWatcher, stats_page_url
+
 SPARK_MARKERS = (b"pyspark.daemon", b"pyspark.worker", b"CoarseGrainedExecutorBackend", b"org.apache.spark.deploy")
-
-
-class _UrlCatcher(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.url: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Live training stats: "):
-            self.url = message.split(": ", 1)[1].replace("/dashboard?", "/stats?")
 
 
 def _stats(url: str) -> dict:
@@ -96,14 +87,14 @@ def _trainer(args: argparse.Namespace, spark, **extra):
                         seed=0, spark=spark, verbose=0, backend_options=options, **extra)
 
 
-def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: _UrlCatcher) -> dict:
+def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: StatsPageWatcher) -> dict:
     """Train once, killing one worker's Python process 40 % into the first epoch."""
     events: dict = {}
 
     def killer() -> None:
-        while catcher.url is None:
+        while catcher.stats_url is None:
             time.sleep(0.1)
-        url = catcher.url
+        url = catcher.stats_url
         while True:
             try:
                 live = _stats(url)["live"]
@@ -165,8 +156,9 @@ def kill_the_driver(args: argparse.Namespace, master: str, backup: Path) -> dict
     url, killed_at_steps = None, None
     assert first.stderr is not None
     for line in first.stderr:
-        if "Live training stats: " in line:
-            url = line.split("Live training stats: ", 1)[1].strip().replace("/dashboard?", "/stats?")
+        page = stats_page_url(line)
+        if page is not None:
+            url = page.replace("/dashboard?", "/stats?")
             break
     while url is not None and first.poll() is None:
         try:
@@ -239,7 +231,7 @@ def main() -> None:
     from kerasonspark.cluster import StandaloneCluster
     from kerasonspark.session import start_session
 
-    catcher = _UrlCatcher()
+    catcher = StatsPageWatcher()
     logging.getLogger("kerasonspark").addHandler(catcher)
     logging.getLogger("kerasonspark").setLevel(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="kerasonspark-drill-"))

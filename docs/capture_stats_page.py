@@ -17,17 +17,6 @@ import threading
 import time
 
 
-class _UrlCatcher(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.url: str | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Live training stats: "):
-            self.url = message.split(": ", 1)[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None)
@@ -42,11 +31,12 @@ def main() -> None:
 
     from kerasonspark import SparkTrainer
     from kerasonspark.datasets import load_mnist
+    from kerasonspark.driver import StatsPageWatcher
     from kerasonspark.executor import configure_tensorflow
     from kerasonspark.models import mnist_cnn
     from kerasonspark.session import start_session
 
-    catcher = _UrlCatcher()
+    catcher = StatsPageWatcher()
     logger = logging.getLogger("kerasonspark")
     logger.addHandler(catcher)
     logger.setLevel(logging.INFO)

@@ -42,6 +42,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JOB_GROUP = "kerasonspark"
+STATS_PAGE_MESSAGE = "Live training stats: %s"
+
+
+def stats_page_url(line: str) -> str | None:
+    """The live stats page's URL from a line of the driver's log, or ``None`` if the line has none."""
+    prefix = STATS_PAGE_MESSAGE.split("%s")[0]
+    return line.split(prefix, 1)[1].strip() if prefix in line else None
+
+
+class StatsPageWatcher(logging.Handler):
+    """Catches the live stats page's URL as ``fit`` logs it, for scripts that watch a run.
+
+    Attributes:
+        url: the page (``/v1/dashboard?token=...``) once logged; ``stats_url`` its JSON.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.url: str | None = None
+
+    @property
+    def stats_url(self) -> str | None:
+        return self.url.replace("/dashboard?", "/stats?") if self.url else None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.url = stats_page_url(record.getMessage()) or self.url
 
 # Failures that follow another worker's failure (their round was cancelled), not causes.
 _CONSEQUENCES = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
@@ -256,7 +282,7 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
     board = EpochBoard(store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks))
     steering = Steering(job, store, board, backup)
     with ParameterServer(store, config, host=job.server_host, board=board) as server:
-        logger.info("Live training stats: %s", server.dashboard_url)
+        logger.info(STATS_PAGE_MESSAGE, server.dashboard_url)
         template = make_exchange(server.url, secret)
 
         def make_stage(first_epoch: int | None, resume: Mapping[int, int] | None) -> Callable[[], list[WorkerReport]]:

@@ -54,9 +54,8 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def lose_a_worker_for_good(spark, x, y, **options) -> dict:
-    """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives up,
-    or with ``restart_with_fewer_workers`` goes on with the other worker."""
+def kill_while_training(spark, victims) -> threading.Thread:
+    """A started thread that SIGKILLs the processes ``victims()`` names two seconds into the training stage."""
     tracker = spark.sparkContext.statusTracker()
 
     def kill_when_training() -> None:
@@ -65,15 +64,25 @@ def lose_a_worker_for_good(spark, x, y, **options) -> dict:
             names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
             if any("driver.py" in name for name in names):  # SparkRunner.run_workers's collect
                 time.sleep(2)
-                worker = processes_with(b"org.apache.spark.deploy.worker.Worker")[0]
-                executors = [p for p in executor_pids() if parent_of(p) == worker]
-                for pid in [worker, *executors]:
+                for pid in victims():
                     os.kill(pid, signal.SIGKILL)
                 return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_when_training)
     killer.start()
+    return killer
+
+
+def lose_a_worker_for_good(spark, x, y, **options) -> dict:
+    """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives up,
+    or with ``restart_with_fewer_workers`` goes on with the other worker."""
+
+    def worker_and_its_executors() -> list[int]:
+        worker = processes_with(b"org.apache.spark.deploy.worker.Worker")[0]
+        return [worker, *(p for p in executor_pids() if parent_of(p) == worker)]
+
+    killer = kill_while_training(spark, worker_and_its_executors)
     started = time.monotonic()
     outcome: dict = {"error": None}
     trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, spark=spark, verbose=0, restart_timeout=10,
@@ -92,33 +101,13 @@ def lose_a_worker_for_good(spark, x, y, **options) -> dict:
 
 
 def executor_pids() -> list[int]:
-    """Process ids of the executor JVMs on this machine (read from /proc, as pgrep would)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"CoarseGrainedExecutorBackend" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return sorted(pids)
+    """Process ids of the executor JVMs on this machine."""
+    return processes_with(b"CoarseGrainedExecutorBackend")
 
 
 def kill_an_executor_while_training(spark, x, y, max_restarts: int, epochs: int) -> dict:
     """SIGKILL one executor JVM two seconds into the training stage; report how fit ended."""
-    tracker = spark.sparkContext.statusTracker()
-
-    def kill_when_training() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            names = [tracker.getStageInfo(s).name for s in tracker.getActiveStageIds() if tracker.getStageInfo(s)]
-            if any("driver.py" in name for name in names):  # SparkRunner.run_workers's collect
-                time.sleep(2)
-                os.kill(executor_pids()[0], signal.SIGKILL)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_when_training)
-    killer.start()
+    killer = kill_while_training(spark, lambda: executor_pids()[:1])
     started = time.monotonic()
     outcome = {"error": None}
     trainer = SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=epochs, verbose=0,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from kerasonspark import SparkTrainer
+from kerasonspark.driver import stats_page_url
 from kerasonspark.engine import Engine, ParameterStore, ServerExchange, get_flat_weights, set_flat_weights
 from kerasonspark.errors import ConfigurationError
 from kerasonspark.progress import ProgressBar
@@ -247,7 +248,7 @@ def test_live_stats_page_and_json_open_to_the_view_token_only(caplog):
 
     class ReadThePage(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            url = next(r.getMessage().split(": ", 1)[1] for r in caplog.records if "Live training stats" in r.getMessage())
+            url = next(u for r in caplog.records if (u := stats_page_url(r.getMessage())) is not None)
             seen["html"] = urllib.request.urlopen(url, timeout=10).read().decode()
             seen["stats"] = json.loads(urllib.request.urlopen(url.replace("/dashboard?", "/stats?"), timeout=10).read())
             with pytest.raises(urllib.error.HTTPError) as refused:
