@@ -1,16 +1,20 @@
 """Parameter-server round trips for the reference CNN's 4.2 MB of weights, against a raw socket.
 
-    python benchmarks/bench_parameter_server.py [--trips 200]
+    python benchmarks/bench_parameter_server.py [--trips 200] [--servers kerasonspark cheroot waitress]
 
 Each client is a separate process on loopback with one keep-alive connection. A round trip is
 one push of a 4.2 MB delta answered by the 4.2 MB center (the whole pull+push exchange of the
 asynchronous engines). The raw-socket line sends the same bytes to a bare TCP echo of the same
 size and reads them back: the ceiling for any protocol on this machine.
+
+``--servers`` serves the same Flask app with other WSGI servers (``pip install cheroot waitress``)
+for the float32 round trip: the measurement behind keeping our own keep-alive server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import socket
 import statistics
@@ -106,12 +110,40 @@ def report(label: str, times: list[float], busy: float, nbytes: int, clients: in
           f"{nbytes / 1e6 / busy:7.0f} MB/s", flush=True)
 
 
+@contextlib.contextmanager
+def other_server(name: str, app):
+    """Serve ``app`` with a maintained WSGI server on loopback; yields its URL."""
+    if name == "cheroot":
+        from cheroot.wsgi import Server
+
+        server = Server(("127.0.0.1", 0), app, numthreads=4, request_queue_size=128)
+        server.prepare()
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.bind_addr[1]}"
+        finally:
+            server.stop()
+    else:
+        from waitress.server import create_server
+
+        server = create_server(app, host="127.0.0.1", port=0, threads=4, max_request_body_size=1 << 30)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.effective_port}"
+        finally:
+            server.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trips", type=int, default=200)
+    parser.add_argument("--servers", nargs="+", default=["kerasonspark"], choices=["kerasonspark", "cheroot", "waitress"])
     args = parser.parse_args()
 
     from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, make_rule, new_secret
+    from kerasonspark.parameter_server.app import create_app
 
     size = MNIST_CNN_PARAMETERS * 4
     print(f"payload: {size / 1e6:.2f} MB each way per round trip", flush=True)
@@ -129,6 +161,15 @@ def main() -> None:
                 times, busy, nbytes = run_clients(
                     ps_client, lambda i, url=server.url, key=secret, up=dtype: (url, key, i, args.trips, up), clients)
             report(f"parameter server push ({dtype} up)", times, busy, nbytes, clients)
+
+    for name in (n for n in args.servers if n != "kerasonspark"):
+        for clients in (1, 2):
+            secret = new_secret()
+            store = ParameterStore(np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag"))
+            with other_server(name, create_app(store, ServerConfig(secret, max_payload_bytes=size + (1 << 20)))) as url:
+                times, busy, nbytes = run_clients(
+                    ps_client, lambda i, url=url, key=secret: (url, key, i, args.trips, "float32"), clients)
+            report(f"same app on {name} (float32 up)", times, busy, nbytes, clients)
 
 
 if __name__ == "__main__":
