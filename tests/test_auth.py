@@ -74,7 +74,13 @@ def test_an_older_timestamp_within_the_window_still_verifies_against_its_own_sig
 
 
 def test_header_parsing_names_what_is_wrong():
-    assert auth.parse("v1 worker=3 seq=4 ts=5 sig=a=b") == auth.Credentials(3, 4, 5, "a=b")
+    sig = "0123456789abcdef" * 4
+    assert auth.parse(f"v1 worker=3 seq=4 ts=5 sig={sig}") == auth.Credentials(3, 4, 5, sig)
+    for malformed in (f"v1 worker=3 seq=4 ts=5 sig={sig.upper()}", f"v1 worker=3 seq=+4 ts=5 sig={sig}",
+                      f"v1 worker=3 seq=4 ts={'9' * 13} sig={sig}", f"v1 worker=3 seq=4 ts=5 sig={sig} extra=1",
+                      f"v1 seq=4 worker=3 ts=5 sig={sig}", "v1 worker=3 seq=4 ts=5 sig=" + "é" * 64):
+        with pytest.raises(auth.AuthenticationError, match="^Malformed"):
+            auth.parse(malformed)
     with pytest.raises(auth.AuthenticationError, match="^Unsupported auth scheme 'v2'; expected 'v1'.$"):
         auth.parse("v2 worker=3 seq=4 ts=5 sig=ab")
     with pytest.raises(auth.AuthenticationError, match="^Malformed `X-KOS-Auth` header"):

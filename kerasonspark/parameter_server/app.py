@@ -23,23 +23,29 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
 never the training secret, that the driver logs with the page's URL at the start of ``fit``.
 
 Errors come back as JSON ``{"error": "...", "status": n}``: 400 (malformed, wrong shapes, bad
-Content-Length), 401 (authentication; refused before the body is read), 408 (the body stopped
-arriving), 409 (conflict: replay, duplicate arrival, no rule), 411 (chunked body), 413 (payload
-too large), 422 (NaN/Inf update, refused and counted), 431 (headers too large), 503 (shutting
-down) or 504 (round barrier timed out).
+Content-Length, unknown worker id, a count out of range), 401 (authentication; refused from the
+headers, before the body is read or allocated), 404 (unknown route), 405 (wrong method), 408
+(the request head did not arrive within ``header_timeout``, or the body stopped arriving), 409
+(conflict: replay, duplicate arrival, no rule), 411 (chunked body), 413 (payload too large; told
+only to an authenticated client), 422 (NaN/Inf update, or one whose result would overflow float32:
+refused and counted), 431 (request head too large), 503 (shutting down, or too many requests
+waiting for authentication) or 504 (round barrier timed out). Every refusal leaves the weights as
+they were. An unexpected error is logged in one line and answered 500 without a traceback.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
 
 from ..errors import BarrierTimeoutError, ParameterServerError
 from . import auth, wire
@@ -48,6 +54,8 @@ from .dashboard import DASHBOARD_HTML
 from .store import ParameterStore
 
 EXTENSION = "kerasonspark"
+MAX_COUNT = 2**53 - 1  # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +71,12 @@ class ServerConfig:
             client that connects and goes quiet can hold. ``None`` waits forever.
         view_token: opens the read-only routes (stats, dashboard) to ``?token=...``; ``None``
             keeps them behind the secret.
+        header_timeout: seconds for a request line and headers to arrive, counted from the
+            connection (or, between requests, from the first byte); the connection is then closed
+            with 408. No thread serves a connection before its request head is complete.
+        max_header_bytes: the largest request head (431 beyond).
+        max_pending_connections: connections waiting for their request head (a newer one closes
+            the oldest), and requests served before authentication (503 beyond).
     """
 
     secret: bytes
@@ -70,6 +84,9 @@ class ServerConfig:
     sign_body: bool = False
     idle_timeout: float | None = 120.0
     view_token: str | None = None
+    header_timeout: float = 10.0
+    max_header_bytes: int = 16384
+    max_pending_connections: int = 128
 
 
 class _ReplayGuard:
@@ -114,6 +131,18 @@ def _read_body(length: int | None) -> bytes | bytearray:
     return buffer
 
 
+class _CountConverter(BaseConverter):
+    """``<count:name>``: 1 to 15 ASCII digits, so an absurd number in a path is a 404, not a 500."""
+
+    regex = r"[0-9]{1,15}"
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
 def _binary(parts: list, status: int = 200) -> Response:
     # WSGI servers take bytes, so the payload is copied once here, and not joined again.
     chunks = [bytes(p) if isinstance(p, memoryview) else p for p in parts]
@@ -150,11 +179,13 @@ def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | 
     """
     app = Flask("kerasonspark.parameter_server")
     app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
+    app.url_map.converters["count"] = _CountConverter
     app.extensions[EXTENSION] = _State(store, config, _ReplayGuard(), board)
     app.register_blueprint(api)
     app.register_error_handler(BarrierTimeoutError, _barrier_timeout)
     app.register_error_handler(ParameterServerError, _refused)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _internal_error)
     return app
 
 
@@ -177,23 +208,27 @@ def _authenticate() -> Response | None:
     store, config = _state().store, _state().config
     if _view_token_valid(config):
         request.environ["kerasonspark.worker"] = -1
+        request.environ["kerasonspark.authenticated"] = True
         return None
-    if request.content_length is not None and request.content_length > config.max_payload_bytes:
-        return _error(413, f"Payload of {request.content_length} bytes exceeds the cap of "
-                           f"{config.max_payload_bytes} bytes; raise `max_payload_bytes` if the model is that large.")
     length = request.content_length or 0
-    header = request.headers.get(auth.HEADER)
     try:
-        if config.sign_body:
-            body = _read_body(length)
-            creds = auth.verify(config.secret, request.method, request.path, header, length, auth.body_digest(body))
-        else:
-            # Checked from the headers alone: an unsigned request is refused before its body is read.
-            creds = auth.verify(config.secret, request.method, request.path, header, length)
-            body = _read_body(length)
+        # From the headers alone: an unsigned request is refused before its body is read or allocated.
+        creds = auth.verify(config.secret, request.method, request.path, request.headers.get(auth.HEADER), length)
     except auth.AuthenticationError as exc:
         store.count("refused_auth")
         return _error(401, str(exc))
+    request.environ["kerasonspark.authenticated"] = True
+    if length > config.max_payload_bytes:  # the cap is the model's size: told to secret holders only
+        return _error(413, f"Payload of {length} bytes exceeds the cap of {config.max_payload_bytes} bytes; "
+                           "raise `max_payload_bytes` if the model is that large.")
+    body = _read_body(length)
+    if config.sign_body:
+        try:
+            auth.verify_body(config.secret, creds, auth.body_digest(body))
+        except auth.AuthenticationError as exc:
+            request.environ["kerasonspark.authenticated"] = False
+            store.count("refused_auth")
+            return _error(401, str(exc))
     request.environ["kerasonspark.body"] = body
     _state().replay.check(creds.worker, "control" if request.path.startswith(_CONTROL_PREFIXES) else "weights", creds.seq)
     request.environ["kerasonspark.worker"] = creds.worker
@@ -214,8 +249,9 @@ def _read_update() -> tuple[dict, np.ndarray]:
 
 def _int_field(header: dict, name: str, default: int | None = None) -> int:
     value = header.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ParameterServerError(f"Header field `{name}` must be a non-negative integer. Received: {value!r}.", 400)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ParameterServerError(f"Field `{name}` must be an integer from 0 to 2**53 - 1. Received: {shown}.", 400)
     return value
 
 
@@ -246,7 +282,7 @@ def push() -> Response:
     return _reply(new_weights, version=version, staleness=staleness, **_stop_field())
 
 
-@api.post("/rounds/<int:round>")
+@api.post("/rounds/<count:round>")
 def barrier(round: int) -> Response:
     header, weights = _read_update()
     samples = _int_field(header, "samples")
@@ -292,10 +328,7 @@ def _board() -> EpochBoard:
 
 
 def _json_body() -> dict:
-    try:
-        payload = json.loads(request.environ["kerasonspark.body"] or b"{}")
-    except ValueError:
-        payload = None
+    payload = wire.loads_json(request.environ["kerasonspark.body"] or b"{}", "The request body")
     if not isinstance(payload, dict):
         raise ParameterServerError("Expected a JSON object as the request body.", 400)
     return payload
@@ -345,7 +378,7 @@ def epoch_center() -> Response:
     return _reply(_state().store.center.copy())
 
 
-@api.post("/epochs/<int:epoch>/end")
+@api.post("/epochs/<count:epoch>/end")
 def epoch_end(epoch: int) -> Response:
     payload = _json_body()
     center = _board().arrive(_worker_id(), epoch, _int_field(payload, "samples"), _metrics_field(payload, "metrics"),
@@ -355,7 +388,7 @@ def epoch_end(epoch: int) -> Response:
     return _reply(center, epoch=epoch)
 
 
-@api.post("/epochs/<int:epoch>/ready")
+@api.post("/epochs/<count:epoch>/ready")
 def epoch_ready(epoch: int) -> Response:
     payload = _json_body()
     decision = _board().ready(_worker_id(), epoch, _int_field(payload, "rows", 0), _metrics_field(payload, "scores"),
@@ -375,6 +408,20 @@ def _http_error(exc: HTTPException) -> Response:
     if exc.code == 413:
         return _error(413, f"Payload exceeds the cap of {_state().config.max_payload_bytes} bytes.")
     return _error(exc.code or 500, exc.description or exc.name)
+
+
+_last_internal_error = [0.0]
+
+
+def _internal_error(exc: Exception) -> Response:
+    # A bug, not the client's doing; one line at most every 10 s, so no client can flood the log.
+    _state().store.count("internal_errors")
+    now = time.monotonic()
+    if now - _last_internal_error[0] > 10:
+        _last_internal_error[0] = now
+        logger.error("Parameter server: %s on %s %s: %s", type(exc).__name__, request.method, request.path[:100],
+                     str(exc)[:200])
+    return _error(500, "Internal error in the parameter server; the driver's log names it.")
 
 
 def _error(status: int, message: str, **fields) -> Response:

@@ -1,7 +1,10 @@
 """Request authentication for the parameter server.
 
 Every request carries ``X-KOS-Auth: v1 worker=<id> seq=<n> ts=<unix seconds> sig=<hex>`` where
-``sig = HMAC-SHA256(secret, "METHOD\\nPATH\\nworker\\nseq\\nts\\nbody length")``. The secret is
+``sig = HMAC-SHA256(secret, "METHOD\\nPATH\\nworker\\nseq\\nts\\nbody length")``, and with
+``sign_body`` also `` bsig=<hex>``, ``bsig = HMAC-SHA256(secret, sig + "\\n" + SHA-256 of the body)``.
+The fields are strict: ``worker`` up to 9 digits (``-`` allowed), ``seq`` up to 20, ``ts`` up to 12,
+``sig`` and ``bsig`` 64 lowercase hex digits; anything else is malformed. The secret is
 random per run (:func:`new_secret`) and reaches the executors with the task, never over the
 parameter server's own socket.
 
@@ -11,18 +14,22 @@ server's clock, so a captured request cannot be replayed. The body is bound by i
 by a digest: hashing 4 MB of weights twice per exchange would cost more than the exchange itself,
 and an attacker able to rewrite traffic could read the weights anyway. On an untrusted network
 turn on Spark's network encryption, or pass ``sign_body=True`` to bind the body's SHA-256 too.
+``sig`` never depends on the body, so the server authenticates every request from its headers
+before it allocates or reads a byte of the body; ``bsig`` is checked once the body is in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
 HEADER = "X-KOS-Auth"
 MAX_CLOCK_SKEW_S = 300.0
+_VALUE = re.compile(r"worker=(-?[0-9]{1,9}) seq=([0-9]{1,20}) ts=([0-9]{1,12}) sig=([0-9a-f]{64})(?: bsig=([0-9a-f]{64}))?")
 
 
 class AuthenticationError(Exception):
@@ -43,10 +50,15 @@ def sign(secret: bytes, method: str, path: str, worker: int, seq: int, body_leng
             body is bound by ``body_length``.
     """
     ts = int(time.time()) if ts is None else ts
-    tail = body_digest if body_digest is not None else str(body_length)
-    msg = f"{method.upper()}\n{path}\n{worker}\n{seq}\n{ts}\n{tail}".encode()
-    sig = hmac.new(secret, msg, hashlib.sha256).hexdigest()
-    return f"v1 worker={worker} seq={seq} ts={ts} sig={sig}"
+    sig = _mac(secret, f"{method.upper()}\n{path}\n{worker}\n{seq}\n{ts}\n{body_length}")
+    value = f"v1 worker={worker} seq={seq} ts={ts} sig={sig}"
+    if body_digest is None:
+        return value
+    return f"{value} bsig={_mac(secret, sig + chr(10) + body_digest)}"
+
+
+def _mac(secret: bytes, message: str) -> str:
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
 def body_digest(parts: list | bytes | bytearray | memoryview) -> str:
@@ -65,6 +77,7 @@ class Credentials:
     seq: int
     ts: int
     sig: str
+    bsig: str | None = None
 
 
 def parse(value: str | None) -> Credentials:
@@ -77,12 +90,12 @@ def parse(value: str | None) -> Credentials:
         raise AuthenticationError(f"Missing `{HEADER}` header: every request must be signed with the run's secret.")
     scheme, _, rest = value.partition(" ")
     if scheme != "v1":
-        raise AuthenticationError(f"Unsupported auth scheme {scheme!r}; expected 'v1'.")
-    try:
-        fields = dict(item.split("=", 1) for item in rest.split())
-        return Credentials(int(fields["worker"]), int(fields["seq"]), int(fields["ts"]), fields["sig"])
-    except (KeyError, ValueError):
-        raise AuthenticationError(f"Malformed `{HEADER}` header; expected 'v1 worker=.. seq=.. ts=.. sig=..'.") from None
+        raise AuthenticationError(f"Unsupported auth scheme {scheme[:16]!r}; expected 'v1'.")
+    match = _VALUE.fullmatch(rest)
+    if match is None:
+        raise AuthenticationError(f"Malformed `{HEADER}` header; expected 'v1 worker=.. seq=.. ts=.. sig=..'.")
+    worker, seq, ts, sig, bsig = match.groups()
+    return Credentials(int(worker), int(seq), int(ts), sig, bsig)
 
 
 def verify(secret: bytes, method: str, path: str, value: str | None, body_length: int,
@@ -90,8 +103,8 @@ def verify(secret: bytes, method: str, path: str, value: str | None, body_length
     """Check a request's signature and freshness; returns its credentials.
 
     Without ``body_digest`` the request is checked from its headers alone, so a server can refuse
-    it before reading the body. Replay protection by ``seq`` is the caller's (it needs per-worker
-    state).
+    it before reading the body (and check the body later with :func:`verify_body`). Replay
+    protection by ``seq`` is the caller's (it needs per-worker state).
 
     Args:
         body_length: the body's length (Content-Length).
@@ -107,7 +120,22 @@ def verify(secret: bytes, method: str, path: str, value: str | None, body_length
             f"Request timestamp is {abs(now - creds.ts):.0f} s away from the server's clock "
             f"(at most {MAX_CLOCK_SKEW_S:.0f} s allowed); synchronise the clocks."
         )
-    expected = sign(secret, method, path, creds.worker, creds.seq, body_length, ts=creds.ts, body_digest=body_digest)
-    if not hmac.compare_digest(expected.rsplit("sig=", 1)[1], creds.sig):
+    expected = _mac(secret, f"{method.upper()}\n{path}\n{creds.worker}\n{creds.seq}\n{creds.ts}\n{body_length}")
+    if not hmac.compare_digest(expected, creds.sig):
         raise AuthenticationError("Bad signature: the request was not signed with this run's secret.")
+    if body_digest is not None:
+        verify_body(secret, creds, body_digest)
     return creds
+
+
+def verify_body(secret: bytes, creds: Credentials, body_digest: str) -> None:
+    """Check ``bsig``, the signature of the body, for a request whose headers verified.
+
+    Raises:
+        AuthenticationError: no ``bsig`` (the client does not sign bodies) or the body is not
+            the one that was signed.
+    """
+    if creds.bsig is None:
+        raise AuthenticationError("This server signs bodies: the request carries no `bsig`; sign with sign_body=True.")
+    if not hmac.compare_digest(_mac(secret, creds.sig + chr(10) + body_digest), creds.bsig):
+        raise AuthenticationError("Bad body signature: the body is not the one that was signed.")

@@ -87,12 +87,18 @@ class ParameterClient:
                 if attempt == 1:
                     raise ParameterServerError(
                         f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
+            except http.client.IncompleteRead as exc:
+                self.close()
+                received = len(exc.partial)
+                raise ParameterServerError(
+                    f"The reply from the parameter server at {self.host}:{self.port} to {method} {path} stopped after "
+                    f"{received} of its {received + (exc.expected or 0)} bytes.") from exc
             except TimeoutError as exc:
                 self.close()
                 raise ParameterServerError(
                     f"No reply from the parameter server at {self.host}:{self.port} to {method} {path} within "
                     f"{self.timeout:g} s: the wait `{self.timeout_name}` allows expired.") from exc
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
         self.seconds += time.perf_counter() - started

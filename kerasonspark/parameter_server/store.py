@@ -1,8 +1,9 @@
 """The state behind the parameter server: center weights, versions, round barriers, statistics.
 
 The store is independent of HTTP so its logic can be tested directly; :mod:`.app` exposes it.
-Updates are validated (shape, dtype, finiteness) before they touch the center, so a bad request
-never corrupts the weights.
+Updates are validated (shape, dtype, finiteness) before they touch the center, and so is what
+they would make of it: a finite update whose result overflows float32 is refused too (422), so a
+bad request never corrupts the weights. Only workers ``0 .. num_workers - 1`` push or meet.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from ..errors import BarrierTimeoutError, ParameterServerError, WireFormatError
 from .rules import UpdateRule
 from .wire import shapes_size
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class _Round:
     sum: np.ndarray | None = None
+    bound: float = 0.0  # the sum of the contributions' largest magnitudes: |sum| stays below it
     samples: dict[int, int] = field(default_factory=dict)
     result: np.ndarray | None = None
     failed: str | None = None
+
+
+def _overflow(what: str) -> WireFormatError:
+    return WireFormatError(
+        f"The update is finite, but {what} would overflow float32 (beyond ±3.4e38): it was refused and the "
+        "center weights are unchanged. The worker's weights have diverged; lower the learning rate.", status=422)
 
 
 class RoundClosedError(ParameterServerError):
@@ -121,20 +131,34 @@ class ParameterStore:
         """Apply a validated update with the rule; returns ``(reply, version, staleness)``.
 
         Raises:
-            ParameterServerError: no update rule is configured (status 409) or the store is closed.
+            ParameterServerError: no update rule is configured (409), the worker id is out of
+                range (400), the store is closed (503), or the result would overflow (422).
         """
         if self.rule is None:
             raise ParameterServerError("This run has no update rule; pushes are not accepted (use the round barrier).", 409)
+        self._check_worker(worker)
         if self._closed:
             raise RoundClosedError("The parameter server is shutting down.", 503)
         if self.use_lock:
             with self._cond:
                 staleness = self.version - self.worker_pull_version.get(worker, 0)
-                self._center, reply = self.rule.apply(self._center, update, staleness, window)
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                    new_center, reply = self.rule.apply(self._center, update, staleness, window)
+                if not np.isfinite(new_center).all() or (reply is not new_center and not np.isfinite(reply).all()):
+                    self.counters["refused_overflow"] += 1
+                    raise _overflow("the new center")
+                self._center = new_center
                 self._record_push(worker, staleness, samples)
                 self.worker_pull_version[worker] = self.version
                 return reply, self.version, staleness
-        # Hogwild: no lock around the arithmetic. Concurrent writers are counted, not prevented.
+        # Hogwild: no lock around the arithmetic. Concurrent writers are counted, not prevented, so
+        # the result cannot be checked before it lands: the bound is checked instead. A push moves
+        # the center by at most max|update| + max|center| (true of every rule here), and at most
+        # num_workers pushes overlap, so the center stays below FLOAT32_MAX / 2 + what they add.
+        largest = float(np.abs(self._center).max(initial=0.0))
+        if largest + self.num_workers * (float(np.abs(update).max(initial=0.0)) + largest) > FLOAT32_MAX / 2:
+            self.count("refused_overflow")
+            raise _overflow("the center, with lock-free pushes overlapping it,")
         with self._cond:
             staleness = self.version - self.worker_pull_version.get(worker, 0)
             if self._applying:
@@ -170,10 +194,16 @@ class ParameterStore:
             ParameterServerError: the worker already arrived in this round (409) or its id is
                 out of range (400).
         """
-        if not 0 <= worker < self.num_workers:
-            raise ParameterServerError(f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400)
-        if samples < 0:
-            raise ParameterServerError(f"`samples` must be >= 0. Received: samples={samples}.", 400)
+        self._check_worker(worker)
+        if not 0 <= samples < 2**53:
+            raise ParameterServerError(f"`samples` must be an integer from 0 to 2**53 - 1. Received: samples={samples}.", 400)
+        # Weighed before the round sees it, so a refused arrival leaves no trace and may come again.
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            contribution = weights * np.float32(samples) if samples else None
+        largest = float(np.abs(contribution).max(initial=0.0)) if contribution is not None else 0.0
+        if not np.isfinite(largest):
+            self.count("refused_overflow")
+            raise _overflow(f"the weights times their {samples} samples")
         deadline = time.monotonic() + (self.barrier_timeout if timeout is None else timeout)
         with self._cond:
             if self._closed:
@@ -188,9 +218,12 @@ class ParameterStore:
                 raise BarrierTimeoutError(state.failed, round, tuple(self._missing(state)))
             if worker in state.samples:
                 raise ParameterServerError(f"Worker {worker} already arrived in round {round}.", 409)
+            if state.bound + largest > FLOAT32_MAX:
+                self.counters["refused_overflow"] += 1
+                raise _overflow(f"round {round}'s sum")
             state.samples[worker] = samples
-            if samples:
-                contribution = weights * np.float32(samples)
+            if contribution is not None:
+                state.bound += largest
                 if state.sum is None:
                     state.sum = contribution
                 else:
@@ -227,6 +260,10 @@ class ParameterStore:
             if self._closed:
                 raise RoundClosedError("The parameter server shut down during the round.", 503)
             raise BarrierTimeoutError(state.failed or "round failed", round, tuple(self._missing(state)))
+
+    def _check_worker(self, worker: int) -> None:
+        if not 0 <= worker < self.num_workers:
+            raise ParameterServerError(f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400)
 
     def wait_for_arrivals(self, round: int, count: int, timeout: float) -> list[int]:
         """Wait until ``count`` workers wait in ``round`` (or it completed); returns who arrived.

@@ -16,7 +16,9 @@ The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat1
 shapes, one per array, in order); the payload length must equal the sum of the shapes' sizes times
 the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
 ``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
-message raises :class:`~kerasonspark.errors.WireFormatError` before any payload is used.
+message raises :class:`~kerasonspark.errors.WireFormatError` before any payload is used. Limits:
+a header of at most 1 MiB, at most 65,536 arrays of at most 32 dimensions, and every JSON number
+within what Python parses (:func:`loads_json`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,21 @@ MAGIC = b"KOSW"
 VERSION = 1
 CONTENT_TYPE = "application/x-kerasonspark-weights"
 MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAYS = 1 << 16
+MAX_DIMENSIONS = 32
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 _PREFIX = struct.Struct("<4sB3xI")
 
 Shapes = list[tuple[int, ...]]
+
+
+def loads_json(data: bytes | bytearray | memoryview, what: str) -> Any:
+    """Parse JSON from a peer: any malformed input is a :class:`WireFormatError` (400), including
+    numbers too long for Python's int parser and nesting too deep for its recursion limit."""
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WireFormatError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def shapes_size(shapes: Sequence[Sequence[int]]) -> int:
@@ -110,10 +123,7 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
         raise WireFormatError(f"Unsupported wire format version {version}; this side speaks version {VERSION}.")
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > view.nbytes:
         raise WireFormatError(f"Header length {header_len} does not fit the {view.nbytes}-byte message.")
-    try:
-        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireFormatError(f"The header is not valid UTF-8 JSON: {exc}.") from None
+    header = loads_json(view[_PREFIX.size:_PREFIX.size + header_len], "The header")
     if not isinstance(header, dict):
         raise WireFormatError(f"The header must be a JSON object. Received: {type(header).__name__}.")
     dtype_name = header.get("dtype")
@@ -121,18 +131,21 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
     if dtype is None:
         raise WireFormatError(f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}.")
     shapes = header.get("shapes")
-    if not isinstance(shapes, list) or not all(
-        isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+    if not isinstance(shapes, list) or len(shapes) > MAX_ARRAYS or not all(
+        isinstance(s, list) and len(s) <= MAX_DIMENSIONS
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
         for s in shapes
     ):
-        raise WireFormatError("Header `shapes` must be a list of lists of non-negative integers.")
+        raise WireFormatError(f"Header `shapes` must be a list of at most {MAX_ARRAYS} lists of at most "
+                              f"{MAX_DIMENSIONS} non-negative integers.")
     header["shapes"] = [tuple(s) for s in shapes]
     start = _PREFIX.size + header_len
     start += -start % 8
     expected = shapes_size(header["shapes"]) * dtype.itemsize
     if view.nbytes - start != expected:
+        called_for = f"{expected} bytes" if expected < 1 << 62 else "more than 2**62 bytes"
         raise WireFormatError(
-            f"Payload length mismatch: shapes and dtype call for {expected} bytes. "
+            f"Payload length mismatch: shapes and dtype call for {called_for}. "
             f"Received: {max(view.nbytes - start, 0)} bytes."
         )
     flat = np.frombuffer(view, dtype=dtype, offset=start)
