@@ -260,8 +260,15 @@ def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
     return x, y
 
 
+def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
+    return DataError(f"The {what} data has {rows} row(s) for {workers} workers; each worker needs at least one. "
+                     "Use fewer workers or more data.")
+
+
 def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str) -> RDD:
     x, y = validate_arrays(data, info, what)
+    if partitions and len(x) < partitions:  # known before any Spark job
+        raise _too_few_rows(len(x), partitions, what)
     return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
 
 
@@ -467,10 +474,7 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
             raise DataError(f"The {what} labels differ in width between rows: {widths} (0 is one value per row). "
                             "Give every row labels of the same shape.")
         if sum(counts) < len(counts):
-            raise DataError(
-                f"The {what} data has {sum(counts)} row(s) for {len(counts)} workers; each worker needs at least one. "
-                "Use fewer workers or more data."
-            )
+            raise _too_few_rows(sum(counts), len(counts), what)
         empty = [i for i, c in enumerate(counts) if c == 0]
         if empty:
             logger.warning("Partition(s) %s of the %s data are empty; those workers only synchronise.", empty, what)

@@ -122,7 +122,7 @@ def test_epoch_routes_over_a_real_socket(served):
 
 @pytest.mark.parametrize("path,payload,message", [
     ("/v1/progress", [1, 2], "JSON object"),
-    ("/v1/progress", {"epoch": -1, "samples": 1}, "`epoch` must be a non-negative integer"),
+    ("/v1/progress", {"epoch": -1, "samples": 1}, "`epoch` must be an integer from 0 to 2**53 - 1"),
     ("/v1/progress", {"epoch": 0, "samples": 1, "metrics": {"loss": "high"}}, "names to numbers"),
     ("/v1/progress", {"epoch": 0, "samples": 1, "logs": "not a list"}, "list of strings"),
     ("/v1/epochs/0/ready", {"rows": 0, "learning_rate": "fast"}, "finite number"),

@@ -417,15 +417,26 @@ class _Server:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.waiting) >= self.config.max_pending_connections:
-                # The oldest silent connection goes first: a worker has usually sent its head already.
-                waiting_now = self.waiting.values()
-                self._drop(next((w for w in waiting_now if not w.buffer), next(iter(waiting_now))))
-                self.count("connections_evicted")
+                self._evict_one()
             waiting = _Waiting(sock, address, time.monotonic() + self._first_head_timeout, bytearray())
             self.waiting[sock] = waiting
             self.selector.register(sock, selectors.EVENT_READ)
             # By the time a connection is accepted its client has often sent the whole head: no wait.
             self._read_waiting(waiting)
+
+    def _evict_one(self) -> None:
+        """Close the oldest connection that has sent nothing (read first what it may have sent)."""
+        for waiting in list(self.waiting.values()):
+            if not waiting.buffer:
+                self._read_waiting(waiting)  # its head may be in the socket, not yet read
+                if waiting.sock in self.waiting and not waiting.buffer:
+                    self._drop(waiting)
+                    self.count("connections_evicted")
+                    return
+                if len(self.waiting) < self.config.max_pending_connections:
+                    return
+        self._drop(next(iter(self.waiting.values())))  # every one is talking, slowly: the oldest goes
+        self.count("connections_evicted")
 
     def _read_waiting(self, waiting: _Waiting) -> None:
         try:
