@@ -112,22 +112,36 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 # 2. The listen backlog: a burst of connects must not stall an honest request.
-def test_2_a_burst_of_connects_does_not_stall_an_honest_request(no_leaked_threads):
+def test_2_a_flood_of_connects_does_not_stall_an_honest_request(no_leaked_threads):
     with serve() as server:
-        flood = []
+        stop = threading.Event()
+
+        def flood():  # bursts of 300 connects, 20 a second
+            while not stop.is_set():
+                socks = []
+                for _ in range(300):
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    sock.connect_ex((server.host, server.port))
+                    socks.append(sock)
+                time.sleep(0.05)
+                for s in socks:
+                    s.close()
+
+        flooders = [threading.Thread(target=flood)]
+        [t.start() for t in flooders]
+        latencies = []
         try:
-            for _ in range(400):
-                sock = socket.socket()
-                sock.setblocking(False)
-                sock.connect_ex((server.host, server.port))
-                flood.append(sock)
-            started = time.monotonic()
-            with ParameterClient(server.url, server.secret, 0, timeout=10) as client:
-                client.health()
-            assert time.monotonic() - started < 0.6
+            for _ in range(15):  # an honest worker that reconnects each time, during the flood
+                started = time.monotonic()
+                with ParameterClient(server.url, server.secret, 0, timeout=10) as client:
+                    client.health()
+                latencies.append(time.monotonic() - started)
         finally:
-            for sock in flood:
-                sock.close()
+            stop.set()
+            [t.join() for t in flooders]
+        # With a listen backlog of 5, dropped SYNs cost 1 s (and 3 s, ...) each.
+        assert max(latencies) < 0.9, latencies
 
 
 # 3. Header bytes held before authentication are bounded.
@@ -257,7 +271,7 @@ def test_8_an_absurd_sample_count_does_not_jam_the_round(samples, no_leaked_thre
 @pytest.mark.parametrize("header", [
     b'{"dtype": "float32", "shapes": [[8]], "samples": ' + b"7" * 5000 + b"}",
     b'{"dtype": "float32", "shapes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"dtype": "float32", "shapes": [' + b",".join([b"[4611686018427387904, 4611686018427387904]"] * 600) + b"]}",
+    b'{"dtype": "float32", "shapes": [[' + b",".join([b"4611686018427387904"] * 300) + b"]]}",
 ], ids=["number-of-5000-digits", "nesting-100000-deep", "shape-product-too-large-to-print"])
 def test_9_malformed_wire_headers_are_refused_with_400(header, no_leaked_threads):
     prefix = b"KOSW\x01\x00\x00\x00" + len(header).to_bytes(4, "little") + header
@@ -280,7 +294,7 @@ def test_9_absurd_numbers_in_the_path_are_refused_with_400_or_404(path, no_leake
 # 10. idle_timeout bounds idle time, not a whole reply; a cut reply is our error, not IncompleteRead.
 def test_10_a_slow_but_steady_reader_gets_the_whole_reply(no_leaked_threads):
     secret = new_secret()
-    size = 1 << 20  # 4 MB of float32
+    size = 8 << 20  # 32 MB of float32: more than the kernel's send buffer takes at once
     store = ParameterStore(np.ones(size, np.float32), [(size,)], num_workers=1, rule=make_rule("downpour"))
     with ParameterServer(store, ServerConfig(secret, idle_timeout=1.0)) as server:
         sock = socket.socket()
@@ -291,7 +305,7 @@ def test_10_a_slow_but_steady_reader_gets_the_whole_reply(no_leaked_threads):
         received, started = 0, time.monotonic()
         while chunk := sock.recv(65536):
             received += len(chunk)
-            time.sleep(0.02)  # about 3 MB/s: the reply takes longer than idle_timeout, but never idles
+            time.sleep(0.004)  # about 16 MB/s: the reply takes longer than idle_timeout, but never idles
             if received >= 4 * size:
                 break
         sock.close()

@@ -69,7 +69,11 @@ class ParameterClient:
         }
         started = time.perf_counter()
         for attempt in (0, 1):
-            conn = self._connection()
+            try:
+                conn = self._connection()
+            except OSError as exc:
+                self.close()
+                raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
             try:
                 conn.putrequest(method, path, skip_accept_encoding=True)
                 for key, value in headers.items():
