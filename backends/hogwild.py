@@ -28,6 +28,7 @@ class HogwildEngine(Engine):
     """Lock-free asynchronous updates; same options as ``async``, default rule ``downpour``."""
 
     name = "hogwild"
+    strategy_option = "rule"
     options_class = HogwildOptions
 
     def run(self, job: TrainingJob) -> TrainingResult:

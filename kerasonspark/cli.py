@@ -108,11 +108,15 @@ def _compare_parser(sub: Any) -> None:
                                                         "`kerasonspark cluster start` prints")
     compare.add_argument("--epochs", type=int, default=1)
     compare.add_argument("--batch-size", type=int, default=32)
-    compare.add_argument("--options", default="{}", help='backend options as JSON: {"sync": {"sync_every": 32}}')
+    compare.add_argument("--options", default="{}",
+                         help='options by strategy or backend name, as JSON: '
+                              '{"sync": {"sync_every": 32}, "elephas:asynchronous": {"frequency": "epoch"}}')
     compare.add_argument("--repeat", type=int, default=1, help="runs of each strategy; medians are reported")
     compare.add_argument("--data", default=None, help="folder with the MNIST files (default: standard locations)")
     compare.add_argument("--limit", type=int, default=None, help="train on the first N images only")
-    compare.add_argument("--json", default=None, help="also write the figures to this file")
+    compare.add_argument("--json", default=None, help="also write the figures, every run and every curve point, to this file")
+    compare.add_argument("--plot", default=None, help="also draw accuracy against time and samples/s to this PNG "
+                                                      "(needs matplotlib)")
 
 
 def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
@@ -148,7 +152,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train the reference CNN with each strategy on the same data and cores; prints a table."""
     import json
 
-    from .compare import compare_strategies, format_table
+    from .compare import compare_strategies, format_table, plot_comparison
     from .data import numpy_to_dataframe
     from .engine import available_backends
     from .models import mnist_cnn
@@ -177,6 +181,10 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
+    if args.plot:
+        plot_comparison(rows, args.plot, f"MNIST {len(x_train):,} images, {args.workers} workers, "
+                                         f"{args.epochs} epoch(s), batch {args.batch_size}")
+        print(f"Plot written to {args.plot}")
     return figures
 
 

@@ -8,17 +8,24 @@ engine, and with ``repeat > 1`` each figure is the median of its runs::
     rows = compare_strategies(mnist_cnn, spark, train_df, test_df, ["single", "sync", "async:downpour"])
     table = format_table(rows)   # Markdown, medians per strategy
 
-A strategy is a backend name, optionally with an update rule after a colon (``async:adag``).
+A strategy is a backend name, optionally with a variant after a colon (``async:adag``,
+``elephas:hogwild``). Each run also keeps its accuracy curve: the model is snapshotted at every
+epoch's end (a Keras callback, so every engine does it the same way) and the snapshots are scored
+on the test set after ``fit``, outside its clock; the curve starts at the initial model's accuracy
+at 0 s. :func:`plot_comparison` draws the curves and the speeds.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .engine import resolve_backend
+from .engine import available_backends, resolve_backend
+from .errors import ConfigurationError
 from .trainer import SparkTrainer
 
 if TYPE_CHECKING:
@@ -41,27 +48,43 @@ class StrategyRow:
     strategy: str
     runs: list[dict[str, float]] = field(default_factory=list)
     vs_single: float | None = None
+    curves: list[list[dict[str, float]]] = field(default_factory=list)  # per run: seconds, epoch, test_accuracy
 
     def median(self, figure: str) -> float:
         """The median of ``figure`` over the runs."""
         return statistics.median(run[figure] for run in self.runs)
 
     def as_dict(self) -> dict[str, Any]:
-        """Medians, run count and ratio, as JSON-ready figures."""
+        """Medians, run count and ratio, then every run's figures and curve, as JSON-ready figures."""
         return {"strategy": self.strategy, "runs": len(self.runs), "vs_single": self.vs_single,
-                **{figure: self.median(figure) for figure in FIGURES}}
+                **{figure: self.median(figure) for figure in FIGURES},
+                "every_run": self.runs, "curves": self.curves}
+
+    def median_run(self) -> int:
+        """The index of the run whose samples/s is the median (the lower one of an even count)."""
+        order = sorted(range(len(self.runs)), key=lambda i: self.runs[i]["samples_per_s"])
+        return order[(len(order) - 1) // 2]
 
 
 def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
     """``"async:downpour"`` -> ``("async", {"rule": "downpour", ...})``, merged with per-strategy options.
 
-    ``options`` may be keyed by the whole strategy or by the backend name; the strategy's key wins.
+    The variant after the colon sets the engine's :attr:`~kerasonspark.engine.Engine.strategy_option`
+    (``rule`` for ``async`` and ``hogwild``, ``mode`` for ``elephas``). ``options`` may be keyed by
+    the whole strategy or by the backend name; the strategy's key wins.
+
+    Raises:
+        ConfigurationError: a variant for an engine that has none.
     """
-    backend, _, rule = strategy.partition(":")
+    backend, _, variant = strategy.partition(":")
     options = options or {}
     chosen = dict(options.get(strategy, options.get(backend, {})))
-    if rule:
-        chosen["rule"] = rule
+    if variant:
+        engine = available_backends().get(backend)
+        option = getattr(engine, "strategy_option", None)
+        if engine is not None and option is None:
+            raise ConfigurationError(f"Strategy {strategy!r}: backend {backend!r} has no variants; write {backend!r}.")
+        chosen[option or "rule"] = variant
     return backend, chosen
 
 
@@ -90,12 +113,15 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
     for backend, backend_options in resolved.values():  # every engine and option first: a typo fails in seconds
         resolve_backend(backend, backend_options or None)
     rows = {strategy: StrategyRow(strategy) for strategy in strategies}
+    initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
     for _ in range(repeat):
         for strategy, (backend, backend_options) in resolved.items():
             trainer = SparkTrainer(make_model(), backend=backend, num_workers=num_workers, batch_size=batch_size,
                                    epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed,
                                    verbose=0)
-            stats = trainer.fit(train_df).stats
+            snapshots: list[tuple[float, int, list]] = []
+            started = time.perf_counter()
+            stats = trainer.fit(train_df, callbacks=[_epoch_snapshots(started, snapshots)]).stats
             server = stats.get("parameter_server", {})  # common to every engine that serves weights
             run = {
                 "samples_per_s": stats["samples_per_second"], "train_s": stats["train_seconds"],
@@ -105,6 +131,8 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
                 "max_staleness": server.get("staleness", {}).get("max", 0),
             }
             rows[strategy].runs.append(run)
+            rows[strategy].curves.append([{"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
+                                          *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"])])
             if on_run is not None:
                 on_run(strategy, run)
     single = rows.get("single")
@@ -112,6 +140,80 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
         if single is not None:
             row.vs_single = row.median("samples_per_s") / single.median("samples_per_s")
     return list(rows.values())
+
+
+def _epoch_snapshots(started: float, snapshots: list[tuple[float, int, list]]) -> Any:
+    """A callback that keeps the model's weights at every epoch's end, with the seconds since ``started``."""
+    import keras
+
+    class EpochSnapshots(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            snapshots.append((time.perf_counter() - started, epoch + 1, self.model.get_weights()))
+
+    return EpochSnapshots()
+
+
+def _score_snapshots(trainer: SparkTrainer, snapshots: list[tuple[float, int, list]], test_df: DataFrame,
+                     final_accuracy: float) -> list[dict[str, float]]:
+    """Each snapshot's test accuracy (the final model's is known), the trained weights left in place."""
+    import numpy as np
+
+    final = trainer.model.get_weights()
+    curve = []
+    for seconds, epoch, weights in snapshots:
+        if all(np.array_equal(a, b) for a, b in zip(weights, final, strict=True)):
+            accuracy = final_accuracy
+        else:
+            trainer.model.set_weights(weights)
+            accuracy = trainer.evaluate(test_df)["accuracy"]
+        curve.append({"seconds": round(seconds, 3), "epoch": epoch, "test_accuracy": accuracy})
+    trainer.model.set_weights(final)
+    return curve
+
+
+def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") -> None:
+    """Write a PNG: test accuracy against seconds since ``fit`` started (one line per strategy, its
+    median-speed run), and samples/s per strategy as bars with ``single`` marked.
+
+    Raises:
+        ConfigurationError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigurationError("`--plot` draws with matplotlib: pip install matplotlib") from None
+    figure, (curves, speeds) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    for row in rows:
+        points = row.curves[row.median_run()]
+        curves.plot([p["seconds"] for p in points], [p["test_accuracy"] for p in points], marker="o", label=row.strategy)
+    curves.set_xlabel("wall-clock seconds since fit started")
+    curves.set_ylabel("test accuracy (the model at each epoch's end)")
+    curves.set_title("Accuracy against time")
+    finals = [p["test_accuracy"] for row in rows for p in row.curves[row.median_run()][1:]]
+    if finals:
+        curves.set_ylim(max(min(finals) - 0.02, 0.0), min(max(finals) + 0.005, 1.0))
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8, loc="lower right")
+    names = [row.strategy for row in rows]
+    values = [row.median("samples_per_s") for row in rows]
+    bars = speeds.barh(names, values, color=["tab:gray" if n == "single" else "tab:blue" for n in names])
+    speeds.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=3)
+    single = next((row for row in rows if row.strategy == "single"), None)
+    if single is not None:
+        speeds.axvline(single.median("samples_per_s"), color="tab:red", linestyle="--", label="single (reference)")
+        speeds.legend(fontsize=8, loc="lower right")
+    speeds.invert_yaxis()
+    speeds.set_xlabel("samples/s (samples / wall seconds of fit; median of runs)")
+    speeds.set_title("Speed")
+    runs = max((len(row.runs) for row in rows), default=0)
+    figure.suptitle(f"kerasonspark compare: {os.cpu_count()} CPU cores, {runs} run(s) per strategy"
+                    + (f", {subtitle}" if subtitle else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def format_table(rows: Sequence[StrategyRow]) -> str:

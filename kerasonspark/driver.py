@@ -508,6 +508,9 @@ class SparkRunner(DriverRunner):
             self._validation.destroy()
             self._validation = None
 
+    def training_blocks(self, job: TrainingJob) -> RDD:
+        return self.blocks
+
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         from .data import collect_arrays
 

@@ -343,6 +343,14 @@ class Runner(Protocol):
         """The training data as one ``(x, y)`` pair on the driver (labels as the user gave them)."""
         ...
 
+    def training_blocks(self, job: TrainingJob) -> Any:
+        """The training data as a Spark RDD of ``(x, y)`` blocks, one partition per worker.
+
+        Raises:
+            ConfigurationError: the runner trains without Spark.
+        """
+        ...
+
 
 @dataclass
 class TrainingJob:
@@ -422,6 +430,15 @@ class TrainingJob:
         """The training data as one ``(x, y)`` pair on the driver, for engines that train there."""
         return self.runner.local_arrays(self)
 
+    def training_blocks(self) -> Any:
+        """The training data as a Spark RDD of ``(x, y)`` blocks (labels as given), one partition
+        per worker and cached, for engines that hand it to another Spark library.
+
+        Raises:
+            ConfigurationError: the job runs without Spark (:mod:`kerasonspark.testing`).
+        """
+        return self.runner.training_blocks(self)
+
 
 class EngineOptions:
     """Base for an engine's options dataclass: validate in ``__post_init__``, raising ``ValueError``."""
@@ -467,7 +484,10 @@ class Engine:
             unless cleartext weights are allowed.
         accepts_callbacks: whether ``fit(callbacks=...)`` works with the engine. Engines that
             train through :meth:`TrainingJob.serve` get them from the driver for free; an engine
-            that trains otherwise and cannot run them sets ``False``, and ``fit`` refuses them.
+            that trains otherwise and cannot run them sets ``False``, and ``fit`` refuses them
+            (an engine that runs only some says which in :meth:`callback_refusal`).
+        strategy_option: the option a strategy's variant sets in ``kerasonspark compare``
+            (``"async:adag"`` sets ``rule``); ``None`` when the engine has no variants.
     """
 
     name: ClassVar[str] = "engine"
@@ -475,9 +495,15 @@ class Engine:
     uses_spark_workers: ClassVar[bool] = True
     uses_parameter_server: ClassVar[bool] = True
     accepts_callbacks: ClassVar[bool] = True
+    strategy_option: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(self.options_class, options, self.name)
+
+    @classmethod
+    def callback_refusal(cls, callbacks: list[Any]) -> str | None:
+        """Why ``fit`` must refuse some of ``callbacks`` (checked before any work), or ``None``."""
+        return None
 
     def setup(self, job: TrainingJob) -> None:
         """Called before :meth:`run`; does nothing by default."""

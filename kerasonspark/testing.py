@@ -35,6 +35,7 @@ from .engine import (
     WorkerReport,
     resolve_backend,
 )
+from .errors import ConfigurationError
 from .executor import EpochGate, LocalSteps, guarded, train_worker, validation_share
 from .serialization import ModelSpec
 
@@ -91,6 +92,9 @@ class InProcessRunner(DriverRunner):
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate([p[0] for p in self.partitions]), np.concatenate([p[1] for p in self.partitions])
+
+    def training_blocks(self, job: TrainingJob) -> Any:
+        raise ConfigurationError(f"Backend {self.engine_name!r} hands the data to Spark; it cannot run in process.")
 
 
 def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,

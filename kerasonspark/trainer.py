@@ -352,6 +352,9 @@ def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Cal
     if callbacks and not engine.accepts_callbacks:
         raise ConfigurationError(f"Backend {engine.name!r} cannot run Keras callbacks. Drop `callbacks` or choose "
                                  "another backend (sync, async, hogwild and single run them).")
+    refusal = engine.callback_refusal(callbacks) if callbacks else None
+    if refusal:
+        raise ConfigurationError(refusal)
     return callbacks
 
 

@@ -58,17 +58,26 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark
     from kerasonspark.cli import main
 
     write_tiny_mnist(tmp_path)
-    figures = tmp_path / "figures.json"
-    assert main(["compare", "--data", str(tmp_path), "--backends", "single", "sync", "async:downpour",
-                 "--epochs", "2", "--batch-size", "16", "--json", str(figures)]) == 0
+    figures, picture = tmp_path / "figures.json", tmp_path / "compare.png"
+    strategies = ["single", "sync", "async:downpour", "elephas:hogwild"]
+    assert main(["compare", "--data", str(tmp_path), "--backends", *strategies, "--epochs", "2", "--batch-size", "16",
+                 "--options", '{"elephas:hogwild": {"frequency": "epoch"}}', "--json", str(figures),
+                 "--plot", str(picture)]) == 0
     rows = {row["strategy"]: row for row in json.loads(figures.read_text())}
-    assert list(rows) == ["single", "sync", "async:downpour"]
+    assert list(rows) == strategies
     assert rows["single"]["vs_single"] == 1.0 and rows["sync"]["vs_single"] > 0
     assert all(row["test_accuracy"] > 0.5 and row["runs"] == 1 for row in rows.values())
     assert rows["single"]["exchanges"] == 0
     assert rows["sync"]["exchanges"] > 0 and rows["async:downpour"]["exchanges"] > rows["sync"]["exchanges"]
+    assert rows["elephas:hogwild"]["exchanges"] == 2 * 2  # frequency "epoch": one push per worker and epoch
+    for row in rows.values():  # the initial model at 0 s, then the model at each epoch's end
+        (curve,) = row["curves"]
+        assert [p["epoch"] for p in curve] == [0, 1, 2] and curve[0]["seconds"] == 0.0
+        assert curve[0]["seconds"] < curve[1]["seconds"] < curve[2]["seconds"] <= row["wall_s"] + 1e-6
+        assert curve[2]["test_accuracy"] == row["test_accuracy"] and curve[0]["test_accuracy"] < 0.5
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert [line.split("`")[1] for line in table] == ["single", "sync", "async:downpour"]
+    assert [line.split("`")[1] for line in table] == strategies
     assert spark.range(3).count() == 3  # the session still runs
 
 
