@@ -17,7 +17,8 @@ adapter works around it:
   process cannot restart, and a new server starts from the weights it was built with).
 - Its servers bind to the driver's address (loopback for a local master) instead of the host
   name's, through ``SPARK_LOCAL_IP`` while Elephas runs; each epoch gets a free port.
-- The HTTP server runs Flask in debug mode by default: the adapter turns debug off.
+- The HTTP server runs Flask in debug mode by default: the adapter turns debug off. (Its request
+  log lines go to the ``werkzeug`` logger, which ``kerasonspark compare`` and ``train`` quiet.)
 - The socket server gives every connection a thread that spins forever once the client closes it
   (Elephas's client opens one per request): the adapter serves with a subclass whose threads end
   with their connection, and a client that connects to the driver's address.
@@ -110,18 +111,13 @@ def _free_port(host: str) -> int:
 
 
 @contextlib.contextmanager
-def _elephas_quarters(host: str) -> Iterator[None]:
-    """Elephas's server on ``host`` (it reads ``SPARK_LOCAL_IP``, else the host name's address),
-    without a log line per request from its Flask server (a forked process inherits the level)."""
+def _bind_address(host: str) -> Iterator[None]:
+    """Elephas's server on ``host``: it reads ``SPARK_LOCAL_IP``, else takes the host name's address."""
     saved = os.environ.get("SPARK_LOCAL_IP")
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
     os.environ["SPARK_LOCAL_IP"] = host
-    werkzeug.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        werkzeug.setLevel(level)
         if saved is None:
             os.environ.pop("SPARK_LOCAL_IP", None)
         else:
@@ -269,7 +265,7 @@ class ElephasEngine(Engine):
         """One Elephas ``fit`` of one epoch from the model's current weights; each worker's history."""
         options, config = self.options, job.config
         custom_objects = dict(job.spec.custom_objects) or None
-        with _elephas_quarters(job.server_host):
+        with _bind_address(job.server_host):
             if options.mode == "synchronous":
                 spark_model = spark_model_module.SparkModel(job.model, custom_objects=custom_objects,
                                                             batch_size=config.batch_size)

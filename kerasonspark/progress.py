@@ -16,7 +16,15 @@ from typing import IO
 
 def is_interactive(stream: IO[str]) -> bool:
     """Whether ``stream`` shows a line that is rewritten in place (a terminal or a notebook)."""
-    return (hasattr(stream, "isatty") and stream.isatty()) or "ipykernel" in sys.modules
+    return (hasattr(stream, "isatty") and stream.isatty()) or _in_notebook()
+
+
+def _in_notebook() -> bool:
+    # Imported is not running: libraries import IPython and ipykernel on their own. A notebook's
+    # kernel is the one place where the running shell is a ZMQInteractiveShell.
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _format(value: float) -> str:
