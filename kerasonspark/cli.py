@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +104,10 @@ def _compare_parser(sub: Any) -> None:
     compare = sub.add_parser("compare", help="train the 2017 MNIST CNN with several strategies side by side")
     compare.add_argument("--backends", nargs="+", default=None,
                          help="strategies: engine names, optionally engine:rule (default: every installed engine)")
-    compare.add_argument("--workers", type=int, default=2)
+    compare.add_argument("--workers", type=int, nargs="+", default=[2],
+                         help="worker counts: every strategy runs at each (single once)")
+    compare.add_argument("--target", type=float, default=None,
+                         help="also report the seconds each strategy took to reach this test accuracy, e.g. 0.987")
     compare.add_argument("--master", default=None, help="Spark master URL (default: local[workers]), e.g. the URL "
                                                         "`kerasonspark cluster start` prints")
     compare.add_argument("--epochs", type=int, default=1)
@@ -159,6 +163,10 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     strategies = args.backends or sorted(available_backends(), key=lambda name: (name != "single", name))
     (x_train, y_train), (x_test, y_test) = _mnist(args)
+    if max(args.workers) > (os.cpu_count() or 1):
+        print(f"Note: {max(args.workers)} workers on {os.cpu_count()} cores share them: compare accuracy at that "
+              "count, not speed.", flush=True)
+    args.master = args.master or f"local[{max(args.workers)}]"
     with _session(args, "kerasonspark-compare") as spark:
         train_df = numpy_to_dataframe(spark, x_train, y_train).cache()
         test_df = numpy_to_dataframe(spark, x_test, y_test).cache()
@@ -176,13 +184,14 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       repeat=args.repeat, options=json.loads(args.options), on_run=report)
         finally:
             train_df.unpersist(), test_df.unpersist()
-    print(format_table(rows))
-    figures = [row.as_dict() for row in rows]
+    print(format_table(rows, args.target))
+    figures = [row.as_dict(args.target) for row in rows]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     if args.plot:
-        plot_comparison(rows, args.plot, f"MNIST {len(x_train):,} images, {args.workers} workers, "
+        workers = "/".join(map(str, args.workers))
+        plot_comparison(rows, args.plot, f"MNIST {len(x_train):,} images, {workers} workers, "
                                          f"{args.epochs} epoch(s), batch {args.batch_size}")
         print(f"Plot written to {args.plot}")
     return figures

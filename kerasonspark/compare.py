@@ -17,6 +17,7 @@ at 0 s. :func:`plot_comparison` draws the curves and the speeds.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -52,15 +53,35 @@ class StrategyRow:
     runs: list[dict[str, float]] = field(default_factory=list)
     vs_single: float | None = None
     curves: list[list[dict[str, float]]] = field(default_factory=list)  # per run: seconds, epoch, test_accuracy
+    workers: int | None = None  # None for an engine that trains without Spark workers (`single`)
+    label: str = ""  # the strategy, with its worker count when the comparison has several
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.strategy
 
     def median(self, figure: str) -> float:
         """The median of ``figure`` over the runs."""
         return statistics.median(run[figure] for run in self.runs)
 
-    def as_dict(self) -> dict[str, Any]:
+    def seconds_to(self, target: float) -> float | None:
+        """The median over the runs of the seconds until a curve point reached ``target`` test
+        accuracy (a run that never did counts as endless); ``None`` when most runs never did."""
+        reached = [next((p["seconds"] for p in curve if p["test_accuracy"] >= target), math.inf) for curve in self.curves]
+        median = statistics.median(reached) if reached else math.inf
+        return None if math.isinf(median) else median
+
+    def accuracy_by_epoch(self) -> list[float]:
+        """The median test accuracy at the end of each epoch."""
+        ends = [[p["test_accuracy"] for p in curve if p["epoch"] > 0 and float(p["epoch"]).is_integer()]
+                for curve in self.curves]
+        return [statistics.median(run[e] for run in ends if e < len(run)) for e in range(min(map(len, ends), default=0))]
+
+    def as_dict(self, target: float | None = None) -> dict[str, Any]:
         """Medians, run count and ratio, then every run's figures and curve, as JSON-ready figures."""
-        return {"strategy": self.strategy, "runs": len(self.runs), "vs_single": self.vs_single,
+        return {"strategy": self.strategy, "workers": self.workers, "runs": len(self.runs), "vs_single": self.vs_single,
                 **{figure: self.median(figure) for figure in FIGURES},
+                "accuracy_by_epoch": self.accuracy_by_epoch(),
+                **({"target": target, "seconds_to_target": self.seconds_to(target)} if target is not None else {}),
                 "every_run": self.runs, "curves": self.curves}
 
     def median_run(self) -> int:
@@ -92,9 +113,9 @@ def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | Non
 
 
 def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSession, train_df: DataFrame,
-                       test_df: DataFrame, strategies: Sequence[str], *, num_workers: int = 2, batch_size: int = 32,
-                       epochs: int = 1, repeat: int = 1, seed: int = 0,
-                       options: Mapping[str, Mapping[str, Any]] | None = None,
+                       test_df: DataFrame, strategies: Sequence[str], *, num_workers: int | Sequence[int] = 2,
+                       batch_size: int = 32, epochs: int = 1, repeat: int = 1, seed: int = 0,
+                       options: Mapping[str, Mapping[str, Any]] | None = None, points_per_epoch: int = 4,
                        on_run: Callable[[str, dict[str, float]], None] | None = None) -> list[StrategyRow]:
     """Train and evaluate each strategy ``repeat`` times on the same data and cores.
 
@@ -102,29 +123,47 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
         make_model: returns a fresh compiled model (the same initial weights each call, for a
             fair comparison).
         strategies: backend names, optionally ``backend:rule``.
+        num_workers: a worker count, or several: each strategy runs at each (``single``, which
+            trains without Spark workers, once).
         options: backend options by strategy or backend name, e.g. ``{"sync": {"sync_every": 32}}``.
-        on_run: called after each run with the strategy and its figures (to print progress).
+        points_per_epoch: curve points per epoch: the model is also snapshotted at each fraction
+            of an epoch (by batch hooks: per batch for ``single``, per round of progress reports,
+            about a second, for the server engines; engines that refuse batch hooks give epoch
+            ends only).
+        on_run: called after each run with the row's label and its figures (to print progress).
 
     Returns:
-        One :class:`StrategyRow` per strategy, in the order given.
+        One :class:`StrategyRow` per strategy and worker count, in the order given.
 
     Raises:
         ConfigurationError: an unknown backend or option (checked for every strategy before any
             training starts).
     """
     resolved = {strategy: parse_strategy(strategy, options) for strategy in strategies}
-    for backend, backend_options in resolved.values():  # every engine and option first: a typo fails in seconds
-        resolve_backend(backend, backend_options or None)
-    rows = {strategy: StrategyRow(strategy) for strategy in strategies}
+    engines = {strategy: resolve_backend(backend, backend_options or None)  # every engine and option first:
+               for strategy, (backend, backend_options) in resolved.items()}  # a typo fails in seconds
+    counts = [num_workers] if isinstance(num_workers, int) else list(num_workers)
+    rows: dict[tuple[str, int | None], StrategyRow] = {}
+    for workers in counts:
+        for strategy in strategies:
+            key = (strategy, workers if engines[strategy].uses_spark_workers else None)
+            if key not in rows:
+                label = strategy if len(counts) == 1 or key[1] is None else f"{strategy} x{workers}"
+                rows[key] = StrategyRow(strategy, workers=key[1], label=label)
     initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
+    steps_per_epoch = max(math.ceil(train_df.count() / batch_size), 1)
     for _ in range(repeat):
-        for strategy, (backend, backend_options) in resolved.items():
-            trainer = SparkTrainer(make_model(), backend=backend, num_workers=num_workers, batch_size=batch_size,
+        for (strategy, row_workers), row in rows.items():
+            backend, backend_options = resolved[strategy]
+            trainer = SparkTrainer(make_model(), backend=backend, num_workers=row_workers or counts[0], batch_size=batch_size,
                                    epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed,
                                    verbose=0)
-            snapshots: list[tuple[float, int, list]] = []
+            snapshots: list[tuple[float, float, list]] = []
             started = time.perf_counter()
-            stats = trainer.fit(train_df, callbacks=[_epoch_snapshots(started, snapshots)]).stats
+            snapshot = _snapshots(started, snapshots, steps_per_epoch, points_per_epoch)
+            if engines[strategy].callback_refusal([snapshot]):
+                snapshot = _snapshots(started, snapshots, steps_per_epoch, 1)
+            stats = trainer.fit(train_df, callbacks=[snapshot]).stats
             server = stats.get("parameter_server", {})  # common to every engine that serves weights
             run = {
                 "samples_per_s": stats["samples_per_second"], "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
@@ -134,30 +173,45 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
                 "overlapping_writes": server.get("overlapping_writes", 0),
                 "max_staleness": server.get("staleness", {}).get("max", 0),
             }
-            rows[strategy].runs.append(run)
-            rows[strategy].curves.append([{"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
-                                          *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"])])
+            row.runs.append(run)
+            row.curves.append([{"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
+                               *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"])])
             if on_run is not None:
-                on_run(strategy, run)
-    single = rows.get("single")
+                on_run(row.label, run)
+    single = next((row for row in rows.values() if row.strategy == "single"), None)
     for row in rows.values():
         if single is not None:
             row.vs_single = row.median("samples_per_s") / single.median("samples_per_s")
     return list(rows.values())
 
 
-def _epoch_snapshots(started: float, snapshots: list[tuple[float, int, list]]) -> Any:
-    """A callback that keeps the model's weights at every epoch's end, with the seconds since ``started``."""
+def _snapshots(started: float, snapshots: list[tuple[float, float, list]], steps_per_epoch: int, points: int) -> Any:
+    """A callback that keeps the model's weights ``points`` times an epoch (the last at its end),
+    with the seconds since ``started`` and the epochs done (fractions between ends)."""
     import keras
 
     class EpochSnapshots(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.epoch, self.next_point = epoch, 1
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             snapshots.append((time.perf_counter() - started, epoch + 1, self.model.get_weights()))
 
-    return EpochSnapshots()
+    class Snapshots(EpochSnapshots):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            # `batch`: the steps done this epoch (per batch in model.fit; per report round, over all
+            # workers, in a served run): snapshot when it passes the next fraction of the epoch.
+            done = (batch + 1) / steps_per_epoch
+            if self.next_point < points and done >= self.next_point / points:
+                fraction = min(round(done, 3), 0.999)  # the epoch's end is on_epoch_end's point
+                snapshots.append((time.perf_counter() - started, self.epoch + fraction, self.model.get_weights()))
+                while self.next_point < points and done >= self.next_point / points:
+                    self.next_point += 1
+
+    return Snapshots() if points > 1 else EpochSnapshots()
 
 
-def _score_snapshots(trainer: SparkTrainer, snapshots: list[tuple[float, int, list]], test_df: DataFrame,
+def _score_snapshots(trainer: SparkTrainer, snapshots: list[tuple[float, float, list]], test_df: DataFrame,
                      final_accuracy: float) -> list[dict[str, float]]:
     """Each snapshot's test accuracy (the final model's is known), the trained weights left in place."""
     import numpy as np
@@ -192,7 +246,8 @@ def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") 
     figure, (curves, speeds) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
     for row in rows:
         points = row.curves[row.median_run()]
-        curves.plot([p["seconds"] for p in points], [p["test_accuracy"] for p in points], marker="o", label=row.strategy)
+        curves.plot([p["seconds"] for p in points], [p["test_accuracy"] for p in points], marker="o", markersize=3,
+                    label=row.label)
     curves.set_xlabel("wall-clock seconds since fit started")
     curves.set_ylabel("test accuracy (the model at each epoch's end)")
     curves.set_title("Accuracy against time")
@@ -201,9 +256,9 @@ def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") 
         curves.set_ylim(max(min(finals) - 0.02, 0.0), min(max(finals) + 0.005, 1.0))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8, loc="lower right")
-    names = [row.strategy for row in rows]
+    names = [row.label for row in rows]
     values = [row.median("samples_per_wall_s") for row in rows]
-    bars = speeds.barh(names, values, color=["tab:gray" if n == "single" else "tab:blue" for n in names])
+    bars = speeds.barh(names, values, color=["tab:gray" if row.strategy == "single" else "tab:blue" for row in rows])
     speeds.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=3)
     single = next((row for row in rows if row.strategy == "single"), None)
     if single is not None:
@@ -220,14 +275,28 @@ def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") 
     plt.close(figure)
 
 
-def format_table(rows: Sequence[StrategyRow]) -> str:
-    """The rows as a Markdown table (medians), ready for a README."""
-    lines = ["| strategy | runs | samples/s (training) | vs single | samples/s (whole fit) | train s | wall s | "
-             "test accuracy | exchanges |", "|---|---|---|---|---|---|---|---|---|"]
+def format_table(rows: Sequence[StrategyRow], target: float | None = None) -> str:
+    """The rows as a Markdown table (medians), ready for a README: with a worker column when the
+    rows have several counts, the accuracy after each epoch when there are several, and the
+    seconds to ``target`` test accuracy."""
+    several_counts = len({row.workers for row in rows if row.workers is not None}) > 1
+    epochs = max((len(row.accuracy_by_epoch()) for row in rows), default=0)
+    head = ["strategy", *(["workers"] if several_counts else []), "runs", "samples/s (training)", "vs single",
+            "samples/s (whole fit)", "train s", "wall s", "test accuracy",
+            *(["accuracy by epoch"] if epochs > 1 else []), *([f"s to {target:g}"] if target is not None else []),
+            "exchanges"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ratio = f"{row.vs_single:.2f}x" if row.vs_single is not None else "-"
         exchanges = f"{row.median('exchanges'):.0f}" if row.median("exchanges") else "-"
-        lines.append(f"| `{row.strategy}` | {len(row.runs)} | {row.median('samples_per_s'):,.0f} | {ratio} | "
-                     f"{row.median('samples_per_wall_s'):,.0f} | {row.median('train_s'):.1f} | {row.median('wall_s'):.1f} | "
-                     f"{row.median('test_accuracy'):.4f} | {exchanges} |")
+        cells = [f"`{row.strategy}`", *([str(row.workers or "-")] if several_counts else []), str(len(row.runs)),
+                 f"{row.median('samples_per_s'):,.0f}", ratio, f"{row.median('samples_per_wall_s'):,.0f}",
+                 f"{row.median('train_s'):.1f}", f"{row.median('wall_s'):.1f}", f"{row.median('test_accuracy'):.4f}"]
+        if epochs > 1:
+            cells.append(" / ".join(f"{a:.4f}" for a in row.accuracy_by_epoch()))
+        if target is not None:
+            seconds = row.seconds_to(target)
+            cells.append(f"{seconds:.1f}" if seconds is not None else "not reached")
+        cells.append(exchanges)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

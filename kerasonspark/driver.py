@@ -305,8 +305,11 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
 
         def fence() -> None:
             # A task of the failed stage may still run for a while (Spark kills tasks lazily); with a
-            # fresh secret its pushes, rounds and reports are refused, so nothing is applied twice.
-            config.secret = new_secret()
+            # fresh secret its pushes, rounds and reports are refused, and a push it sent just before
+            # lands before the driver counts what the center holds: nothing is applied twice.
+            if not server.rotate_secret(new_secret()):
+                logger.warning("A push of the failed stage was still running 10 s after the restart began; "
+                               "the resume positions may be off by its exchange.")
 
         steering.begin()
         started = time.perf_counter()

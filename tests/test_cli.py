@@ -62,7 +62,7 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark
     strategies = ["single", "sync", "async:downpour", "elephas:hogwild"]
     assert main(["compare", "--data", str(tmp_path), "--backends", *strategies, "--epochs", "2", "--batch-size", "16",
                  "--options", '{"elephas:hogwild": {"frequency": "epoch"}}', "--json", str(figures),
-                 "--plot", str(picture)]) == 0
+                 "--plot", str(picture), "--target", "0.5"]) == 0
     rows = {row["strategy"]: row for row in json.loads(figures.read_text())}
     assert list(rows) == strategies
     assert rows["single"]["vs_single"] == 1.0 and rows["sync"]["vs_single"] > 0
@@ -70,14 +70,22 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark
     assert rows["single"]["exchanges"] == 0
     assert rows["sync"]["exchanges"] > 0 and rows["async:downpour"]["exchanges"] > rows["sync"]["exchanges"]
     assert rows["elephas:hogwild"]["exchanges"] == 2 * 2  # frequency "epoch": one push per worker and epoch
-    for row in rows.values():  # the initial model at 0 s, then the model at each epoch's end
+    for row in rows.values():  # the initial model at 0 s, points within epochs, the model at each epoch's end
         (curve,) = row["curves"]
-        assert [p["epoch"] for p in curve] == [0, 1, 2] and curve[0]["seconds"] == 0.0
-        assert curve[0]["seconds"] < curve[1]["seconds"] < curve[2]["seconds"] <= row["wall_s"] + 1e-6
-        assert curve[2]["test_accuracy"] == row["test_accuracy"] and curve[0]["test_accuracy"] < 0.5
+        ends = [p for p in curve if float(p["epoch"]).is_integer()]
+        assert [p["epoch"] for p in ends] == [0, 1, 2] and curve[0]["seconds"] == 0.0
+        seconds = [p["seconds"] for p in curve]
+        assert seconds == sorted(seconds) and seconds[-1] <= row["wall_s"] + 1e-6
+        assert ends[2]["test_accuracy"] == row["test_accuracy"] and ends[0]["test_accuracy"] < 0.5
+        assert row["accuracy_by_epoch"] == [ends[1]["test_accuracy"], ends[2]["test_accuracy"]]
+        assert row["target"] == 0.5 and 0 < row["seconds_to_target"] <= row["wall_s"]
+    # single gets a point at each quarter of an epoch (25 steps of 16 rows: at steps 7, 13 and 19)
+    assert [p["epoch"] for p in rows["single"]["curves"][0]] == [0, 0.28, 0.52, 0.76, 1, 1.28, 1.52, 1.76, 2]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    output = capsys.readouterr().out.splitlines()
+    table = [line for line in output if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == strategies
+    assert "accuracy by epoch" in output[output.index(next(line for line in output if line.startswith("| strategy")))]
     assert spark.range(3).count() == 3  # the session still runs
 
 
@@ -111,3 +119,17 @@ def test_the_comparison_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     table = next(data["text/markdown"] for data in shown if "text/markdown" in data)
     assert "| `single` |" in table and "| `sync` |" in table
     assert any("image/png" in data for data in shown) and (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.spark
+def test_compare_runs_each_strategy_at_each_worker_count_and_single_once(spark, tmp_path, capsys):
+    from kerasonspark.cli import main
+
+    write_tiny_mnist(tmp_path)
+    figures = tmp_path / "figures.json"
+    assert main(["compare", "--data", str(tmp_path), "--backends", "single", "sync", "--workers", "1", "2",
+                 "--batch-size", "16", "--json", str(figures)]) == 0
+    rows = [(row["strategy"], row["workers"]) for row in json.loads(figures.read_text())]
+    assert rows == [("single", None), ("sync", 1), ("sync", 2)]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert [line.split(" | ")[1] for line in table] == ["-", "1", "2"]  # the workers column

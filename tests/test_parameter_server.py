@@ -244,3 +244,31 @@ def test_idle_and_stalled_connections_are_closed_and_clients_reconnect(no_leaked
             reply, _ = c.push(np.ones(8, np.float32), SHAPES, window=1, samples=1)
         np.testing.assert_array_equal(reply, np.arange(8) + 1)
         assert store.version == 1
+
+
+def test_rotating_the_secret_refuses_the_old_one_and_waits_for_a_push_it_let_in(no_leaked_threads):
+    import socket
+
+    from kerasonspark.parameter_server import auth
+
+    secret = new_secret()
+    store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1, rule=AddRule())
+    with ParameterServer(store, ServerConfig(secret)) as server:
+        body = b"".join(bytes(p) for p in wire.encode(np.ones(8, np.float32), SHAPES, window=1, samples=1))
+        head = (f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+                f"{auth.HEADER}: {auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n").encode()
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(head + body[:10])  # authenticated; the rest of the body is still on its way
+            time.sleep(0.3)
+            outcome = {}
+            rotation = threading.Thread(target=lambda: outcome.setdefault("drained", server.rotate_secret(new_secret())))
+            rotation.start()
+            time.sleep(0.3)
+            assert rotation.is_alive() and store.version == 0  # waiting for the push it let in
+            sock.sendall(body[10:])
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            rotation.join(5)
+        assert outcome == {"drained": True} and store.version == 1
+        with ParameterClient(server.url, secret, 0, timeout=10) as old:
+            with pytest.raises(ParameterServerError, match="401"):
+                old.pull()

@@ -154,6 +154,33 @@ def _binary(parts: list, status: int = 200) -> Response:
 api = Blueprint("parameter_server", __name__, url_prefix="/v1")
 
 
+class InFlight:
+    """Pushes that passed authentication and have not finished.
+
+    A restart replaces the run's secret, then waits here, so that a push authenticated with the
+    old secret lands before the driver counts what the center holds, never after.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def enter(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if not self._count:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until none is in flight; returns whether that happened within ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
 @dataclass
 class _State:
     """What the views share, kept in ``app.extensions["kerasonspark"]``."""
@@ -162,6 +189,7 @@ class _State:
     config: ServerConfig
     replay: _ReplayGuard
     board: EpochBoard | None
+    in_flight: InFlight
 
 
 def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | None = None) -> Flask:
@@ -180,7 +208,7 @@ def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | 
     app = Flask("kerasonspark.parameter_server")
     app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
     app.url_map.converters["count"] = _CountConverter
-    app.extensions[EXTENSION] = _State(store, config, _ReplayGuard(), board)
+    app.extensions[EXTENSION] = _State(store, config, _ReplayGuard(), board, InFlight())
     app.register_blueprint(api)
     app.register_error_handler(BarrierTimeoutError, _barrier_timeout)
     app.register_error_handler(ParameterServerError, _refused)
@@ -218,6 +246,9 @@ def _authenticate() -> Response | None:
         store.count("refused_auth")
         return _error(401, str(exc))
     request.environ["kerasonspark.authenticated"] = True
+    if request.path == "/v1/push":  # a round cannot complete without the failed worker; a push can land
+        _state().in_flight.enter()
+        request.environ["kerasonspark.in_flight"] = True
     if length > config.max_payload_bytes:  # the cap is the model's size: told to secret holders only
         return _error(413, f"Payload of {length} bytes exceeds the cap of {config.max_payload_bytes} bytes; "
                            "raise `max_payload_bytes` if the model is that large.")
@@ -234,6 +265,12 @@ def _authenticate() -> Response | None:
     request.environ["kerasonspark.worker"] = creds.worker
     store.count_bytes(received=len(body))
     return None
+
+
+@api.teardown_request
+def _finished(exc: BaseException | None) -> None:
+    if request.environ.pop("kerasonspark.in_flight", False):
+        _state().in_flight.leave()
 
 
 def _worker_id() -> int:

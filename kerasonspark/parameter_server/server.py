@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..errors import ParameterServerError
-from .app import ServerConfig, create_app
+from .app import EXTENSION, ServerConfig, create_app
 from .board import EpochBoard
 from .store import ParameterStore
 
@@ -577,6 +577,12 @@ class ParameterServer:
     def open_connections(self) -> int:
         """Client connections open now (waiting for a request head, or served by a thread)."""
         return self._server.open_connections()
+
+    def rotate_secret(self, secret: bytes, timeout: float = 10.0) -> bool:
+        """Refuse every request signed with the old secret from now on, and wait until the pushes it
+        already let in have landed. Returns whether they did within ``timeout``."""
+        self.config.secret = secret
+        return self.app.extensions[EXTENSION].in_flight.wait_idle(timeout)
 
     def start(self) -> ParameterServer:
         """Start serving in a background thread; returns self."""
