@@ -289,8 +289,12 @@ def format_table(rows: Sequence[StrategyRow], target: float | None = None) -> st
     for row in rows:
         ratio = f"{row.vs_single:.2f}x" if row.vs_single is not None else "-"
         exchanges = f"{row.median('exchanges'):.0f}" if row.median("exchanges") else "-"
+        whole_fit = f"{row.median('samples_per_wall_s'):,.0f}"
+        if row.strategy == "single" and len(row.runs) > 1:  # bimodal on small machines: its range, not only the median
+            speeds = [run["samples_per_wall_s"] for run in row.runs]
+            whole_fit += f" ({min(speeds):,.0f}-{max(speeds):,.0f})"
         cells = [f"`{row.strategy}`", *([str(row.workers or "-")] if several_counts else []), str(len(row.runs)),
-                 f"{row.median('samples_per_s'):,.0f}", ratio, f"{row.median('samples_per_wall_s'):,.0f}",
+                 f"{row.median('samples_per_s'):,.0f}", ratio, whole_fit,
                  f"{row.median('train_s'):.1f}", f"{row.median('wall_s'):.1f}", f"{row.median('test_accuracy'):.4f}"]
         if epochs > 1:
             cells.append(" / ".join(f"{a:.4f}" for a in row.accuracy_by_epoch()))

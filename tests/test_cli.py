@@ -133,3 +133,23 @@ def test_compare_runs_each_strategy_at_each_worker_count_and_single_once(spark, 
     assert rows == [("single", None), ("sync", 1), ("sync", 2)]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
     assert [line.split(" | ")[1] for line in table] == ["-", "1", "2"]  # the workers column
+
+
+def test_the_table_shows_medians_single_s_range_and_seconds_to_target():
+    from kerasonspark.compare import StrategyRow, format_table
+
+    def run(speed, accuracy):
+        return {"samples_per_s": speed, "samples_per_wall_s": speed / 2, "train_s": 1.0, "wall_s": 2.0,
+                "test_accuracy": accuracy, "exchanges": 0, "overlapping_writes": 0, "max_staleness": 0}
+
+    def curve(seconds_at_target):  # reaches 0.9 at the given second, or never (None)
+        return [{"seconds": 0.0, "epoch": 0, "test_accuracy": 0.1}, {"seconds": 5.0, "epoch": 0.5, "test_accuracy": 0.5},
+                {"seconds": seconds_at_target or 9.0, "epoch": 1, "test_accuracy": 0.95 if seconds_at_target else 0.8}]
+
+    single = StrategyRow("single", [run(1000, 0.9), run(3000, 0.95), run(2000, 0.92)], curves=[curve(8), curve(6), curve(7)])
+    sync = StrategyRow("sync", [run(4000, 0.9)] * 3, curves=[curve(None), curve(None), curve(4)], workers=2)
+    lines = format_table([single, sync], target=0.9).splitlines()
+    assert lines[2].split(" | ")[4] == "1,000 (500-1,500)"  # whole-fit samples/s: median (range) for single only
+    assert lines[3].split(" | ")[4] == "2,000"
+    assert lines[2].split(" | ")[-2] == "7.0" and lines[3].split(" | ")[-2] == "not reached"  # 2 of 3 runs never did
+    assert single.accuracy_by_epoch() == [0.95]
