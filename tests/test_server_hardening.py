@@ -352,3 +352,15 @@ def test_12_an_oversized_unauthenticated_request_learns_nothing_of_the_cap(no_le
             sock.sendall(signed_head(server, "POST", "/v1/push", 999999))
             response = read_until_closed(sock)
         assert status_of(response) == 413 and "4096" in error_of(response)
+
+
+def test_a_signed_request_from_an_unknown_worker_id_is_refused_before_the_replay_guard_remembers_it(no_leaked_threads):
+    with serve() as server:
+        for worker in (2, 7, 10**8):
+            with connect(server) as sock:
+                sock.sendall(signed_head(server, "GET", "/v1/stats", 0, worker=worker))
+                response = sock.recv(65536)
+            assert status_of(response) == 400 and "Unknown worker id" in error_of(response)
+        assert server.app.extensions["kerasonspark"].replay._last == {}
+        with ParameterClient(server.url, server.secret, -1) as driver, ParameterClient(server.url, server.secret, 1) as w:
+            assert driver.health()["status"] == "ok" and w.health()["status"] == "ok"

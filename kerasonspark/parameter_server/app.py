@@ -246,6 +246,8 @@ def _authenticate() -> Response | None:
         store.count("refused_auth")
         return _error(401, str(exc))
     request.environ["kerasonspark.authenticated"] = True
+    if not -1 <= creds.worker < store.num_workers:  # -1 is the driver; refused before the replay guard keeps it
+        return _error(400, f"Unknown worker id {creds.worker}: this run has workers 0 to {store.num_workers - 1}.")
     if request.path == "/v1/push":  # a round cannot complete without the failed worker; a push can land
         _state().in_flight.enter()
         request.environ["kerasonspark.in_flight"] = True
