@@ -118,22 +118,17 @@ def other_server(name: str, app):
 
         server = Server(("127.0.0.1", 0), app, numthreads=4, request_queue_size=128)
         server.prepare()
-        thread = threading.Thread(target=server.serve, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.bind_addr[1]}"
-        finally:
-            server.stop()
+        serve, stop, port = server.serve, server.stop, server.bind_addr[1]
     else:
         from waitress.server import create_server
 
         server = create_server(app, host="127.0.0.1", port=0, threads=4, max_request_body_size=1 << 30)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.effective_port}"
-        finally:
-            server.close()
+        serve, stop, port = server.run, server.close, server.effective_port
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop()
 
 
 def main() -> None:

@@ -190,6 +190,7 @@ class _State:
     replay: _ReplayGuard
     board: EpochBoard | None
     in_flight: InFlight
+    last_internal_error: float = 0.0  # when one was last logged (monotonic seconds)
 
 
 def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | None = None) -> Flask:
@@ -449,15 +450,13 @@ def _http_error(exc: HTTPException) -> Response:
     return _error(exc.code or 500, exc.description or exc.name)
 
 
-_last_internal_error = [0.0]
-
-
 def _internal_error(exc: Exception) -> Response:
     # A bug, not the client's doing; one line at most every 10 s, so no client can flood the log.
-    _state().store.count("internal_errors")
+    state = _state()
+    state.store.count("internal_errors")
     now = time.monotonic()
-    if now - _last_internal_error[0] > 10:
-        _last_internal_error[0] = now
+    if now - state.last_internal_error > 10:
+        state.last_internal_error = now
         logger.error("Parameter server: %s on %s %s: %s", type(exc).__name__, request.method, request.path[:100],
                      str(exc)[:200])
     return _error(500, "Internal error in the parameter server; the driver's log names it.")

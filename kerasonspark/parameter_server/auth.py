@@ -54,7 +54,8 @@ def sign(secret: bytes, method: str, path: str, worker: int, seq: int, body_leng
     value = f"v1 worker={worker} seq={seq} ts={ts} sig={sig}"
     if body_digest is None:
         return value
-    return f"{value} bsig={_mac(secret, sig + chr(10) + body_digest)}"
+    bsig = _mac(secret, sig + "\n" + body_digest)
+    return f"{value} bsig={bsig}"
 
 
 def _mac(secret: bytes, message: str) -> str:
@@ -137,5 +138,5 @@ def verify_body(secret: bytes, creds: Credentials, body_digest: str) -> None:
     """
     if creds.bsig is None:
         raise AuthenticationError("This server signs bodies: the request carries no `bsig`; sign with sign_body=True.")
-    if not hmac.compare_digest(_mac(secret, creds.sig + chr(10) + body_digest), creds.bsig):
+    if not hmac.compare_digest(_mac(secret, creds.sig + "\n" + body_digest), creds.bsig):
         raise AuthenticationError("Bad body signature: the body is not the one that was signed.")
