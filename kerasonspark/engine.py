@@ -127,6 +127,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"Expected `{name}` > 0 seconds. Received: {name}={value!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ConfigurationError(f"Expected `seed` to be None or an integer >= 0. Received: seed={self.seed!r}.")
         if self.verbose not in (0, 1, 2):
             raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads

@@ -234,17 +234,14 @@ def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any
     return steps
 
 
-def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None) -> keras.Model:
+def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None, version: str) -> keras.Model:
     """The model of ``spec_bytes`` with its weights, for evaluate and predict tasks.
 
-    The architecture is rebuilt once per Python worker; the weights are set on every call,
-    since the same architecture may come back with new weights.
+    Built once per Python worker per model ``version`` (a digest of ``spec_bytes`` the driver
+    computes once): the tasks of one prediction reuse the model without setting weights again.
     """
     configure_tensorflow(threads)
-    spec = ModelSpec.from_bytes(spec_bytes, custom_objects)
-    model = cached_model(f"inference-{spec.fingerprint}", spec_bytes, custom_objects)
-    set_flat_weights(model, spec.weights)
-    return model
+    return cached_model(f"inference-{version}", spec_bytes, custom_objects)
 
 
 def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo,
@@ -601,30 +598,56 @@ def concatenate_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], info: Da
 
 def evaluate_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
                        custom_objects: dict[str, Any], info: DataInfo, threads: int | None,
-                       batch_size: int) -> Iterator[tuple[int, dict[str, float]]]:
+                       batch_size: int, version: str) -> Iterator[tuple[int, dict[str, float]]]:
     """The body of one evaluation task: ``(rows, scores)`` for each non-empty block."""
-    model = inference_model(spec_broadcast.value, custom_objects, threads)
+    model = inference_model(spec_broadcast.value, custom_objects, threads, version)
     for x, y in blocks:
         if len(x):
             scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
             yield len(x), _metric_logs(scores)
 
 
-def predict_batches(batches: Iterable[Any], spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo,
-                    threads: int | None, batch_size: int, features: str, names: list[str],
-                    output_col: str) -> Iterator[Any]:
-    """The body of one prediction task: each Arrow batch with the model's output appended."""
+def prediction_arrays(out: np.ndarray, kind: str) -> list[Any]:
+    """The model's outputs for a batch (rows x width) as the Arrow columns of prediction ``kind``.
+
+    ``"array"``: one ``array<float>`` column of the raw outputs. ``"class"``: the predicted class
+    index (double) and the class probabilities (``array<double>``). ``"binary"``: for one sigmoid
+    output, the class (p >= 0.5) and ``[1 - p, p]``. ``"value"``: one double per row (a one-wide
+    output), or the outputs as ``array<double>``.
+    """
     import pyarrow as pa
 
-    model = inference_model(spec_bytes, custom_objects, threads)
+    def lists(values: np.ndarray) -> Any:
+        offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel()))
+
+    if kind == "array":
+        return [lists(out.astype(np.float32, copy=False))]
+    out = out.astype(np.float64)
+    if kind == "class":
+        return [pa.array(out.argmax(axis=1).astype(np.float64)), lists(out)]
+    if kind == "binary":
+        p = out[:, :1]
+        return [pa.array((p[:, 0] >= 0.5).astype(np.float64)), lists(np.hstack([1.0 - p, p]))]
+    if kind == "value":
+        return [pa.array(out[:, 0]) if out.shape[1] == 1 else lists(out)]
+    raise ValueError(f"Unknown prediction kind {kind!r}.")
+
+
+def predict_batches(batches: Iterable[Any], spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo,
+                    threads: int | None, batch_size: int, features: str, names: list[str],
+                    outputs: list[str], kind: str, version: str) -> Iterator[Any]:
+    """The body of one prediction task: each Arrow batch's ``names`` columns with the model's
+    outputs appended as ``outputs`` (see :func:`prediction_arrays` for each ``kind``)."""
+    import pyarrow as pa
+
+    model = inference_model(spec_bytes, custom_objects, threads, version)
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        x = batch.column(features).flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        x = batch.column(features).flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         if x.size != batch.num_rows * info.feature_size:
             raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
-        out = np.asarray(model.predict(x.reshape((batch.num_rows, *info.input_shape)), batch_size=batch_size, verbose=0),
-                         dtype=np.float32).reshape(batch.num_rows, -1)
-        offsets = np.arange(0, out.size + 1, out.shape[1], dtype=np.int32)
-        predictions = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.ravel()))
-        yield pa.RecordBatch.from_arrays([batch.column(n) for n in names] + [predictions], names=names + [output_col])
+        out = np.asarray(model.predict(x.reshape((batch.num_rows, *info.input_shape)), batch_size=batch_size, verbose=0))
+        columns = prediction_arrays(out.reshape(batch.num_rows, -1), kind)
+        yield pa.RecordBatch.from_arrays([batch.column(n) for n in names] + columns, names=names + outputs)

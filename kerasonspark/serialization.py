@@ -127,6 +127,12 @@ class ModelSpec:
         return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))
 
 
+def spec_version(spec_bytes: bytes) -> str:
+    """A digest of a serialised spec (architecture, compile config and weights): executors keep
+    one built model per version."""
+    return hashlib.blake2b(spec_bytes, digest_size=16).hexdigest()
+
+
 def is_custom_loss(compile_config: dict[str, Any] | None) -> bool:
     """Whether the config's loss is one Keras does not ship (a user's function or class)."""
     loss = (compile_config or {}).get("loss")

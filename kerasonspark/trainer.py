@@ -20,12 +20,13 @@ from .driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
 from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
-from .serialization import ModelSpec, set_flat_weights
+from .serialization import ModelSpec, set_flat_weights, spec_version
 from .session import check_slots, check_weights_privacy, server_host, start_session
 
 if TYPE_CHECKING:
     import keras
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import DataType
 
 logger = logging.getLogger(__name__)
 
@@ -298,9 +299,11 @@ class SparkTrainer:
         with self._session(data) as spark:
             with spark_errors():
                 blocks = data_module.to_blocks(spark, data, features, label, self.info, None, "evaluation")
-            spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
+            spec_bytes = spec.to_bytes()
+            spec_broadcast = spark.sparkContext.broadcast(spec_bytes)
             body = partial(evaluate_partition, spec_broadcast=spec_broadcast, custom_objects=spec.custom_objects,
-                           info=self.info, threads=self.config.worker_threads, batch_size=batch_size)
+                           info=self.info, threads=self.config.worker_threads, batch_size=batch_size,
+                           version=spec_version(spec_bytes))
             try:
                 with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
                     results = blocks.mapPartitions(body).collect()
@@ -322,6 +325,7 @@ class SparkTrainer:
         """
         from pyspark import RDD
         from pyspark.sql import DataFrame
+        from pyspark.sql import types as T
 
         spec = self._spec()
         with self._session(data, keep=True) as spark:
@@ -333,8 +337,10 @@ class SparkTrainer:
             else:
                 x = data_module.as_features(data[0] if isinstance(data, tuple) else data, self.info, "the prediction features")
                 df = data_module.numpy_to_dataframe(spark, x, features=features)
-            return _predict_dataframe(spark, df, spec, self.info, features, output_col, batch_size,
-                                      self.config.worker_threads)
+            data_module.check_first_row(df.select(data_module.feature_column(df, features, "prediction").alias("f")), "f",
+                                        features, self.info, "prediction")
+            return predict_dataframe(df, spec, self.info, features, {output_col: T.ArrayType(T.FloatType())}, "array",
+                                     batch_size, self.config.worker_threads)
 
 
 def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Callback]:
@@ -374,17 +380,29 @@ def _features_and_labels(x: Any, y: Any, method: str) -> Any:
     return (x, y)
 
 
-def _predict_dataframe(spark: SparkSession, df: DataFrame, spec: ModelSpec, info: DataInfo, features: str,
-                       output_col: str, batch_size: int, threads: int | None) -> DataFrame:
+def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: str, outputs: Mapping[str, DataType],
+                      kind: str, batch_size: int = 256, threads: int | None = None) -> DataFrame:
+    """``df`` with the model's predictions appended, computed on the executors through Arrow.
+
+    Lazy, like any transformation: nothing runs until an action. Every column and the row order
+    are kept. Each Python worker builds the model once per model version.
+
+    Args:
+        outputs: the new columns' names and Spark SQL types, in the order
+            :func:`kerasonspark.executor.prediction_arrays` gives them for ``kind``.
+        kind: ``"array"``, ``"class"``, ``"binary"`` or ``"value"``.
+    """
     from pyspark.sql import types as T
 
-    if output_col in df.columns:
-        raise DataError(f"The DataFrame already has a column {output_col!r}; pass another `output_col`.")
+    clash = [name for name in outputs if name in df.columns]
+    if clash:
+        raise DataError(f"The DataFrame already has the column(s) {clash}; name the prediction columns differently "
+                        "(`output_col` of SparkTrainer.predict, `predictionCol` or `probabilityCol` of KerasModel).")
     temp = "__kerasonspark_features"
     staged = df.withColumn(temp, data_module.feature_column(df, features, "prediction"))
-    data_module.check_first_row(staged, temp, features, info, "prediction")
-    schema = T.StructType(df.schema.fields + [T.StructField(output_col, T.ArrayType(T.FloatType()))])
-    body = partial(predict_batches, spec_bytes=spec.to_bytes(), custom_objects=spec.custom_objects, info=info,
-                   threads=threads, batch_size=batch_size, features=temp, names=df.columns, output_col=output_col)
+    spec_bytes = spec.to_bytes()
+    schema = T.StructType(df.schema.fields + [T.StructField(name, type_) for name, type_ in outputs.items()])
+    body = partial(predict_batches, spec_bytes=spec_bytes, custom_objects=spec.custom_objects, info=info,
+                   threads=threads, batch_size=batch_size, features=temp, names=df.columns, outputs=list(outputs),
+                   kind=kind, version=spec_version(spec_bytes))
     return staged.mapInArrow(body, schema)
-

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
+import sys
 import threading
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest
+
+CUSTOM_OBJECTS = Path(__file__).parent / "custom_objects"
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +52,25 @@ def small_model(dim: int = 16, classes: int = 4, loss: str = "sparse_categorical
     ])
     model.compile(keras.optimizers.Adam(0.01), loss, metrics=["accuracy"])
     return model
+
+
+@pytest.fixture
+def user_code(tmp_path):
+    """The user's script run in this process's `__main__`, and their helper module importable on the
+    driver alone (from the script's folder, as `python script.py` puts it on the driver's path)."""
+    main = sys.modules["__main__"]
+    before = set(vars(main))
+    exec(compile((CUSTOM_OBJECTS / "user_script.py").read_text(), "user_script.py", "exec"), vars(main))
+    shutil.copy(CUSTOM_OBJECTS / "custom_parts.py", tmp_path / "custom_parts.py")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        helper = importlib.import_module("custom_parts")
+        yield main, helper
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("custom_parts", None)
+        for name in set(vars(main)) - before:
+            delattr(main, name)
 
 
 @pytest.fixture

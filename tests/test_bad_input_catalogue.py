@@ -21,6 +21,7 @@ import pytest
 
 from kerasonspark import SparkTrainer
 from kerasonspark.data import numpy_to_dataframe
+from kerasonspark.ml import KerasEstimator
 from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, auth, make_rule, new_secret, wire
 
 from conftest import make_blobs, small_model
@@ -118,6 +119,14 @@ def two_input_model(spark):
     SparkTrainer(model, num_workers=2, spark=spark, verbose=0).fit((x, y))
 
 
+def scheduled_rate_tuned(spark):
+    model = small_model()
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.9)),
+                  "sparse_categorical_crossentropy")
+    df = spark.createDataFrame([([0.0] * 16, 0)], ["features", "label"])
+    KerasEstimator(model=model, learningRate=0.1).fit(df)
+
+
 def encrypted_cluster(spark):
     from kerasonspark.session import check_weights_privacy
 
@@ -198,6 +207,13 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      lambda spark: SparkTrainer(small_model(), num_workers=3, spark=spark, verbose=0).fit(make_blobs(100))),
     ("num_workers below 1", "ConfigurationError", "Expected `num_workers` to be a positive integer. Received: num_workers=0.", BEFORE_JOBS,
      lambda spark: SparkTrainer(small_model(), num_workers=0)),
+    ("A negative seed", "ConfigurationError", "Expected `seed` to be None or an integer >= 0. Received: seed=-1.", BEFORE_JOBS,
+     lambda spark: SparkTrainer(small_model(), seed=-1)),
+    ("KerasEstimator without a model", "ConfigurationError", "KerasEstimator has no model: pass `model=` (a compiled keras.Model) or "
+     "call `setModel`.", BEFORE_JOBS,
+     lambda spark: KerasEstimator().fit(spark.createDataFrame([([0.0], 0)], ["features", "label"]))),
+    ("KerasEstimator `learningRate` over a LearningRateSchedule", "ConfigurationError", "The model's optimizer follows a "
+     "LearningRateSchedule, so `learningRate` cannot replace its rate.", BEFORE_JOBS, scheduled_rate_tuned),
     ("No Java on the machine", "SparkEnvironmentError", "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs Java 17 or newer", BEFORE_JOBS, missing_java),
     ("Cleartext weights beside an encrypted cluster", "ConfigurationError", "the parameter server at 10.0.0.5 sends weights in cleartext HTTP. Set "
      "`spark.kerasonspark.allowCleartextWeights=true` to accept that", BEFORE_JOBS,

@@ -3,9 +3,6 @@ from a helper module the executors lack, for training, evaluate and predict, wit
 
 import importlib
 import importlib.util
-import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,26 +12,6 @@ from kerasonspark import SparkTrainer, available_backends
 from conftest import make_blobs
 
 pytestmark = pytest.mark.spark
-HERE = Path(__file__).parent / "custom_objects"
-
-
-@pytest.fixture
-def user_code(tmp_path):
-    """The user's script run in this process's `__main__`, and their helper module importable on the
-    driver alone (from the script's folder, as `python script.py` puts it on the driver's path)."""
-    main = sys.modules["__main__"]
-    before = set(vars(main))
-    exec(compile((HERE / "user_script.py").read_text(), "user_script.py", "exec"), vars(main))
-    shutil.copy(HERE / "custom_parts.py", tmp_path / "custom_parts.py")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        helper = importlib.import_module("custom_parts")
-        yield main, helper
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("custom_parts", None)
-        for name in set(vars(main)) - before:
-            delattr(main, name)
 
 
 def build_model(main, helper):

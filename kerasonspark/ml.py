@@ -1,0 +1,487 @@
+"""Spark ML pipelines: :class:`KerasEstimator` trains a Keras model with any engine,
+:class:`KerasModel` predicts with it on the executors.
+
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import VectorAssembler
+    from kerasonspark.ml import KerasEstimator
+
+    estimator = KerasEstimator(model=compiled_model, backend="async", epochs=2, labelCol="digit")
+    fitted = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="features"), estimator]).fit(df)
+    fitted.write().overwrite().save("hdfs:///models/digits")     # PipelineModel.load(...) later
+    fitted.transform(test_df).select("prediction", "probability")
+
+Both stages save and load with Spark ML's persistence: Spark's metadata (the Params as JSON)
+beside the Keras model in the ``.keras`` format, and the custom objects the model needs. The
+estimator never trains the model it was given: each ``fit`` trains a fresh copy (its weights
+are where training starts), so ``CrossValidator`` may fit it many times.
+
+Outputs follow Spark ML's classifiers and regressors: a classification model (a categorical
+loss, or binary cross-entropy on one sigmoid output) gives ``predictionCol`` (the class index as
+a double) and ``probabilityCol`` (an ML ``Vector``); any other model gives ``predictionCol`` (a
+double for one output value, else a ``Vector``). Every input column and the row order are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pyspark import keyword_only
+from pyspark.ml import Estimator, Model
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
+from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
+
+from .data import DataInfo
+from .driver import ship_by_value
+from .errors import ConfigurationError, DataError
+from .serialization import ModelSpec, loss_name, referenced_custom_objects
+
+if TYPE_CHECKING:
+    import keras
+    from pyspark.sql import DataFrame, SparkSession
+
+logger = logging.getLogger(__name__)
+
+_BINARY_LOSSES = {"binary_crossentropy", "binarycrossentropy", "binary_focal_crossentropy", "binaryfocalcrossentropy"}
+_MODEL_FILE = "model.keras"
+_CUSTOM_OBJECTS_FILE = "custom_objects.cloudpickle"
+# Params that hold Python objects: saved in files of their own, not in Spark's JSON metadata.
+_OBJECT_PARAMS = ("model", "customObjects")
+
+
+def _to_compiled_model(value: Any) -> keras.Model:
+    import keras
+
+    if not isinstance(value, keras.Model):
+        raise TypeError(f"Expected a keras.Model. Received: {type(value).__name__}.")
+    if not getattr(value, "compiled", False):
+        raise TypeError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
+    return value
+
+
+def _to_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"Expected a dict. Received: {type(value).__name__}.")
+    return dict(value)
+
+
+def _to_optional_positive_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = TypeConverters.toFloat(value)
+    if not math.isfinite(number) or number <= 0:
+        raise TypeError(f"Expected a positive finite number. Received: {value!r}.")
+    return number
+
+
+def _to_fraction(value: Any) -> float:
+    number = TypeConverters.toFloat(value)
+    if not 0.0 <= number < 1.0:
+        raise TypeError(f"Expected a fraction in [0, 1). Received: {value!r}.")
+    return number
+
+
+def _to_positive_int(value: Any) -> int:
+    number = TypeConverters.toInt(value)
+    if number < 1:
+        raise TypeError(f"Expected a positive integer. Received: {value!r}.")
+    return number
+
+
+class _KerasParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol):
+    """The Params an estimator and its fitted model share."""
+
+    customObjects: Param[dict[str, Any]] = Param(
+        Params._dummy(), "customObjects",
+        "custom layers, losses and metrics the model uses, by name (saved with the model)", _to_dict)
+    predictionBatchSize: Param[int] = Param(
+        Params._dummy(), "predictionBatchSize", "samples per forward pass when predicting", _to_positive_int)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(customObjects={}, predictionBatchSize=256)
+
+    def getCustomObjects(self) -> dict[str, Any]:
+        return self.getOrDefault(self.customObjects)
+
+    def getPredictionBatchSize(self) -> int:
+        return self.getOrDefault(self.predictionBatchSize)
+
+
+class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, MLReadable):
+    """A Spark ML ``Estimator`` that trains a compiled Keras model with a kerasonspark engine.
+
+    Args:
+        model: a built, compiled ``keras.Model``; ``fit`` trains a copy, starting from its weights.
+        customObjects: custom layers, losses and metrics the model uses, by name.
+        backend: the engine (``"sync"``, ``"async"``, ``"hogwild"``, ``"single"``, ``"elephas"``...).
+        backendOptions: the engine's options, e.g. ``{"rule": "adag", "window": 5}``.
+        epochs, batchSize, numWorkers: as in :class:`kerasonspark.SparkTrainer`.
+        learningRate: replaces the optimizer's learning rate (so ``CrossValidator`` can tune it);
+            ``None`` keeps the compiled one.
+        featuresCol: an array or ML ``Vector`` column (e.g. a ``VectorAssembler``'s output).
+        labelCol: class indices (double, as ``StringIndexer`` gives), one-hot arrays, or targets.
+        predictionCol, probabilityCol: the fitted model's outputs (``probabilityCol=""`` drops
+            the probabilities).
+        validationFraction: rows held out at random to score after each epoch (``val_*`` in the
+            fitted model's ``history``); 0 holds none out.
+        seed: seeds the data order and the validation split.
+        verbose: as ``SparkTrainer``'s; 0 (the default here) prints nothing.
+        predictionBatchSize: samples per forward pass of the fitted model.
+    """
+
+    model: Param[Any] = Param(Params._dummy(), "model", "a compiled keras.Model: architecture, compile settings and "
+                              "starting weights", _to_compiled_model)
+    backend: Param[str] = Param(Params._dummy(), "backend", "the kerasonspark engine that trains",
+                                TypeConverters.toString)
+    backendOptions: Param[dict[str, Any]] = Param(Params._dummy(), "backendOptions", "the engine's options", _to_dict)
+    epochs: Param[int] = Param(Params._dummy(), "epochs", "passes over the training data", _to_positive_int)
+    batchSize: Param[int] = Param(Params._dummy(), "batchSize", "samples per local training step", _to_positive_int)
+    numWorkers: Param[int] = Param(Params._dummy(), "numWorkers", "Spark tasks that train side by side", _to_positive_int)
+    learningRate: Param[Any] = Param(Params._dummy(), "learningRate", "replaces the optimizer's learning rate "
+                                     "(None keeps the compiled one)", _to_optional_positive_float)
+    validationFraction: Param[float] = Param(Params._dummy(), "validationFraction", "fraction of rows held out to "
+                                             "score after each epoch", _to_fraction)
+    verbose: Param[int] = Param(Params._dummy(), "verbose", "0 silent, 1 a progress bar, 2 a line per epoch",
+                                TypeConverters.toInt)
+    _input_kwargs: dict[str, Any]  # set by @keyword_only
+
+    @keyword_only
+    def __init__(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
+                 backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
+                 batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
+                 featuresCol: str = "features", labelCol: str = "label", predictionCol: str = "prediction",
+                 probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
+                 verbose: int = 0, predictionBatchSize: int = 256) -> None:
+        super().__init__()
+        self._setDefault(backend="sync", backendOptions={}, epochs=1, batchSize=32, numWorkers=2, learningRate=None,
+                         validationFraction=0.0, verbose=0)
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
+                  backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
+                  batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
+                  featuresCol: str = "features", labelCol: str = "label", predictionCol: str = "prediction",
+                  probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
+                  verbose: int = 0, predictionBatchSize: int = 256) -> KerasEstimator:
+        """Set the given Params (keyword arguments only)."""
+        kwargs = {k: v for k, v in self._input_kwargs.items() if not (k == "seed" and v is None)}
+        return self._set(**kwargs)
+
+    # Setters in Spark ML's style, so a pipeline can be configured step by step.
+    def setModel(self, value: keras.Model) -> KerasEstimator:
+        return self._set(model=value)
+
+    def setBackend(self, value: str) -> KerasEstimator:
+        return self._set(backend=value)
+
+    def setBackendOptions(self, value: Mapping[str, Any]) -> KerasEstimator:
+        return self._set(backendOptions=value)
+
+    def setEpochs(self, value: int) -> KerasEstimator:
+        return self._set(epochs=value)
+
+    def setBatchSize(self, value: int) -> KerasEstimator:
+        return self._set(batchSize=value)
+
+    def setNumWorkers(self, value: int) -> KerasEstimator:
+        return self._set(numWorkers=value)
+
+    def setLearningRate(self, value: float | None) -> KerasEstimator:
+        return self._set(learningRate=value)
+
+    def setValidationFraction(self, value: float) -> KerasEstimator:
+        return self._set(validationFraction=value)
+
+    def setFeaturesCol(self, value: str) -> KerasEstimator:
+        return self._set(featuresCol=value)
+
+    def setLabelCol(self, value: str) -> KerasEstimator:
+        return self._set(labelCol=value)
+
+    def setPredictionCol(self, value: str) -> KerasEstimator:
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> KerasEstimator:
+        return self._set(probabilityCol=value)
+
+    def getModel(self) -> keras.Model:
+        if not self.isDefined(self.model):
+            raise ConfigurationError("KerasEstimator has no model: pass `model=` (a compiled keras.Model) or call "
+                                     "`setModel`.")
+        return self.getOrDefault(self.model)
+
+    def getBackend(self) -> str:
+        return self.getOrDefault(self.backend)
+
+    def getBackendOptions(self) -> dict[str, Any]:
+        return self.getOrDefault(self.backendOptions)
+
+    def getEpochs(self) -> int:
+        return self.getOrDefault(self.epochs)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def getNumWorkers(self) -> int:
+        return self.getOrDefault(self.numWorkers)
+
+    def getLearningRate(self) -> float | None:
+        return self.getOrDefault(self.learningRate)
+
+    def getValidationFraction(self) -> float:
+        return self.getOrDefault(self.validationFraction)
+
+    def _fit(self, dataset: DataFrame) -> KerasModel:
+        from .trainer import SparkTrainer
+
+        missing = [c for c in (self.getFeaturesCol(), self.getLabelCol()) if c not in dataset.columns]
+        if missing:
+            raise DataError(f"The DataFrame has no column(s) {missing}. Its columns: {dataset.columns}. Set "
+                            "`featuresCol` and `labelCol` to the right names.")
+        custom_objects = self.getCustomObjects()
+        model = ModelSpec.from_model(self.getModel(), custom_objects).build()  # a copy: the Param's model stays as given
+        rate = self.getLearningRate()
+        if rate is not None:
+            _set_learning_rate(model, rate)
+        train, validation = dataset, None
+        if self.getValidationFraction() > 0:
+            fraction = self.getValidationFraction()
+            train, validation = dataset.randomSplit([1.0 - fraction, fraction], seed=self.getSeed())
+        trainer = SparkTrainer(model, backend=self.getBackend(), num_workers=self.getNumWorkers(),
+                               batch_size=self.getBatchSize(), epochs=self.getEpochs(),
+                               backend_options=self.getBackendOptions(), spark=dataset.sparkSession,
+                               seed=self.getSeed() % 2**31,  # HasSeed's default (a hash) may be negative
+                               verbose=self.getOrDefault(self.verbose), custom_objects=custom_objects)
+        result = trainer.fit(train, features=self.getFeaturesCol(), label=self.getLabelCol(),
+                             validation_data=validation)
+        fitted = KerasModel(result.model, history=result.history, stats=result.stats)
+        return self._copyValues(fitted)
+
+    def write(self) -> MLWriter:
+        """A writer that saves the Params and the (untrained) model."""
+        return _KerasWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _KerasReader(cls)
+
+
+class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
+    """A Spark ML ``Transformer`` that predicts with a trained Keras model on the executors.
+
+    ``KerasEstimator.fit`` returns one; wrap a model trained elsewhere with ``KerasModel(model)``.
+
+    Attributes:
+        keras_model: the trained ``keras.Model``.
+        history: per-epoch loss and metrics of the training run (``{}`` if it was not trained here).
+        stats: the training run's figures (engine, samples/s, seconds...).
+    """
+
+    def __init__(self, keras_model: keras.Model | None = None, *, history: Mapping[str, list[float]] | None = None,
+                 stats: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.keras_model = _to_compiled_model(keras_model) if keras_model is not None else None
+        self.history = dict(history or {})
+        self.stats = dict(stats or {})
+
+    def setFeaturesCol(self, value: str) -> KerasModel:
+        return self._set(featuresCol=value)
+
+    def setPredictionCol(self, value: str) -> KerasModel:
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> KerasModel:
+        return self._set(probabilityCol=value)
+
+    def setCustomObjects(self, value: Mapping[str, Any]) -> KerasModel:
+        return self._set(customObjects=value)
+
+    def setPredictionBatchSize(self, value: int) -> KerasModel:
+        return self._set(predictionBatchSize=value)
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        from pyspark.ml.functions import array_to_vector
+        from pyspark.sql import functions as F
+        from pyspark.sql import types as T
+
+        from .trainer import predict_dataframe
+
+        if self.keras_model is None:
+            raise ConfigurationError("This KerasModel holds no Keras model: create it with `KerasModel(model)`.")
+        model = self.keras_model
+        info = DataInfo.for_model(model, model.get_compile_config())
+        kind = prediction_kind(model, info)
+        prediction, probability = self.getPredictionCol(), self.getProbabilityCol()
+        if kind == "value":
+            width = math.prod(int(d) for d in model.output_shape[1:])
+            outputs = {prediction: T.DoubleType() if width == 1 else T.ArrayType(T.DoubleType())}
+        else:
+            outputs = {prediction: T.DoubleType(), probability or "__kerasonspark_probability": T.ArrayType(T.DoubleType())}
+        spec = ModelSpec.from_model(model, self.getCustomObjects())
+        out = predict_dataframe(dataset, spec, info, self.getFeaturesCol(), outputs, kind, self.getPredictionBatchSize())
+        for name, type_ in outputs.items():
+            if isinstance(type_, T.ArrayType):
+                out = out.withColumn(name, array_to_vector(F.col(name)))
+        return out if probability or kind == "value" else out.drop("__kerasonspark_probability")
+
+    def write(self) -> MLWriter:
+        """A writer that saves the Params, the trained model, its history and stats."""
+        return _KerasWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _KerasReader(cls)
+
+
+def prediction_kind(model: keras.Model, info: DataInfo) -> str:
+    """How a model's outputs read as Spark ML columns: ``"class"`` for a categorical loss,
+    ``"binary"`` for binary cross-entropy on one output, else ``"value"``."""
+    if info.label_mode in ("sparse", "one_hot"):
+        return "class"
+    width = math.prod(int(d) for d in model.output_shape[1:])
+    if loss_name(model.get_compile_config()) in _BINARY_LOSSES and width == 1:
+        return "binary"
+    return "value"
+
+
+def _set_learning_rate(model: keras.Model, rate: float) -> None:
+    try:
+        model.optimizer.learning_rate = rate
+    except TypeError:  # Keras refuses to replace a LearningRateSchedule
+        raise ConfigurationError("The model's optimizer follows a LearningRateSchedule, so `learningRate` cannot "
+                                 "replace its rate. Compile with a fixed rate, or leave `learningRate` unset.") from None
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+def _hadoop_file(spark: SparkSession, path: str) -> tuple[Any, Any]:
+    """The Hadoop ``FileSystem`` and ``Path`` of ``path``, so any store Spark saves to (local,
+    HDFS, S3) holds the model beside Spark's metadata."""
+    sc = spark.sparkContext
+    jvm: Any = sc._jvm
+    jpath = jvm.org.apache.hadoop.fs.Path(path)
+    return jpath.getFileSystem(sc._jsc.hadoopConfiguration()), jpath
+
+
+def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
+    fs, jpath = _hadoop_file(spark, path)
+    stream = fs.create(jpath, True)
+    try:
+        stream.write(bytearray(data))
+    finally:
+        stream.close()
+
+
+def _read_bytes(spark: SparkSession, path: str) -> bytes | None:
+    fs, jpath = _hadoop_file(spark, path)
+    if not fs.exists(jpath):
+        return None
+    stream = fs.open(jpath)
+    try:
+        jvm: Any = spark.sparkContext._jvm
+        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+    finally:
+        stream.close()
+
+
+def _jsonable(value: Any) -> Any:
+    """Figures as JSON takes them (NumPy numbers as Python numbers, anything else as text)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+class _KerasWriter(MLWriter):
+    """Spark's JSON metadata (every Param but the model and custom objects), the Keras model as a
+    ``.keras`` file, and the custom objects (pickled by cloudpickle, as Spark ships functions to
+    executors: loading them runs their code, so load saved models only from places you trust)."""
+
+    def __init__(self, instance: KerasEstimator | KerasModel) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path: str) -> None:
+        from pyspark import cloudpickle
+
+        instance = self.instance
+        params = {p.name: v for p, v in instance._paramMap.items() if p.name not in _OBJECT_PARAMS}
+        extra: dict[str, Any] = {"kerasonspark": {"format": 1}}
+        if isinstance(instance, KerasModel):
+            model = instance.keras_model
+            extra["kerasonspark"].update(history=_jsonable(instance.history), stats=_jsonable(instance.stats))
+        else:
+            model = instance.getOrDefault(instance.model) if instance.isDefined(instance.model) else None
+        DefaultParamsWriter.saveMetadata(instance, path, self.sparkSession, extraMetadata=extra, paramMap=params)
+        if model is not None:
+            with tempfile.TemporaryDirectory(prefix="kerasonspark-save-") as folder:
+                local = os.path.join(folder, _MODEL_FILE)
+                model.save(local)
+                with open(local, "rb") as file:
+                    _write_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE), file.read())
+        # Also the registered objects the model names: a new process has not registered them.
+        custom_objects = {**(referenced_custom_objects(model.to_json(), model.get_compile_config()) if model else {}),
+                          **instance.getCustomObjects()}
+        for obj in custom_objects.values():
+            ship_by_value(obj)
+        if custom_objects:
+            _write_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE), cloudpickle.dumps(custom_objects))
+
+
+def _register(custom_objects: Mapping[str, Any]) -> None:
+    """Register with Keras the loaded objects that were registered when saved (``"package>Name"``),
+    so the loaded model names them as the saved one did and its executors find them."""
+    import keras
+
+    registered = keras.saving.get_custom_objects()
+    for name, obj in custom_objects.items():
+        package, _, short = name.rpartition(">")
+        if package and name not in registered:
+            keras.saving.register_keras_serializable(package=package, name=short)(obj)
+
+
+class _KerasReader(MLReader):
+    def __init__(self, cls: type[KerasEstimator] | type[KerasModel]) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path: str) -> Any:
+        import pickle
+
+        import keras
+
+        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        if metadata["class"] != f"{self.cls.__module__}.{self.cls.__name__}":
+            raise ConfigurationError(f"{path} holds a {metadata['class']}, not a {self.cls.__name__}: load it with "
+                                     f"that class (or PipelineModel.load for a pipeline).")
+        raw = _read_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE))
+        custom_objects = pickle.loads(raw) if raw is not None else {}
+        _register(custom_objects)
+        data = _read_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE))
+        model = None
+        if data is not None:
+            with tempfile.TemporaryDirectory(prefix="kerasonspark-load-") as folder:
+                local = os.path.join(folder, _MODEL_FILE)
+                with open(local, "wb") as file:
+                    file.write(data)
+                model = keras.saving.load_model(local, custom_objects=custom_objects, compile=True)
+        saved = metadata.get("kerasonspark", {})
+        instance: Any
+        if self.cls is KerasModel:
+            instance = KerasModel(model, history=saved.get("history"), stats=saved.get("stats"))
+        else:
+            instance = KerasEstimator()
+            if model is not None:
+                instance.setModel(model)
+        instance._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        if custom_objects:
+            instance._set(customObjects=custom_objects)
+        return instance

@@ -1,0 +1,167 @@
+"""Spark ML pipelines: KerasEstimator and KerasModel fit, predict typed columns, save and load
+(in a new process), and tune with CrossValidator, on real Spark and Keras."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kerasonspark.errors import ConfigurationError, DataError
+from kerasonspark.ml import KerasEstimator, KerasModel
+
+from conftest import make_blobs, small_model
+
+pytestmark = pytest.mark.spark
+TESTS = Path(__file__).parent
+COLUMNS = [f"f{i}" for i in range(4)]
+
+
+def blob_frame(spark, n=600, seed=0):
+    """Blobs as a table of plain numeric columns (what a VectorAssembler takes), an id and a label."""
+    x, y = make_blobs(n, dim=4, seed=seed)
+    rows = [(i, *map(float, features), float(label)) for i, (features, label) in enumerate(zip(x, y, strict=True))]
+    return spark.createDataFrame(rows, ["id", *COLUMNS, "label"])
+
+
+def assembled(spark, n=600):
+    from pyspark.ml.feature import VectorAssembler
+
+    return VectorAssembler(inputCols=COLUMNS, outputCol="features").transform(blob_frame(spark, n))
+
+
+def custom_model(main, helper):
+    """A classifier with a layer from the user's script and one from a helper module."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(32, activation="relu")(helper.Offset()(main.Scale()(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_a_saved_pipeline_loads_in_a_new_session_with_identical_predictions(spark, user_code, tmp_path):
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import StandardScaler, VectorAssembler
+
+    main, helper = user_code
+    df = blob_frame(spark)
+    estimator = KerasEstimator(model=custom_model(main, helper), backend="async", epochs=2, featuresCol="scaled",
+                               validationFraction=0.2, seed=3)
+    pipeline = Pipeline(stages=[VectorAssembler(inputCols=COLUMNS, outputCol="raw"),
+                                StandardScaler(inputCol="raw", outputCol="scaled"), estimator])
+    fitted = pipeline.fit(df)
+    keras_stage = fitted.stages[-1]
+    assert isinstance(keras_stage, KerasModel)
+    assert keras_stage.stats["backend"] == "async"  # trained by the engine it was given
+    assert len(keras_stage.history["loss"]) == 2 and len(keras_stage.history["val_accuracy"]) == 2
+    fitted.write().overwrite().save(str(tmp_path / "pipeline"))
+    df.write.parquet(str(tmp_path / "rows.parquet"))
+    rows = fitted.transform(spark.read.parquet(str(tmp_path / "rows.parquet"))).orderBy("id").collect()
+    assert np.mean([r.prediction == r.label for r in rows]) > 0.6  # trained (chance is 0.25)
+
+    run = subprocess.run([sys.executable, str(TESTS / "ml_loader.py"), str(tmp_path / "pipeline"),
+                          str(tmp_path / "rows.parquet")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert loaded["stats_backend"] == "async"
+    assert loaded["predictions"] == [r.prediction for r in rows]
+    np.testing.assert_allclose(loaded["probabilities"], [r.probability.toArray() for r in rows], rtol=1e-6, atol=1e-7)
+
+
+def test_classification_outputs_are_typed_for_spark_evaluators_and_keep_every_row(spark):
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    df = assembled(spark).repartition(3).cache()  # one fixed row order to compare with
+    given = small_model(dim=4)
+    before = [w.copy() for w in given.get_weights()]
+    fitted = KerasEstimator(model=given, epochs=3, backend="sync").fit(df)
+    assert all(np.array_equal(a, b) for a, b in zip(before, given.get_weights(), strict=True))  # trained a copy
+    out = fitted.transform(df)
+    fields = {f.name: f.dataType for f in out.schema.fields}
+    assert list(fields)[:len(df.columns)] == df.columns  # every column kept, in place
+    assert isinstance(fields["prediction"], T.DoubleType) and isinstance(fields["probability"], VectorUDT)
+    assert [r.id for r in out.select("id").collect()] == [r.id for r in df.select("id").collect()]  # row order kept
+    accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(out)
+    assert accuracy > 0.9
+    first = out.select("prediction", "probability").first()
+    assert first.prediction == float(np.argmax(first.probability.toArray()))
+    assert abs(first.probability.toArray().sum() - 1.0) < 1e-5
+    assert "probability" not in fitted.copy({fitted.probabilityCol: ""}).transform(df).columns
+
+
+def test_binary_and_regression_models_give_the_columns_spark_ml_expects(spark):
+    import keras
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    df = assembled(spark, 200)
+    binary = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    binary.compile("adam", "binary_crossentropy")
+    out = KerasModel(binary).transform(df).select("prediction", "probability").collect()
+    p = np.array([r.probability.toArray() for r in out])
+    assert p.shape == (200, 2) and np.allclose(p.sum(axis=1), 1.0)
+    assert [r.prediction for r in out] == [float(q[1] >= 0.5) for q in p]
+
+    regression = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    regression.compile("adam", "mse")
+    reg = KerasModel(regression).setPredictionCol("value").transform(df)
+    assert isinstance(reg.schema["value"].dataType, T.DoubleType) and "probability" not in reg.columns
+    expected = regression.predict(np.array([r.features.toArray() for r in df.collect()], np.float32), verbose=0)[:, 0]
+    np.testing.assert_allclose([r.value for r in reg.collect()], expected, rtol=1e-5, atol=1e-6)
+
+    wide = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    wide.compile("adam", "mse")
+    assert isinstance(KerasModel(wide).transform(df).schema["prediction"].dataType, VectorUDT)
+
+
+def test_cross_validator_tunes_the_learning_rate_and_picks_the_better_one(spark):
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+
+    df = assembled(spark, 400)
+    estimator = KerasEstimator(model=small_model(dim=4), epochs=1, batchSize=16, backend="sync", seed=0)
+    grid = ParamGridBuilder().addGrid(estimator.learningRate, [1e-6, 0.02]).build()
+    cv = CrossValidator(estimator=estimator, estimatorParamMaps=grid, numFolds=2, seed=0,
+                        evaluator=MulticlassClassificationEvaluator(metricName="accuracy"))
+    chosen = cv.fit(df)
+    assert len(chosen.avgMetrics) == 2
+    assert chosen.avgMetrics[1] > chosen.avgMetrics[0] + 0.2  # 1e-6 barely moves the weights
+    assert isinstance(chosen.bestModel, KerasModel)
+    rate = chosen.bestModel.keras_model.optimizer.learning_rate
+    assert float(np.asarray(rate)) == pytest.approx(0.02)
+
+
+def test_an_unfitted_estimator_saves_and_loads_its_params_and_model(spark, tmp_path):
+    estimator = KerasEstimator(model=small_model(dim=4), backend="async", backendOptions={"rule": "adag", "window": 4},
+                               epochs=3, learningRate=0.005, labelCol="digit")
+    estimator.save(str(tmp_path / "estimator"))
+    loaded = KerasEstimator.load(str(tmp_path / "estimator"))
+    assert loaded.uid == estimator.uid
+    assert (loaded.getBackend(), loaded.getBackendOptions(), loaded.getEpochs(), loaded.getLearningRate(),
+            loaded.getLabelCol()) == ("async", {"rule": "adag", "window": 4}, 3, 0.005, "digit")
+    for a, b in zip(loaded.getModel().get_weights(), estimator.getModel().get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigurationError, match="not a KerasModel"):
+        KerasModel.load(str(tmp_path / "estimator"))
+
+
+def test_bad_params_and_columns_are_refused_before_training(spark):
+    import keras
+
+    with pytest.raises(TypeError, match="not compiled"):
+        KerasEstimator(model=keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    with pytest.raises(TypeError, match="fraction"):
+        KerasEstimator(validationFraction=1.5)
+    with pytest.raises(TypeError, match="positive"):
+        KerasEstimator(learningRate=-0.1)
+    with pytest.raises(DataError, match=r"no column\(s\) \['digit'\]"):
+        KerasEstimator(model=small_model(dim=4), labelCol="digit").fit(assembled(spark, 50))
+    with pytest.raises(DataError, match="already has the column"):
+        KerasModel(small_model(dim=4)).setPredictionCol("label").transform(assembled(spark, 50))
