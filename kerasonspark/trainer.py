@@ -385,24 +385,27 @@ def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: 
     """``df`` with the model's predictions appended, computed on the executors through Arrow.
 
     Lazy, like any transformation: nothing runs until an action. Every column and the row order
-    are kept. Each Python worker builds the model once per model version.
+    are kept. The predictions come from an Arrow UDF of the features column alone, so the other
+    columns (and the features) never travel to Python and back. Each Python worker builds the
+    model once per model version.
 
     Args:
         outputs: the new columns' names and Spark SQL types, in the order
             :func:`kerasonspark.executor.prediction_arrays` gives them for ``kind``.
         kind: ``"array"``, ``"class"``, ``"binary"`` or ``"value"``.
     """
+    from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     clash = [name for name in outputs if name in df.columns]
     if clash:
         raise DataError(f"The DataFrame already has the column(s) {clash}; name the prediction columns differently "
                         "(`output_col` of SparkTrainer.predict, `predictionCol` or `probabilityCol` of KerasModel).")
-    temp = "__kerasonspark_features"
-    staged = df.withColumn(temp, data_module.feature_column(df, features, "prediction"))
     spec_bytes = spec.to_bytes()
-    schema = T.StructType(df.schema.fields + [T.StructField(name, type_) for name, type_ in outputs.items()])
     body = partial(predict_batches, spec_bytes=spec_bytes, custom_objects=spec.custom_objects, info=info,
-                   threads=threads, batch_size=batch_size, features=temp, names=df.columns, outputs=list(outputs),
-                   kind=kind, version=spec_version(spec_bytes))
-    return staged.mapInArrow(body, schema)
+                   threads=threads, batch_size=batch_size, outputs=list(outputs), kind=kind,
+                   version=spec_version(spec_bytes))
+    returned = T.StructType([T.StructField(name, type_) for name, type_ in outputs.items()])
+    predict = F.arrow_udf(body, returned.simpleString(), F.ArrowUDFType.SCALAR_ITER)
+    predicted = predict(data_module.feature_column(df, features, "prediction"))
+    return df.select("*", *(predicted.getField(name).alias(name) for name in outputs))

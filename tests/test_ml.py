@@ -165,3 +165,26 @@ def test_bad_params_and_columns_are_refused_before_training(spark):
         KerasEstimator(model=small_model(dim=4), labelCol="digit").fit(assembled(spark, 50))
     with pytest.raises(DataError, match="already has the column"):
         KerasModel(small_model(dim=4)).setPredictionCol("label").transform(assembled(spark, 50))
+
+
+def test_transform_is_lazy_and_each_python_worker_builds_a_model_version_once(spark):
+    from kerasonspark.executor import inference_model
+    from kerasonspark.serialization import ModelSpec, spec_version
+
+    df = assembled(spark, 100)
+    tracker = spark.sparkContext.statusTracker()
+    jobs = set(tracker.getJobIdsForGroup(None))
+    out = KerasModel(small_model(dim=4)).transform(df)
+    assert set(tracker.getJobIdsForGroup(None)) == jobs  # nothing ran, nothing was collected
+    assert out.count() == 100
+
+    model = small_model(dim=4)
+    first = ModelSpec.from_model(model).to_bytes()
+    built = inference_model(first, {}, 0, spec_version(first))
+    assert inference_model(first, {}, 0, spec_version(first)) is built  # the same version: no rebuild
+    model.set_weights([w + 1.0 for w in model.get_weights()])
+    second = ModelSpec.from_model(model).to_bytes()
+    assert spec_version(second) != spec_version(first)
+    rebuilt = inference_model(second, {}, 0, spec_version(second))
+    assert rebuilt is not built
+    np.testing.assert_array_equal(rebuilt.get_weights()[0], model.get_weights()[0])
