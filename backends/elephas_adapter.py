@@ -98,9 +98,10 @@ def _require_elephas() -> Any:
     return elephas.spark_model
 
 
-def _samples(info: Any, blocks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, Any]]:
-    """Our ``(x, y)`` blocks as the ``(features, label)`` rows Elephas trains on (labels as the loss takes them)."""
-    for x, y in blocks:
+def _samples(info: Any, blocks: Iterator[tuple[np.ndarray, np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+    """Our ``(x, y, w)`` blocks (never weighted here) as the ``(features, label)`` rows Elephas trains on
+    (labels as the loss takes them)."""
+    for x, y, _ in blocks:
         yield from zip(x, info.model_labels(y), strict=True)
 
 
@@ -191,6 +192,7 @@ class ElephasEngine(Engine):
     """Elephas 7.3 behind the common interface; see :class:`ElephasOptions` and the module's notes."""
 
     name = "elephas"
+    accepts_sample_weights = False  # Elephas fits (features, label) rows
     options_class = ElephasOptions
     uses_parameter_server = False  # Elephas brings its own server; `run` applies the same privacy check
     strategy_option = "mode"

@@ -20,14 +20,14 @@ class SingleEngine(Engine):
     uses_parameter_server = False
 
     def run(self, job: TrainingJob) -> TrainingResult:
-        x, y = job.local_arrays()
+        x, y, sample_weight = job.local_arrays()
         y = job.info.model_labels(y)
         validation = None
         if job.validation is not None:
             validation = (job.validation[0], job.info.model_labels(job.validation[1]))
         config = job.config
         started = time.perf_counter()
-        keras_history = job.model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
+        keras_history = job.model.fit(x, y, sample_weight=sample_weight, batch_size=config.batch_size, epochs=config.epochs,
                                       validation_data=validation, shuffle=True, verbose=config.verbose,
                                       callbacks=job.callbacks, initial_epoch=config.initial_epoch,
                                       validation_freq=config.validation_freq).history

@@ -1,10 +1,11 @@
 """Training data to partitions of float32 NumPy blocks, validated before training starts.
 
 Input may be a Spark DataFrame (a feature column of array<float|double> or ML Vector and a
-numeric label column, or an array column of one-hot labels), an RDD of ``(features, label)``, or
-NumPy ``(x, y)``. DataFrames travel through Arrow (``mapInArrow``), never row by row. Every kind
-ends as an RDD whose elements are blocks ``(x, y)``: ``x`` float32 of shape
-``(rows, *input_shape)``, ``y`` the raw labels (1-D values or 2-D one-hot).
+numeric label column, or an array column of one-hot labels, and optionally a sample-weight column),
+an RDD of ``(features, label)``, or NumPy ``(x, y)`` (with optional sample weights). DataFrames
+travel through Arrow (``mapInArrow``), never row by row. Every kind ends as an RDD whose elements
+are blocks ``(x, y, w)``: ``x`` float32 of shape ``(rows, *input_shape)``, ``y`` the raw labels
+(1-D values or 2-D one-hot), ``w`` the float32 sample weights or ``None``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _SPARSE_LOSSES = {"sparse_categorical_crossentropy", "sparsecategoricalcrossentr
 _ONE_HOT_LOSSES = {"categorical_crossentropy", "categoricalcrossentropy", "categorical_focal_crossentropy",
                    "kl_divergence", "kldivergence", "categorical_hinge", "categoricalhinge"}
 
-Block = tuple[np.ndarray, np.ndarray]
+Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class PreparedData:
     """Validated training data: one RDD partition of blocks per worker, persisted.
 
     Attributes:
-        blocks: RDD of ``(x, y)`` blocks.
+        blocks: RDD of ``(x, y, w)`` blocks.
         counts: rows per partition.
         label_width: the labels' width (0 for one value per row).
         integer_labels: whether every label column came as integers.
@@ -139,6 +140,7 @@ class PreparedData:
     counts: list[int]
     label_width: int = 0
     integer_labels: bool = False
+    weighted: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -150,11 +152,13 @@ class PreparedData:
 
 
 # -- per-block checks, shared by the driver (NumPy input) and the executors ---------------------
-def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo) -> dict[str, int]:
+def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo, w: np.ndarray | None = None) -> dict[str, int]:
     """Count the rows of one block that cannot be trained on, by reason."""
-    problems = {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0}
+    problems = {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0, "bad_weights": 0}
     if len(x) == 0:
         return problems
+    if w is not None:
+        problems["bad_weights"] = int((~np.isfinite(w) | (w < 0)).sum())
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if np.issubdtype(y.dtype, np.floating):
         bad |= ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
@@ -222,6 +226,7 @@ def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
         ("label_out_of_range", "label(s) outside the model's classes",
          "map labels to 0..num_classes-1 or widen the output layer"),
         ("label_not_integer", "non-integer class label(s)", "labels must be whole class indices"),
+        ("bad_weights", "sample weight(s) that are negative, NaN, Inf or null", "weights must be finite and >= 0"),
     ):
         where = {i: p[key] for i, p in enumerate(per_partition) if p.get(key)}
         if where:
@@ -232,32 +237,47 @@ def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
 
 
 # -- conversion to blocks ------------------------------------------------------------------------
-def _split_blocks(x: np.ndarray, y: np.ndarray, parts: int) -> list[Block]:
+def _split_blocks(x: np.ndarray, y: np.ndarray, w: np.ndarray | None, parts: int) -> list[Block]:
     """Split into ``parts`` equal partitions of equally many blocks, in partition order."""
     part_x, part_y = np.array_split(x, parts), np.array_split(y, parts)
+    part_w = np.array_split(w, parts) if w is not None else [None] * parts
     per_part = max(1, math.ceil(max(len(p) for p in part_x) / BLOCK_ROWS))
-    blocks = []
-    for px, py in zip(part_x, part_y, strict=True):
-        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part), strict=True))
+    blocks: list[Block] = []
+    for px, py, pw in zip(part_x, part_y, part_w, strict=True):
+        ws = np.array_split(pw, per_part) if pw is not None else [None] * per_part
+        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part), ws, strict=True))
     return blocks
 
 
 def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
-    """NumPy ``(x, y)`` checked against the model: features as float32 samples, labels as given.
+    """NumPy ``(x, y)`` or ``(x, y, sample_weight)`` checked against the model: features as float32
+    samples, labels as given, weights as float32 (``None`` without them).
 
     Raises:
-        DataError: not a pair, lengths differ, wrong feature size or label shape, NaN/Inf rows,
-            labels outside the classes.
+        DataError: not a pair or a triple, lengths differ, wrong feature size or label shape,
+            NaN/Inf rows, labels outside the classes, negative or non-finite weights.
     """
-    if len(data) != 2:
-        raise DataError(f"NumPy {what} data must be a pair `(x, y)`. Received: a tuple of {len(data)}.")
+    if len(data) not in (2, 3):
+        raise DataError(f"NumPy {what} data must be a pair `(x, y)` or a triple `(x, y, sample_weight)`. "
+                        f"Received: a tuple of {len(data)}.")
     x = as_features(data[0], info, f"the {what} features")
     y = _as_labels(data[1], f"the {what} labels")
     if len(x) != len(y):
         raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
+    w = _as_weights(data[2], len(x), what) if len(data) == 3 and data[2] is not None else None
     check_label_shape(y.shape, info, f"the {what} data")
-    raise_problems([block_problems(x, y, info)], what)
-    return x, y
+    raise_problems([block_problems(x, y, info, w)], what)
+    return x, y, w
+
+
+def _as_weights(w: Any, rows: int, what: str) -> np.ndarray:
+    w = np.asarray(w)
+    if not (np.issubdtype(w.dtype, np.number) or w.dtype == bool):
+        raise DataError(f"Sample weights of the {what} data must be numeric. Received: dtype={w.dtype}.")
+    if w.shape != (rows,):
+        raise DataError(f"Sample weights of the {what} data must hold one number per row, shape ({rows},). "
+                        f"Received: shape {w.shape}.")
+    return w.astype(np.float32)
 
 
 def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
@@ -266,10 +286,10 @@ def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
 
 
 def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str) -> RDD:
-    x, y = validate_arrays(data, info, what)
+    x, y, w = validate_arrays(data, info, what)
     if partitions and len(x) < partitions:  # known before any Spark job
         raise _too_few_rows(len(x), partitions, what)
-    return spark.sparkContext.parallelize(_split_blocks(x, y, partitions), partitions)
+    return spark.sparkContext.parallelize(_split_blocks(x, y, w, partitions), partitions)
 
 
 def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
@@ -279,10 +299,10 @@ def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
         xs.append(features.toArray() if hasattr(features, "toArray") else features)
         ys.append(label.toArray() if hasattr(label, "toArray") else label)
         if len(xs) == BLOCK_ROWS:
-            yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+            yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition"), None
             xs, ys = [], []
     if xs:
-        yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition")
+        yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition"), None
 
 
 def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -294,6 +314,7 @@ def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[
             if n == 0:
                 continue
             features, labels = batch.column(0), batch.column(1)
+            weights = batch.column(2).to_numpy(zero_copy_only=False).astype(np.float32) if batch.num_columns > 2 else None
             lengths = features.value_lengths().to_numpy(zero_copy_only=False)
             if features.null_count or (lengths != info.feature_size).any():
                 wrong = int(features.null_count + (lengths != info.feature_size).sum())
@@ -309,8 +330,9 @@ def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[
                 y = labels.to_numpy(zero_copy_only=False).astype(kind)
             yield pa.RecordBatch.from_arrays(
                 [pa.array([x.tobytes()], pa.large_binary()), pa.array([y.tobytes()], pa.large_binary()),
-                 pa.array([n], pa.int64()), pa.array([str(y.dtype)]), pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32())],
-                names=["x", "y", "n", "ydtype", "ywidth"],
+                 pa.array([n], pa.int64()), pa.array([str(y.dtype)]), pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32()),
+                 pa.array([weights.tobytes() if weights is not None else None], pa.large_binary())],
+                names=["x", "y", "n", "ydtype", "ywidth", "w"],
             )
 
     return to_blocks
@@ -320,7 +342,8 @@ def _decode_arrow_block(info: DataInfo) -> Callable[[Any], Block]:
     def decode(row: Any) -> Block:
         x = np.frombuffer(row.x, dtype=np.float32).reshape((row.n, *info.input_shape))
         y = np.frombuffer(row.y, dtype=row.ydtype)
-        return x, (y.reshape(row.n, row.ywidth) if row.ywidth else y)
+        w = np.frombuffer(row.w, dtype=np.float32) if row.w is not None else None
+        return x, (y.reshape(row.n, row.ywidth) if row.ywidth else y), w
 
     return decode
 
@@ -370,7 +393,8 @@ def check_first_row(df: DataFrame, column: str, features: str, info: DataInfo, w
     return first
 
 
-def _dataframe_columns(df: DataFrame, features: str, label: str, info: DataInfo, what: str) -> DataFrame:
+def _dataframe_columns(df: DataFrame, features: str, label: str, info: DataInfo, what: str,
+                       sample_weight: str | None = None) -> DataFrame:
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
@@ -388,26 +412,36 @@ def _dataframe_columns(df: DataFrame, features: str, label: str, info: DataInfo,
         lcol = F.col(label)
     else:
         raise DataError(f"Label column {label!r} must be numeric (or an array for one-hot). Received: {ltype.simpleString()}.")
-    return df.select(fcol.alias("features"), lcol.alias("label"))
+    if sample_weight is None:
+        return df.select(fcol.alias("features"), lcol.alias("label"))
+    if sample_weight not in fields:
+        raise DataError(f"The {what} DataFrame has no sample-weight column {sample_weight!r}. Its columns: {sorted(fields)}.")
+    if not isinstance(fields[sample_weight], T.NumericType):
+        raise DataError(f"Sample-weight column {sample_weight!r} must be numeric. Received: "
+                        f"{fields[sample_weight].simpleString()}.")
+    return df.select(fcol.alias("features"), lcol.alias("label"), F.col(sample_weight).cast("float").alias("weight"))
 
 
-def _dataframe_blocks(df: DataFrame, features: str, label: str, info: DataInfo, partitions: int | None, what: str) -> RDD:
-    selected = _dataframe_columns(df, features, label, info, what)
+def _dataframe_blocks(df: DataFrame, features: str, label: str, info: DataInfo, partitions: int | None, what: str,
+                      sample_weight: str | None = None) -> RDD:
+    selected = _dataframe_columns(df, features, label, info, what, sample_weight)
     first = check_first_row(selected, "features", features, info, what, keep=("label",))
     if isinstance(first["label"], (list, tuple)):
         check_label_shape((1, len(first["label"])), info, f"column {label!r}")
     if partitions is not None and selected.rdd.getNumPartitions() != partitions:
         selected = selected.repartition(partitions)
-    schema = "x binary, y binary, n long, ydtype string, ywidth int"
+    schema = "x binary, y binary, n long, ydtype string, ywidth int, w binary"
     return selected.mapInArrow(_arrow_block_function(info), schema).rdd.map(_decode_arrow_block(info))
 
 
 def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo,
-              partitions: int | None, what: str = "training") -> RDD:
+              partitions: int | None, what: str = "training", sample_weight: str | None = None) -> RDD:
     """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
 
     Args:
         partitions: the number of partitions wanted, or ``None`` to keep the input's.
+        sample_weight: a DataFrame's sample-weight column (NumPy input carries its weights as the
+            third item of the tuple).
 
     Raises:
         DataError: wrong columns, types or feature size (checked before any full pass).
@@ -417,7 +451,10 @@ def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: D
     from pyspark.sql import DataFrame
 
     if isinstance(data, DataFrame):
-        return _dataframe_blocks(data, features, label, info, partitions, what)
+        return _dataframe_blocks(data, features, label, info, partitions, what, sample_weight)
+    if sample_weight is not None:
+        raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column; pass NumPy weights as "
+                        "`fit(x, y, sample_weight=w)`. An RDD cannot carry sample weights.")
     if isinstance(data, RDD):
         rows = data if partitions is None or data.getNumPartitions() == partitions else data.repartition(partitions)
         return rows.mapPartitions(lambda it: _row_blocks(it, info))
@@ -433,21 +470,24 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         if warm_up is not None:
             warm_up()
-        rows, ywidths, integer = 0, set(), True
+        rows, ywidths, integer, weighted = 0, set(), True, False
         problems: dict[str, int] = {}
-        for x, y in blocks:
+        for x, y, w in blocks:
             rows += len(x)
             ywidths.add(y.shape[1] if y.ndim == 2 else 0)
             integer &= bool(np.issubdtype(y.dtype, np.integer))
-            for key, value in block_problems(x, y, info).items():
+            weighted |= w is not None
+            for key, value in block_problems(x, y, info, w).items():
                 problems[key] = problems.get(key, 0) + value
-        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, **problems}
+        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, "weighted": weighted,
+               **problems}
 
     return stats
 
 
 def prepare(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo, partitions: int,
-            what: str = "training", warm_up: Callable[[], None] | None = None) -> PreparedData:
+            what: str = "training", warm_up: Callable[[], None] | None = None,
+            sample_weight: str | None = None) -> PreparedData:
     """Convert, partition, cache and validate data in one pass.
 
     Args:
@@ -461,7 +501,7 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
     """
     from pyspark import StorageLevel
 
-    blocks = to_blocks(spark, data, features, label, info, partitions, what).persist(StorageLevel.MEMORY_ONLY)
+    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(StorageLevel.MEMORY_ONLY)
     try:
         stats = sorted(blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(), key=lambda s: s["partition"])
         raise_problems(stats, what)
@@ -481,7 +521,8 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
     except BaseException:
         blocks.unpersist()
         raise
-    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]))
+    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]),
+                        any(s["weighted"] for s in stats))
 
 
 def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,
@@ -506,9 +547,16 @@ def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None 
     return spark.createDataFrame(pa.table(columns))
 
 
-def collect_arrays(blocks: RDD) -> tuple[np.ndarray, np.ndarray]:
-    """Bring blocks to the driver as one ``(x, y)`` pair (for validation sets and the single engine)."""
+def collect_arrays(blocks: RDD) -> Block:
+    """Bring blocks to the driver as one ``(x, y, w)`` triple (for validation sets and the single engine)."""
     parts = blocks.collect()
     if not parts:
         raise DataError("No rows to collect.")
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return concatenate(parts)
+
+
+def concatenate(blocks: list[Block]) -> Block:
+    """Blocks as one ``(x, y, w)`` triple (``w`` is ``None`` when no block has weights)."""
+    weighted = any(b[2] is not None for b in blocks)
+    w = np.concatenate([b[2] if b[2] is not None else np.ones(len(b[0]), np.float32) for b in blocks]) if weighted else None
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]), w

@@ -514,7 +514,7 @@ class SparkRunner(DriverRunner):
     def training_blocks(self, job: TrainingJob) -> RDD:
         return self.blocks
 
-    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
+    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         from .data import collect_arrays
 
         with spark_errors():

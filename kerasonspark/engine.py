@@ -341,12 +341,13 @@ class Runner(Protocol):
         """Set ``weights`` on the caller's model and assemble the :class:`TrainingResult`."""
         ...
 
-    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
-        """The training data as one ``(x, y)`` pair on the driver (labels as the user gave them)."""
+    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The training data as one ``(x, y, sample_weight)`` triple on the driver (labels as the
+        user gave them; ``sample_weight`` is ``None`` without weights)."""
         ...
 
     def training_blocks(self, job: TrainingJob) -> Any:
-        """The training data as a Spark RDD of ``(x, y)`` blocks, one partition per worker.
+        """The training data as a Spark RDD of ``(x, y, sample_weight)`` blocks, one partition per worker.
 
         Raises:
             ConfigurationError: the runner trains without Spark.
@@ -428,12 +429,14 @@ class TrainingJob:
         """
         return self.runner.result(self, reports, weights, train_seconds, exchanges, engine_stats)
 
-    def local_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The training data as one ``(x, y)`` pair on the driver, for engines that train there."""
+    def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The training data as one ``(x, y, sample_weight)`` triple on the driver, for engines that
+        train there (``sample_weight`` is ``None`` without weights)."""
         return self.runner.local_arrays(self)
 
     def training_blocks(self) -> Any:
-        """The training data as a Spark RDD of ``(x, y)`` blocks (labels as given), one partition
+        """The training data as a Spark RDD of ``(x, y, sample_weight)`` blocks (labels as given;
+        ``sample_weight`` is ``None`` without weights), one partition
         per worker and cached, for engines that hand it to another Spark library.
 
         Raises:
@@ -488,6 +491,10 @@ class Engine:
             train through :meth:`TrainingJob.serve` get them from the driver for free; an engine
             that trains otherwise and cannot run them sets ``False``, and ``fit`` refuses them
             (an engine that runs only some says which in :meth:`callback_refusal`).
+        accepts_sample_weights: whether ``fit(sample_weight=...)`` works with the engine. Engines
+            that train through :meth:`TrainingJob.serve` (the shared worker loop) or on
+            :meth:`TrainingJob.local_arrays` get them; one that hands the data elsewhere and
+            cannot pass them on sets ``False``, and ``fit`` refuses weights before any work.
         strategy_option: the option a strategy's variant sets in ``kerasonspark compare``
             (``"async:adag"`` sets ``rule``); ``None`` when the engine has no variants.
     """
@@ -497,6 +504,7 @@ class Engine:
     uses_spark_workers: ClassVar[bool] = True
     uses_parameter_server: ClassVar[bool] = True
     accepts_callbacks: ClassVar[bool] = True
+    accepts_sample_weights: ClassVar[bool] = True
     strategy_option: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import DataInfo
+from .data import Block, DataInfo, concatenate
 from .engine import Exchange, WorkerReport
 from .errors import DataError, WorkerError
 from .parameter_server.client import ParameterClient
@@ -166,11 +166,14 @@ class LocalSteps:
         label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32
         self.graph = keras.backend.backend() == "tensorflow"
         if self.graph:
+            # Sample weights always go in (ones when the data has none: the same loss and metrics),
+            # so one traced function serves weighted and unweighted data.
             @tf.function(input_signature=[tf.TensorSpec((None, None, *info.input_shape), tf.float32),
-                                          tf.TensorSpec((None, None, *label_shape), label_dtype)])
-            def train_run(xs, ys):
+                                          tf.TensorSpec((None, None, *label_shape), label_dtype),
+                                          tf.TensorSpec((None, None), tf.float32)])
+            def train_run(xs, ys, ws):
                 for i in tf.range(tf.shape(xs)[0]):
-                    model.train_step((xs[i], ys[i]))
+                    model.train_step((xs[i], ys[i], ws[i]))
                 return tf.shape(xs)[0]
 
             self._train_run = train_run
@@ -185,7 +188,7 @@ class LocalSteps:
         y = self.info.model_labels(np.zeros((2, *label_shape), np.float32))
         model.train_on_batch(x, y)  # builds the metrics
         if self.graph:
-            self._train_run(x[None], y[None])
+            self._train_run(x[None], y[None], np.ones((1, 2), np.float32))
         for variable, value in zip(model.weights, weights, strict=True):
             variable.assign(value)
         self._fresh_optimizer = fresh
@@ -197,20 +200,24 @@ class LocalSteps:
         for variable, value in zip(self.model.optimizer.variables, self._fresh_optimizer, strict=True):
             variable.assign(value)
 
-    def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int) -> None:
-        """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller)."""
+    def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int,
+            weights: np.ndarray | None = None) -> None:
+        """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller),
+        each sample's loss scaled by its weight in ``weights`` (as ``model.fit(sample_weight=)``)."""
         full = len(index) // batch_size * batch_size
+        w = weights[index] if weights is not None else np.ones(len(index), np.float32)
         if not self.graph:
             for start in range(0, len(index), batch_size):
                 part = index[start:start + batch_size]
-                self.model.train_function(iter([(x[part], y[part])]))
+                self.model.train_function(iter([(x[part], y[part], w[start:start + batch_size])]))
             return
         if full:
             head = index[:full]
-            self._train_run(x[head].reshape(-1, batch_size, *x.shape[1:]), y[head].reshape(-1, batch_size, *y.shape[1:]))
+            self._train_run(x[head].reshape(-1, batch_size, *x.shape[1:]), y[head].reshape(-1, batch_size, *y.shape[1:]),
+                            w[:full].reshape(-1, batch_size))
         if full < len(index):
             tail = index[full:]
-            self._train_run(x[tail][None], y[tail][None])
+            self._train_run(x[tail][None], y[tail][None], w[full:][None])
 
     def metrics(self) -> dict[str, float]:
         """The running means of the loss and metrics since the last ``reset_metrics``."""
@@ -445,7 +452,7 @@ def _score(model: keras.Model, weights: np.ndarray | None, validation: tuple[np.
 
 def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.ndarray, settings: WorkerSettings,
                  exchange: Exchange, validation: tuple[np.ndarray, np.ndarray] | None,
-                 gate: EpochGate | None = None) -> WorkerReport:
+                 gate: EpochGate | None = None, weights: np.ndarray | None = None) -> WorkerReport:
     """The worker loop every engine shares: shuffle, train runs of local steps, exchange, meet the driver.
 
     Each epoch visits every row of ``x`` once in a fresh order (seeded by ``settings.seed`` plus
@@ -461,6 +468,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         x: features; ``y``: labels as the model's loss takes them.
         validation: this worker's share of the validation set, or ``None``.
         gate: the worker's line to the driver, or ``None``.
+        weights: each row's sample weight, or ``None`` (every row weighs 1).
     """
     model = steps_runner.model
     n = len(x)
@@ -497,7 +505,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
                 skip -= 1
                 continue
             if len(index):
-                steps_runner.run(x, y, index, batch)
+                steps_runner.run(x, y, index, batch, weights)
             report.steps += run
             done = min(step * batch, n)
             if gate is not None:
@@ -566,7 +574,7 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
             gate.close()
 
 
-def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any, custom_objects: dict[str, Any],
+def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects: dict[str, Any],
                     settings: WorkerSettings, exchange: Exchange, validation: Any,
                     gate: EpochGate | None = None) -> Iterator[WorkerReport]:
     """The body of one barrier task: train this partition; yields the worker's report."""
@@ -580,30 +588,31 @@ def train_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadc
     def body() -> WorkerReport:
         configure_tensorflow(settings.worker_threads)
         steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
-        x, y = concatenate_blocks(blocks, settings.info)
+        x, y, weights = concatenate_blocks(blocks, settings.info)
         share = validation_share(validation.value if validation is not None else None, worker, settings)
-        return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate)
+        return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate, weights)
 
     yield guarded(worker, exchange, body, gate)
 
 
-def concatenate_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], info: DataInfo) -> tuple[np.ndarray, np.ndarray]:
-    """A partition's blocks as one ``(x, y)`` pair, labels as the model's loss takes them."""
+def concatenate_blocks(blocks: Iterable[Block], info: DataInfo) -> Block:
+    """A partition's blocks as one ``(x, y, w)`` triple, labels as the model's loss takes them."""
     parts = list(blocks)
     if not any(len(b[0]) for b in parts):
-        return np.zeros((0, *info.input_shape), np.float32), info.model_labels(np.zeros(0, np.int32))
-    x = np.concatenate([b[0] for b in parts])
-    return x, info.model_labels(np.concatenate([b[1] for b in parts]))
+        return np.zeros((0, *info.input_shape), np.float32), info.model_labels(np.zeros(0, np.int32)), None
+    x, y, w = concatenate(parts)
+    return x, info.model_labels(y), w
 
 
-def evaluate_partition(blocks: Iterable[tuple[np.ndarray, np.ndarray]], spec_broadcast: Any,
+def evaluate_partition(blocks: Iterable[Block], spec_broadcast: Any,
                        custom_objects: dict[str, Any], info: DataInfo, threads: int | None,
                        batch_size: int, version: str) -> Iterator[tuple[int, dict[str, float]]]:
     """The body of one evaluation task: ``(rows, scores)`` for each non-empty block."""
     model = inference_model(spec_broadcast.value, custom_objects, threads, version)
-    for x, y in blocks:
+    for x, y, w in blocks:
         if len(x):
-            scores = model.evaluate(x, info.model_labels(y), batch_size=batch_size, verbose=0, return_dict=True)
+            scores = model.evaluate(x, info.model_labels(y), sample_weight=w, batch_size=batch_size, verbose=0,
+                                    return_dict=True)
             yield len(x), _metric_logs(scores)
 
 

@@ -129,6 +129,7 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
             ``None`` keeps the compiled one.
         featuresCol: an array or ML ``Vector`` column (e.g. a ``VectorAssembler``'s output).
         labelCol: class indices (double, as ``StringIndexer`` gives), one-hot arrays, or targets.
+        sampleWeightCol: a numeric column weighting each row's loss, as ``model.fit(sample_weight=)``.
         predictionCol, probabilityCol: the fitted model's outputs (``probabilityCol=""`` drops
             the probabilities).
         validationFraction: rows held out at random to score after each epoch (``val_*`` in the
@@ -150,6 +151,8 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
                                      "(None keeps the compiled one)", _to_optional_positive_float)
     validationFraction: Param[float] = Param(Params._dummy(), "validationFraction", "fraction of rows held out to "
                                              "score after each epoch", _to_fraction)
+    sampleWeightCol: Param[str] = Param(Params._dummy(), "sampleWeightCol", "a numeric column of per-row loss weights "
+                                        "(finite, >= 0); unset weighs every row 1", TypeConverters.toString)
     verbose: Param[int] = Param(Params._dummy(), "verbose", "0 silent, 1 a progress bar, 2 a line per epoch",
                                 TypeConverters.toInt)
     _input_kwargs: dict[str, Any]  # set by @keyword_only
@@ -158,7 +161,8 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def __init__(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
                  backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
                  batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
-                 featuresCol: str = "features", labelCol: str = "label", predictionCol: str = "prediction",
+                 featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
+                 predictionCol: str = "prediction",
                  probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
                  verbose: int = 0, predictionBatchSize: int = 256) -> None:
         super().__init__()
@@ -170,7 +174,8 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def setParams(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
                   backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
                   batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
-                  featuresCol: str = "features", labelCol: str = "label", predictionCol: str = "prediction",
+                  featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
+                  predictionCol: str = "prediction",
                   probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
                   verbose: int = 0, predictionBatchSize: int = 256) -> KerasEstimator:
         """Set the given Params (keyword arguments only)."""
@@ -208,6 +213,9 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def setLabelCol(self, value: str) -> KerasEstimator:
         return self._set(labelCol=value)
 
+    def setSampleWeightCol(self, value: str) -> KerasEstimator:
+        return self._set(sampleWeightCol=value)
+
     def setPredictionCol(self, value: str) -> KerasEstimator:
         return self._set(predictionCol=value)
 
@@ -238,16 +246,20 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def getLearningRate(self) -> float | None:
         return self.getOrDefault(self.learningRate)
 
+    def getSampleWeightCol(self) -> str | None:
+        return self.getOrDefault(self.sampleWeightCol) if self.isDefined(self.sampleWeightCol) else None
+
     def getValidationFraction(self) -> float:
         return self.getOrDefault(self.validationFraction)
 
     def _fit(self, dataset: DataFrame) -> KerasModel:
         from .trainer import SparkTrainer
 
-        missing = [c for c in (self.getFeaturesCol(), self.getLabelCol()) if c not in dataset.columns]
+        weight = self.getSampleWeightCol()
+        missing = [c for c in (self.getFeaturesCol(), self.getLabelCol(), weight) if c and c not in dataset.columns]
         if missing:
             raise DataError(f"The DataFrame has no column(s) {missing}. Its columns: {dataset.columns}. Set "
-                            "`featuresCol` and `labelCol` to the right names.")
+                            "`featuresCol`, `labelCol` (and `sampleWeightCol`) to the right names.")
         custom_objects = self.getCustomObjects()
         model = ModelSpec.from_model(self.getModel(), custom_objects).build()  # a copy: the Param's model stays as given
         rate = self.getLearningRate()
@@ -263,7 +275,7 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
                                seed=self.getSeed() % 2**31,  # HasSeed's default (a hash) may be negative
                                verbose=self.getOrDefault(self.verbose), custom_objects=custom_objects)
         result = trainer.fit(train, features=self.getFeaturesCol(), label=self.getLabelCol(),
-                             validation_data=validation)
+                             validation_data=validation, sample_weight=weight or None)
         fitted = KerasModel(result.model, history=result.history, stats=result.stats)
         return self._copyValues(fitted)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import DataInfo, validate_arrays
+from .data import Block, DataInfo, concatenate, validate_arrays
 from .driver import DriverRunner, worker_settings
 from .engine import (
     Engine,
@@ -49,11 +49,11 @@ class InProcessRunner(DriverRunner):
     """A :class:`~kerasonspark.engine.Runner` whose workers are threads of this process.
 
     Args:
-        partitions: one ``(x, y)`` pair per worker (labels as given).
+        partitions: one ``(x, y, sample_weight)`` triple per worker (labels as given, weights or ``None``).
         engine_name: where the engine's figures go in ``stats``.
     """
 
-    def __init__(self, partitions: list[tuple[np.ndarray, np.ndarray]], engine_name: str) -> None:
+    def __init__(self, partitions: list[Block], engine_name: str) -> None:
         super().__init__(engine_name)
         self.partitions = partitions
 
@@ -66,11 +66,11 @@ class InProcessRunner(DriverRunner):
         # Each worker gets its own copy, as each Spark task unpickles its own.
         exchanges = [copy.deepcopy(exchange) for _ in self.partitions]
         gates = [copy.deepcopy(gate) for _ in self.partitions]
-        for worker, (x, y) in enumerate(self.partitions):
+        for worker, (x, y, w) in enumerate(self.partitions):
             steps = LocalSteps(ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info)
             share = validation_share(job.validation, worker, settings)
             bodies.append(partial(train_worker, worker, steps, x, job.info.model_labels(y), settings,
-                                  exchanges[worker], share, gates[worker]))
+                                  exchanges[worker], share, gates[worker], w))
         outcomes: list[WorkerReport | BaseException | None] = [None] * len(bodies)
 
         def run(worker: int) -> None:
@@ -90,8 +90,8 @@ class InProcessRunner(DriverRunner):
                 raise outcome
         return [o for o in outcomes if isinstance(o, WorkerReport)]
 
-    def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate([p[0] for p in self.partitions]), np.concatenate([p[1] for p in self.partitions])
+    def local_arrays(self, job: TrainingJob) -> Block:
+        return concatenate(self.partitions)
 
     def training_blocks(self, job: TrainingJob) -> Any:
         raise ConfigurationError(f"Backend {self.engine_name!r} hands the data to Spark; it cannot run in process.")
@@ -101,7 +101,7 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
                    num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
                    custom_objects: Mapping[str, Any] | None = None,
                    backend_options: Mapping[str, Any] | None = None, callbacks: list[Any] | None = None,
-                   verbose: int = 0) -> TrainingResult:
+                   verbose: int = 0, sample_weight: Any = None) -> TrainingResult:
     """Train ``model`` on ``(x, y)`` with ``engine``, its workers as threads of this process.
 
     The data is checked as ``SparkTrainer.fit`` checks it and split into ``num_workers`` equal
@@ -115,10 +115,11 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
     engine = resolve_backend(engine, backend_options)
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose)
     info = DataInfo.for_model(model, model.get_compile_config())
-    x, y = validate_arrays((x, y), info, "training")
+    x, y, w = validate_arrays((x, y, sample_weight), info, "training")
     info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))
-    validation = validate_arrays(tuple(validation_data), info, "validation") if validation_data is not None else None
-    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers), strict=True))
+    validation = validate_arrays(tuple(validation_data), info, "validation")[:2] if validation_data is not None else None
+    weights = np.array_split(w, num_workers) if w is not None else [None] * num_workers
+    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers), weights, strict=True))
     job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
                       config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
                       partition_sizes=[len(p[0]) for p in partitions], validation=validation,

@@ -142,7 +142,7 @@ class SparkTrainer:
     # -- fit ------------------------------------------------------------------------------
     def fit(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
             validation_data: Any = None, callbacks: list[keras.callbacks.Callback] | None = None,
-            initial_epoch: int = 0, validation_freq: int = 1) -> TrainingResult:
+            initial_epoch: int = 0, validation_freq: int = 1, sample_weight: Any = None) -> TrainingResult:
         """Train the model on ``x`` with the configured engine.
 
         Args:
@@ -160,6 +160,9 @@ class SparkTrainer:
                 new learning rate reaches every worker before its next epoch.
             initial_epoch: the epoch to start from, as in Keras (to resume a run).
             validation_freq: score the center after every ``validation_freq``-th epoch.
+            sample_weight: each training row's weight in the loss, as in ``model.fit``: a
+                DataFrame's column name, or, with a feature array, one number per row. Weights
+                must be finite and >= 0. Every engine but ``elephas`` takes them.
 
         Returns:
             A :class:`TrainingResult` with the trained model, per-epoch history and run figures.
@@ -174,7 +177,11 @@ class SparkTrainer:
         callbacks = _check_callbacks(callbacks, self.engine)
         callbacks, backup = self._backup_plan(callbacks)
         config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq)
-        data = _features_and_labels(x, y, "fit")
+        data = _features_and_labels(x, y, "fit", sample_weight)
+        weight_column = sample_weight if isinstance(sample_weight, str) else None
+        if sample_weight is not None and not self.engine.accepts_sample_weights:
+            raise ConfigurationError(f"Backend {self.engine.name!r} cannot train with sample weights. Drop "
+                                     "`sample_weight` or choose another backend (sync, async, hogwild and single take them).")
         with self._session(data) as spark:
             if backup is not None:
                 config = self._resume(backup, config, spark)
@@ -195,7 +202,7 @@ class SparkTrainer:
                 prepare_started = time.perf_counter()
                 with spark_errors(), spark_job(spark, "kerasonspark prepare"):
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
-                                                   "training", warm)
+                                                   "training", warm, weight_column)
                 prepare_seconds = time.perf_counter() - prepare_started
                 runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name, backup)
                 job = TrainingJob(spec=spec, model=self.model,
@@ -276,7 +283,9 @@ class SparkTrainer:
                       what: str) -> tuple[np.ndarray, np.ndarray]:
         with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
             blocks = data_module.to_blocks(spark, data, features, label, self.info, None, what)
-            x, y = data_module.collect_arrays(blocks)
+            x, y, w = data_module.collect_arrays(blocks)
+        if w is not None:
+            raise DataError(f"The {what} data carries sample weights; {what} scores are unweighted here. Pass `(x, y)`.")
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
         data_module.raise_problems([data_module.block_problems(x, y, self.info)], what)
         return x, y
@@ -364,11 +373,20 @@ def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Cal
     return callbacks
 
 
-def _features_and_labels(x: Any, y: Any, method: str) -> Any:
-    """``fit(x, y)`` as Keras takes it: the one input value the data layer reads."""
+def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None) -> Any:
+    """``fit(x, y, sample_weight=w)`` as Keras takes it: the one input value the data layer reads
+    (a DataFrame's sample-weight column is passed to it by name, not here)."""
     from pyspark import RDD
     from pyspark.sql import DataFrame
 
+    if sample_weight is not None and not isinstance(sample_weight, str):
+        if y is None and not isinstance(x, tuple):
+            raise DataError("Sample weights as an array go with a feature array and its labels, as in "
+                            "`fit(x, y, sample_weight=w)`; for a DataFrame pass the weight column's name.")
+        return (*((x, y) if y is not None else x), sample_weight)
+    if isinstance(sample_weight, str) and not isinstance(x, DataFrame):
+        raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column, but the data is a "
+                        f"{type(x).__name__}; pass NumPy weights as an array, `fit(x, y, sample_weight=w)`.")
     if y is None:
         if isinstance(x, np.ndarray):
             raise DataError(f"`{method}` got a feature array without labels: pass them as `y`, as in "

@@ -38,15 +38,19 @@ def test_block_problems_count_each_reason():
     x = np.zeros((5, 4), np.float32)
     x[1, 2] = np.nan
     y = np.array([0, 1, 2, 3, 1.5])
-    assert block_problems(x, y, ONE_HOT) == {"nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 1}
-    assert block_problems(x[:0], y[:0], ONE_HOT) == {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0}
+    assert block_problems(x, y, ONE_HOT) == {"nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 1,
+                                             "bad_weights": 0}
+    assert block_problems(x[:0], y[:0], ONE_HOT) == {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0,
+                                                     "bad_weights": 0}
+    weights = np.array([1.0, 0.0, -0.5, np.nan, np.inf], np.float32)
+    assert block_problems(x, y, ONE_HOT, weights)["bad_weights"] == 3  # zero is a weight; negative, NaN, Inf are not
     y_bad = np.array([0.0, np.inf, -1, 2, 2])
     assert block_problems(np.zeros((5, 4), np.float32), y_bad, SPARSE) == {
-        "nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 0}
+        "nonfinite_rows": 1, "label_out_of_range": 1, "label_not_integer": 0, "bad_weights": 0}
     # Targets and a loss of the user's own are not class indices: only non-finite values count.
     assert block_problems(x, np.array([9.5, -3, 0, 1, 2]), RAW)["label_out_of_range"] == 0
     assert block_problems(x, np.array([9, -3, 0, 1, 2]), GIVEN) == {
-        "nonfinite_rows": 1, "label_out_of_range": 0, "label_not_integer": 0}
+        "nonfinite_rows": 1, "label_out_of_range": 0, "label_not_integer": 0, "bad_weights": 0}
 
 
 def test_raise_problems_message_in_full():
@@ -86,11 +90,17 @@ def test_label_shapes_are_checked_against_the_output():
 
 def test_validate_arrays_refuses_before_any_work():
     x, y = np.zeros((6, 4), np.float32), np.array([0, 1, 2, 0, 1, 2])
-    vx, vy = validate_arrays((x, y), ONE_HOT, "training")
-    assert vx.shape == (6, 4) and np.array_equal(vy, y)
+    vx, vy, vw = validate_arrays((x, y), ONE_HOT, "training")
+    assert vx.shape == (6, 4) and np.array_equal(vy, y) and vw is None
+    weights = validate_arrays((x, y, np.arange(6)), ONE_HOT, "training")[2]
+    assert weights.dtype == np.float32 and np.array_equal(weights, np.arange(6))
     assert validate_arrays((x, y[:, None]), ONE_HOT, "training")[1].shape == (6,)  # a column of labels
-    with pytest.raises(DataError, match="a pair `\\(x, y\\)`. Received: a tuple of 3"):
-        validate_arrays((x, y, y), ONE_HOT, "training")
+    with pytest.raises(DataError, match="a pair `\\(x, y\\)` or a triple `\\(x, y, sample_weight\\)`. Received: a tuple of 4"):
+        validate_arrays((x, y, y, y), ONE_HOT, "training")
+    with pytest.raises(DataError, match="one number per row, shape \\(6,\\). Received: shape \\(6, 2\\)"):
+        validate_arrays((x, y, np.ones((6, 2))), ONE_HOT, "training")
+    with pytest.raises(DataError, match="1 sample weight\\(s\\) that are negative, NaN, Inf or null"):
+        validate_arrays((x, y, np.array([1, 1, 1, -1, 1, 1])), ONE_HOT, "training")
     with pytest.raises(DataError, match="differ in length: 6 vs 5"):
         validate_arrays((x, y[:5]), ONE_HOT, "training")
     with pytest.raises(DataError, match="Labels in the validation labels must be numeric"):
