@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 
 from kerasonspark import SparkTrainer
 from kerasonspark.data import numpy_to_dataframe
@@ -145,6 +146,12 @@ def nan_rows(spark):
     trainer(spark).fit(numpy_to_dataframe(spark, x, y))
 
 
+def negative_weight_column(spark):
+    x, y = make_blobs(100)
+    df = numpy_to_dataframe(spark, x, y).withColumn("weight", F.when(F.rand(seed=0) < 2.0, -1.0))
+    trainer(spark).fit(df.limit(3), sample_weight="weight")
+
+
 def nan_numpy(spark):
     x, y = make_blobs(100)
     x[7] = np.nan
@@ -185,6 +192,9 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      "0..num_classes-1 or widen the output layer.", "first data pass",
      labels_out_of_range),
     ("NaN or Inf in DataFrame rows", "DataError", "1 row(s) with NaN, Inf or null features or labels (1 in partition 0); drop or impute them.", "first data pass", nan_rows),
+    ("Negative, NaN or null sample weights", "DataError", "3 sample weight(s) that are negative, NaN, Inf or null (", "first data pass", negative_weight_column),
+    ("Sample weights for an engine without them", "ConfigurationError", "Backend 'elephas' cannot train with sample weights.", BEFORE_JOBS,
+     lambda spark: SparkTrainer(small_model(), backend="elephas", spark=spark).fit(*make_blobs(100), sample_weight=np.ones(100))),
     ("NaN in NumPy input", "DataError", "1 row(s) with NaN, Inf or null features or labels", BEFORE_JOBS, nan_numpy),
     ("One-hot labels of the wrong width", "DataError", "should be class indices or one-hot vectors of width 4 (the model's output). Received: labels "
      "of shape (100, 5).", BEFORE_JOBS,
