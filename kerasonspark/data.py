@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,8 +149,8 @@ class PreparedData:
         return sum(self.counts)
 
     def release(self) -> None:
-        """Drop the cached partitions."""
-        self.blocks.unpersist()
+        """Drop the cached partitions (and the broadcasts of NumPy input)."""
+        release_blocks(self.blocks)
 
 
 # -- per-block checks, shared by the driver (NumPy input) and the executors ---------------------
@@ -286,10 +288,33 @@ def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
 
 
 def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str) -> RDD:
+    """NumPy data as an RDD of blocks that reach the executors as one broadcast per partition.
+
+    ``parallelize`` would put each partition's rows inside its task (Spark warns of a task of
+    30 MB for MNIST); a broadcast travels by Spark's block manager instead, and each task reads
+    only its own partition's. :func:`release_blocks` destroys the broadcasts.
+    """
     x, y, w = validate_arrays(data, info, what)
     if partitions and len(x) < partitions:  # known before any Spark job
         raise _too_few_rows(len(x), partitions, what)
-    return spark.sparkContext.parallelize(_split_blocks(x, y, w, partitions), partitions)
+    blocks = _split_blocks(x, y, w, partitions)
+    per_part = len(blocks) // partitions
+    sc = spark.sparkContext
+    shares = [sc.broadcast(blocks[i * per_part:(i + 1) * per_part]) for i in range(partitions)]
+    rdd: Any = sc.parallelize(range(partitions), partitions).flatMap(partial(_shared_blocks, shares))
+    rdd._kerasonspark_broadcasts = shares
+    return rdd
+
+
+def _shared_blocks(shares: list[Any], partition: int) -> list[Block]:
+    return shares[partition].value
+
+
+def release_blocks(blocks: RDD) -> None:
+    """Drop an RDD of blocks' cached partitions and the broadcasts that carry NumPy input."""
+    blocks.unpersist()
+    for share in getattr(blocks, "_kerasonspark_broadcasts", []):
+        share.destroy()
 
 
 def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
@@ -450,6 +475,8 @@ def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: D
     from pyspark import RDD
     from pyspark.sql import DataFrame
 
+    if isinstance(data, (str, os.PathLike)):
+        data = read_parquet(spark, data, what)
     if isinstance(data, DataFrame):
         return _dataframe_blocks(data, features, label, info, partitions, what, sample_weight)
     if sample_weight is not None:
@@ -461,9 +488,24 @@ def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: D
     if isinstance(data, (tuple, list)):
         return _numpy_blocks(spark, tuple(data), info, partitions or spark.sparkContext.defaultParallelism, what)
     raise TypeError(
-        f"Expected {what} data as a Spark DataFrame, an RDD of (features, label) or a NumPy pair (x, y). "
+        f"Expected {what} data as a Spark DataFrame, a Parquet path, an RDD of (features, label) or a NumPy pair (x, y). "
         f"Received: {type(data).__name__}."
     )
+
+
+def read_parquet(spark: SparkSession, path: str | os.PathLike, what: str) -> DataFrame:
+    """The Parquet file or folder at ``path`` (any file system Spark reads) as a DataFrame.
+
+    Raises:
+        DataError: nothing readable as Parquet is there.
+    """
+    from pyspark.errors import AnalysisException
+
+    try:
+        return spark.read.parquet(os.fspath(path))
+    except AnalysisException as exc:
+        raise DataError(f"The {what} data path {os.fspath(path)!r} holds no Parquet data Spark can read "
+                        f"({str(exc).splitlines()[0][:200]}). Pass a Parquet file or folder, or a DataFrame.") from None
 
 
 def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
@@ -519,20 +561,28 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
         if empty:
             logger.warning("Partition(s) %s of the %s data are empty; those workers only synchronise.", empty, what)
     except BaseException:
-        blocks.unpersist()
+        release_blocks(blocks)
         raise
     return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]),
                         any(s["weighted"] for s in stats))
 
 
 def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,
-                       features: str = "features", label: str = "label") -> DataFrame:
+                       features: str = "features", label: str = "label", partitions: int | None = None) -> DataFrame:
     """A DataFrame with an array<float> feature column (and a label column) from NumPy, through Arrow.
+
+    The rows reach the executors as one broadcast (Arrow IPC bytes) per partition, not inside
+    the tasks (``createDataFrame`` would put 30 MB of MNIST in each task). The broadcasts live as
+    long as the SparkContext, as the data of a ``createDataFrame`` would live with its plan.
+
+    Args:
+        partitions: the DataFrame's partitions (default: the context's default parallelism).
 
     Example:
         >>> df = numpy_to_dataframe(spark, x_train, y_train)   # columns: features, label
     """
     import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
     offsets = np.arange(0, x.size + 1, max(x.shape[1], 1), dtype=np.int64)[: len(x) + 1]
@@ -544,7 +594,45 @@ def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None 
             columns[label] = pa.LargeListArray.from_arrays(pa.array(y_offsets), pa.array(y.astype(np.float32).ravel()))
         else:
             columns[label] = pa.array(y)
-    return spark.createDataFrame(pa.table(columns))
+    table = pa.table(columns)
+    # Spark reads lists with 32-bit offsets, so a batch holds at most 2**31 - 1 values of a column.
+    # Otherwise a partition is one batch: a `first()` that stops reading after one batch would
+    # leave its Python worker writing the next into a closed pipe (a BrokenPipeError traceback).
+    rows_per_batch = max(1, (2**31 - 1) // max(x.shape[1], 1))
+    schema = pa.schema([f.with_type(pa.list_(f.type.value_type)) if pa.types.is_large_list(f.type) else f
+                        for f in table.schema])
+    sc = spark.sparkContext
+    parts = max(1, min(partitions or sc.defaultParallelism, len(x)))
+    bounds = np.linspace(0, len(x), parts + 1).astype(int)
+    shares = [sc.broadcast(_arrow_ipc(table.slice(a, b - a), schema, rows_per_batch))
+              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if id(sc) not in _KEPT_BROADCASTS:
+        _KEPT_BROADCASTS.clear()  # one SparkContext per process: the old one's are gone with it
+    _KEPT_BROADCASTS.setdefault(id(sc), []).extend(shares)
+    return spark.range(parts, numPartitions=parts).mapInArrow(partial(_shared_rows, shares), from_arrow_schema(schema))
+
+
+# The broadcasts behind numpy_to_dataframe's DataFrames, by SparkContext: a DataFrame derived from
+# one may outlive the Python object, so they are kept for the context's life.
+_KEPT_BROADCASTS: dict[int, list[Any]] = {}
+
+
+def _arrow_ipc(table: Any, schema: Any, rows_per_batch: int) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in table.combine_chunks().to_batches(max_chunksize=rows_per_batch):
+            writer.write_batch(batch.cast(schema))
+    return sink.getvalue().to_pybytes()
+
+
+def _shared_rows(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
+    import pyarrow as pa
+
+    for batch in batches:
+        for part in batch.column(0).to_pylist():
+            yield from pa.ipc.open_stream(shares[part].value)
 
 
 def collect_arrays(blocks: RDD) -> Block:

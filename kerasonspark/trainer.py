@@ -146,8 +146,9 @@ class SparkTrainer:
         """Train the model on ``x`` with the configured engine.
 
         Args:
-            x: a Spark DataFrame, an RDD of ``(features, label)``, a NumPy (or array-like) feature
-                array with its labels in ``y``, or a pair ``(x, y)``.
+            x: a Spark DataFrame (``spark.table(...)`` for a table), a Parquet file or folder's
+                path, an RDD of ``(features, label)``, a NumPy (or array-like) feature array with
+                its labels in ``y``, or a pair ``(x, y)``.
             y: the labels, when ``x`` is a feature array (as in ``model.fit(x, y)``).
             features: the feature column (array or ML Vector) of a DataFrame.
             label: the label column (class index, number, or one-hot array) of a DataFrame.
@@ -281,9 +282,12 @@ class SparkTrainer:
 
     def _local_arrays(self, spark: SparkSession, data: Any, features: str, label: str,
                       what: str) -> tuple[np.ndarray, np.ndarray]:
-        with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
-            blocks = data_module.to_blocks(spark, data, features, label, self.info, None, what)
-            x, y, w = data_module.collect_arrays(blocks)
+        if isinstance(data, (tuple, list)):  # NumPy: already here
+            x, y, w = data_module.validate_arrays(tuple(data), self.info, what)
+        else:
+            with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
+                x, y, w = data_module.collect_arrays(data_module.to_blocks(spark, data, features, label, self.info,
+                                                                           None, what))
         if w is not None:
             raise DataError(f"The {what} data carries sample weights; {what} scores are unweighted here. Pass `(x, y)`.")
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
@@ -318,6 +322,7 @@ class SparkTrainer:
                     results = blocks.mapPartitions(body).collect()
             finally:
                 spec_broadcast.destroy()
+                data_module.release_blocks(blocks)
         if not results:
             raise DataError("The evaluation data is empty.")
         total = sum(n for n, _ in results)

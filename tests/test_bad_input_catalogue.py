@@ -203,7 +203,7 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      lambda spark: trainer(spark).fit(make_blobs(1))),
     ("No rows at all", "DataError", "The training features hold no samples", BEFORE_JOBS, empty_partition_only),
     ("Validation data that does not fit the model", "DataError", "Each sample in the validation features must have 16 values", BEFORE_JOBS, validation_of_wrong_size),
-    ("Input that is not data", "TypeError", "Expected training data as a Spark DataFrame, an RDD of (features, label) or a NumPy pair "
+    ("Input that is not data", "TypeError", "Expected training data as a Spark DataFrame, a Parquet path, an RDD of (features, label) or a NumPy pair "
      "(x, y). Received: dict.", BEFORE_JOBS,
      lambda spark: trainer(spark).fit({"x": 1})),
     ("Uncompiled model", "ConfigurationError", "The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.", BEFORE_JOBS, uncompiled),

@@ -1,0 +1,61 @@
+"""Where training data comes from: NumPy arrays reach the executors by broadcast (no oversized
+tasks), and a Parquet path trains like the DataFrame it holds."""
+
+import os
+
+import numpy as np
+import pytest
+
+from kerasonspark import SparkTrainer
+from kerasonspark.data import DataInfo, numpy_to_dataframe, release_blocks, to_blocks
+from kerasonspark.errors import DataError
+
+from conftest import make_blobs, small_model
+
+pytestmark = pytest.mark.spark
+
+
+def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark, monkeypatch):
+    from pyspark import cloudpickle
+
+    x, y = make_blobs(4000, dim=784)  # 12.5 MB of features: parallelize would make 6 MB tasks
+    model = small_model(dim=784)
+    info = DataInfo.for_model(model, model.get_compile_config())
+    sc = spark.sparkContext
+    parallelized, parallelize = [], sc.parallelize
+    monkeypatch.setattr(sc, "parallelize", lambda data, n: parallelized.append(data) or parallelize(data, n))
+    blocks = to_blocks(spark, (x, y), "features", "label", info, 2)
+    assert len(cloudpickle.dumps(list(parallelized[0]))) < 1000  # what the tasks carry: partition numbers
+    parts = blocks.glom().map(lambda part: [len(b[0]) for b in part]).collect()
+    assert [sum(p) for p in parts] == [2000, 2000]  # each task read its own partition's rows, in order
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks.collect()]), x)
+    shares = blocks._kerasonspark_broadcasts
+    release_blocks(blocks)
+    assert not any(os.path.exists(share._path) for share in shares)  # destroyed with the blocks
+
+
+def test_a_parquet_path_trains_like_its_dataframe(spark, tmp_path):
+    x, y = make_blobs(600)
+    numpy_to_dataframe(spark, x, y, features="pixels", label="digit").write.parquet(str(tmp_path / "train"))
+    trainer = SparkTrainer(small_model(), num_workers=2, epochs=3, spark=spark, verbose=0, seed=0)
+    result = trainer.fit(str(tmp_path / "train"), features="pixels", label="digit")
+    assert result.stats["samples"] == 600 * 3  # rows x epochs
+    assert trainer.evaluate(tmp_path / "train", features="pixels", label="digit")["accuracy"] > 0.9
+    with pytest.raises(DataError, match="holds no Parquet data Spark can read"):
+        trainer.fit(str(tmp_path / "missing"))
+
+
+def test_numpy_to_dataframe_keeps_rows_in_order_without_data_in_its_tasks(spark, monkeypatch):
+    from pyspark import cloudpickle
+
+    x, y = make_blobs(1000, dim=784)
+    sc = spark.sparkContext
+    parallelized, parallelize = [], sc.parallelize
+    monkeypatch.setattr(sc, "parallelize", lambda data, *a, **k: parallelized.append(data) or parallelize(data, *a, **k))
+    df = numpy_to_dataframe(spark, x, y, partitions=3).cache()
+    assert sum(len(cloudpickle.dumps(list(d))) for d in parallelized) < 1000
+    assert df.rdd.getNumPartitions() == 3
+    rows = df.collect()
+    np.testing.assert_array_equal(np.array([r.features for r in rows], np.float32), x)
+    assert [r.label for r in rows] == y.tolist()
+    assert numpy_to_dataframe(spark, x[:2], partitions=8).count() == 2  # never more partitions than rows
