@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -270,6 +270,41 @@ def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
     check_label_shape(y.shape, info, f"the {what} data")
     raise_problems([block_problems(x, y, info, w)], what)
     return x, y, w
+
+
+def dense_class_weight(class_weight: Any, info: DataInfo) -> tuple[float, ...]:
+    """``fit(class_weight=)`` as one weight per class (classes it leaves out weigh 1).
+
+    Raises:
+        ConfigurationError: the model's loss is not a classification loss, or a class or a weight
+            is not one the model can use.
+    """
+    from .errors import ConfigurationError
+
+    if info.label_mode not in ("sparse", "one_hot"):
+        raise ConfigurationError("`class_weight` needs a classification loss (sparse or categorical cross-entropy, ...); "
+                                 "weigh rows with `sample_weight` instead.")
+    if not isinstance(class_weight, Mapping):
+        raise ConfigurationError(f"Expected `class_weight` as a dict of class index -> weight. Received: "
+                                 f"{type(class_weight).__name__}.")
+    dense = [1.0] * info.classes
+    for key, value in class_weight.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < info.classes:
+            raise ConfigurationError(f"`class_weight` has class {key!r}; the model's classes are 0..{info.classes - 1}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+            raise ConfigurationError(f"`class_weight[{key}]` must be a finite number >= 0. Received: {value!r}.")
+        dense[int(key)] = float(value)
+    return tuple(dense)
+
+
+def class_weighted(y: np.ndarray, weights: np.ndarray | None, class_weight: tuple[float, ...] | None) -> np.ndarray | None:
+    """Sample weights times each row's class weight (labels as the model's loss takes them:
+    indices, or one-hot rows whose largest entry is the class), as Keras combines them."""
+    if class_weight is None:
+        return weights
+    classes = y.argmax(axis=1) if y.ndim == 2 else y
+    per_row = np.asarray(class_weight, np.float32)[classes.astype(np.int64)]
+    return per_row if weights is None else weights * per_row
 
 
 def _as_weights(w: Any, rows: int, what: str) -> np.ndarray:

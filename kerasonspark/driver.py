@@ -373,7 +373,7 @@ def worker_settings(job: TrainingJob) -> WorkerSettings:
     """The picklable settings every worker of ``job`` trains with."""
     config = job.config
     return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
-                          config.worker_threads, config.initial_epoch)
+                          config.worker_threads, config.initial_epoch, config.class_weight)
 
 
 def _is_installed(path: str) -> bool:

@@ -99,7 +99,8 @@ class TrainingConfig:
     ``restart_with_fewer_workers`` it then goes on with the workers it can place, the data re-split
     among them, instead of failing. ``registration_timeout``
     bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
-    epoch boundary (for the slowest worker and the driver's callbacks).
+    epoch boundary (for the slowest worker and the driver's callbacks). ``class_weight`` holds
+    one loss weight per class (``fit(class_weight=)`` made dense), or ``None``.
     """
 
     epochs: int = 1
@@ -110,6 +111,7 @@ class TrainingConfig:
     worker_threads: int | None = None
     initial_epoch: int = 0
     validation_freq: int = 1
+    class_weight: tuple[float, ...] | None = None
     max_restarts: int = 2
     restart_timeout: float = 120.0
     registration_timeout: float = 30.0
@@ -431,8 +433,12 @@ class TrainingJob:
 
     def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The training data as one ``(x, y, sample_weight)`` triple on the driver, for engines that
-        train there (``sample_weight`` is ``None`` without weights)."""
-        return self.runner.local_arrays(self)
+        train there (``sample_weight`` is ``None`` without weights; ``fit``'s class weights are
+        folded into it)."""
+        from .data import class_weighted
+
+        x, y, weights = self.runner.local_arrays(self)
+        return x, y, class_weighted(y, weights, self.config.class_weight)
 
     def training_blocks(self) -> Any:
         """The training data as a Spark RDD of ``(x, y, sample_weight)`` blocks (labels as given;

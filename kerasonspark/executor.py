@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import Block, DataInfo, concatenate
+from .data import Block, DataInfo, class_weighted, concatenate
 from .engine import Exchange, WorkerReport
 from .errors import DataError, WorkerError
 from .parameter_server.client import ParameterClient
@@ -271,6 +271,7 @@ class WorkerSettings:
     info: DataInfo
     worker_threads: int | None = None
     initial_epoch: int = 0
+    class_weight: tuple[float, ...] | None = None
 
 
 class _ForwardedLogs(logging.Handler):
@@ -471,6 +472,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         weights: each row's sample weight, or ``None`` (every row weighs 1).
     """
     model = steps_runner.model
+    weights = class_weighted(y, weights, settings.class_weight)
     n = len(x)
     rng = np.random.default_rng(None if settings.seed is None else settings.seed + worker)
     batch = settings.batch_size

@@ -142,7 +142,8 @@ class SparkTrainer:
     # -- fit ------------------------------------------------------------------------------
     def fit(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
             validation_data: Any = None, callbacks: list[keras.callbacks.Callback] | None = None,
-            initial_epoch: int = 0, validation_freq: int = 1, sample_weight: Any = None) -> TrainingResult:
+            initial_epoch: int = 0, validation_freq: int = 1, sample_weight: Any = None,
+            class_weight: Mapping[int, float] | None = None) -> TrainingResult:
         """Train the model on ``x`` with the configured engine.
 
         Args:
@@ -164,6 +165,9 @@ class SparkTrainer:
             sample_weight: each training row's weight in the loss, as in ``model.fit``: a
                 DataFrame's column name, or, with a feature array, one number per row. Weights
                 must be finite and >= 0. Every engine but ``elephas`` takes them.
+            class_weight: ``{class index: weight}`` for a classification loss, as in
+                ``model.fit``: each row's loss is scaled by its class's weight (times its sample
+                weight); classes left out weigh 1.
 
         Returns:
             A :class:`TrainingResult` with the trained model, per-epoch history and run figures.
@@ -177,12 +181,14 @@ class SparkTrainer:
         started = time.perf_counter()
         callbacks = _check_callbacks(callbacks, self.engine)
         callbacks, backup = self._backup_plan(callbacks)
-        config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq)
+        dense = data_module.dense_class_weight(class_weight, self.info) if class_weight is not None else None
+        config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq,
+                                     class_weight=dense)
         data = _features_and_labels(x, y, "fit", sample_weight)
         weight_column = sample_weight if isinstance(sample_weight, str) else None
-        if sample_weight is not None and not self.engine.accepts_sample_weights:
-            raise ConfigurationError(f"Backend {self.engine.name!r} cannot train with sample weights. Drop "
-                                     "`sample_weight` or choose another backend (sync, async, hogwild and single take them).")
+        if (sample_weight is not None or class_weight is not None) and not self.engine.accepts_sample_weights:
+            raise ConfigurationError(f"Backend {self.engine.name!r} cannot train with sample or class weights. Drop "
+                                     "them or choose another backend (sync, async, hogwild and single take them).")
         with self._session(data) as spark:
             if backup is not None:
                 config = self._resume(backup, config, spark)

@@ -193,7 +193,7 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      labels_out_of_range),
     ("NaN or Inf in DataFrame rows", "DataError", "1 row(s) with NaN, Inf or null features or labels (1 in partition 0); drop or impute them.", "first data pass", nan_rows),
     ("Negative, NaN or null sample weights", "DataError", "3 sample weight(s) that are negative, NaN, Inf or null (", "first data pass", negative_weight_column),
-    ("Sample weights for an engine without them", "ConfigurationError", "Backend 'elephas' cannot train with sample weights.", BEFORE_JOBS,
+    ("Sample weights for an engine without them", "ConfigurationError", "Backend 'elephas' cannot train with sample or class weights.", BEFORE_JOBS,
      lambda spark: SparkTrainer(small_model(), backend="elephas", spark=spark).fit(*make_blobs(100), sample_weight=np.ones(100))),
     ("NaN in NumPy input", "DataError", "1 row(s) with NaN, Inf or null features or labels", BEFORE_JOBS, nan_numpy),
     ("One-hot labels of the wrong width", "DataError", "should be class indices or one-hot vectors of width 4 (the model's output). Received: labels "

@@ -1,5 +1,6 @@
-"""Sample weights: the arithmetic of a weighted step, and every engine honouring a weight column
-(rows of weight 0 with wrong labels are ignored) through real Spark."""
+"""Sample and class weights: the arithmetic of a weighted step, every engine honouring a weight
+column (rows of weight 0 with wrong labels are ignored), and class weights as row weights, through
+real Spark."""
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_numpy_weights_train_and_bad_weights_are_refused_before_training(spark):
     df = numpy_to_dataframe(spark, x, y)
     with pytest.raises(DataError, match="no sample-weight column 'weight'"):
         trainer.fit(df, sample_weight="weight")
-    with pytest.raises(ConfigurationError, match="Backend 'elephas' cannot train with sample weights"):
+    with pytest.raises(ConfigurationError, match="Backend 'elephas' cannot train with sample or class weights"):
         SparkTrainer(small_model(), backend="elephas", spark=spark, verbose=0).fit(x, y, sample_weight=w)
 
 
@@ -90,3 +91,31 @@ def test_keras_estimator_takes_a_sample_weight_column(spark):
     clean = numpy_to_dataframe(spark, clean_x, clean_y)
     rows = fitted.transform(clean).select("label", "prediction").collect()
     assert np.mean([r.label == r.prediction for r in rows]) > 0.9
+
+
+def test_class_weights_become_each_rows_weight():
+    from kerasonspark.data import class_weighted, dense_class_weight
+
+    info = DataInfo((4,), "sparse", 3)
+    dense = dense_class_weight({0: 2.0, 2: 0}, info)
+    assert dense == (2.0, 1.0, 0.0)  # class 1 left out: weight 1
+    np.testing.assert_array_equal(class_weighted(np.array([0, 1, 2, 2]), None, dense), [2, 1, 0, 0])
+    np.testing.assert_array_equal(class_weighted(np.eye(3)[[2, 0]], np.array([0.5, 3.0], np.float32), dense), [0, 6])
+    assert class_weighted(np.array([0, 1]), None, None) is None
+    with pytest.raises(ConfigurationError, match="has class 3; the model's classes are 0..2"):
+        dense_class_weight({3: 1.0}, info)
+    with pytest.raises(ConfigurationError, match=r"`class_weight\[1\]` must be a finite number >= 0"):
+        dense_class_weight({1: float("nan")}, info)
+    with pytest.raises(ConfigurationError, match="needs a classification loss"):
+        dense_class_weight({0: 1.0}, DataInfo((4,), "raw", None, (1,)))
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("backend", ["sync", "single"])  # the worker loop's path and the driver's
+def test_a_class_of_weight_zero_is_never_learned(spark, backend):
+    x, y = make_blobs(800)
+    trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0)
+    trainer.fit(x, y, class_weight={0: 0.0})
+    predicted = trainer.model.predict(x, verbose=0).argmax(axis=1)
+    assert (predicted[y != 0] == y[y != 0]).mean() > 0.9
+    assert (predicted[y == 0] == 0).mean() < 0.2
