@@ -326,6 +326,7 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         from pyspark.sql import functions as F
         from pyspark.sql import types as T
 
+        from .shipping import ensure_executors_ready
         from .trainer import predict_dataframe
 
         if self.keras_model is None:
@@ -340,6 +341,7 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         else:
             outputs = {prediction: T.DoubleType(), probability or "__kerasonspark_probability": T.ArrayType(T.DoubleType())}
         spec = ModelSpec.from_model(model, self.getCustomObjects())
+        ensure_executors_ready(dataset.sparkSession)
         out = predict_dataframe(dataset, spec, info, self.getFeaturesCol(), outputs, kind, self.getPredictionBatchSize())
         for name, type_ in outputs.items():
             if isinstance(type_, T.ArrayType):

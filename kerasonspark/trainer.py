@@ -22,6 +22,7 @@ from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
 from .serialization import ModelSpec, set_flat_weights, spec_version
 from .session import check_slots, check_weights_privacy, server_host, start_session
+from .shipping import ensure_executors_ready
 
 if TYPE_CHECKING:
     import keras
@@ -105,21 +106,19 @@ class SparkTrainer:
         from pyspark import RDD
         from pyspark.sql import DataFrame, SparkSession
 
-        if self.spark is not None:
-            yield self.spark
-            return
-        if isinstance(data, DataFrame):
-            yield data.sparkSession
-            return
-        if isinstance(data, RDD):
-            yield SparkSession.builder.getOrCreate()
-            return
-        active = self._owned_session or SparkSession.getActiveSession()
-        if active is not None:
-            yield active
+        given = self.spark
+        if given is None and isinstance(data, DataFrame):
+            given = data.sparkSession
+        elif given is None and isinstance(data, RDD):
+            given = SparkSession.builder.getOrCreate()
+        given = given or self._owned_session or SparkSession.getActiveSession()
+        if given is not None:
+            ensure_executors_ready(given)
+            yield given
             return
         session = start_session(self.master or f"local[{self.config.num_workers}]")
         try:
+            ensure_executors_ready(session)
             yield session
         finally:
             if keep:

@@ -113,3 +113,18 @@ def test_stop_signals_only_spark_process_groups():
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_the_package_ships_itself_to_executors_that_lack_it(tmp_path):
+    with StandaloneCluster(workers=2, memory_per_worker="1g", work_dir=str(tmp_path)) as cluster:
+        run = subprocess.run([sys.executable, str(TESTS / "ship_driver.py"), cluster.master_url],
+                             capture_output=True, text=True, timeout=400, cwd=TESTS,
+                             env=dict(os.environ, PYTHONPATH=str(TESTS)))
+        lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+        assert run.returncode == 0 and lines, run.stderr[-3000:]
+    report = json.loads(lines[0][len("REPORT "):])
+    assert report["lacking_before"] == ["kerasonspark"]  # the executors could not import it, but have TensorFlow
+    assert report["sync"] > 0.9 and report["async"] > 0.9
+    assert ".zip" in report["executor_package"] and "kerasonspark-" in report["executor_package"]
+    assert len(report["shipped_logs"]) == 1 and "shipped kerasonspark-" in report["shipped_logs"][0]
+    assert report["without_keras"].startswith("The executors' Python cannot import keras, which kerasonspark needs")

@@ -1,0 +1,92 @@
+"""Driver side: make sure the executors can run kerasonspark, shipping the package when they cannot.
+
+A cluster's executors often run a Python that has TensorFlow and Keras but not this package (a
+shared image, a notebook's driver with a fresh ``pip install``). Before the first job of an
+application, one tiny job asks an executor which of the modules a worker needs it can find. When
+only ``kerasonspark`` is missing, the driver zips the package it runs (``kerasonspark`` and the
+engines of ``kerasonspark.backends``), names the zip after a hash of its contents (so an editable
+install never ships stale code), and adds it with ``SparkContext.addPyFile``. What the package
+itself needs (TensorFlow, Keras, NumPy, PyArrow) cannot be shipped this way: a missing one is an
+error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import operator
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import SparkEnvironmentError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+logger = logging.getLogger(__name__)
+
+# What a worker imports: this package, and what it needs already installed on the executors.
+PACKAGE = "kerasonspark"
+REQUIRED = ("tensorflow", "keras", "numpy", "pyarrow")
+_READY: set[str] = set()  # applications whose executors were checked (and given the package if needed)
+
+
+def executors_lack(spark: SparkSession, modules: tuple[str, ...]) -> list[str]:
+    """The ``modules`` an executor's Python cannot find (one task, which imports nothing)."""
+    sc = spark.sparkContext
+    # Only functions of the standard library travel: the check must run where kerasonspark is absent.
+    found = sc.parallelize(list(modules), 1).map(importlib.util.find_spec).map(operator.truth).collect()
+    return [name for name, present in zip(modules, found, strict=True) if not present]
+
+
+def package_zip(folder: str | Path | None = None) -> Path:
+    """The running kerasonspark (with its engines) as a zip named after a hash of its contents."""
+    # The engines may live apart from the core (an editable install maps backends/ there).
+    roots = {PACKAGE: Path(importlib.import_module(PACKAGE).__file__ or "").parent,
+             f"{PACKAGE}/backends": Path(importlib.import_module(f"{PACKAGE}.backends").__path__[0])}
+    files = {}
+    for prefix, root in roots.items():
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            nested_engines = prefix == PACKAGE and relative.parts[0] == "backends"  # taken from their own root
+            if path.is_file() and "__pycache__" not in relative.parts and not nested_engines:
+                files[f"{prefix}/{relative.as_posix()}"] = path.read_bytes()
+    digest = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    target = Path(folder or Path(tempfile.gettempdir()) / "kerasonspark-ship") / f"kerasonspark-{digest.hexdigest()[:16]}.zip"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".zip.part")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in sorted(files.items()):
+                archive.writestr(name, data)
+        partial.replace(target)
+    return target
+
+
+def ensure_executors_ready(spark: SparkSession) -> None:
+    """Check once per application that executors can run kerasonspark; ship it if only it is missing.
+
+    Raises:
+        SparkEnvironmentError: the executors' Python lacks a module kerasonspark needs.
+    """
+    sc = spark.sparkContext
+    if sc.applicationId in _READY:
+        return
+    missing = executors_lack(spark, (PACKAGE, *REQUIRED))
+    required = [name for name in missing if name != PACKAGE]
+    if required:
+        raise SparkEnvironmentError(
+            f"The executors' Python cannot import {', '.join(required)}, which kerasonspark needs there. Install "
+            f"them in the executors' environment (the same versions as the driver's), or point "
+            f"`spark.pyspark.python` at a Python that has them.")
+    if missing:
+        archive = package_zip()
+        sc.addPyFile(str(archive))
+        logger.info("The executors cannot import kerasonspark: shipped %s to them with addPyFile", archive.name)
+    _READY.add(sc.applicationId)

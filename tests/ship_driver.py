@@ -1,0 +1,54 @@
+"""A driver program for tests/test_cluster.py: trains on a standalone cluster whose executors
+cannot import kerasonspark (tests/executor_without_package on their PYTHONPATH), then on one whose
+executors also lack Keras, and prints what happened as JSON."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kerasonspark import SparkEnvironmentError, SparkTrainer
+from kerasonspark.session import start_session
+from kerasonspark.shipping import executors_lack
+
+from conftest import make_blobs, small_model
+
+BLOCKER = str(Path(__file__).parent / "executor_without_package")
+
+
+def session(master_url: str, hide: str = ""):
+    return start_session(master_url, "kerasonspark-ship-test",
+                         conf={"spark.executorEnv.PYTHONPATH": BLOCKER, "spark.executorEnv.KOS_TEST_HIDE": hide})
+
+
+def main(master_url: str) -> None:
+    shipped = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shipped.append(record.getMessage())
+    logging.getLogger("kerasonspark.shipping").addHandler(handler)
+    logging.getLogger("kerasonspark.shipping").setLevel(logging.INFO)
+    report = {}
+    spark = session(master_url)
+    report["lacking_before"] = executors_lack(spark, ("kerasonspark", "tensorflow"))
+    x, y = make_blobs(1200)
+    for backend in ("sync", "async"):
+        trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0)
+        trainer.fit(x, y)
+        report[backend] = trainer.evaluate(x, y)["accuracy"]
+    report["executor_package"] = spark.sparkContext.parallelize([0], 1).map(
+        lambda _: __import__("kerasonspark").__file__).collect()[0]
+    report["shipped_logs"] = shipped
+    spark.stop()
+
+    spark = session(master_url, hide="keras")
+    try:
+        SparkTrainer(small_model(), num_workers=2, spark=spark, verbose=0).fit(x, y)
+        report["without_keras"] = None
+    except SparkEnvironmentError as exc:
+        report["without_keras"] = str(exc)
+    spark.stop()
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
