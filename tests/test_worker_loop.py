@@ -215,14 +215,15 @@ def test_a_job_hands_every_call_to_its_runner():
 
         def local_arrays(self, job):
             calls.append(("local_arrays",))
-            return "arrays"
+            return "x", np.array([0, 1, 1]), np.ones(3, np.float32)
 
-    job = the_job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(), runner=Runner(), run_id="r",
-                                partition_sizes=[3, 4])
+    job = the_job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(class_weight=(0.5, 2.0)),
+                                runner=Runner(), run_id="r", partition_sizes=[3, 4])
     assert job.num_samples == 7
     assert job.run_workers("ex") == ["report"] and job.serve("store", "make") == "outcome"
     assert job.result(["r"], "w", 2.0, exchanges=5, engine_stats={"a": 1}) == "result"
-    assert job.local_arrays() == "arrays"
+    x, y, weights = job.local_arrays()
+    assert x == "x" and weights.tolist() == [0.5, 2.0, 2.0]  # the class weights folded into the sample weights
     assert calls == [("run_workers", "ex"), ("serve", "store", "make"), ("result", True, ["r"], "w", 2.0, 5, {"a": 1}),
                      ("local_arrays",)]
 
