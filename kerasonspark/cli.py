@@ -35,13 +35,24 @@ def _option(text: str) -> tuple[str, Any]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
 def _train_parser(sub: Any) -> None:
     train = sub.add_parser("train", help="train the 2017 MNIST CNN and print time, accuracy and updates")
     train.add_argument("--backend", default="sync", help="engine name (default: sync)")
-    train.add_argument("--workers", type=int, default=2)
+    train.add_argument("--workers", type=int, default=None, help="training workers (default: --cluster's N, else 2)")
+    train.add_argument("--cluster", type=int, default=None, metavar="N",
+                       help="start a standalone cluster of N one-core workers on this machine for the run, stop it after")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--master", default=None, help="Spark master URL (default: local[workers])")
+    train.add_argument("--conf", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                       help="a Spark setting for the session (repeatable), e.g. spark.driver.host=10.0.0.5")
     train.add_argument("--data", default=None, help="folder with the MNIST files (default: standard locations)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--rule", default=None, help="update rule of an asynchronous engine")
@@ -145,7 +156,7 @@ def _session(args: argparse.Namespace, app_name: str) -> Iterator[SparkSession]:
     if active is not None:
         yield active
         return
-    spark = start_session(args.master or f"local[{args.workers}]", app_name)
+    spark = start_session(args.master or f"local[{args.workers}]", app_name, conf=dict(getattr(args, "conf", [])))
     try:
         yield spark
     finally:
@@ -198,7 +209,26 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the reference CNN on MNIST as the 2017 Dist-Keras run did; prints its three lines."""
+    """Train the reference CNN on MNIST as the 2017 Dist-Keras run did; prints its three lines.
+
+    With ``--cluster N`` the run gets a standalone cluster of its own (master and N workers on
+    this machine), stopped with every executor when the run ends, also when it fails.
+    """
+    if args.workers is None:
+        args.workers = args.cluster or 2
+    if args.cluster is None:
+        return _train(args)
+    from .cluster import StandaloneCluster
+
+    if args.master is not None:
+        raise SystemExit("kerasonspark train: pass either --master or --cluster, not both.")
+    with StandaloneCluster(workers=args.cluster, port=0) as running:
+        print(f"Started a standalone cluster of {args.cluster} workers at {running.master_url}", flush=True)
+        args.master = running.master_url
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
     from .data import numpy_to_dataframe
     from .models import mnist_cnn
     from .trainer import SparkTrainer

@@ -281,7 +281,7 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
                           view_token=secrets.token_urlsafe(16))
     board = EpochBoard(store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks))
     steering = Steering(job, store, board, backup)
-    with ParameterServer(store, config, host=job.server_host, board=board) as server:
+    with ParameterServer(store, config, host=job.server_host, port=job.server_port, board=board) as server:
         logger.info(STATS_PAGE_MESSAGE, server.dashboard_url)
         template = make_exchange(server.url, secret)
 

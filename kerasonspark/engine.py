@@ -370,6 +370,7 @@ class TrainingJob:
         run_id: unique per ``fit``.
         validation: validation arrays ``(x, y)`` on the driver, or ``None``.
         server_host: the address a driver-side server binds.
+        server_port: the port it listens on (0: any free port).
         partition_sizes: rows per worker.
         callbacks: the ``keras.callbacks.Callback`` objects of ``fit``. Engines served through
             :meth:`serve` need not look at them: the driver runs them at every epoch boundary.
@@ -386,6 +387,7 @@ class TrainingJob:
     partition_sizes: list[int]
     validation: tuple[np.ndarray, np.ndarray] | None = None
     server_host: str = "127.0.0.1"
+    server_port: int = 0
     callbacks: list[Any] = field(default_factory=list)
 
     @property

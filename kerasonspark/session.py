@@ -116,6 +116,22 @@ def server_host(spark: SparkSession) -> str:
     return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
 
 
+SERVER_PORT = "spark.kerasonspark.serverPort"
+
+
+def server_port(spark: SparkSession) -> int:
+    """The port the driver's parameter server listens on: ``spark.kerasonspark.serverPort`` (a
+    fixed one a firewall or a container can open), or 0 for any free port (the default).
+
+    Raises:
+        ConfigurationError: the setting is not a port number.
+    """
+    value = spark.sparkContext.getConf().get(SERVER_PORT, "0")
+    if not value.isdigit() or int(value) > 65535:
+        raise ConfigurationError(f"`{SERVER_PORT}` must be a port number (0 for any free one). Received: {value!r}.")
+    return int(value)
+
+
 ALLOW_CLEARTEXT_WEIGHTS = "spark.kerasonspark.allowCleartextWeights"
 _ENCRYPTION_SETTINGS = ("spark.ssl.enabled", "spark.network.crypto.enabled")
 

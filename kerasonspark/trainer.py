@@ -21,7 +21,7 @@ from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve
 from .errors import ConfigurationError, DataError
 from .executor import evaluate_partition, predict_batches, warm_up
 from .serialization import ModelSpec, set_flat_weights, spec_version
-from .session import check_slots, check_weights_privacy, server_host, start_session
+from .session import check_slots, check_weights_privacy, server_host, server_port, start_session
 from .shipping import ensure_executors_ready
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class SparkTrainer:
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
                                   config=config, runner=runner,
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
-                                  server_host=server_host(spark), callbacks=callbacks)
+                                  server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks)
                 self.engine.setup(job)
                 try:
                     result = self.engine.run(job)

@@ -153,3 +153,31 @@ def test_the_table_shows_medians_single_s_range_and_seconds_to_target():
     assert lines[3].split(" | ")[4] == "2,000"
     assert lines[2].split(" | ")[-2] == "7.0" and lines[3].split(" | ")[-2] == "not reached"  # 2 of 3 runs never did
     assert single.accuracy_by_epoch() == [0.95]
+
+
+def run_processes() -> set[int]:
+    """Processes a Spark run leaves behind if stopped badly: daemons, executors, Python workers."""
+    markers = (b"org.apache.spark.deploy", b"CoarseGrainedExecutorBackend", b"pyspark.daemon", b"pyspark/daemon")
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and any(m in (entry / "cmdline").read_bytes() for m in markers):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.spark
+def test_mnist_example_on_a_cluster_of_its_own_stops_everything_it_started(tmp_path):
+    write_tiny_mnist(tmp_path)
+    before = run_processes()
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--data", str(tmp_path), "--epochs", "2",
+                          "--backend", "async", "--cluster", "2", "--batch-size", "16"],
+                         capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Started a standalone cluster of 2 workers at spark://127.0.0.1:" in run.stdout
+    lines = [line for line in run.stdout.splitlines() if line.split(":")[0] in
+             ("Training time", "Test accuracy", "Parameter-server updates")]
+    assert len(lines) == 3 and float(lines[1].split(":")[1]) > 0.5, run.stdout
+    assert run_processes() - before == set()

@@ -110,6 +110,7 @@ def test_the_entrypoint_runs_the_compose_topology_here_and_trains(tmp_path):
     ports = {p: str(free_port()) for p in ("7077", "8080", "7078", "7079", "7080")}
     base = dict(os.environ, KERASONSPARK_HOME=str(ROOT), SPARK_WORKER_DIR=str(tmp_path / "work"),
                 SPARK_LOG_DIR=str(tmp_path / "logs"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    (tmp_path / "mnist").mkdir()
     write_tiny_mnist(tmp_path / "mnist")
     before = run_processes()
     daemons = []
