@@ -31,10 +31,9 @@ def main(master_url: str) -> None:
     spark = session(master_url)
     report["lacking_before"] = executors_lack(spark, ("kerasonspark", "tensorflow"))
     x, y = make_blobs(1200)
-    for backend in ("sync", "async"):
-        trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0)
-        trainer.fit(x, y)
-        report[backend] = trainer.evaluate(x, y)["accuracy"]
+    trainer = SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=2, verbose=0)
+    trainer.fit(x, y)
+    report["async"] = trainer.evaluate(x, y)["accuracy"]
     report["executor_package"] = spark.sparkContext.parallelize([0], 1).map(
         lambda _: __import__("kerasonspark").__file__).collect()[0]
     report["shipped_logs"] = shipped
