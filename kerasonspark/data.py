@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigurationError, DataError
 from .serialization import is_custom_loss, loss_name
 
 if TYPE_CHECKING:
@@ -142,7 +142,6 @@ class PreparedData:
     counts: list[int]
     label_width: int = 0
     integer_labels: bool = False
-    weighted: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -279,8 +278,6 @@ def dense_class_weight(class_weight: Any, info: DataInfo) -> tuple[float, ...]:
         ConfigurationError: the model's loss is not a classification loss, or a class or a weight
             is not one the model can use.
     """
-    from .errors import ConfigurationError
-
     if info.label_mode not in ("sparse", "one_hot"):
         raise ConfigurationError("`class_weight` needs a classification loss (sparse or categorical cross-entropy, ...); "
                                  "weigh rows with `sample_weight` instead.")
@@ -547,17 +544,15 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         if warm_up is not None:
             warm_up()
-        rows, ywidths, integer, weighted = 0, set(), True, False
+        rows, ywidths, integer = 0, set(), True
         problems: dict[str, int] = {}
         for x, y, w in blocks:
             rows += len(x)
             ywidths.add(y.shape[1] if y.ndim == 2 else 0)
             integer &= bool(np.issubdtype(y.dtype, np.integer))
-            weighted |= w is not None
             for key, value in block_problems(x, y, info, w).items():
                 problems[key] = problems.get(key, 0) + value
-        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, "weighted": weighted,
-               **problems}
+        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, **problems}
 
     return stats
 
@@ -598,8 +593,7 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
     except BaseException:
         release_blocks(blocks)
         raise
-    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]),
-                        any(s["weighted"] for s in stats))
+    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]))
 
 
 def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,

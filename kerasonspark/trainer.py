@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -394,7 +395,7 @@ def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None)
             raise DataError("Sample weights as an array go with a feature array and its labels, as in "
                             "`fit(x, y, sample_weight=w)`; for a DataFrame pass the weight column's name.")
         return (*((x, y) if y is not None else x), sample_weight)
-    if isinstance(sample_weight, str) and not isinstance(x, DataFrame):
+    if isinstance(sample_weight, str) and not isinstance(x, (DataFrame, str, os.PathLike)):
         raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column, but the data is a "
                         f"{type(x).__name__}; pass NumPy weights as an array, `fit(x, y, sample_weight=w)`.")
     if y is None:

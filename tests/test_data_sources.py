@@ -35,12 +35,17 @@ def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark, monkeypatch):
 
 
 def test_a_parquet_path_trains_like_its_dataframe(spark, tmp_path):
+    from pyspark.sql import functions as F
+
     x, y = make_blobs(600)
     numpy_to_dataframe(spark, x, y, features="pixels", label="digit").write.parquet(str(tmp_path / "train"))
     trainer = SparkTrainer(small_model(), num_workers=2, epochs=3, spark=spark, verbose=0, seed=0)
     result = trainer.fit(str(tmp_path / "train"), features="pixels", label="digit")
     assert result.stats["samples"] == 600 * 3  # rows x epochs
     assert trainer.evaluate(tmp_path / "train", features="pixels", label="digit")["accuracy"] > 0.9
+    weighted = tmp_path / "weighted"
+    numpy_to_dataframe(spark, x, y).withColumn("w", F.lit(2.0)).write.parquet(str(weighted))
+    assert trainer.fit(str(weighted), sample_weight="w").stats["samples"] == 600 * 3  # a weight column of a Parquet file
     with pytest.raises(DataError, match="holds no Parquet data Spark can read"):
         trainer.fit(str(tmp_path / "missing"))
 
