@@ -488,6 +488,9 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         first_epoch = gate.first_epoch if gate.first_epoch is not None else first_epoch
         skip = gate.resume.get(worker, 0)
     exchange.start(model, worker)
+    scaling = exchange.lr_scaling
+    # The rate the optimizer and the driver's callbacks set; the engine's scaling multiplies it.
+    base_rate = learning_rate_of(model) if gate is not None or scaling is not None else None
     report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
     rates: list[float | None] = []
     started = time.perf_counter()
@@ -498,7 +501,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
             skip -= len(schedule)
             continue
         model.reset_metrics()
-        rates.append(learning_rate_of(model) if gate is not None else None)
+        rates.append(base_rate if gate is not None else None)
         step, stopped = 0, False
         for run in schedule:
             index = order[step * batch:(step + run) * batch]
@@ -506,6 +509,8 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
             if skip > 0:  # the center holds this run's exchange already
                 skip -= 1
                 continue
+            if scaling is not None and base_rate is not None:
+                set_learning_rate(model, base_rate * scaling.multiplier(report.steps))
             if len(index):
                 steps_runner.run(x, y, index, batch, weights)
             report.steps += run
@@ -540,7 +545,9 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         decision = gate.ready(epoch, rows, scores, rates[-1])
         if decision.stop or stopped:
             break
-        set_learning_rate(model, decision.learning_rate)
+        if decision.learning_rate is not None:
+            base_rate = decision.learning_rate
+            set_learning_rate(model, base_rate)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
     if gate is not None:

@@ -113,6 +113,7 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
         WorkerError: a worker failed; the message names it.
     """
     engine = resolve_backend(engine, backend_options)
+    engine.check_model(model)
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose)
     info = DataInfo.for_model(model, model.get_compile_config())
     x, y, w = validate_arrays((x, y, sample_weight), info, "training")

@@ -180,6 +180,7 @@ class SparkTrainer:
         """
         started = time.perf_counter()
         callbacks = _check_callbacks(callbacks, self.engine)
+        self.engine.check_model(self.model)
         callbacks, backup = self._backup_plan(callbacks)
         dense = data_module.dense_class_weight(class_weight, self.info) if class_weight is not None else None
         config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq,

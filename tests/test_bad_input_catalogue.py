@@ -128,6 +128,13 @@ def scheduled_rate_tuned(spark):
     KerasEstimator(model=model, learningRate=0.1).fit(df)
 
 
+def scaled_schedule(spark):
+    model = small_model()
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.9)),
+                  "sparse_categorical_crossentropy")
+    SparkTrainer(model, backend="sync", backend_options={"lr_scale": "linear"}, spark=spark, verbose=0).fit(make_blobs(100))
+
+
 def encrypted_cluster(spark):
     from kerasonspark.session import check_weights_privacy
 
@@ -224,6 +231,13 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      lambda spark: KerasEstimator().fit(spark.createDataFrame([([0.0], 0)], ["features", "label"]))),
     ("KerasEstimator `learningRate` over a LearningRateSchedule", "ConfigurationError", "The model's optimizer follows a "
      "LearningRateSchedule, so `learningRate` cannot replace its rate.", BEFORE_JOBS, scheduled_rate_tuned),
+    ("`lr_scale` over a LearningRateSchedule", "ConfigurationError", "`lr_scale` multiplies a fixed learning rate, and this "
+     "model's optimizer computes it with a LearningRateSchedule.", BEFORE_JOBS, scaled_schedule),
+    ("An unknown `lr_scale`", "ConfigurationError", "Expected `lr_scale` to be a number > 0 or one of ('linear', 'sqrt'). "
+     "Received: lr_scale='cubic'.", BEFORE_JOBS,
+     lambda spark: SparkTrainer(small_model(), backend="sync", backend_options={"lr_scale": "cubic"})),
+    ("Outer momentum of 1 or more", "ConfigurationError", "Expected 0 <= outer_momentum < 1. Received: outer_momentum=1.0.",
+     BEFORE_JOBS, lambda spark: SparkTrainer(small_model(), backend="sync", backend_options={"outer_momentum": 1.0})),
     ("No Java on the machine", "SparkEnvironmentError", "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs Java 17 or newer", BEFORE_JOBS, missing_java),
     ("Cleartext weights beside an encrypted cluster", "ConfigurationError", "the parameter server at 10.0.0.5 sends weights in cleartext HTTP. Set "
      "`spark.kerasonspark.allowCleartextWeights=true` to accept that", BEFORE_JOBS,

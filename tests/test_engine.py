@@ -32,7 +32,8 @@ def test_unknown_backend_lists_the_installed_ones():
 
 
 def test_unknown_or_bad_options_name_the_valid_ones():
-    with pytest.raises(ConfigurationError, match="Valid options: \\['sync_every', 'barrier_timeout'\\]"):
+    valid = "Valid options: \\['sync_every', 'barrier_timeout', 'outer_lr', 'outer_momentum', 'lr_scale', 'warmup_steps'\\]"
+    with pytest.raises(ConfigurationError, match=valid):
         resolve_backend("sync", {"sync_evry": 4})
     with pytest.raises(ConfigurationError, match="sync_every"):
         resolve_backend("sync", {"sync_every": 0})

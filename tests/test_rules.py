@@ -1,10 +1,12 @@
 """Update rules on exact numbers."""
 
+import threading
+
 import numpy as np
 import pytest
 
 from kerasonspark.parameter_server import ParameterStore, make_rule
-from kerasonspark.parameter_server.rules import Adag, Downpour, DynSGD, ElasticAveraging
+from kerasonspark.parameter_server.rules import Adag, Downpour, DynSGD, ElasticAveraging, OuterNesterov, StalenessAware
 
 CENTER = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
 DELTA = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
@@ -35,7 +37,46 @@ def test_elastic_averaging_moves_both_toward_each_other():
     np.testing.assert_allclose(reply, worker - elastic)
 
 
-@pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "easgd"])
+@pytest.mark.parametrize("staleness, factor", [(0, 1.0), (1, 1.0), (2, 0.5), (4, 0.25)])
+def test_sasgd_divides_by_the_staleness_counting_one_update_between_as_fresh(staleness, factor):
+    new, _ = StalenessAware().apply(CENTER, DELTA, staleness=staleness, window=5)
+    np.testing.assert_allclose(new, CENTER + factor * DELTA)
+
+
+def test_outer_nesterov_steps_the_center_with_momentum_on_the_rounds_averaged_change():
+    outer = OuterNesterov(lr=0.5, momentum=0.5)
+    first = CENTER + DELTA  # the round's average: g = center - average = -DELTA
+    center = outer.step(CENTER, first.copy())
+    # m = -DELTA; center -= 0.5 * (g + 0.5 m) = 0.5 * 1.5 * DELTA
+    np.testing.assert_allclose(center, CENTER + 0.75 * DELTA)
+    second = outer.step(center, center + DELTA)
+    # m = 0.5 * -DELTA - DELTA = -1.5 DELTA; step = 0.5 * (DELTA + 0.75 DELTA)
+    np.testing.assert_allclose(second, center + 0.875 * DELTA)
+    average = CENTER + DELTA
+    assert OuterNesterov().step(CENTER, average) is average  # lr 1, no momentum: plain averaging
+    plain = OuterNesterov(lr=2.0, momentum=0.5, nesterov=False)
+    np.testing.assert_allclose(plain.step(CENTER, CENTER + DELTA), CENTER + 2 * DELTA)
+    with pytest.raises(ValueError, match="outer_momentum"):
+        OuterNesterov(momentum=1.0)
+
+
+def test_an_outer_step_beyond_float32_falls_back_to_the_average():
+    huge = np.full(4, 3e38, np.float32)
+    average = -huge
+    np.testing.assert_array_equal(OuterNesterov(lr=4.0).step(huge, average.copy()), average)
+
+
+def test_store_rounds_go_through_the_outer_optimizer():
+    store = ParameterStore(CENTER.copy(), [(4,)], num_workers=2, outer=OuterNesterov(lr=2.0))
+    threads = [threading.Thread(target=store.barrier, args=(0, w, CENTER + (w + 1) * DELTA, 10)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_allclose(store.center, CENTER + 2 * 1.5 * DELTA)  # twice the way to the average
+
+
+@pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "sasgd", "easgd"])
 def test_in_place_matches_the_locked_result(rule):
     r = make_rule(rule)
     expected_center, expected_reply = r.apply(CENTER, DELTA, staleness=1, window=4)
@@ -47,7 +88,7 @@ def test_in_place_matches_the_locked_result(rule):
 
 def test_rule_does_not_mutate_its_inputs():
     center, delta = CENTER.copy(), DELTA.copy()
-    for name in ("downpour", "adag", "dynsgd", "easgd"):
+    for name in ("downpour", "adag", "dynsgd", "sasgd", "easgd"):
         make_rule(name).apply(center, delta, 2, 3)
     np.testing.assert_array_equal(center, CENTER)
     np.testing.assert_array_equal(delta, DELTA)

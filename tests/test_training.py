@@ -183,3 +183,25 @@ def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_ti
                      batch_size=16, spark=spark, verbose=0).fit((x, y))
     assert failure.value.worker == 0 and "exited unexpectedly" in str(failure.value)
     assert time.monotonic() - started < 90  # Spark notices the lost task; nobody waits 120 s
+
+
+@pytest.mark.parametrize("backend, options", [
+    ("sync", {"sync_every": 8, "outer_momentum": 0.5, "outer_lr": 0.8, "warmup_steps": 10}),
+    ("async", {"rule": "sasgd", "window": 4, "warmup_steps": 10}),
+])
+def test_non_default_optimisation_options_train_and_the_scale_reaches_the_workers(spark, backend, options):
+    x, y = make_blobs(1000)
+    xv, yv = make_blobs(300, seed=0)
+
+    def fit(lr_scale):
+        model = small_model()
+        before = get_flat_weights(model)
+        result = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=1,
+                              verbose=0, backend_options={**options, "lr_scale": lr_scale}).fit(x, y, validation_data=(xv, yv))
+        return result, np.abs(get_flat_weights(model) - before).max()
+
+    result, moved = fit("linear")
+    assert result.history["val_accuracy"][-1] > FLOOR and result.stats[backend]["lr_scale"] == 2.0
+    # a tiny multiplier on the same run leaves the weights almost where they were: the workers applied it
+    frozen, barely = fit(1e-6)
+    assert frozen.stats[backend]["lr_scale"] == 1e-6 and barely < 1e-4 < moved

@@ -257,6 +257,8 @@ def test_sync_cuts_every_epoch_into_the_same_rounds():
     ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
     ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
     ("async", {"rule": "adag", "window": 4, "overlap": True}),
+    ("async", {"rule": "sasgd", "window": 4, "lr_scale": "sqrt", "warmup_steps": 8}),
+    ("sync", {"sync_every": 8, "lr_scale": "linear", "warmup_steps": 8, "outer_momentum": 0.5}),
     ("hogwild", {"window": 4}),
     ("single", None),
 ])
@@ -320,3 +322,23 @@ def test_a_failing_worker_names_itself_in_process_and_leaves_no_thread():
         fit_in_process(Failing(sync_every=2, barrier_timeout=60), small_model(), x, y, epochs=2, batch_size=16)
     assert failed.value.worker == 1
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("kerasonspark-ps", "kerasonspark-worker"))]
+
+
+class FakeOptimizer:
+    learning_rate = 0.01
+
+
+def test_learning_rate_scaling_ramps_up_over_the_warm_up_and_multiplies_the_optimizers_rate():
+    from kerasonspark.engine import LearningRateScaling
+
+    steps = FakeSteps()
+    steps.model.optimizer = FakeOptimizer()
+    rates = []
+    steps.run = lambda *a, **k: rates.append(steps.model.optimizer.learning_rate)
+    exchange = Recording(runs_per_epoch=3)  # 12 rows at batch 2: 6 steps an epoch in runs of 2
+    exchange.lr_scaling = LearningRateScaling(factor=4.0, warmup_steps=4)
+    x, y = np.zeros((12, 3), np.float32), np.zeros(12, np.int32)
+    train_worker(0, steps, x, y, settings(epochs=2, batch=2), exchange, None)
+    # runs start after 0, 2, 4, 6, 8, 10 local steps: multipliers 1, 2.5, then 4 from the warm-up's end on
+    np.testing.assert_allclose(rates, [0.01, 0.025, 0.04, 0.04, 0.04, 0.04])
+    assert LearningRateScaling(2.0).multiplier(0) == 2.0  # no warm-up: the full factor at once

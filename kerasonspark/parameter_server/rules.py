@@ -106,6 +106,22 @@ class DynSGD(_Scaled):
         return 1.0 / (max(staleness, 0) + 1)
 
 
+class StalenessAware(_Scaled):
+    """Staleness-aware async SGD (Zhang, Gupta, Lian, Liu, "Staleness-aware Async-SGD for
+    Distributed Deep Learning", IJCAI 2016): center += delta / max(staleness, 1).
+
+    The step shrinks in proportion to the updates that landed since the worker pulled, but a push
+    with one update in between (the usual case with two workers) counts in full, where DynSGD
+    halves it: with ``n`` workers the typical staleness is ``n - 1``, so the center moves about as
+    far per sample as one process would.
+    """
+
+    name = "sasgd"
+
+    def scale(self, staleness: int, window: int) -> float:
+        return 1.0 / max(staleness, 1)
+
+
 class ElasticAveraging(UpdateRule):
     """Asynchronous elastic averaging (Zhang, Choromanska, LeCun, "Deep learning with Elastic
     Averaging SGD", NIPS 2015).
@@ -134,11 +150,54 @@ class ElasticAveraging(UpdateRule):
         return update - elastic
 
 
-RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (Downpour, Adag, DynSGD, ElasticAveraging)}
+class OuterNesterov:
+    """An outer optimizer for round barriers: Nesterov momentum on the round's averaged change.
+
+    Local SGD averages the workers' weights every round; DiLoCo (Douillard et al., "DiLoCo:
+    Distributed Low-Communication Training of Language Models", 2023) treats the difference
+    between the last center and the new average as a gradient, ``g = center - average``, and
+    steps the center with Nesterov momentum: ``m = momentum * m + g`` then
+    ``center -= lr * (g + momentum * m)``. Block momentum (Chen & Huo, "Scalable training of deep
+    learning machines by incremental block training with intra-block parallel optimization and
+    blockwise model-update filtering", ICASSP 2016) is the same filter without the look-ahead.
+    ``lr=1, momentum=0`` is plain averaging. The momentum is the server's alone (the workers keep
+    their own optimizers' state across rounds) and starts from zero when a stage restarts.
+    """
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0, nesterov: bool = True) -> None:
+        if not lr > 0:
+            raise ValueError(f"Expected outer_lr > 0. Received: outer_lr={lr!r}.")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"Expected 0 <= outer_momentum < 1. Received: outer_momentum={momentum!r}.")
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.velocity: np.ndarray | None = None
+
+    def step(self, center: np.ndarray, average: np.ndarray) -> np.ndarray:
+        """The new center from the last one and the round's average; the average itself when the
+        step would leave float32's range (the average is finite: the store checked it)."""
+        if self.lr == 1.0 and self.momentum == 0.0:
+            return average
+        with np.errstate(over="ignore", invalid="ignore"):
+            gradient = center - average
+            if self.momentum:
+                if self.velocity is None:
+                    self.velocity = np.zeros_like(center)
+                self.velocity *= np.float32(self.momentum)
+                self.velocity += gradient
+                if self.nesterov:
+                    gradient += self.velocity * np.float32(self.momentum)
+                else:
+                    gradient[...] = self.velocity
+            gradient *= np.float32(-self.lr)
+            gradient += center
+        return gradient if np.isfinite(gradient).all() else average
+
+
+RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (Downpour, Adag, DynSGD, StalenessAware, ElasticAveraging)}
 
 
 def make_rule(name: str, **params: float) -> UpdateRule:
-    """An update rule by name (``downpour``, ``adag``, ``dynsgd``, ``easgd``).
+    """An update rule by name (``downpour``, ``adag``, ``dynsgd``, ``sasgd``, ``easgd``).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).

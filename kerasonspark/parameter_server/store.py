@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BarrierTimeoutError, ParameterServerError, WireFormatError
-from .rules import UpdateRule
+from .rules import OuterNesterov, UpdateRule
 from .wire import shapes_size
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -52,10 +52,12 @@ class ParameterStore:
         rule: how pushes update the center (asynchronous engines); ``None`` allows only barriers.
         lock: apply pushes under a lock; ``False`` is hogwild (overlapping writes are counted).
         barrier_timeout: seconds a round barrier waits for the missing workers.
+        outer: how a completed round's average moves the center; ``None`` makes it the center.
     """
 
     def __init__(self, weights: np.ndarray, shapes: Sequence[Sequence[int]], num_workers: int,
-                 rule: UpdateRule | None = None, lock: bool = True, barrier_timeout: float = 600.0) -> None:
+                 rule: UpdateRule | None = None, lock: bool = True, barrier_timeout: float = 600.0,
+                 outer: OuterNesterov | None = None) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.size = shapes_size(self.shapes)
         if weights.dtype != np.float32 or weights.shape != (self.size,):
@@ -65,6 +67,7 @@ class ParameterStore:
         self.rule = rule
         self.use_lock = lock
         self.barrier_timeout = barrier_timeout
+        self.outer = outer
         self.version = 0
         self._cond = threading.Condition()
         self._rounds: dict[int, _Round] = {}
@@ -232,7 +235,7 @@ class ParameterStore:
                 total = sum(state.samples.values())
                 if total and state.sum is not None:
                     state.sum /= np.float32(total)
-                    self._center = state.sum
+                    self._center = state.sum if self.outer is None else self.outer.step(self._center, state.sum)
                 state.result = self._center
                 state.sum = None
                 self.version += 1
