@@ -226,8 +226,8 @@ class ElephasEngine(Engine):
         config = job.config
         callbacks = keras.callbacks.CallbackList(job.callbacks, model=job.model, epochs=config.epochs, verbose=0)
         validation = None
-        if job.validation is not None:
-            validation = (job.validation[0], job.info.model_labels(job.validation[1]))
+        if (local := job.local_validation()) is not None:
+            validation = (local[0], job.info.model_labels(local[1]))
         sizes = job.partition_sizes
         reports = [WorkerReport(worker=w, samples=n, steps=0, seconds=0.0) for w, n in enumerate(sizes)]
         train_seconds, exchanges = 0.0, 0

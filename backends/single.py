@@ -23,8 +23,8 @@ class SingleEngine(Engine):
         x, y, sample_weight = job.local_arrays()
         y = job.info.model_labels(y)
         validation = None
-        if job.validation is not None:
-            validation = (job.validation[0], job.info.model_labels(job.validation[1]))
+        if (local := job.local_validation()) is not None:
+            validation = (local[0], job.info.model_labels(local[1]))
         config = job.config
         started = time.perf_counter()
         keras_history = job.model.fit(x, y, sample_weight=sample_weight, batch_size=config.batch_size, epochs=config.epochs,

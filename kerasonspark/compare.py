@@ -125,6 +125,9 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
         strategies: backend names, optionally ``backend:rule``.
         num_workers: a worker count, or several: each strategy runs at each (``single``, which
             trains without Spark workers, once).
+        seed: the first run's shuffling seed; run ``i`` of each strategy shuffles with ``seed + i``,
+            so the runs of a deterministic engine (``sync``) differ as much as the others' do and
+            a median means something. The initial weights are ``make_model``'s in every run.
         options: backend options by strategy or backend name, e.g. ``{"sync": {"sync_every": 32}}``.
         points_per_epoch: curve points per epoch: the model is also snapshotted at each fraction
             of an epoch (by batch hooks: per batch for ``single``, per round of progress reports,
@@ -152,11 +155,11 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
                 rows[key] = StrategyRow(strategy, workers=key[1], label=label)
     initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
     steps_per_epoch = max(math.ceil(train_df.count() / batch_size), 1)
-    for _ in range(repeat):
+    for run_index in range(repeat):
         for (strategy, row_workers), row in rows.items():
             backend, backend_options = resolved[strategy]
             trainer = SparkTrainer(make_model(), backend=backend, num_workers=row_workers or counts[0], batch_size=batch_size,
-                                   epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed,
+                                   epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed + run_index,
                                    verbose=0)
             snapshots: list[tuple[float, float, list]] = []
             started = time.perf_counter()

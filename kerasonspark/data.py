@@ -559,13 +559,15 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
 
 def prepare(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo, partitions: int,
             what: str = "training", warm_up: Callable[[], None] | None = None,
-            sample_weight: str | None = None) -> PreparedData:
+            sample_weight: str | None = None, require_rows: bool = True) -> PreparedData:
     """Convert, partition, cache and validate data in one pass.
 
     Args:
         partitions: one per worker.
         warm_up: run once in each task of the validation pass (the workers use it to import
             TensorFlow and rebuild the model while the data is scanned).
+        require_rows: refuse fewer rows than partitions (training data: every worker trains);
+            ``False`` for validation data, where a partition may be empty.
 
     Raises:
         DataError: any row that cannot be trained on (the message counts them per partition), or
@@ -585,10 +587,10 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
         if len(widths) > 1:
             raise DataError(f"The {what} labels differ in width between rows: {widths} (0 is one value per row). "
                             "Give every row labels of the same shape.")
-        if sum(counts) < len(counts):
+        if require_rows and sum(counts) < len(counts):
             raise _too_few_rows(sum(counts), len(counts), what)
         empty = [i for i, c in enumerate(counts) if c == 0]
-        if empty:
+        if empty and require_rows:
             logger.warning("Partition(s) %s of the %s data are empty; those workers only synchronise.", empty, what)
     except BaseException:
         release_blocks(blocks)

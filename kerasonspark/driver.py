@@ -407,6 +407,10 @@ def _partition_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator
     yield sum(len(block[0]) for block in blocks)
 
 
+def _partition_as_one(blocks: Iterable[Any]) -> Iterator[list[Any]]:
+    yield list(blocks)
+
+
 class DriverRunner:
     """What every driver-side runner shares: the parameter server and the result. Subclasses run
     the workers (:meth:`run_workers`) and hand over the data (:meth:`local_arrays`).
@@ -465,8 +469,14 @@ class SparkRunner(DriverRunner):
         # workers whose killed tasks still hold the previous one.
         if self._validation is None and job.validation is not None:
             self._validation = sc.broadcast(job.validation)
+        blocks, paired = self.blocks, job.validation_blocks is not None
+        if paired:
+            # Each task's validation share comes as its partition of the validation RDD, zipped to
+            # the training one (one element each side: the partition's blocks), never via the driver.
+            blocks = self.blocks.mapPartitions(_partition_as_one).zip(job.validation_blocks.mapPartitions(_partition_as_one))
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
-                       settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate)
+                       settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate,
+                       paired=paired)
         config = job.config
         # A barrier stage without a slot for every task waits, not fails: an executor lost since
         # `fit` checked (during the data's preparation) must not leave the stage hanging.
@@ -474,7 +484,7 @@ class SparkRunner(DriverRunner):
         description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
                        f"{config.num_workers} workers)")
         with spark_errors(training=True), spark_job(self.spark, description):
-            reports = self.blocks.barrier().mapPartitions(body).collect()
+            reports = blocks.barrier().mapPartitions(body).collect()
         return sorted(reports, key=lambda r: r.worker)
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
@@ -502,6 +512,8 @@ class SparkRunner(DriverRunner):
                     f"within restart_timeout={config.restart_timeout:.0f} s: {exc}") from None
         # A shuffle, not coalesce(): a barrier stage refuses ancestors with another partition count.
         self.blocks = self.blocks.repartition(slots)
+        if job.validation_blocks is not None:
+            job.validation_blocks = job.validation_blocks.repartition(slots)
         with spark_errors(), spark_job(self.spark, "kerasonspark re-split the data"):
             return self.blocks.mapPartitions(_partition_rows).collect()
 

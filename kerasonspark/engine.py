@@ -397,7 +397,11 @@ class TrainingJob:
         config: epochs, batch size, workers, seed, verbosity.
         runner: runs the workers (see :class:`Runner`); call it through the methods below.
         run_id: unique per ``fit``.
-        validation: validation arrays ``(x, y)`` on the driver, or ``None``.
+        validation: validation arrays ``(x, y)`` on the driver (NumPy input), or ``None``.
+        validation_blocks: validation data that stays on the executors (a DataFrame, a Parquet
+            path or an RDD given to a Spark engine): an RDD of ``(x, y, None)`` blocks, one cached
+            partition per worker, which the shared worker loop scores there; or ``None``.
+            Engines that score on the driver call :meth:`local_validation` instead.
         server_host: the address a driver-side server binds.
         server_port: the port it listens on (0: any free port).
         partition_sizes: rows per worker.
@@ -415,6 +419,7 @@ class TrainingJob:
     run_id: str
     partition_sizes: list[int]
     validation: tuple[np.ndarray, np.ndarray] | None = None
+    validation_blocks: Any = None
     server_host: str = "127.0.0.1"
     server_port: int = 0
     callbacks: list[Any] = field(default_factory=list)
@@ -423,6 +428,21 @@ class TrainingJob:
     def num_samples(self) -> int:
         """Training rows over all workers."""
         return sum(self.partition_sizes)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether ``fit`` was given validation data (on the driver or on the executors)."""
+        return self.validation is not None or self.validation_blocks is not None
+
+    def local_validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The validation data as ``(x, y)`` on the driver, for engines that score there; data
+        that stays on the executors is collected once (the shared worker loop never does)."""
+        if self.validation is None and self.validation_blocks is not None:
+            from .data import collect_arrays
+
+            x, y, _ = collect_arrays(self.validation_blocks)
+            self.validation = (x, y)
+        return self.validation
 
     def run_workers(self, exchange: Exchange) -> list[WorkerReport]:
         """Run the shared worker loop on every partition at once, ``exchange`` between runs of steps.

@@ -27,7 +27,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -585,8 +585,12 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
 
 def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects: dict[str, Any],
                     settings: WorkerSettings, exchange: Exchange, validation: Any,
-                    gate: EpochGate | None = None) -> Iterator[WorkerReport]:
-    """The body of one barrier task: train this partition; yields the worker's report."""
+                    gate: EpochGate | None = None, paired: bool = False) -> Iterator[WorkerReport]:
+    """The body of one barrier task: train this partition; yields the worker's report.
+
+    With ``paired`` the partition is one ``(training blocks, validation blocks)`` pair (the
+    validation data stayed on the executors); otherwise ``validation`` is a broadcast or ``None``.
+    """
     from pyspark import TaskContext
 
     context = TaskContext.get()
@@ -597,8 +601,15 @@ def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects
     def body() -> WorkerReport:
         configure_tensorflow(settings.worker_threads)
         steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
-        x, y, weights = concatenate_blocks(blocks, settings.info)
-        share = validation_share(validation.value if validation is not None else None, worker, settings)
+        share: tuple[np.ndarray, np.ndarray] | None
+        if paired:
+            training, held_out = next(iter(cast("Iterable[tuple[list[Block], list[Block]]]", blocks)))
+            x, y, weights = concatenate_blocks(training, settings.info)
+            vx, vy, _ = concatenate_blocks(held_out, settings.info)
+            share = (vx, vy)
+        else:
+            x, y, weights = concatenate_blocks(blocks, settings.info)
+            share = validation_share(validation.value if validation is not None else None, worker, settings)
         return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate, weights)
 
     yield guarded(worker, exchange, body, gate)

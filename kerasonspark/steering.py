@@ -135,7 +135,7 @@ class Steering:
 
     @property
     def validates(self) -> bool:
-        return self.job.validation is not None
+        return self.job.has_validation
 
     def _timed(self, hook: Callable[..., None], *args: Any) -> None:
         started = time.perf_counter()

@@ -200,10 +200,16 @@ class SparkTrainer:
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
-            prepared, runner = None, None
+            prepared, runner, held_out = None, None, None
             try:
                 validation = None
-                if validation_data is not None:
+                if validation_data is not None and self.engine.uses_spark_workers and not isinstance(validation_data,
+                                                                                                     (tuple, list)):
+                    # Validation data that lives in Spark stays there: each worker scores its partition.
+                    with spark_errors(), spark_job(spark, "kerasonspark prepare validation data"):
+                        held_out = data_module.prepare(spark, validation_data, features, label, self.info,
+                                                       self.config.num_workers, "validation", require_rows=False)
+                elif validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
                 warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
                         if self.engine.uses_spark_workers else None)
@@ -217,6 +223,7 @@ class SparkTrainer:
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
                                   config=config, runner=runner,
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
+                                  validation_blocks=held_out.blocks if held_out is not None else None,
                                   server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks)
                 self.engine.setup(job)
                 try:
@@ -226,8 +233,9 @@ class SparkTrainer:
             finally:
                 if runner is not None:
                     runner.release()
-                if prepared is not None:
-                    prepared.release()
+                for data_set in (prepared, held_out):
+                    if data_set is not None:
+                        data_set.release()
                 spec_broadcast.destroy()
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
