@@ -92,8 +92,9 @@ def lose_a_worker_for_good(spark, x, y, **options) -> dict:
     killer = kill_while_training(spark, worker_and_its_executors)
     started = time.monotonic()
     outcome: dict = {"error": None}
+    # One round an epoch (19 steps a worker): hundreds of epochs are there to outlast the kill, not to train.
     trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, spark=spark, verbose=0, restart_timeout=10,
-                           **{"epochs": 400, **options})
+                           backend_options={"sync_every": 32}, **{"epochs": 400, **options})
     try:
         result = trainer.fit(x, y)
         outcome.update(num_workers=result.stats["num_workers"], epochs=len(result.history["loss"]),

@@ -70,8 +70,8 @@ def test_numpy_to_dataframe_keeps_rows_in_order_without_data_in_its_tasks(spark,
 def test_validation_dataframe_stays_on_the_executors_and_scores_the_returned_model(spark, backend, monkeypatch):
     from kerasonspark import data as data_module
 
-    x, y = make_blobs(800)
-    xv, yv = make_blobs(300, seed=5)
+    data, labels = make_blobs(1100)
+    (x, y), (xv, yv) = (data[:800], labels[:800]), (data[800:], labels[800:])
     train_df, val_df = numpy_to_dataframe(spark, x, y), numpy_to_dataframe(spark, xv, yv, partitions=3)
     collected = []
     collect_arrays = data_module.collect_arrays
@@ -80,16 +80,16 @@ def test_validation_dataframe_stays_on_the_executors_and_scores_the_returned_mod
                            verbose=0)
     result = trainer.fit(train_df, validation_data=val_df)
     assert collected == []  # no validation row reached the driver
-    assert sum(w["val_samples"] for w in result.stats["workers"]) == 300  # each worker scored its own partition
     assert result.history["val_accuracy"][-1] > 0.9
-    # the last epoch's center is the model returned: its scores are the ones evaluate computes
+    # The last epoch's center is the model returned: its scores, each worker's share weighted by its
+    # rows, are the ones evaluate computes on the whole set (a share left out would move the loss).
     np.testing.assert_allclose(result.history["val_accuracy"][-1], trainer.evaluate(val_df)["accuracy"], atol=1e-6)
     np.testing.assert_allclose(result.history["val_loss"][-1], trainer.evaluate(val_df)["loss"], rtol=1e-4)
 
 
 def test_validation_dataframe_for_an_engine_that_scores_on_the_driver(spark):
-    x, y = make_blobs(400)
-    xv, yv = make_blobs(100, seed=5)
+    data, labels = make_blobs(500)
+    (x, y), (xv, yv) = (data[:400], labels[:400]), (data[400:], labels[400:])
     result = SparkTrainer(small_model(), backend="single", epochs=2, batch_size=16, spark=spark, verbose=0).fit(
         numpy_to_dataframe(spark, x, y), validation_data=numpy_to_dataframe(spark, xv, yv))
     assert len(result.history["val_accuracy"]) == 2 and result.history["val_accuracy"][-1] > 0.9

@@ -190,18 +190,19 @@ def test_a_worker_process_that_dies_fails_fit_without_waiting_for_the_barrier_ti
     ("async", {"rule": "sasgd", "window": 4, "warmup_steps": 10}),
 ])
 def test_non_default_optimisation_options_train_and_the_scale_reaches_the_workers(spark, backend, options):
-    x, y = make_blobs(1000)
-    xv, yv = make_blobs(300, seed=0)
+    data, labels = make_blobs(1300)
+    (x, y), (xv, yv) = (data[:1000], labels[:1000]), (data[1000:], labels[1000:])
 
-    def fit(lr_scale):
+    def fit(**scaling):
         model = small_model()
         before = get_flat_weights(model)
         result = SparkTrainer(model, backend=backend, num_workers=2, epochs=2, batch_size=16, spark=spark, seed=1,
-                              verbose=0, backend_options={**options, "lr_scale": lr_scale}).fit(x, y, validation_data=(xv, yv))
+                              verbose=0, backend_options={**options, **scaling}).fit(x, y, validation_data=(xv, yv))
         return result, np.abs(get_flat_weights(model) - before).max()
 
-    result, moved = fit("linear")
+    result, moved = fit(lr_scale="linear")
     assert result.history["val_accuracy"][-1] > FLOOR and result.stats[backend]["lr_scale"] == 2.0
-    # a tiny multiplier on the same run leaves the weights almost where they were: the workers applied it
-    frozen, barely = fit(1e-6)
+    # A tiny multiplier from the first step (no warm-up) leaves the weights almost where they
+    # were: the workers applied it.
+    frozen, barely = fit(lr_scale=1e-6, warmup_steps=0)
     assert frozen.stats[backend]["lr_scale"] == 1e-6 and barely < 1e-4 < moved
