@@ -171,7 +171,7 @@ class StandaloneCluster:
                     raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}.{hint}\n{log}")
             try:
                 alive = sum(w.get("state") == "ALIVE" for w in master_status(state).get("workers", []))
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or its web UI is up before its JSON page
                 alive = 0
             if alive == self.workers:
                 return
