@@ -11,6 +11,13 @@ Each daemon is a child process in a process group of its own, so :meth:`Standalo
 ends it, and the executors and Python workers it started, by process id. ``kerasonspark cluster
 start`` keeps a cluster running between commands; its process ids and addresses are written to a
 state file that ``kerasonspark cluster stop`` reads.
+
+On emulated hosts (:mod:`kerasonspark.emulated_hosts`), the master and each worker can run in a
+host of their own, each bound to its host's address, so that nothing travels over loopback::
+
+    with EmulatedNetwork(hosts=2) as network, StandaloneCluster(
+            workers=2, host=network.address, worker_hosts=network.hosts) as cluster:
+        ...
 """
 
 from __future__ import annotations
@@ -24,13 +31,17 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import check_positive_int
-from .errors import SparkEnvironmentError
+from .errors import ConfigurationError, SparkEnvironmentError
 from .session import require_java
+
+if TYPE_CHECKING:
+    from .emulated_hosts import EmulatedHost
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,10 @@ class StandaloneCluster:
         port: the master's port; 0 picks a free one.
         work_dir: where daemons keep logs and executor files; a fresh temporary folder by default.
         start_timeout: seconds to wait for every worker to register with the master.
+        master_host: an emulated host to run the master in, at its address (``host`` is then
+            ignored); ``None`` runs it here, at ``host``.
+        worker_hosts: one emulated host per worker, each worker bound to its host's address;
+            ``None`` runs them here, at ``host``.
 
     Example:
         >>> with StandaloneCluster(workers=2) as cluster:
@@ -89,12 +104,17 @@ class StandaloneCluster:
     port: int = 0
     work_dir: str | None = None
     start_timeout: float = 120.0
+    master_host: EmulatedHost | None = None
+    worker_hosts: Sequence[EmulatedHost] | None = None
     state: ClusterState | None = field(default=None, init=False)
     _processes: list[subprocess.Popen] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("workers", "cores_per_worker"):
             check_positive_int(name, getattr(self, name))
+        if self.worker_hosts is not None and len(self.worker_hosts) != self.workers:
+            raise ConfigurationError(f"Expected one worker host per worker ({self.workers}). "
+                                     f"Received: {len(self.worker_hosts)} worker_hosts.")
 
     @property
     def master_url(self) -> str:
@@ -117,20 +137,25 @@ class StandaloneCluster:
         work = Path(self.work_dir or tempfile.mkdtemp(prefix="kerasonspark-cluster-"))
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        port = self.port or free_port(self.host)
-        ui_port = free_port(self.host)
-        master_url = f"spark://{self.host}:{port}"
-        self.state = ClusterState(master_url, f"http://{self.host}:{ui_port}", [], str(logs))
+        master_address = self.master_host.address if self.master_host else self.host
+        # A fresh namespace has every port free; this namespace's are probed.
+        port = self.port or (7077 if self.master_host else free_port(self.host))
+        ui_port = 8080 if self.master_host else free_port(self.host)
+        master_url = f"spark://{master_address}:{port}"
+        self.state = ClusterState(master_url, f"http://{master_address}:{ui_port}", [], str(logs))
         try:
-            self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", self.host, "--port", str(port),
-                                   "--webui-port", str(ui_port)], logs)
+            self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", master_address, "--port", str(port),
+                                   "--webui-port", str(ui_port)], logs, self.master_host)
             for i in range(self.workers):
+                worker_host = self.worker_hosts[i] if self.worker_hosts else None
+                address = worker_host.address if worker_host else self.host
                 worker_dir = work / f"worker-{i}"
                 worker_dir.mkdir(exist_ok=True)
-                self._spawn(f"worker-{i}", ["org.apache.spark.deploy.worker.Worker", master_url, "--host", self.host,
+                self._spawn(f"worker-{i}", ["org.apache.spark.deploy.worker.Worker", master_url, "--host", address,
                                             "--cores", str(self.cores_per_worker), "--memory", self.memory_per_worker,
-                                            "--webui-port", str(free_port(self.host)), "--work-dir", str(worker_dir)],
-                            logs)
+                                            "--webui-port", str(8081 if worker_host else free_port(self.host)),
+                                            "--work-dir", str(worker_dir)],
+                            logs, worker_host)
             self._wait_for_workers()
         except BaseException:
             self.stop()
@@ -139,15 +164,16 @@ class StandaloneCluster:
                     self.state.web_ui)
         return self
 
-    def _spawn(self, name: str, args: list[str], logs: Path) -> None:
+    def _spawn(self, name: str, args: list[str], logs: Path, emulated: EmulatedHost | None = None) -> None:
         # No port retries: a master that silently moved to the next port would leave the workers
         # (and the recorded URL) pointing at whatever holds the one asked for.
         no_retries = "-Dspark.port.maxRetries=0"
-        env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=self.host,
+        env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=emulated.address if emulated else self.host,
                    SPARK_MASTER_OPTS=f"{os.environ.get('SPARK_MASTER_OPTS', '')} {no_retries}".strip(),
                    SPARK_WORKER_OPTS=f"{os.environ.get('SPARK_WORKER_OPTS', '')} {no_retries}".strip())
         with open(logs / f"{name}.log", "wb") as log:
-            process = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], stdout=log,
+            command = [str(spark_home() / "bin" / "spark-class"), *args]
+            process = subprocess.Popen(emulated.command(command) if emulated else command, stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                        start_new_session=True)
         self._processes.append(process)

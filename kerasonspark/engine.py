@@ -98,7 +98,8 @@ class TrainingConfig:
     runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once),
     waiting up to ``restart_timeout`` seconds for a task slot for every worker; with
     ``restart_with_fewer_workers`` it then goes on with the workers it can place, the data re-split
-    among them, instead of failing. ``registration_timeout``
+    among them, instead of failing. With ``balance_workers``, each epoch after the first gives
+    each worker a number of steps in proportion to its measured speed (see ``SparkTrainer``). ``registration_timeout``
     bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
     epoch boundary (for the slowest worker and the driver's callbacks). ``class_weight`` holds
     one loss weight per class (``fit(class_weight=)`` made dense), or ``None``.
@@ -118,6 +119,7 @@ class TrainingConfig:
     registration_timeout: float = 30.0
     epoch_timeout: float = 86_400.0
     restart_with_fewer_workers: bool = False
+    balance_workers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
@@ -132,6 +134,8 @@ class TrainingConfig:
                 raise ConfigurationError(f"Expected `{name}` > 0 seconds. Received: {name}={value!r}.")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise ConfigurationError(f"Expected `seed` to be None or an integer >= 0. Received: seed={self.seed!r}.")
+        if not isinstance(self.balance_workers, bool):
+            raise ConfigurationError(f"Expected `balance_workers` to be True or False. Received: {self.balance_workers!r}.")
         if self.verbose not in (0, 1, 2):
             raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
         threads = self.worker_threads

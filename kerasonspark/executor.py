@@ -294,10 +294,12 @@ class _ForwardedLogs(logging.Handler):
 
 @dataclass(frozen=True)
 class EpochDecision:
-    """What the driver's callbacks decided at an epoch boundary."""
+    """What the driver decided at an epoch boundary: stop, the learning rate its callbacks set,
+    and with ``balance_workers`` the steps this worker trains next epoch (``None``: its own)."""
 
     stop: bool
     learning_rate: float | None
+    steps: int | None = None
 
 
 class EpochGate:
@@ -334,6 +336,7 @@ class EpochGate:
         self._logs: _ForwardedLogs | None = None
         self._last_report = 0.0
         self._position: tuple[int, int, int, Callable[[], dict[str, float]]] | None = None
+        self.worker = -1
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_logs": None, "_position": None}
@@ -346,6 +349,7 @@ class EpochGate:
 
     def start(self, worker: int) -> None:
         """Open the worker's connection and start forwarding its warnings."""
+        self.worker = worker
         self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout, timeout_name="epoch_timeout")
         self._client.post_json("/v1/epochs/join", {"stage": self.stage})
         self._logs = _ForwardedLogs()
@@ -388,13 +392,17 @@ class EpochGate:
         self.seconds += time.perf_counter() - started
         return center
 
-    def ready(self, epoch: int, rows: int, scores: dict[str, float], learning_rate: float | None) -> EpochDecision:
-        """Report the center's scores on this worker's validation rows; wait for the driver's decision."""
+    def ready(self, epoch: int, rows: int, scores: dict[str, float], learning_rate: float | None,
+              rows_per_second: float | None = None) -> EpochDecision:
+        """Report the center's scores on this worker's validation rows, and the rows per second it
+        computed this epoch; wait for the driver's decision."""
         started = time.perf_counter()
         reply = self.client.post_json(f"/v1/epochs/{epoch}/ready",
-                                      {"rows": rows, "scores": scores, "learning_rate": learning_rate})
+                                      {"rows": rows, "scores": scores, "learning_rate": learning_rate,
+                                       "rows_per_second": rows_per_second})
         self.seconds += time.perf_counter() - started
-        return EpochDecision(bool(reply.get("stop")), reply.get("learning_rate"))
+        steps = (reply.get("steps") or {}).get(str(self.worker))
+        return EpochDecision(bool(reply.get("stop")), reply.get("learning_rate"), steps)
 
     def close(self) -> None:
         """Stop forwarding warnings and close the connection."""
@@ -493,16 +501,20 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
     base_rate = learning_rate_of(model) if gate is not None or scaling is not None else None
     report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
     rates: list[float | None] = []
+    shares: list[int] = []  # steps trained each epoch, where the driver balanced them
+    planned = steps  # this epoch's steps: the partition's, until the driver balances them
     started = time.perf_counter()
     for epoch in range(settings.initial_epoch, settings.epochs):
         order = rng.permutation(n)  # drawn for skipped epochs too, so a resumed epoch keeps its order
-        schedule = exchange.schedule(steps, epoch)
+        if planned != steps:
+            order = balanced_order(order, planned * batch, rng)
+        schedule = exchange.schedule(planned, epoch)
         if epoch < first_epoch:
             skip -= len(schedule)
             continue
         model.reset_metrics()
         rates.append(base_rate if gate is not None else None)
-        step, stopped = 0, False
+        step, stopped, computing = 0, False, 0.0
         for run in schedule:
             index = order[step * batch:(step + run) * batch]
             step += run
@@ -512,9 +524,11 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
             if scaling is not None and base_rate is not None:
                 set_learning_rate(model, base_rate * scaling.multiplier(report.steps))
             if len(index):
+                began = time.perf_counter()
                 steps_runner.run(x, y, index, batch, weights)
+                computing += time.perf_counter() - began
             report.steps += run
-            done = min(step * batch, n)
+            done = min(step * batch, len(order))
             if gate is not None:
                 if gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
                     gate.progress(epoch, done, step, steps_runner.metrics, force=True)  # the driver stops every worker
@@ -525,8 +539,8 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
             if exchange.should_stop():
                 stopped = True
                 break
-        if step != steps and not stopped:
-            raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {steps}; "
+        if step != planned and not stopped:
+            raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {planned}; "
                                "`Exchange.schedule` must return runs that add up to `steps`.")
         exchange.end_epoch(model, epoch)
         metrics = steps_runner.metrics() if n else {}
@@ -535,24 +549,41 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
             if report.val_samples and validation is not None:
                 report.val_history.append(_score(model, None, validation, batch))
             continue
-        center = gate.end_epoch(epoch, min(step * batch, n), metrics, want_center=stopped or not exchange.holds_center)
+        trained = min(step * batch, len(order))
+        center = gate.end_epoch(epoch, trained, metrics, want_center=stopped or not exchange.holds_center)
         rows, scores = 0, {}
         if report.val_samples and validation is not None and gate.validates(epoch):
             rows, scores = report.val_samples, _score(model, center, validation, batch)
             report.val_history.append(scores)
         if center is not None:
             exchange.epoch_center(model, center)
-        decision = gate.ready(epoch, rows, scores, rates[-1])
+        decision = gate.ready(epoch, rows, scores, rates[-1], trained / computing if computing > 0 else None)
         if decision.stop or stopped:
             break
         if decision.learning_rate is not None:
             base_rate = decision.learning_rate
             set_learning_rate(model, base_rate)
+        if decision.steps is not None:
+            planned = decision.steps
+            shares.append(planned)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
     if gate is not None:
         report.figures.update(learning_rates=rates, epoch_gate_seconds=gate.seconds)
+    if shares:
+        report.figures["balanced_steps"] = shares
     return report
+
+
+def balanced_order(order: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """The first ``rows`` rows of ``order`` followed, where it is too short, by fresh permutations
+    of the partition (a worker given more steps than its rows fill visits some rows twice)."""
+    if rows <= len(order) or not len(order):
+        return order[:rows]
+    parts = [order]
+    while sum(len(p) for p in parts) < rows:
+        parts.append(rng.permutation(len(order)))
+    return np.concatenate(parts)[:rows]
 
 
 def _finite_loss(steps_runner: LocalSteps) -> bool:

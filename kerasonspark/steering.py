@@ -26,9 +26,10 @@ Which hooks fire when:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -82,6 +83,34 @@ def weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, f
     return {k: sum(n * logs[k] for n, logs in entries) / total for k in keys}
 
 
+def balanced_steps(partition_sizes: Sequence[int], batch_size: int,
+                   rows_per_second: Sequence[float | None]) -> list[int]:
+    """Each worker's steps for an epoch in proportion to its speed, their sum the epoch's steps.
+
+    The epoch's steps are those of the partitions (``ceil(rows / batch_size)`` each); a worker
+    whose speed is unknown (``None``: it trained nothing) keeps its own, and the others share the
+    rest by largest remainder, at least one step each.
+
+    Example:
+        >>> balanced_steps([640, 640], 32, [300.0, 100.0])
+        [30, 10]
+    """
+    own = [math.ceil(rows / batch_size) for rows in partition_sizes]
+    known = [w for w, speed in enumerate(rows_per_second) if speed and own[w]]
+    shares = list(own)
+    budget = sum(own[w] for w in known)
+    if len(known) < 2:
+        return shares
+    total_speed = sum(rows_per_second[w] or 0.0 for w in known)
+    exact = {w: max(budget * (rows_per_second[w] or 0.0) / total_speed, 1.0) for w in known}
+    for w in known:
+        shares[w] = int(exact[w])
+    left = budget - sum(shares[w] for w in known)
+    for w in sorted(known, key=lambda w: exact[w] - int(exact[w]), reverse=True)[:max(left, 0)]:
+        shares[w] += 1
+    return shares
+
+
 def uses_batch_hooks(callbacks: list[keras.callbacks.Callback]) -> bool:
     """Whether any callback overrides a batch-level hook of ``keras.callbacks.Callback``."""
     import keras
@@ -125,6 +154,7 @@ class Steering:
         self.bar = ProgressBar(config.verbose, config.epochs, job.num_samples)
         self.callback_seconds = 0.0
         self.barrier_seconds = 0.0
+        self.shares: list[list[int]] = []  # per epoch, each worker's steps (balance_workers)
         self.epochs_run = 0
         self.stopped_early = False
         self.restart_policy: RestartPolicy | None = None
@@ -242,11 +272,20 @@ class Steering:
             stop = bool(model.stop_training)
         self.stopped_early = stop and epoch + 1 < config.epochs
         self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
-        self.board.release(epoch, stop, learning_rate_of(model))
+        shares = self._balance(ready) if config.balance_workers and not stop and epoch + 1 < config.epochs else None
+        self.board.release(epoch, stop, learning_rate_of(model), shares)
         if self.backup is not None and self.backup.save_freq == "epoch":
             self._save(epoch + 1, self.board.center(epoch), {})
         self.bar.end_epoch({**logs, **self._exchange_figures()})
         return "stop" if stop else "next"
+
+    def _balance(self, ready: Mapping[int, Mapping[str, Any]]) -> list[int]:
+        """Each worker's steps next epoch, from the rows per second each reported (``balance_workers``)."""
+        config = self.job.config
+        sizes = self.job.partition_sizes or [0] * config.num_workers
+        shares = balanced_steps(sizes, config.batch_size, [ready[w].get("rows_per_second") for w in range(len(sizes))])
+        self.shares.append(shares)
+        return shares
 
     def _exchanges(self) -> int:
         stats = self.store.stats()
@@ -324,6 +363,6 @@ class Steering:
         """The figures of the run's epoch events, for ``stats["epoch_events"]``."""
         return {"epochs_run": self.epochs_run, "stopped_early": self.stopped_early,
                 "callback_seconds": self.callback_seconds, "epoch_barrier_seconds": self.barrier_seconds,
-                "backups": self.backups, "backup_seconds": self.backup_seconds,
+                "backups": self.backups, "backup_seconds": self.backup_seconds, "balanced_steps": self.shares,
                 "resumed_from_epoch": (self.backup.resumed.epoch if self.backup is not None
                                        and self.backup.resumed is not None else None)}

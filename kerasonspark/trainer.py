@@ -68,6 +68,14 @@ class SparkTrainer:
             worker on a cluster before it refuses to start.
         epoch_timeout: seconds a worker waits at an epoch boundary (for the slowest worker and
             the driver's callbacks) before it fails naming this setting.
+        balance_workers: for clusters of unequal machines. From the second epoch on, each worker
+            trains a number of steps in proportion to the rows per second it computed in the
+            epoch before (the epoch's total unchanged), so fast workers do not idle at the epoch
+            boundary or the round barrier waiting for a slow one. Rows stay where they are: a slow
+            worker trains on a fresh random part of its partition each epoch, a fast one on its
+            whole partition and a random part again, so an epoch no longer visits every row
+            exactly once (with partitions drawn at random, the mix of rows is unchanged). A
+            restarted stage starts again from even shares.
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -81,7 +89,7 @@ class SparkTrainer:
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
                  max_restarts: int = 2, restart_timeout: float = 120.0, registration_timeout: float = 30.0,
                  epoch_timeout: float = 86_400.0, restart_with_fewer_workers: bool = False,
-                 checkpoint_dir: str | None = None) -> None:
+                 checkpoint_dir: str | None = None, balance_workers: bool = False) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -92,7 +100,8 @@ class SparkTrainer:
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
                                      verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
                                      restart_timeout=restart_timeout, registration_timeout=registration_timeout,
-                                     epoch_timeout=epoch_timeout, restart_with_fewer_workers=restart_with_fewer_workers)
+                                     epoch_timeout=epoch_timeout, restart_with_fewer_workers=restart_with_fewer_workers,
+                                     balance_workers=balance_workers)
         self.engine = resolve_backend(backend, backend_options)
         self.master = master
         self.spark = spark

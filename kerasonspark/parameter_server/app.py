@@ -12,8 +12,9 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs)
     POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, metrics, center); waits for
                               the others, answers the epoch's center (wire format) if asked
-    POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores,
-                              learning_rate); waits for the driver's decision {"stop", "learning_rate"}
+    POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores, learning_rate,
+                              rows_per_second); waits for the driver's decision {"stop",
+                              "learning_rate", and with balance_workers "steps": {worker: steps}}
     POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker and stage
     GET  /v1/epochs/center    the center a worker starts or resumes from (wire format)
     GET  /v1/stats            statistics (JSON)
@@ -382,12 +383,12 @@ def _metrics_field(payload: dict, name: str) -> dict[str, float]:
     return {k: float(v) for k, v in value.items()}
 
 
-def _learning_rate_field(payload: dict) -> float | None:
-    value = payload.get("learning_rate")
+def _optional_number_field(payload: dict, name: str) -> float | None:
+    value = payload.get(name)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ParameterServerError(f"Field `learning_rate` must be a finite number or null. Received: {value!r}.", 400)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ParameterServerError(f"Field `{name}` must be a finite number >= 0 or null. Received: {value!r}.", 400)
     return float(value)
 
 
@@ -432,7 +433,8 @@ def epoch_end(epoch: int) -> Response:
 def epoch_ready(epoch: int) -> Response:
     payload = _json_body()
     decision = _board().ready(_worker_id(), epoch, _int_field(payload, "rows", 0), _metrics_field(payload, "scores"),
-                              _learning_rate_field(payload))
+                              _optional_number_field(payload, "learning_rate"),
+                              _optional_number_field(payload, "rows_per_second"))
     return jsonify(decision)
 
 

@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,14 +148,16 @@ class EpochBoard:
             return state.center if want_center else None
 
     def ready(self, worker: int, epoch: int, rows: int, scores: dict[str, float],
-              learning_rate: float | None) -> dict[str, Any]:
-        """A worker scored the epoch's center on ``rows`` validation rows; waits for the decision."""
+              learning_rate: float | None, rows_per_second: float | None = None) -> dict[str, Any]:
+        """A worker scored the epoch's center on ``rows`` validation rows (and computed
+        ``rows_per_second`` in the epoch); waits for the decision."""
         self._check_worker(worker)
         with self._cond:
             state = self._epochs.get(epoch)
             if state is None or worker not in state.arrivals:
                 raise ParameterServerError(f"Worker {worker} reported ready for epoch {epoch} before ending it.", 409)
-            state.ready[worker] = {"rows": rows, "scores": dict(scores), "learning_rate": learning_rate}
+            state.ready[worker] = {"rows": rows, "scores": dict(scores), "learning_rate": learning_rate,
+                                   "rows_per_second": rows_per_second}
             if len(state.ready) == self.num_workers:
                 self._cond.notify_all()
             self._wait(lambda: state.decision is not None)
@@ -200,11 +203,14 @@ class EpochBoard:
             state = self._epochs.get(epoch)
             return max(state.all_arrived - state.first_arrival, 0.0) if state and state.all_arrived else 0.0
 
-    def release(self, epoch: int, stop: bool, learning_rate: float | None) -> None:
-        """Hand the workers the driver's decision for the epoch after ``epoch``."""
+    def release(self, epoch: int, stop: bool, learning_rate: float | None, steps: Sequence[int] | None = None) -> None:
+        """Hand the workers the driver's decision for the epoch after ``epoch`` (``steps``: each
+        worker's steps in it, where the driver balances them)."""
         with self._cond:
             state = self._epochs.setdefault(epoch, _Epoch())
             state.decision = {"stop": bool(stop), "learning_rate": learning_rate}
+            if steps is not None:
+                state.decision["steps"] = {str(worker): int(k) for worker, k in enumerate(steps)}
             for old in [e for e in self._epochs if e < epoch]:
                 del self._epochs[old]
             self._cond.notify_all()

@@ -1,0 +1,269 @@
+"""How the engines scale on slower networks: measured on emulated hosts, then modelled.
+
+    python benchmarks/scaling_model.py --data ../shared/data/mnist [--rows 6000] [--out scaling.json]
+    python benchmarks/scaling_model.py --from scaling.json     # the model again, without measuring
+
+Measures (as root, with iproute2) on three emulated hosts (``emulated_cluster.py``): the driver
+with the Spark master and the parameter server in one, a Spark worker (1 core) in each of the
+others, every host's link shaped with ``tc tbf`` to 10 Gbit/s, 1 Gbit/s, 100 Mbit/s or left as it is.
+At each rate it measures the link's goodput with a bulk TCP transfer of the reference CNN's 4.2 MB,
+then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, batch 32, default options) with
+``sync``, ``async``, ``async`` with bfloat16 deltas, and ``hogwild``, on 1 and on 2 workers, and
+records each worker's compute and exchange seconds and bytes.
+
+The model (:func:`predict`) reads a run as rounds of ``steps`` local steps then one exchange:
+
+- compute: ``steps * batch * c``, with ``c`` the seconds per sample of one worker, and a client
+  cost per exchange ``o`` (encoding, HTTP, copying weights in and out); both are CPU work, and
+  on 2 workers sharing this machine's 2 cores with the driver both are slower by the same factor,
+  calibrated once from the unshaped 2-worker runs;
+- the driver's link, full duplex at the measured goodput ``B``: every worker's upload goes
+  through its inbound side, every download through its outbound side, one after another;
+- the server's apply ``a`` per push (measured in process), serial under the lock (``async``,
+  ``sync``), concurrent for ``hogwild``.
+
+``sync`` is a barrier per round: ``T = compute + o + N*a + N*up/B + N*down/B``. The asynchronous
+engines are a closed queueing network (N workers cycling through compute and the driver's link
+and lock), solved exactly by mean-value analysis (Reiser & Lavenberg 1980). ``c`` and ``o`` are
+calibrated on the unshaped 1-worker runs; every other point is a prediction, checked against its
+measurement. The projection to 4-64 workers gives each worker its own machine (no CPU sharing)
+and the driver one link of 1 or 10 Gbit/s at the goodput TCP reached through the 1 Gbit/s shaper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from emulated_cluster import BATCH, driver_session, emulated_cluster, run_driver
+
+RATES = ["none", "10gbit", "1gbit", "100mbit"]
+CONFIGS = {  # name -> (backend, options)
+    "sync": ("sync", {}),
+    "async": ("async", {}),
+    "async-bf16": ("async", {"delta_dtype": "bfloat16"}),
+    "hogwild": ("hogwild", {}),
+}
+PROJECTED_WORKERS = [4, 8, 16, 32, 64]
+
+
+# --- the model -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Costs:
+    """What one exchange of one engine costs, in seconds and bytes."""
+
+    steps: float  # local steps between exchanges
+    compute: float  # c: seconds per sample of one worker with a core of its own
+    client: float  # o: the worker's own seconds per exchange besides the link and the server
+    apply: float  # a: the server's seconds per push (a round's apply counts one per worker)
+    up: float  # bytes a worker sends per exchange
+    down: float  # bytes it receives
+    serial_apply: bool = True  # pushes apply one at a time (False: hogwild)
+    barrier: bool = False  # sync: every worker waits for the round
+
+
+def predict(costs: Costs, workers: int, goodput: float, slowdown: float = 1.0) -> float:
+    """Samples per second of ``workers`` workers over a driver link of ``goodput`` bytes/s.
+
+    ``slowdown`` multiplies every CPU cost (compute, client, apply): >1 where workers share cores.
+    """
+    think = costs.steps * BATCH * costs.compute * slowdown + costs.client * slowdown
+    apply = costs.apply * slowdown
+    inbound, outbound = costs.up / goodput, costs.down / goodput
+    samples_per_exchange = costs.steps * BATCH
+    if costs.barrier:
+        round_seconds = think + workers * (apply + inbound + outbound)
+        return workers * samples_per_exchange / round_seconds
+    stations = [inbound, outbound] + ([apply] if costs.serial_apply else [])
+    if not costs.serial_apply:
+        think += apply
+    queued = [0.0] * len(stations)
+    throughput = 0.0
+    for n in range(1, workers + 1):  # exact mean-value analysis of the closed network
+        residence = [demand * (1 + q) for demand, q in zip(stations, queued, strict=True)]
+        throughput = n / (think + sum(residence))
+        queued = [throughput * r for r in residence]
+    return throughput * samples_per_exchange
+
+
+def saturation_workers(costs: Costs, goodput: float) -> float:
+    """The worker count past which the busiest shared station (the driver's link or lock) caps
+    the throughput: ``(think + total demand) / largest demand`` (the asymptotic bound)."""
+    think = costs.steps * BATCH * costs.compute + costs.client
+    stations = [costs.up / goodput, costs.down / goodput, costs.apply]
+    if costs.barrier:  # a round grows by the whole exchange per worker: half efficiency where they equal
+        return think / sum(stations)
+    return (think + sum(stations)) / max(stations)
+
+
+def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[str, Costs], float]:
+    """Each engine's :class:`Costs` from its unshaped 1-worker run, and the CPU slowdown of two
+    workers from the unshaped 2-worker runs (compute seconds per sample, averaged over engines)."""
+    costs: dict[str, Costs] = {}
+    per_sample = {1: [], 2: []}
+    for run in runs:
+        if run["rate"] != "none":
+            continue
+        per_sample[run["workers"]].append(run["compute_per_sample"])
+        if run["workers"] != 1:
+            continue
+        name = run["config"]
+        backend = CONFIGS[name][0]
+        link = (run["up_bytes"] + run["down_bytes"]) / run["goodput"]
+        costs[name] = Costs(steps=run["steps_per_exchange"], compute=run["compute_per_sample"],
+                            client=max(run["exchange_seconds"] - link - apply_seconds[backend], 0.0),
+                            apply=apply_seconds[backend], up=run["up_bytes"], down=run["down_bytes"],
+                            serial_apply=backend != "hogwild", barrier=backend == "sync")
+    slowdown = (sum(per_sample[2]) / len(per_sample[2])) / (sum(per_sample[1]) / len(per_sample[1]))
+    return costs, slowdown
+
+
+def report(measured: dict) -> None:
+    """Print measured against predicted for every run, then the projection."""
+    runs, goodputs = measured["runs"], measured["goodput"]
+    costs, slowdown = calibrate(runs, measured["apply_seconds"])
+    print("\nLink goodput (MB/s): " + ", ".join(f"{rate} {goodputs[rate] / 1e6:.0f}" for rate in RATES if rate in goodputs))
+    print(f"Calibrated on the unshaped 1-worker runs; 2 workers on 2 cores are {slowdown:.2f}x slower per sample (CPU shared).")
+    print("\n| engine | workers | link | measured samples/s | predicted | error | exchange s (measured) |")
+    print("|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for run in runs:
+        c = costs[run["config"]]
+        predicted = predict(c, run["workers"], goodputs[run["rate"]], slowdown if run["workers"] == 2 else 1.0)
+        error = predicted / run["samples_per_second"] - 1
+        calibration = run["rate"] == "none" and run["workers"] == 1
+        if not calibration:
+            worst = max(worst, abs(error))
+        print(f"| {run['config']} | {run['workers']} | {run['rate']} | {run['samples_per_second']:,.0f} | {predicted:,.0f} | "
+              f"{error:+.1%}{' (calibration)' if calibration else ''} | {run['exchange_seconds']:.3f} |")
+    print(f"\nLargest error of a prediction: {worst:.1%}")
+    fraction = goodputs["1gbit"] / (1e9 / 8)
+    print(f"\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine per worker,\n"
+          f"the driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 Gbit/s shaper):\n")
+    header = " | ".join(f"N={n}" for n in PROJECTED_WORKERS)
+    print(f"| engine | link | {header} | link or lock saturates at N |")
+    print("|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
+    for name, c in costs.items():
+        for gbit in (1, 10):
+            goodput = gbit * 1e9 / 8 * fraction
+            alone = 1 / c.compute
+            cells = " | ".join(f"{predict(c, n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS)
+            print(f"| {name} | {gbit} Gbit/s | {cells} | {saturation_workers(c, goodput):.0f} |")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
+    """The server's seconds per push of the reference CNN, in process: a push under each asynchronous
+    engine's default rule, and a worker's share of a ``sync`` round (its arrival plus the average)."""
+    import numpy as np
+
+    from kerasonspark import available_backends
+    from kerasonspark.models import MNIST_CNN_PARAMETERS
+    from kerasonspark.parameter_server.store import ParameterStore
+
+    shapes = [(MNIST_CNN_PARAMETERS,)]
+    center = np.zeros(MNIST_CNN_PARAMETERS, np.float32)
+    delta = np.random.default_rng(0).normal(size=MNIST_CNN_PARAMETERS).astype(np.float32) * 1e-4
+    seconds = {}
+    for backend, lock in (("async", True), ("hogwild", False)):
+        store = ParameterStore(center, shapes, 1, rule=available_backends()[backend]().options.make_rule(), lock=lock)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            store.push(0, delta, window=5, samples=160)
+        seconds[backend] = (time.perf_counter() - started) / repeats
+    store = ParameterStore(center, shapes, 1)
+    started = time.perf_counter()
+    for round in range(repeats):
+        store.barrier(round, 0, delta, samples=256)
+    seconds["sync"] = (time.perf_counter() - started) / repeats
+    return seconds
+
+
+def drive(master: str, address: str, data: str | None, rows: int, configs: list[str], workers: list[int]) -> None:
+    """In the driver's namespace: train each configuration and print one JSON line per run."""
+    from kerasonspark import SparkTrainer
+    from kerasonspark.datasets import load_mnist
+    from kerasonspark.models import mnist_cnn
+
+    spark = driver_session(master, address, "kerasonspark-scaling-model")
+    (x, y), _ = load_mnist(data)
+    x, y = x[:rows], y[:rows]
+    for name in configs:
+        backend, options = CONFIGS[name]
+        for n in workers:
+            trainer = SparkTrainer(mnist_cnn(seed=0), backend=backend, num_workers=n, spark=spark, epochs=1,
+                                   batch_size=BATCH, verbose=0, backend_options=options)
+            stats = trainer.fit(x, y).stats
+            print("RUN " + json.dumps(run_figures(name, n, stats)), flush=True)
+    spark.stop()
+
+
+def run_figures(name: str, workers: int, stats: dict) -> dict:
+    """One run's figures from ``fit``'s stats: per worker means of compute, exchange and bytes."""
+    reports = stats["workers"]
+    exchanges = [r["rounds"] if CONFIGS[name][0] == "sync" else r["pushes"] for r in reports]
+    samples = sum(r["samples"] for r in reports)
+    return {
+        "config": name, "workers": workers,
+        "samples_per_second": samples / max(r["seconds"] for r in reports),
+        "fit_samples_per_second": stats["samples_per_second"],
+        "compute_per_sample": sum((r["seconds"] - r["exchange_seconds"]) / r["samples"] for r in reports) / len(reports),
+        "exchange_seconds": sum(r["exchange_seconds"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
+        "steps_per_exchange": sum(r["steps"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
+        "up_bytes": sum(r["mb_sent"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
+        "down_bytes": sum(r["mb_received"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
+    }
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Everything :func:`report` needs, from the emulated hosts."""
+    from kerasonspark.emulated_hosts import goodput
+
+    measured: dict = {"rows": args.rows, "goodput": {}, "runs": [], "apply_seconds": measure_apply_seconds()}
+    print("server apply per push (s): " + ", ".join(f"{k} {v:.4f}" for k, v in measured["apply_seconds"].items()))
+    with emulated_cluster(workers=2) as (network, cluster):
+        driver_host, worker_host = network.hosts[0], network.hosts[1]
+        for rate in args.rates:
+            network.shape(None if rate == "none" else rate)
+            measured["goodput"][rate] = goodput(driver_host, worker_host)
+            print(f"{rate}: goodput {measured['goodput'][rate] / 1e6:.0f} MB/s", flush=True)
+            for line in run_driver(driver_host, __file__, cluster.master_url, driver_host.address, args.data or "",
+                                   str(args.rows)):
+                line.update(rate=rate, goodput=measured["goodput"][rate])
+                print(f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} samples/s, "
+                      f"exchange {line['exchange_seconds']:.3f} s", flush=True)
+                measured["runs"].append(line)
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None, help="MNIST folder (default: the standard locations)")
+    parser.add_argument("--rows", type=int, default=6000, help="training rows per run")
+    parser.add_argument("--rates", nargs="+", default=RATES, help="link rates, 'none' first (the calibration)")
+    parser.add_argument("--out", help="write the measurements to this JSON file")
+    parser.add_argument("--from", dest="source", help="model the measurements in this JSON file instead of measuring")
+    parser.add_argument("--drive", nargs=4, metavar=("MASTER", "ADDRESS", "DATA", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.drive:
+        master, address, data, rows = args.drive
+        drive(master, address, data or None, int(rows), list(CONFIGS), [1, 2])
+        return
+    if args.source:
+        measured = json.loads(Path(args.source).read_text())
+    else:
+        if args.rates[0] != "none":
+            parser.error("--rates must start with 'none': the unshaped runs calibrate the model")
+        measured = measure(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(measured, indent=1))
+    report(measured)
+
+
+if __name__ == "__main__":
+    main()
