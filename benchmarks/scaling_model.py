@@ -1,13 +1,13 @@
 """How the engines scale on slower networks: measured on emulated hosts, then modelled.
 
-    python benchmarks/scaling_model.py --data ../shared/data/mnist [--rows 6000] [--out scaling.json]
+    python benchmarks/scaling_model.py --data ../shared/data/mnist [--rows 8000] [--repeat 3] [--out scaling.json]
     python benchmarks/scaling_model.py --from scaling.json     # the model again, without measuring
 
 Measures (as root, with iproute2) on three emulated hosts (``emulated_cluster.py``): the driver
 with the Spark master and the parameter server in one, a Spark worker (1 core) in each of the
 others, every host's link shaped with ``tc tbf`` to 10 Gbit/s, 1 Gbit/s, 100 Mbit/s or left as it is.
 At each rate it measures the link's goodput with a bulk TCP transfer of the reference CNN's 4.2 MB,
-then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, batch 32, default options) with
+then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, 8,000 by default, batch 32, default options) with
 ``sync``, ``async``, ``async`` with bfloat16 deltas, and ``hogwild``, on 1 and on 2 workers, and
 records each worker's compute and exchange seconds and bytes.
 
@@ -24,9 +24,10 @@ The model (:func:`predict`) reads a run as rounds of ``steps`` local steps then 
 
 ``sync`` is a barrier per round: ``T = compute + o + N*a + N*up/B + N*down/B``. The asynchronous
 engines are a closed queueing network (N workers cycling through compute and the driver's link
-and lock), solved exactly by mean-value analysis (Reiser & Lavenberg 1980). ``c`` and ``o`` are
-calibrated on the unshaped 1-worker runs; every other point is a prediction, checked against its
-measurement. The projection to 4-64 workers gives each worker its own machine (no CPU sharing)
+and lock), solved exactly by mean-value analysis (Reiser & Lavenberg 1980). ``c`` (one for all
+engines) and each engine's ``o`` come from the unshaped runs; every shaped run is a prediction,
+checked against its measurement (the unshaped ones are shown too: their error is the model's fit).
+The projection to 4-64 workers gives each worker its own machine (no CPU sharing)
 and the driver one link of 1 or 10 Gbit/s at the goodput TCP reached through the 1 Gbit/s shaper.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,44 +92,49 @@ def predict(costs: Costs, workers: int, goodput: float, slowdown: float = 1.0) -
     return throughput * samples_per_exchange
 
 
-def saturation_workers(costs: Costs, goodput: float) -> float:
-    """The worker count past which the busiest shared station (the driver's link or lock) caps
-    the throughput: ``(think + total demand) / largest demand`` (the asymptotic bound)."""
+def limit_workers(costs: Costs, goodput: float) -> float:
+    """Where adding workers stops paying. Asynchronous engines: the worker count past which the
+    busiest shared station (the driver's link or the lock) caps the throughput, ``(think + total
+    demand) / largest demand`` (the asymptotic bound of the closed network). ``sync``: the count
+    at which a round's exchanges take as long as its compute (efficiency below one half)."""
     think = costs.steps * BATCH * costs.compute + costs.client
     stations = [costs.up / goodput, costs.down / goodput, costs.apply]
-    if costs.barrier:  # a round grows by the whole exchange per worker: half efficiency where they equal
+    if costs.barrier:
         return think / sum(stations)
+    if not costs.serial_apply:
+        think, stations = think + costs.apply, stations[:2]
     return (think + sum(stations)) / max(stations)
 
 
 def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[str, Costs], float]:
-    """Each engine's :class:`Costs` from its unshaped 1-worker run, and the CPU slowdown of two
-    workers from the unshaped 2-worker runs (compute seconds per sample, averaged over engines)."""
+    """Each engine's :class:`Costs` from the unshaped runs: one compute time per sample for every
+    engine (the same model and batch; the mean of the 1-worker runs), each engine's client cost
+    from its own 1-worker exchange time less the link and the apply, and the CPU slowdown of two
+    workers on this machine (the mean compute per sample of the 2-worker runs over the 1-worker's)."""
+    unshaped = [run for run in runs if run["rate"] == "none"]
+    per_sample = {n: [run["compute_per_sample"] for run in unshaped if run["workers"] == n] for n in (1, 2)}
+    compute = sum(per_sample[1]) / len(per_sample[1])
     costs: dict[str, Costs] = {}
-    per_sample = {1: [], 2: []}
-    for run in runs:
-        if run["rate"] != "none":
-            continue
-        per_sample[run["workers"]].append(run["compute_per_sample"])
+    for run in unshaped:
         if run["workers"] != 1:
             continue
-        name = run["config"]
-        backend = CONFIGS[name][0]
+        backend = CONFIGS[run["config"]][0]
         link = (run["up_bytes"] + run["down_bytes"]) / run["goodput"]
-        costs[name] = Costs(steps=run["steps_per_exchange"], compute=run["compute_per_sample"],
-                            client=max(run["exchange_seconds"] - link - apply_seconds[backend], 0.0),
-                            apply=apply_seconds[backend], up=run["up_bytes"], down=run["down_bytes"],
-                            serial_apply=backend != "hogwild", barrier=backend == "sync")
-    slowdown = (sum(per_sample[2]) / len(per_sample[2])) / (sum(per_sample[1]) / len(per_sample[1]))
-    return costs, slowdown
+        costs[run["config"]] = Costs(steps=run["steps_per_exchange"], compute=compute,
+                                     client=max(run["exchange_seconds"] - link - apply_seconds[backend], 0.0),
+                                     apply=apply_seconds[backend], up=run["up_bytes"], down=run["down_bytes"],
+                                     serial_apply=backend != "hogwild", barrier=backend == "sync")
+    return costs, (sum(per_sample[2]) / len(per_sample[2])) / compute
 
 
 def report(measured: dict) -> None:
     """Print measured against predicted for every run, then the projection."""
-    runs, goodputs = measured["runs"], measured["goodput"]
+    runs, goodputs = medians(measured["runs"]), measured["goodput"]
     costs, slowdown = calibrate(runs, measured["apply_seconds"])
     print("\nLink goodput (MB/s): " + ", ".join(f"{rate} {goodputs[rate] / 1e6:.0f}" for rate in RATES if rate in goodputs))
-    print(f"Calibrated on the unshaped 1-worker runs; 2 workers on 2 cores are {slowdown:.2f}x slower per sample (CPU shared).")
+    print(f"Calibrated on the unshaped runs (one compute time per sample for all engines; each engine's client cost\n"
+          f"per exchange); 2 workers on this machine's 2 cores are {slowdown:.2f}x slower per sample (CPU shared).")
+    print(f"\nMedians of {runs[0]['repeats']} runs each, interleaved.")
     print("\n| engine | workers | link | measured samples/s | predicted | error | exchange s (measured) |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
@@ -135,24 +142,27 @@ def report(measured: dict) -> None:
         c = costs[run["config"]]
         predicted = predict(c, run["workers"], goodputs[run["rate"]], slowdown if run["workers"] == 2 else 1.0)
         error = predicted / run["samples_per_second"] - 1
-        calibration = run["rate"] == "none" and run["workers"] == 1
-        if not calibration:
-            worst = max(worst, abs(error))
+        worst = max(worst, abs(error))
         print(f"| {run['config']} | {run['workers']} | {run['rate']} | {run['samples_per_second']:,.0f} | {predicted:,.0f} | "
-              f"{error:+.1%}{' (calibration)' if calibration else ''} | {run['exchange_seconds']:.3f} |")
+              f"{error:+.1%} | {run['exchange_seconds']:.3f} |")
     print(f"\nLargest error of a prediction: {worst:.1%}")
+    if "1gbit" not in goodputs:
+        return  # the projection takes TCP's share of a link from the 1 Gbit/s runs
     fraction = goodputs["1gbit"] / (1e9 / 8)
     print(f"\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine per worker,\n"
           f"the driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 Gbit/s shaper):\n")
     header = " | ".join(f"N={n}" for n in PROJECTED_WORKERS)
-    print(f"| engine | link | {header} | link or lock saturates at N |")
+    print(f"| engine | link | {header} | limit N |")
     print("|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
     for name, c in costs.items():
         for gbit in (1, 10):
             goodput = gbit * 1e9 / 8 * fraction
             alone = 1 / c.compute
             cells = " | ".join(f"{predict(c, n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS)
-            print(f"| {name} | {gbit} Gbit/s | {cells} | {saturation_workers(c, goodput):.0f} |")
+            print(f"| {name} | {gbit} Gbit/s | {cells} | {limit_workers(c, goodput):.0f} |")
+    print("\nlimit N: for sync, the workers at which a round's exchanges through the driver's link take as long as\n"
+          "its compute (efficiency 1/2); for the asynchronous engines, the workers past which the driver's link\n"
+          "(or the lock) is busy all the time and caps samples/s (more add staleness, not speed).")
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -208,11 +218,13 @@ def run_figures(name: str, workers: int, stats: dict) -> dict:
     reports = stats["workers"]
     exchanges = [r["rounds"] if CONFIGS[name][0] == "sync" else r["pushes"] for r in reports]
     samples = sum(r["samples"] for r in reports)
+    slowest = max(reports, key=lambda r: r["seconds"])  # the epoch boundary waits for it
     return {
         "config": name, "workers": workers,
-        "samples_per_second": samples / max(r["seconds"] for r in reports),
+        "samples_per_second": samples / slowest["seconds"],
         "fit_samples_per_second": stats["samples_per_second"],
-        "compute_per_sample": sum((r["seconds"] - r["exchange_seconds"]) / r["samples"] for r in reports) / len(reports),
+        # Everything but the exchanges, per sample, of the worker the run waits for.
+        "compute_per_sample": (slowest["seconds"] - slowest["exchange_seconds"]) / slowest["samples"],
         "exchange_seconds": sum(r["exchange_seconds"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
         "steps_per_exchange": sum(r["steps"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
         "up_bytes": sum(r["mb_sent"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
@@ -226,25 +238,39 @@ def measure(args: argparse.Namespace) -> dict:
 
     measured: dict = {"rows": args.rows, "goodput": {}, "runs": [], "apply_seconds": measure_apply_seconds()}
     print("server apply per push (s): " + ", ".join(f"{k} {v:.4f}" for k, v in measured["apply_seconds"].items()))
+    goodputs: dict[str, list[float]] = {rate: [] for rate in args.rates}
     with emulated_cluster(workers=2) as (network, cluster):
         driver_host, worker_host = network.hosts[0], network.hosts[1]
-        for rate in args.rates:
-            network.shape(None if rate == "none" else rate)
-            measured["goodput"][rate] = goodput(driver_host, worker_host)
-            print(f"{rate}: goodput {measured['goodput'][rate] / 1e6:.0f} MB/s", flush=True)
-            for line in run_driver(driver_host, __file__, cluster.master_url, driver_host.address, args.data or "",
-                                   str(args.rows)):
-                line.update(rate=rate, goodput=measured["goodput"][rate])
-                print(f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} samples/s, "
-                      f"exchange {line['exchange_seconds']:.3f} s", flush=True)
-                measured["runs"].append(line)
+        for repeat in range(args.repeat):  # every rate once per repeat: the machine's drift spreads over all
+            for rate in args.rates:
+                network.shape(None if rate == "none" else rate)
+                goodputs[rate].append(goodput(driver_host, worker_host))
+                print(f"{rate} (repeat {repeat + 1}): goodput {goodputs[rate][-1] / 1e6:.0f} MB/s", flush=True)
+                for line in run_driver(driver_host, __file__, cluster.master_url, driver_host.address,
+                                       args.data or "", str(args.rows)):
+                    line.update(rate=rate, goodput=goodputs[rate][-1], repeat=repeat)
+                    print(f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} samples/s, "
+                          f"exchange {line['exchange_seconds']:.3f} s", flush=True)
+                    measured["runs"].append(line)
+    measured["goodput"] = {rate: statistics.median(values) for rate, values in goodputs.items()}
     return measured
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """One run per (engine, workers, link): the median of each figure over the repeats."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["config"], run["workers"], run["rate"]), []).append(run)
+    return [{**group[0], "repeats": len(group),
+             **{k: statistics.median(r[k] for r in group) for k, v in group[0].items()
+                if isinstance(v, float) and k != "goodput"}} for group in groups.values()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="MNIST folder (default: the standard locations)")
-    parser.add_argument("--rows", type=int, default=6000, help="training rows per run")
+    parser.add_argument("--rows", type=int, default=8000, help="training rows per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every point, interleaved; medians are modelled")
     parser.add_argument("--rates", nargs="+", default=RATES, help="link rates, 'none' first (the calibration)")
     parser.add_argument("--out", help="write the measurements to this JSON file")
     parser.add_argument("--from", dest="source", help="model the measurements in this JSON file instead of measuring")
