@@ -65,7 +65,6 @@ class EmulatedNetwork:
         self.bridge, self.address = f"{self.tag}br", f"{subnet}.1"
         self.hosts = [EmulatedHost(f"{self.tag}h{i}", f"{subnet}.{i + 1}", f"{self.tag}v{i}")
                       for i in range(1, hosts + 1)]
-        self.rate: str | None = None
 
     def __enter__(self) -> EmulatedNetwork:
         if os.geteuid() != 0:
@@ -106,7 +105,6 @@ class EmulatedNetwork:
                     burst = max(_bits_per_second(rate) // 8 // 1000, 65536)
                     _run(["tc", *prefix, "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
                           "burst", str(burst), "latency", "100ms"])
-        self.rate = rate
 
     def remove(self) -> None:
         """Delete the namespaces, the links and the bridge (what is already gone is skipped)."""
@@ -116,16 +114,17 @@ class EmulatedNetwork:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
-_SINK = """
+_SINK = r"""
 import socket, sys
 with socket.create_server((sys.argv[1], int(sys.argv[2]))) as server:
-    print("ready", flush=True)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     connection, _ = server.accept()
     while connection.recv(1 << 20):
         pass
     connection.sendall(b"ok")
 """
-_SOURCE = """
+_SOURCE = r"""
 import socket, sys, time
 size, transfers = int(sys.argv[3]), int(sys.argv[4])
 with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as sock:
@@ -136,7 +135,7 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as sock:
         sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
     sock.recv(2)
-    print(size * transfers / (time.perf_counter() - started))
+    sys.stdout.write(f"{size * transfers / (time.perf_counter() - started)}\n")
 """
 
 

@@ -578,12 +578,10 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
 def balanced_order(order: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
     """The first ``rows`` rows of ``order`` followed, where it is too short, by fresh permutations
     of the partition (a worker given more steps than its rows fill visits some rows twice)."""
-    if rows <= len(order) or not len(order):
+    n = len(order)
+    if rows <= n or not n:
         return order[:rows]
-    parts = [order]
-    while sum(len(p) for p in parts) < rows:
-        parts.append(rng.permutation(len(order)))
-    return np.concatenate(parts)[:rows]
+    return np.concatenate([order, *(rng.permutation(n) for _ in range(-(-rows // n) - 1))])[:rows]
 
 
 def _finite_loss(steps_runner: LocalSteps) -> bool:

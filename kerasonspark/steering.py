@@ -96,13 +96,13 @@ def balanced_steps(partition_sizes: Sequence[int], batch_size: int,
         [30, 10]
     """
     own = [math.ceil(rows / batch_size) for rows in partition_sizes]
-    known = [w for w, speed in enumerate(rows_per_second) if speed and own[w]]
+    speeds = {w: speed for w, speed in enumerate(rows_per_second) if speed and own[w]}
     shares = list(own)
-    budget = sum(own[w] for w in known)
-    if len(known) < 2:
+    if len(speeds) < 2:
         return shares
-    total_speed = sum(rows_per_second[w] or 0.0 for w in known)
-    exact = {w: max(budget * (rows_per_second[w] or 0.0) / total_speed, 1.0) for w in known}
+    known = list(speeds)
+    budget = sum(own[w] for w in known)
+    exact = {w: max(budget * speed / sum(speeds.values()), 1.0) for w, speed in speeds.items()}
     for w in known:
         shares[w] = int(exact[w])
     left = budget - sum(shares[w] for w in known)

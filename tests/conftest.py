@@ -24,9 +24,13 @@ CUSTOM_OBJECTS = Path(__file__).parent / "custom_objects"
 @pytest.fixture(scope="session")
 def spark():
     from kerasonspark.session import start_session
+    from kerasonspark.shipping import ensure_executors_ready
 
     session = start_session("local[2]", "kerasonspark-tests")
     session.sparkContext.setLogLevel("ERROR")
+    # The application's one check of what its executors import is a job of its own; run it here, so
+    # it is not counted against whichever test happens to use the session first.
+    ensure_executors_ready(session)
     yield session
     session.stop()
 
