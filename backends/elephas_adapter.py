@@ -193,6 +193,7 @@ class ElephasEngine(Engine):
 
     name = "elephas"
     accepts_sample_weights = False  # Elephas fits (features, label) rows
+    streams_partitions = False  # Elephas holds its partitions in memory
     options_class = ElephasOptions
     uses_parameter_server = False  # Elephas brings its own server; `run` applies the same privacy check
     strategy_option = "mode"

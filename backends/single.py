@@ -18,6 +18,7 @@ class SingleEngine(Engine):
     name = "single"
     uses_spark_workers = False
     uses_parameter_server = False
+    streams_partitions = False  # one process trains on the collected data
 
     def run(self, job: TrainingJob) -> TrainingResult:
         x, y, sample_weight = job.local_arrays()

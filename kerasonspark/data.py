@@ -136,16 +136,28 @@ class PreparedData:
         counts: rows per partition.
         label_width: the labels' width (0 for one value per row).
         integer_labels: whether every label column came as integers.
+        partition_bytes: each partition's size as NumPy arrays.
+        memory_budget: the least memory a worker may hold its partition in, as the executors
+            measured it (see :func:`worker_memory_budget`).
     """
 
     blocks: RDD
     counts: list[int]
     label_width: int = 0
     integer_labels: bool = False
+    partition_bytes: list[int] = dataclasses.field(default_factory=list)
+    memory_budget: int | None = None
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    def streams(self, partition_storage: str) -> bool:
+        """Whether workers should stream their partitions (``"stream"``, or ``"auto"`` and the
+        largest partition is bigger than the smallest worker's memory budget)."""
+        if partition_storage != "auto":
+            return partition_storage == "stream"
+        return self.memory_budget is not None and max(self.partition_bytes, default=0) > self.memory_budget
 
     def release(self) -> None:
         """Drop the cached partitions (and the broadcasts of NumPy input)."""
@@ -544,26 +556,52 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
     def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
         if warm_up is not None:
             warm_up()
-        rows, ywidths, integer = 0, set(), True
+        rows, size, ywidths, integer = 0, 0, set(), True
         problems: dict[str, int] = {}
         for x, y, w in blocks:
             rows += len(x)
+            size += x.nbytes + y.nbytes + (w.nbytes if w is not None else 0)
             ywidths.add(y.shape[1] if y.ndim == 2 else 0)
             integer &= bool(np.issubdtype(y.dtype, np.integer))
             for key, value in block_problems(x, y, info, w).items():
                 problems[key] = problems.get(key, 0) + value
-        yield {"partition": index, "rows": rows, "ywidths": sorted(ywidths), "integer": integer, **problems}
+        yield {"partition": index, "rows": rows, "bytes": size, "budget": worker_memory_budget(),
+               "ywidths": sorted(ywidths), "integer": integer, **problems}
 
     return stats
 
 
+def worker_memory_budget() -> int:
+    """The bytes a Python worker on this machine may hold its partition in: half of
+    ``spark.executor.pyspark.memory`` where it is set, else half of the machine's available
+    memory shared among its cores (half: concatenating a partition briefly holds it twice)."""
+    limit_mb = int(os.environ.get("PYSPARK_EXECUTOR_MEMORY_MB", "-1"))
+    if limit_mb > 0:
+        return limit_mb * 2**20 // 2
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass  # not Linux: free pages stand in for available memory
+    return available // (os.cpu_count() or 1) // 2
+
+
+# Where prepare() caches the blocks: a partition that is to stream stays off the JVM's heap too.
+_STORAGE_LEVELS = {"memory": "MEMORY_ONLY", "auto": "MEMORY_AND_DISK", "stream": "DISK_ONLY"}
+
+
 def prepare(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo, partitions: int,
             what: str = "training", warm_up: Callable[[], None] | None = None,
-            sample_weight: str | None = None, require_rows: bool = True) -> PreparedData:
+            sample_weight: str | None = None, require_rows: bool = True,
+            partition_storage: str = "memory") -> PreparedData:
     """Convert, partition, cache and validate data in one pass.
 
     Args:
         partitions: one per worker.
+        partition_storage: ``"memory"`` caches the blocks in the executors' memory, ``"stream"``
+            on their disks, ``"auto"`` in memory where it fits and on disk beyond.
         warm_up: run once in each task of the validation pass (the workers use it to import
             TensorFlow and rebuild the model while the data is scanned).
         require_rows: refuse fewer rows than partitions (training data: every worker trains);
@@ -575,7 +613,8 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
     """
     from pyspark import StorageLevel
 
-    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(StorageLevel.MEMORY_ONLY)
+    level = getattr(StorageLevel, _STORAGE_LEVELS[partition_storage])
+    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(level)
     try:
         stats = sorted(blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(), key=lambda s: s["partition"])
         raise_problems(stats, what)
@@ -595,7 +634,8 @@ def prepare(spark: SparkSession, data: Any, features: str, label: str, info: Dat
     except BaseException:
         release_blocks(blocks)
         raise
-    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]))
+    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]),
+                        [s["bytes"] for s in stats], min(s["budget"] for s in stats))
 
 
 def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,

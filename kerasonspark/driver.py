@@ -26,7 +26,7 @@ import numpy as np
 from . import errors
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .errors import KerasOnSparkError, WorkerError
-from .executor import EpochGate, WorkerSettings, learning_rate_of, train_partition
+from .executor import EpochGate, WorkerSettings, learning_rate_of, spill_partition, train_partition
 from .parameter_server.store import ParameterStore
 from .serialization import set_flat_weights
 from .session import check_slots
@@ -373,7 +373,7 @@ def worker_settings(job: TrainingJob) -> WorkerSettings:
     """The picklable settings every worker of ``job`` trains with."""
     config = job.config
     return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
-                          config.worker_threads, config.initial_epoch, config.class_weight)
+                          config.worker_threads, config.initial_epoch, config.class_weight, job.streamed, config.buffer_rows)
 
 
 def _is_installed(path: str) -> bool:
@@ -470,10 +470,15 @@ class SparkRunner(DriverRunner):
         if self._validation is None and job.validation is not None:
             self._validation = sc.broadcast(job.validation)
         blocks, paired = self.blocks, job.validation_blocks is not None
+        if job.streamed:
+            # In the training task itself: each worker writes its partition to its executor's disk.
+            blocks = blocks.mapPartitions(partial(spill_partition, job.info))
         if paired:
             # Each task's validation share comes as its partition of the validation RDD, zipped to
-            # the training one (one element each side: the partition's blocks), never via the driver.
-            blocks = self.blocks.mapPartitions(_partition_as_one).zip(job.validation_blocks.mapPartitions(_partition_as_one))
+            # the training one (one element each side: the partition's blocks or where they were
+            # spilled), never via the driver.
+            training = blocks if job.streamed else blocks.mapPartitions(_partition_as_one)
+            blocks = training.zip(job.validation_blocks.mapPartitions(_partition_as_one))
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
                        settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate,
                        paired=paired)

@@ -89,6 +89,9 @@ def even_runs(steps: int, runs: int) -> list[int]:
     return [base + 1] * extra + [base] * (runs - extra)
 
 
+PARTITION_STORAGE = ("auto", "memory", "stream")
+
+
 @dataclass
 class TrainingConfig:
     """What every engine trains with; the arguments of ``SparkTrainer`` and ``fit`` that mirror ``model.fit``.
@@ -103,6 +106,9 @@ class TrainingConfig:
     bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
     epoch boundary (for the slowest worker and the driver's callbacks). ``class_weight`` holds
     one loss weight per class (``fit(class_weight=)`` made dense), or ``None``.
+    ``partition_storage`` says where a worker keeps its partition while it trains (``"memory"``,
+    ``"stream"`` or ``"auto"``, see ``SparkTrainer``); a streamed worker gathers at most
+    ``buffer_rows`` rows into memory at once.
     """
 
     epochs: int = 1
@@ -120,10 +126,15 @@ class TrainingConfig:
     epoch_timeout: float = 86_400.0
     restart_with_fewer_workers: bool = False
     balance_workers: bool = False
+    partition_storage: str = "auto"
+    buffer_rows: int = 16_384
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_workers", "validation_freq"):
+        for name in ("epochs", "batch_size", "num_workers", "validation_freq", "buffer_rows"):
             check_positive_int(name, getattr(self, name))
+        if self.partition_storage not in PARTITION_STORAGE:
+            raise ConfigurationError(f"Expected `partition_storage` in {PARTITION_STORAGE}. "
+                                     f"Received: {self.partition_storage!r}.")
         if not isinstance(self.initial_epoch, int) or isinstance(self.initial_epoch, bool) or self.initial_epoch < 0:
             raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
         if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
@@ -413,6 +424,9 @@ class TrainingJob:
             :meth:`serve` need not look at them: the driver runs them at every epoch boundary.
             An engine that trains otherwise runs them itself (``single`` hands them to
             ``model.fit``) or sets ``accepts_callbacks = False``.
+        streamed: whether the workers stream their partitions through a local spill file
+            instead of holding them in memory (decided from ``config.partition_storage`` and
+            the partitions' measured size; only :meth:`run_workers` streams).
     """
 
     spec: ModelSpec
@@ -427,6 +441,7 @@ class TrainingJob:
     server_host: str = "127.0.0.1"
     server_port: int = 0
     callbacks: list[Any] = field(default_factory=list)
+    streamed: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -617,6 +632,9 @@ class Engine:
             that train through :meth:`TrainingJob.serve` (the shared worker loop) or on
             :meth:`TrainingJob.local_arrays` get them; one that hands the data elsewhere and
             cannot pass them on sets ``False``, and ``fit`` refuses weights before any work.
+        streams_partitions: whether the engine's workers train through :meth:`TrainingJob.run_workers`
+            (the shared worker loop), which can stream a partition bigger than memory; one that
+            hands the data elsewhere sets ``False`` and ``partition_storage="stream"`` is refused.
         strategy_option: the option a strategy's variant sets in ``kerasonspark compare``
             (``"async:adag"`` sets ``rule``); ``None`` when the engine has no variants.
     """
@@ -627,6 +645,7 @@ class Engine:
     uses_parameter_server: ClassVar[bool] = True
     accepts_callbacks: ClassVar[bool] = True
     accepts_sample_weights: ClassVar[bool] = True
+    streams_partitions: ClassVar[bool] = True
     strategy_option: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -27,6 +28,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -201,9 +203,15 @@ class LocalSteps:
             variable.assign(value)
 
     def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int,
-            weights: np.ndarray | None = None) -> None:
+            weights: np.ndarray | None = None, max_rows: int | None = None) -> None:
         """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller),
-        each sample's loss scaled by its weight in ``weights`` (as ``model.fit(sample_weight=)``)."""
+        each sample's loss scaled by its weight in ``weights`` (as ``model.fit(sample_weight=)``),
+        gathering at most ``max_rows`` rows (rounded down to whole batches) at a time."""
+        if max_rows is not None and len(index) > max_rows:
+            chunk = max(1, max_rows // batch_size) * batch_size
+            for start in range(0, len(index), chunk):
+                self.run(x, y, index[start:start + chunk], batch_size, weights)
+            return
         full = len(index) // batch_size * batch_size
         w = weights[index] if weights is not None else np.ones(len(index), np.float32)
         if not self.graph:
@@ -272,6 +280,8 @@ class WorkerSettings:
     worker_threads: int | None = None
     initial_epoch: int = 0
     class_weight: tuple[float, ...] | None = None
+    streamed: bool = False
+    buffer_rows: int = 16_384
 
 
 class _ForwardedLogs(logging.Handler):
@@ -525,7 +535,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
                 set_learning_rate(model, base_rate * scaling.multiplier(report.steps))
             if len(index):
                 began = time.perf_counter()
-                steps_runner.run(x, y, index, batch, weights)
+                steps_runner.run(x, y, index, batch, weights, settings.buffer_rows if settings.streamed else None)
                 computing += time.perf_counter() - began
             report.steps += run
             done = min(step * batch, len(order))
@@ -632,16 +642,79 @@ def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects
         steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
         share: tuple[np.ndarray, np.ndarray] | None
         if paired:
-            training, held_out = next(iter(cast("Iterable[tuple[list[Block], list[Block]]]", blocks)))
-            x, y, weights = concatenate_blocks(training, settings.info)
+            training, held_out = next(iter(cast("Iterable[tuple[Any, list[Block]]]", blocks)))
             vx, vy, _ = concatenate_blocks(held_out, settings.info)
             share = (vx, vy)
         else:
-            x, y, weights = concatenate_blocks(blocks, settings.info)
+            training = next(iter(blocks)) if settings.streamed else blocks
             share = validation_share(validation.value if validation is not None else None, worker, settings)
+        if settings.streamed:
+            x, y, weights = open_spilled(cast("SpilledPartition", training), settings.info)
+        else:
+            x, y, weights = concatenate_blocks(training, settings.info)
         return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate, weights)
 
     yield guarded(worker, exchange, body, gate)
+
+
+@dataclass(frozen=True)
+class SpilledPartition:
+    """Where :func:`spill_partition` wrote a partition, and the layout of its arrays."""
+
+    directory: str
+    rows: int
+    label_dtype: str
+    label_shape: tuple[int, ...]
+    weighted: bool
+
+
+def spill_partition(info: DataInfo, blocks: Iterable[Block]) -> Iterator[SpilledPartition]:
+    """Write a partition's blocks, one at a time, to files on the executor's local disk (Spark's
+    local directories); yields the one :class:`SpilledPartition` that says where.
+
+    A streamed worker's memory stays flat in its partition's size: it holds one block while it
+    writes, then maps the files (:func:`open_spilled`) and gathers rows batch by batch.
+    Labels are written as the model's loss takes them; weights as ones where a block has none.
+    """
+    root = (os.environ.get("SPARK_LOCAL_DIRS") or tempfile.gettempdir()).split(",")[0]
+    directory = tempfile.mkdtemp(prefix="kerasonspark-spill-", dir=root)
+    empty = info.model_labels(np.zeros(0, np.int32))
+    rows, weighted, label_dtype, label_shape = 0, False, str(empty.dtype), tuple(empty.shape[1:])
+    try:
+        with (open(os.path.join(directory, "x"), "wb") as xs, open(os.path.join(directory, "y"), "wb") as ys,
+              open(os.path.join(directory, "w"), "wb") as ws):
+            for x, y, w in blocks:
+                if not len(x):
+                    continue
+                labels = info.model_labels(y)
+                xs.write(np.ascontiguousarray(x, np.float32).data)
+                ys.write(np.ascontiguousarray(labels).data)
+                ws.write(np.ascontiguousarray(w if w is not None else np.ones(len(x)), np.float32).data)
+                rows, weighted = rows + len(x), weighted or w is not None
+                label_dtype, label_shape = str(labels.dtype), tuple(labels.shape[1:])
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    yield SpilledPartition(directory, rows, label_dtype, label_shape, weighted)
+
+
+def open_spilled(part: SpilledPartition, info: DataInfo) -> Block:
+    """The arrays of a spilled partition, mapped from their files; the files are removed at once
+    (the mappings keep them readable), so nothing is left behind when the worker ends.
+
+    Mapped pages belong to the kernel's page cache, not the worker's heap: the kernel keeps
+    them while memory allows and reads them again from disk when it does not.
+    """
+    try:
+        if not part.rows:
+            return np.zeros((0, *info.input_shape), np.float32), np.zeros((0, *part.label_shape), part.label_dtype), None
+        path = partial(os.path.join, part.directory)
+        x = np.memmap(path("x"), np.float32, "r", shape=(part.rows, *info.input_shape))
+        y = np.memmap(path("y"), np.dtype(part.label_dtype), "r", shape=(part.rows, *part.label_shape))
+        w = np.memmap(path("w"), np.float32, "r", shape=(part.rows,)) if part.weighted else None
+        return x, y, w
+    finally:
+        shutil.rmtree(part.directory, ignore_errors=True)
 
 
 def concatenate_blocks(blocks: Iterable[Block], info: DataInfo) -> Block:

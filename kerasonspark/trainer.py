@@ -76,6 +76,17 @@ class SparkTrainer:
             whole partition and a random part again, so an epoch no longer visits every row
             exactly once (with partitions drawn at random, the mix of rows is unchanged). A
             restarted stage starts again from even shares.
+        partition_storage: where each worker keeps its partition while it trains. ``"memory"``:
+            as one array in the worker's memory (the fastest). ``"stream"``: the data is cached on
+            the executors' disks; in the training stage each worker writes its partition, a block
+            at a time, to a file on its executor's local disk, maps it, and gathers at most
+            ``buffer_rows`` rows into memory at once, so its memory stays flat in the data's
+            size (every epoch is still a full random permutation of the partition). ``"auto"``
+            (the default): streams when the largest partition is bigger than half the memory a
+            worker may use (``spark.executor.pyspark.memory``, else the executor machine's
+            available memory shared among its cores). ``stats["partition_storage"]`` says which
+            ran. Engines that hand the data elsewhere (``single``, ``elephas``) hold it in memory.
+        buffer_rows: the most rows a streamed worker gathers into memory at once.
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -89,7 +100,8 @@ class SparkTrainer:
                  custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
                  max_restarts: int = 2, restart_timeout: float = 120.0, registration_timeout: float = 30.0,
                  epoch_timeout: float = 86_400.0, restart_with_fewer_workers: bool = False,
-                 checkpoint_dir: str | None = None, balance_workers: bool = False) -> None:
+                 checkpoint_dir: str | None = None, balance_workers: bool = False,
+                 partition_storage: str = "auto", buffer_rows: int = 16_384) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -101,8 +113,13 @@ class SparkTrainer:
                                      verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
                                      restart_timeout=restart_timeout, registration_timeout=registration_timeout,
                                      epoch_timeout=epoch_timeout, restart_with_fewer_workers=restart_with_fewer_workers,
-                                     balance_workers=balance_workers)
+                                     balance_workers=balance_workers, partition_storage=partition_storage,
+                                     buffer_rows=buffer_rows)
         self.engine = resolve_backend(backend, backend_options)
+        if partition_storage == "stream" and not self.engine.streams_partitions:
+            raise ConfigurationError(f"Backend {self.engine.name!r} does not train through the shared worker loop, so it "
+                                     "cannot stream partitions; use partition_storage='auto' or 'memory', or another "
+                                     "backend (sync, async and hogwild stream).")
         self.master = master
         self.spark = spark
         self.checkpoint_dir = checkpoint_dir
@@ -223,17 +240,20 @@ class SparkTrainer:
                 warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
                         if self.engine.uses_spark_workers else None)
                 prepare_started = time.perf_counter()
+                storage = self.config.partition_storage if self.engine.streams_partitions else "memory"
                 with spark_errors(), spark_job(spark, "kerasonspark prepare"):
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
-                                                   "training", warm, weight_column)
+                                                   "training", warm, weight_column, partition_storage=storage)
                 prepare_seconds = time.perf_counter() - prepare_started
+                streamed = prepared.streams(storage)
                 runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name, backup)
                 job = TrainingJob(spec=spec, model=self.model,
                                   info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
                                   config=config, runner=runner,
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
                                   validation_blocks=held_out.blocks if held_out is not None else None,
-                                  server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks)
+                                  server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks,
+                                  streamed=streamed)
                 self.engine.setup(job)
                 try:
                     result = self.engine.run(job)
@@ -248,6 +268,10 @@ class SparkTrainer:
                 spec_broadcast.destroy()
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
+        result.stats["partition_storage"] = {
+            "path": "stream" if streamed else "memory", "chosen_by": self.config.partition_storage,
+            "largest_partition_mb": max(prepared.partition_bytes, default=0) / 2**20,
+            "worker_budget_mb": (prepared.memory_budget or 0) / 2**20}
         return result
 
     def _backup_plan(self, callbacks: list[keras.callbacks.Callback]) -> tuple[list[keras.callbacks.Callback],
