@@ -211,6 +211,13 @@ class ElephasEngine(Engine):
                 f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level callbacks "
                 "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work.")
 
+    def check_model(self, model: Any) -> None:
+        """Refuse a model with several inputs or outputs: Elephas fits ``(features, label)`` rows."""
+        if len(getattr(model, "inputs", None) or [0]) > 1 or len(getattr(model, "outputs", None) or [0]) > 1:
+            raise ConfigurationError("Elephas trains models with one input and one output (it fits (features, label) "
+                                     "rows); for several, choose sync, async, hogwild or single.")
+        super().check_model(model)
+
     def run(self, job: TrainingJob) -> TrainingResult:
         import keras
 

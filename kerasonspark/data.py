@@ -43,14 +43,25 @@ Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 class DataInfo:
     """What a model expects of its data.
 
+    A model with several inputs takes one feature array per input; they travel packed side by
+    side in one float32 row (``inputs`` says how to split it). A model with several outputs takes
+    one label per output; they travel packed the same way, each already as its output's loss
+    takes it (``outputs`` holds each output's own ``DataInfo``).
+
     Attributes:
-        input_shape: one sample's shape, e.g. ``(28, 28, 1)``.
+        input_shape: one sample's shape, e.g. ``(28, 28, 1)`` (several inputs: the packed width).
         label_mode: ``"sparse"`` (class indices), ``"one_hot"``, ``"raw"`` (targets shaped like
-            the output), or ``"given"`` (a loss of the user's own: labels as given).
+            the output), ``"given"`` (a loss of the user's own: labels as given), or ``"packed"``
+            (several outputs).
         num_classes: the output width for classification losses, else ``None``.
         target_shape: one label's shape: the model's output shape for ``"raw"``, the data's for
-            ``"given"``.
+            ``"given"``, the packed width for ``"packed"``.
         label_dtype: the labels' dtype for ``"given"`` (``int32`` for integer labels).
+        inputs: for several inputs, each input's name and shape in the order of ``model.inputs``;
+            empty for one input.
+        outputs: for several outputs, each output's name and ``DataInfo`` in the order of
+            ``model.output_names``; empty for one output.
+        named: whether the model takes its inputs as a dict by name (else a list).
     """
 
     input_shape: tuple[int, ...]
@@ -58,13 +69,16 @@ class DataInfo:
     num_classes: int | None
     target_shape: tuple[int, ...] = ()
     label_dtype: str = "float32"
+    inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    outputs: tuple[tuple[str, DataInfo], ...] = ()
+    named: bool = False
 
     @property
     def label_shape(self) -> tuple[int, ...]:
-        """One label's shape as the model trains on it."""
+        """One label's shape as the model trains on it (several outputs: the packed width)."""
         if self.label_mode == "one_hot":
             return (self.classes,)
-        return self.target_shape if self.label_mode in ("raw", "given") else ()
+        return self.target_shape if self.label_mode in ("raw", "given", "packed") else ()
 
     @property
     def classes(self) -> int:
@@ -77,26 +91,62 @@ class DataInfo:
     def feature_size(self) -> int:
         return math.prod(self.input_shape)
 
+    @property
+    def label_size(self) -> int:
+        """Values of one label as the model trains on it."""
+        return math.prod(self.label_shape)
+
     @classmethod
     def for_model(cls, model: keras.Model, compile_config: dict[str, Any] | None) -> DataInfo:
-        """Read the input shape and label convention off a built, compiled model.
+        """Read the input shapes and label conventions off a built, compiled model.
 
         Keras's classification losses get class indices or one-hot labels converted to what they
         take; Keras's other losses get targets shaped like the model's output. A loss Keras does
-        not ship (a user's own) gets the labels as the user gave them, as ``model.fit`` would.
+        not ship (a user's own) gets the labels as the user gave them, as ``model.fit`` would (of a
+        model with several outputs, targets shaped like that output).
 
         Raises:
-            DataError: the model has several inputs or an input with unknown dimensions.
+            DataError: an input or output with unknown dimensions.
         """
-        shape = model.input_shape
-        if isinstance(shape, list):
-            raise DataError(f"Models with several inputs are not supported yet. Received: input_shape={shape}.")
-        if any(d is None for d in shape[1:]):
-            raise DataError(f"The model's input shape must be fully known except the batch. Received: {shape}.")
-        out = model.output_shape
-        if isinstance(out, list) or any(d is None for d in out[1:]):
-            raise DataError(f"Models with several or variable-size outputs are not supported yet. Received: output_shape={out}.")
-        input_shape = tuple(int(d) for d in shape[1:])
+        if getattr(model, "inputs", None) and getattr(model, "outputs", None):
+            shapes = [tuple(t.shape) for t in model.inputs]
+            outputs = [tuple(t.shape) for t in model.outputs]
+        else:  # a subclassed model, built by calling it
+            shapes, outputs = [tuple(model.input_shape)], [tuple(model.output_shape)]
+        for what, shape in [*(("input", s) for s in shapes), *(("output", s) for s in outputs)]:
+            if any(d is None for d in shape[1:]):
+                raise DataError(f"The model's {what} shapes must be fully known except the batch. "
+                                f"Received: {what} shape {shape}.")
+        loss = (compile_config or {}).get("loss")
+        if len(outputs) == 1:
+            info = cls._one_output(tuple(int(d) for d in shapes[0][1:]), outputs[0], compile_config)
+        else:
+            names = list(model.output_names)
+            losses = loss if isinstance(loss, (list, tuple)) else [loss.get(n) for n in names] \
+                if isinstance(loss, dict) and set(loss) <= set(names) else [loss] * len(names)
+            per_output = []
+            for name, shape, own in zip(names, outputs, losses, strict=True):
+                one = cls._one_output((), shape, {"loss": own})
+                if one.label_mode == "given":
+                    one = cls((), "raw", None, tuple(int(d) for d in shape[1:]))
+                per_output.append((name, one))
+            width = sum(one.label_size for _, one in per_output)
+            info = cls((), "packed", None, (width,), outputs=tuple(per_output))
+        if len(shapes) > 1:
+            try:
+                named = isinstance(model.input, dict)
+            except AttributeError:
+                named = False
+            inputs = tuple((t.name, tuple(int(d) for d in t.shape[1:])) for t in model.inputs)
+            info = dataclasses.replace(info, input_shape=(sum(math.prod(s) for _, s in inputs),), inputs=inputs,
+                                       named=named)
+        else:
+            info = dataclasses.replace(info, input_shape=tuple(int(d) for d in shapes[0][1:]))
+        return info
+
+    @classmethod
+    def _one_output(cls, input_shape: tuple[int, ...], out: tuple[Any, ...],
+                    compile_config: dict[str, Any] | None) -> DataInfo:
         if is_custom_loss(compile_config):
             return cls(input_shape, "given", None)
         name = loss_name(compile_config)
@@ -115,7 +165,8 @@ class DataInfo:
                                    label_dtype="int32" if integer else "float32")
 
     def model_labels(self, y: np.ndarray) -> np.ndarray:
-        """Labels as the model's loss wants them (indices for sparse, one-hot for categorical)."""
+        """Labels as the model's loss wants them (indices for sparse, one-hot for categorical;
+        several outputs: packed, as they travel)."""
         if self.label_mode == "sparse":
             return (y.argmax(axis=1) if y.ndim == 2 else y).astype(np.int32)
         if self.label_mode == "one_hot":
@@ -125,6 +176,95 @@ class DataInfo:
         if self.label_mode == "given":
             return y.astype(self.label_dtype, copy=False)
         return y.astype(np.float32, copy=False).reshape((len(y), *self.target_shape))
+
+    def model_inputs(self, x: Any) -> Any:
+        """Packed features (NumPy or a tensor) as the model takes them: itself for one input, one
+        array per input (a list, or a dict by name) for several."""
+        if not self.inputs:
+            return x
+        parts, start = [], 0
+        for _, shape in self.inputs:
+            size = math.prod(shape)
+            parts.append(_reshaped(x[:, start:start + size], shape))
+            start += size
+        return {name: part for (name, _), part in zip(self.inputs, parts, strict=True)} if self.named else parts
+
+    def model_targets(self, y: Any) -> Any:
+        """Labels as :meth:`model_labels` made them (NumPy or a tensor), as the model's ``fit``
+        takes them: itself for one output, one array per output (a list) for several."""
+        if not self.outputs:
+            return y
+        parts, start = [], 0
+        for _, one in self.outputs:
+            size = one.label_size
+            part = y[:, start:start + size]
+            parts.append(_as_int32(part[:, 0]) if one.label_mode == "sparse" else _reshaped(part, one.label_shape))
+            start += size
+        return parts
+
+    def pack_labels(self, ys: Any, where: str) -> np.ndarray:
+        """One label array per output (raw, as a user gives them) as packed model labels.
+
+        Raises:
+            DataError: not one array per output, lengths differ, or an output's labels do not
+                fit it (shape, NaN, a class out of range).
+        """
+        arrays = _per_name(ys, [name for name, _ in self.outputs], "labels", where)
+        packed = []
+        for (name, one), raw in zip(self.outputs, arrays, strict=True):
+            labels = _as_labels(raw, f"{where} (output {name!r})")
+            if len(labels) != len(arrays[0]):
+                raise DataError(f"The labels in {where} differ in length between outputs: {[len(a) for a in arrays]}.")
+            check_label_shape(labels.shape, one, f"{where} (output {name!r})")
+            raise_problems([block_problems(np.zeros((len(labels), 0), np.float32), labels, one)],
+                           f"output {name!r}")
+            packed.append(one.model_labels(labels).astype(np.float32).reshape(len(labels), -1))
+        return np.concatenate(packed, axis=1)
+
+    def pack_features(self, xs: Any, where: str) -> np.ndarray:
+        """One feature array per input as packed float32 rows.
+
+        Raises:
+            DataError: not one array per input, lengths differ, or an input's samples are the
+                wrong size.
+        """
+        arrays = _per_name(xs, [name for name, _ in self.inputs], "feature arrays", where)
+        parts = [as_features(raw, DataInfo(shape, "raw", None), f"{where} (input {name!r})").reshape(len(raw), -1)
+                 for (name, shape), raw in zip(self.inputs, arrays, strict=True)]
+        if len({len(p) for p in parts}) > 1:
+            raise DataError(f"The inputs in {where} differ in length: {[len(p) for p in parts]}.")
+        return np.concatenate(parts, axis=1)
+
+
+def _per_name(values: Any, names: list[str], what: str, where: str) -> list[Any]:
+    """A list or a dict by name of one array per name, as a list in ``names``' order."""
+    if isinstance(values, Mapping):
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise DataError(f"The {what} in {where} lack {missing}; the model's are {names}.")
+        return [values[n] for n in names]
+    if not isinstance(values, (list, tuple)) or len(values) != len(names):
+        count = len(values) if isinstance(values, (list, tuple)) else 1
+        raise DataError(f"The model has {len(names)} {'inputs' if what.startswith('feature') else 'outputs'} {names}; "
+                        f"pass {what} in {where} as a list of {len(names)} in that order (or a dict by name). "
+                        f"Received: {count}.")
+    return list(values)
+
+
+def _reshaped(part: Any, shape: tuple[int, ...]) -> Any:
+    if isinstance(part, np.ndarray):
+        return part.reshape((len(part), *shape))
+    import tensorflow as tf
+
+    return tf.reshape(part, (-1, *shape))
+
+
+def _as_int32(part: Any) -> Any:
+    if isinstance(part, np.ndarray):
+        return part.astype(np.int32)
+    import tensorflow as tf
+
+    return tf.cast(part, tf.int32)
 
 
 @dataclass
@@ -187,7 +327,7 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
     """Raise when labels do not match the model's output (width for classes, size for targets)."""
     if info.label_mode == "given":
         return
-    if info.label_mode == "raw":
+    if info.label_mode in ("raw", "packed"):
         size = math.prod(y_shape[1:])
         if size != math.prod(info.target_shape):
             raise DataError(
@@ -273,8 +413,8 @@ def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
     if len(data) not in (2, 3):
         raise DataError(f"NumPy {what} data must be a pair `(x, y)` or a triple `(x, y, sample_weight)`. "
                         f"Received: a tuple of {len(data)}.")
-    x = as_features(data[0], info, f"the {what} features")
-    y = _as_labels(data[1], f"the {what} labels")
+    x = info.pack_features(data[0], f"the {what} features") if info.inputs else as_features(data[0], info, f"the {what} features")
+    y = info.pack_labels(data[1], f"the {what} labels") if info.outputs else _as_labels(data[1], f"the {what} labels")
     if len(x) != len(y):
         raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
     w = _as_weights(data[2], len(x), what) if len(data) == 3 and data[2] is not None else None
@@ -290,6 +430,9 @@ def dense_class_weight(class_weight: Any, info: DataInfo) -> tuple[float, ...]:
         ConfigurationError: the model's loss is not a classification loss, or a class or a weight
             is not one the model can use.
     """
+    if info.outputs:
+        raise ConfigurationError("`class_weight` is for models with one output (as in Keras); weigh rows with "
+                                 "`sample_weight` instead.")
     if info.label_mode not in ("sparse", "one_hot"):
         raise ConfigurationError("`class_weight` needs a classification loss (sparse or categorical cross-entropy, ...); "
                                  "weigh rows with `sample_weight` instead.")
@@ -374,7 +517,9 @@ def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
         yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition"), None
 
 
-def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[Any]]:
+def _arrow_block_function(info: DataInfo, label_widths: list[int]) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """Arrow batches of ``features``, ``label`` (and ``weight``) as one encoded block each;
+    ``label_widths``: each output's width in the packed labels of a model with several outputs."""
     def to_blocks(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
@@ -392,7 +537,13 @@ def _arrow_block_function(info: DataInfo) -> Callable[[Iterator[Any]], Iterator[
                     f"(the model's input {info.input_shape}); filter or fix them."
                 )
             x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            if pa.types.is_list(labels.type) or pa.types.is_fixed_size_list(labels.type):
+            if info.outputs:
+                raw = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                if labels.null_count or raw.size != n * sum(label_widths):
+                    raise DataError(f"Some rows' labels are null or not {label_widths} wide (one per output, "
+                                    f"{[name for name, _ in info.outputs]}); filter or fix them.")
+                y = packed_labels(raw.reshape(n, -1), label_widths, info, "the labels of a partition")
+            elif pa.types.is_list(labels.type) or pa.types.is_fixed_size_list(labels.type):
                 y = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
             else:
                 kind = np.float64 if labels.null_count else labels.type.to_pandas_dtype()
@@ -429,6 +580,8 @@ def feature_column(df: DataFrame, features: str, what: str) -> Column:
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
+    if not isinstance(features, str):
+        raise DataError(f"The model has one input; pass `features=` as one column name. Received: {features!r}.")
     if features not in fields:
         raise DataError(f"The {what} DataFrame has no features column {features!r}. Its columns: {sorted(fields)}. "
                         f"Pass `features=` with the right name.")
@@ -462,48 +615,114 @@ def check_first_row(df: DataFrame, column: str, features: str, info: DataInfo, w
     return first
 
 
-def _dataframe_columns(df: DataFrame, features: str, label: str, info: DataInfo, what: str,
-                       sample_weight: str | None = None) -> DataFrame:
+def _label_column(df: DataFrame, label: str, what: str) -> tuple[Column, bool]:
+    """A label column as it travels, and whether it holds arrays (one-hot rows or targets)."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    fcol = feature_column(df, features, what)
     fields = {f.name: f.dataType for f in df.schema.fields}
+    if not isinstance(label, str):
+        raise DataError(f"The model has one output; pass `label=` as one column name. Received: {label!r}.")
     if label not in fields:
         raise DataError(f"The {what} DataFrame has no label column {label!r}. Its columns: {sorted(fields)}. "
                         f"Pass `label=` with the right name.")
     ltype = fields[label]
     if isinstance(ltype, VectorUDT):
-        lcol = vector_to_array(F.col(label), "float32")
-    elif isinstance(ltype, T.NumericType) or (isinstance(ltype, T.ArrayType) and isinstance(ltype.elementType, T.NumericType)):
-        lcol = F.col(label)
+        return vector_to_array(F.col(label), "float32"), True
+    if isinstance(ltype, T.NumericType):
+        return F.col(label), False
+    if isinstance(ltype, T.ArrayType) and isinstance(ltype.elementType, T.NumericType):
+        return F.col(label), True
+    raise DataError(f"Label column {label!r} must be numeric (or an array for one-hot). Received: {ltype.simpleString()}.")
+
+
+def _column_names(names: Any, model_names: list[str], argument: str, what: str) -> list[str]:
+    """``features=`` or ``label=`` of a model with several inputs or outputs: one column each, in order."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != len(model_names):
+        raise DataError(f"The model has {len(model_names)} {'inputs' if argument == 'features' else 'outputs'} "
+                        f"{model_names}; pass `{argument}=` as a list of {len(model_names)} {what} column names, one "
+                        f"for each, in that order. Received: {argument}={names!r}.")
+    return list(names)
+
+
+def features_column(df: DataFrame, features: Any, info: DataInfo, what: str) -> Column:
+    """The features of ``df`` as one ``array<float>``: the column ``features``, or, for a model
+    with several inputs, the columns listed in ``features`` (one per input, in the model's
+    order) side by side, each checked against its input's size on the first row.
+
+    Raises:
+        DataError: a column is missing, of the wrong type, or the wrong size for its input.
+    """
+    from pyspark.sql import functions as F
+
+    if not info.inputs:
+        return feature_column(df, features, what)
+    columns = _column_names(features, [name for name, _ in info.inputs], "features", what)
+    arrays = [feature_column(df, c, what) for c in columns]
+    first = df.select(*(F.size(a).alias(f"_{i}") for i, a in enumerate(arrays))).first()
+    for i, (column, (name, shape)) in enumerate(zip(columns, info.inputs, strict=True)):
+        if first is not None and first[f"_{i}"] != math.prod(shape):
+            raise DataError(f"Each sample of input {name!r} must have {math.prod(shape)} values (shape {shape}). "
+                            f"Received: arrays of length {first[f'_{i}']} in column {column!r}.")
+    return F.concat(*arrays)
+
+
+def _dataframe_columns(df: DataFrame, features: Any, label: Any, info: DataInfo, what: str,
+                       sample_weight: str | None = None) -> tuple[DataFrame, list[int]]:
+    """``df`` as the columns ``features``, ``label`` (and ``weight``), several inputs' features and
+    several outputs' labels each packed side by side in one array; with each output's label width
+    in the packed labels (1 for a plain number)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    widths: list[int] = []
+    fcol = features_column(df, features, info, what)
+    if info.outputs:
+        labels = [_label_column(df, c, what) for c in
+                  _column_names(label, [name for name, _ in info.outputs], "label", what)]
+        arrays = [col.cast("array<float>") if is_array else F.array(col.cast("float")) for col, is_array in labels]
+        first = df.select(*(F.size(a).alias(f"_{i}") for i, a in enumerate(arrays))).first()
+        widths = [first[f"_{i}"] if first is not None else 1 for i in range(len(arrays))]
+        lcol = F.concat(*arrays)
     else:
-        raise DataError(f"Label column {label!r} must be numeric (or an array for one-hot). Received: {ltype.simpleString()}.")
+        lcol, _ = _label_column(df, label, what)
+    fields = {f.name: f.dataType for f in df.schema.fields}
     if sample_weight is None:
-        return df.select(fcol.alias("features"), lcol.alias("label"))
+        return df.select(fcol.alias("features"), lcol.alias("label")), widths
     if sample_weight not in fields:
         raise DataError(f"The {what} DataFrame has no sample-weight column {sample_weight!r}. Its columns: {sorted(fields)}.")
     if not isinstance(fields[sample_weight], T.NumericType):
         raise DataError(f"Sample-weight column {sample_weight!r} must be numeric. Received: "
                         f"{fields[sample_weight].simpleString()}.")
-    return df.select(fcol.alias("features"), lcol.alias("label"), F.col(sample_weight).cast("float").alias("weight"))
+    return df.select(fcol.alias("features"), lcol.alias("label"), F.col(sample_weight).cast("float").alias("weight")), widths
 
 
-def _dataframe_blocks(df: DataFrame, features: str, label: str, info: DataInfo, partitions: int | None, what: str,
+def _dataframe_blocks(df: DataFrame, features: Any, label: Any, info: DataInfo, partitions: int | None, what: str,
                       sample_weight: str | None = None) -> RDD:
-    selected = _dataframe_columns(df, features, label, info, what, sample_weight)
-    first = check_first_row(selected, "features", features, info, what, keep=("label",))
-    if isinstance(first["label"], (list, tuple)):
+    selected, widths = _dataframe_columns(df, features, label, info, what, sample_weight)
+    first = check_first_row(selected, "features", str(features), info, what, keep=("label",))
+    if isinstance(first["label"], (list, tuple)) and not info.outputs:
         check_label_shape((1, len(first["label"])), info, f"column {label!r}")
     if partitions is not None and selected.rdd.getNumPartitions() != partitions:
         selected = selected.repartition(partitions)
     schema = "x binary, y binary, n long, ydtype string, ywidth int, w binary"
-    return selected.mapInArrow(_arrow_block_function(info), schema).rdd.map(_decode_arrow_block(info))
+    return selected.mapInArrow(_arrow_block_function(info, widths), schema).rdd.map(_decode_arrow_block(info))
 
 
-def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo,
+def packed_labels(raw: np.ndarray, widths: list[int], info: DataInfo, what: str) -> np.ndarray:
+    """Several outputs' labels, side by side as they came (``widths`` each), as packed model labels.
+
+    Raises:
+        DataError: an output's labels do not fit it (width, NaN, a class out of range).
+    """
+    bounds = np.cumsum([0, *widths])
+    return info.pack_labels({name: raw[:, a] if b - a == 1 else raw[:, a:b]
+                             for (name, _), a, b in zip(info.outputs, bounds[:-1], bounds[1:], strict=True)}, what)
+
+
+def to_blocks(spark: SparkSession, data: Any, features: Any, label: Any, info: DataInfo,
               partitions: int | None, what: str = "training", sample_weight: str | None = None) -> RDD:
     """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
 
@@ -526,6 +745,9 @@ def to_blocks(spark: SparkSession, data: Any, features: str, label: str, info: D
     if sample_weight is not None:
         raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column; pass NumPy weights as "
                         "`fit(x, y, sample_weight=w)`. An RDD cannot carry sample weights.")
+    if isinstance(data, RDD) and (info.inputs or info.outputs):
+        raise DataError(f"A model with several inputs or outputs takes its {what} data as a DataFrame (a column for "
+                        "each) or NumPy arrays (a list for each), not an RDD of (features, label).")
     if isinstance(data, RDD):
         rows = data if partitions is None or data.getNumPartitions() == partitions else data.repartition(partitions)
         return rows.mapPartitions(lambda it: _row_blocks(it, info))
@@ -592,7 +814,7 @@ def worker_memory_budget() -> int:
 _STORAGE_LEVELS = {"memory": "MEMORY_ONLY", "auto": "MEMORY_AND_DISK", "stream": "DISK_ONLY"}
 
 
-def prepare(spark: SparkSession, data: Any, features: str, label: str, info: DataInfo, partitions: int,
+def prepare(spark: SparkSession, data: Any, features: Any, label: Any, info: DataInfo, partitions: int,
             what: str = "training", warm_up: Callable[[], None] | None = None,
             sample_weight: str | None = None, require_rows: bool = True,
             partition_storage: str = "memory") -> PreparedData:

@@ -165,7 +165,7 @@ class LocalSteps:
 
         self.model, self.info = model, info
         label_shape = info.label_shape
-        label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32
+        label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32  # several outputs: packed float32
         self.graph = keras.backend.backend() == "tensorflow"
         if self.graph:
             # Sample weights always go in (ones when the data has none: the same loss and metrics),
@@ -175,7 +175,7 @@ class LocalSteps:
                                           tf.TensorSpec((None, None), tf.float32)])
             def train_run(xs, ys, ws):
                 for i in tf.range(tf.shape(xs)[0]):
-                    model.train_step((xs[i], ys[i], ws[i]))
+                    model.train_step((info.model_inputs(xs[i]), info.model_targets(ys[i]), ws[i]))
                 return tf.shape(xs)[0]
 
             self._train_run = train_run
@@ -188,7 +188,7 @@ class LocalSteps:
         fresh = [v.numpy() for v in model.optimizer.variables]
         x = np.zeros((2, *self.info.input_shape), np.float32)
         y = self.info.model_labels(np.zeros((2, *label_shape), np.float32))
-        model.train_on_batch(x, y)  # builds the metrics
+        model.train_on_batch(self.info.model_inputs(x), self.info.model_targets(y))  # builds the metrics
         if self.graph:
             self._train_run(x[None], y[None], np.ones((1, 2), np.float32))
         for variable, value in zip(model.weights, weights, strict=True):
@@ -217,7 +217,8 @@ class LocalSteps:
         if not self.graph:
             for start in range(0, len(index), batch_size):
                 part = index[start:start + batch_size]
-                self.model.train_function(iter([(x[part], y[part], w[start:start + batch_size])]))
+                self.model.train_function(iter([(self.info.model_inputs(x[part]), self.info.model_targets(y[part]),
+                                                 w[start:start + batch_size])]))
             return
         if full:
             head = index[:full]
@@ -455,15 +456,16 @@ def validation_share(validation: tuple[np.ndarray, np.ndarray] | None, worker: i
 
 
 def _score(model: keras.Model, weights: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray],
-           batch_size: int) -> dict[str, float]:
-    """Loss and metrics on ``validation`` of ``weights`` (the model's own when ``None``); the
-    model's weights are left as they were."""
+           batch_size: int, info: DataInfo) -> dict[str, float]:
+    """Loss and metrics on ``validation`` (packed features, model labels) of ``weights`` (the
+    model's own when ``None``); the model's weights are left as they were."""
     local = None
     if weights is not None:
         local = get_flat_weights(model)
         set_flat_weights(model, weights)
     try:
-        return _metric_logs(model.evaluate(*validation, batch_size=max(batch_size, 256), verbose=0, return_dict=True))
+        return _metric_logs(model.evaluate(info.model_inputs(validation[0]), info.model_targets(validation[1]),
+                                           batch_size=max(batch_size, 256), verbose=0, return_dict=True))
     finally:
         if local is not None:
             set_flat_weights(model, local)
@@ -557,13 +559,13 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         report.history.append(metrics)
         if gate is None:
             if report.val_samples and validation is not None:
-                report.val_history.append(_score(model, None, validation, batch))
+                report.val_history.append(_score(model, None, validation, batch, settings.info))
             continue
         trained = min(step * batch, len(order))
         center = gate.end_epoch(epoch, trained, metrics, want_center=stopped or not exchange.holds_center)
         rows, scores = 0, {}
         if report.val_samples and validation is not None and gate.validates(epoch):
-            rows, scores = report.val_samples, _score(model, center, validation, batch)
+            rows, scores = report.val_samples, _score(model, center, validation, batch, settings.info)
             report.val_history.append(scores)
         if center is not None:
             exchange.epoch_center(model, center)
@@ -733,8 +735,8 @@ def evaluate_partition(blocks: Iterable[Block], spec_broadcast: Any,
     model = inference_model(spec_broadcast.value, custom_objects, threads, version)
     for x, y, w in blocks:
         if len(x):
-            scores = model.evaluate(x, info.model_labels(y), sample_weight=w, batch_size=batch_size, verbose=0,
-                                    return_dict=True)
+            scores = model.evaluate(info.model_inputs(x), info.model_targets(info.model_labels(y)), sample_weight=w,
+                                    batch_size=batch_size, verbose=0, return_dict=True)
             yield len(x), _metric_logs(scores)
 
 
@@ -765,25 +767,47 @@ def prediction_arrays(out: np.ndarray, kind: str) -> list[Any]:
     raise ValueError(f"Unknown prediction kind {kind!r}.")
 
 
-def predict_rows(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """``model.predict(x)`` by ``predict_on_batch`` on slices of ``batch_size`` rows: 11 % more rows/s
-    than ``predict`` for the reference CNN on one thread (it skips the data adapter and callbacks)."""
+def output_sizes(model: keras.Model) -> list[int]:
+    """Values of one sample's prediction, per output of ``model``."""
+    shapes = [tuple(t.shape) for t in model.outputs] if getattr(model, "outputs", None) else [tuple(model.output_shape)]
+    return [math.prod(int(d) for d in shape[1:]) for shape in shapes]
+
+
+def predict_rows(model: keras.Model, x: np.ndarray, batch_size: int, info: DataInfo) -> np.ndarray:
+    """``model.predict`` of packed features ``x`` by ``predict_on_batch`` on slices of ``batch_size``
+    rows: 11 % more rows/s than ``predict`` for the reference CNN on one thread (it skips the data
+    adapter and callbacks). Several outputs come side by side, flattened, in ``model.output_names``' order."""
     if not len(x):
-        return np.zeros((0, math.prod(int(d) for d in model.output_shape[1:])), np.float32)
-    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+        return np.zeros((0, sum(output_sizes(model))), np.float32)
+
+    def one(batch: np.ndarray) -> np.ndarray:
+        out = model.predict_on_batch(info.model_inputs(batch))
+        if isinstance(out, dict):
+            out = [out[name] for name in model.output_names]
+        if isinstance(out, (list, tuple)):
+            return np.concatenate([np.asarray(o).reshape(len(batch), -1) for o in out], axis=1)
+        return np.asarray(out)
+
+    return np.concatenate([one(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def predict_batches(arrays: Iterable[Any], spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo,
                     threads: int | None, batch_size: int, outputs: list[str], kind: str, version: str) -> Iterator[Any]:
     """The body of a prediction UDF: for each Arrow array of feature lists, the model's outputs as
-    a struct array of the fields ``outputs`` (see :func:`prediction_arrays` for each ``kind``)."""
+    a struct array of the fields ``outputs`` (see :func:`prediction_arrays` for each ``kind``; a
+    model with several outputs gives one ``"array"`` field each)."""
     import pyarrow as pa
 
     model = inference_model(spec_bytes, custom_objects, threads, version)
+    bounds = np.cumsum([0, *output_sizes(model)])
     for features in arrays:
         rows = len(features)
         x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False) if rows else np.zeros(0)
         if x.size != rows * info.feature_size or features.null_count:
             raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
-        out = predict_rows(model, x.reshape((rows, *info.input_shape)), batch_size)
-        yield pa.StructArray.from_arrays(prediction_arrays(out.reshape(rows, -1), kind), names=outputs)
+        out = predict_rows(model, x.reshape((rows, *info.input_shape)), batch_size, info).reshape(rows, -1)
+        if info.outputs:
+            columns = [prediction_arrays(out[:, a:b], kind)[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        else:
+            columns = prediction_arrays(out, kind)
+        yield pa.StructArray.from_arrays(columns, names=outputs)

@@ -37,7 +37,7 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
 
-from .data import DataInfo
+from .data import DataInfo, feature_column
 from .driver import ship_by_value
 from .errors import ConfigurationError, DataError
 from .serialization import ModelSpec, loss_name, referenced_custom_objects
@@ -333,6 +333,9 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
             raise ConfigurationError("This KerasModel holds no Keras model: create it with `KerasModel(model)`.")
         model = self.keras_model
         info = DataInfo.for_model(model, model.get_compile_config())
+        if info.inputs or info.outputs:
+            raise ConfigurationError("KerasModel takes models with one input and one output (one features column, one "
+                                     "prediction); use SparkTrainer.predict for a model with several.")
         kind = prediction_kind(model, info)
         prediction, probability = self.getPredictionCol(), self.getProbabilityCol()
         if kind == "value":
@@ -342,7 +345,8 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
             outputs = {prediction: T.DoubleType(), probability or "__kerasonspark_probability": T.ArrayType(T.DoubleType())}
         spec = ModelSpec.from_model(model, self.getCustomObjects())
         ensure_executors_ready(dataset.sparkSession)
-        out = predict_dataframe(dataset, spec, info, self.getFeaturesCol(), outputs, kind, self.getPredictionBatchSize())
+        features = feature_column(dataset, self.getFeaturesCol(), "prediction")
+        out = predict_dataframe(dataset, spec, info, features, outputs, kind, self.getPredictionBatchSize())
         for name, type_ in outputs.items():
             if isinstance(type_, T.ArrayType):
                 out = out.withColumn(name, array_to_vector(F.col(name)))

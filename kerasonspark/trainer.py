@@ -27,7 +27,7 @@ from .shipping import ensure_executors_ready
 
 if TYPE_CHECKING:
     import keras
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import DataType
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class SparkTrainer:
         self.close()
 
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
+    def fit(self, x: Any, y: Any = None, *, features: str | list[str] = "features", label: str | list[str] = "label",
             validation_data: Any = None, callbacks: list[keras.callbacks.Callback] | None = None,
             initial_epoch: int = 0, validation_freq: int = 1, sample_weight: Any = None,
             class_weight: Mapping[int, float] | None = None) -> TrainingResult:
@@ -175,10 +175,15 @@ class SparkTrainer:
         Args:
             x: a Spark DataFrame (``spark.table(...)`` for a table), a Parquet file or folder's
                 path, an RDD of ``(features, label)``, a NumPy (or array-like) feature array with
-                its labels in ``y``, or a pair ``(x, y)``.
-            y: the labels, when ``x`` is a feature array (as in ``model.fit(x, y)``).
-            features: the feature column (array or ML Vector) of a DataFrame.
-            label: the label column (class index, number, or one-hot array) of a DataFrame.
+                its labels in ``y``, or a pair ``(x, y)``. A model with several inputs takes a list
+                of feature arrays (or a dict by input name), as ``model.fit`` does.
+            y: the labels, when ``x`` is a feature array (as in ``model.fit(x, y)``); a list (or
+                a dict by output name) for a model with several outputs.
+            features: the feature column (array or ML Vector) of a DataFrame; for a model with
+                several inputs, a list of columns, one per input in the order of ``model.inputs``.
+            label: the label column (class index, number, or one-hot array) of a DataFrame; for a
+                model with several outputs, a list of columns, one per output in the order of
+                ``model.output_names``.
             validation_data: the same kinds of input. At the end of each epoch every worker
                 scores the epoch's center on its share of these rows, so ``val_*`` is the model
                 ``fit`` returns.
@@ -328,7 +333,7 @@ class SparkTrainer:
             ship_by_value(obj)
         return spec
 
-    def _local_arrays(self, spark: SparkSession, data: Any, features: str, label: str,
+    def _local_arrays(self, spark: SparkSession, data: Any, features: Any, label: Any,
                       what: str) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(data, (tuple, list)):  # NumPy: already here
             x, y, w = data_module.validate_arrays(tuple(data), self.info, what)
@@ -344,7 +349,7 @@ class SparkTrainer:
 
     # -- evaluate / predict -----------------------------------------------------------------
 
-    def evaluate(self, x: Any, y: Any = None, *, features: str = "features", label: str = "label",
+    def evaluate(self, x: Any, y: Any = None, *, features: str | list[str] = "features", label: str | list[str] = "label",
                  batch_size: int = 256) -> dict[str, float]:
         """Loss and metrics of the current model on ``x`` (the inputs :meth:`fit` takes), computed
         on the executors.
@@ -376,14 +381,16 @@ class SparkTrainer:
         total = sum(n for n, _ in results)
         return {k: sum(n * s[k] for n, s in results) / total for k in results[0][1]}
 
-    def predict(self, data: Any, *, features: str = "features", output_col: str = "prediction",
+    def predict(self, data: Any, *, features: str | list[str] = "features", output_col: str = "prediction",
                 batch_size: int = 256) -> DataFrame:
         """Predictions for ``data``, computed on the executors, as a DataFrame.
 
-        A DataFrame keeps all its columns and gains ``output_col`` (array<float>). NumPy features
-        (or an RDD of feature vectors or ``(features, label)`` pairs) become a DataFrame of
-        ``features`` and ``output_col``. A Spark session the trainer had to start for NumPy input
-        lives until :meth:`close`.
+        A DataFrame keeps all its columns and gains ``output_col`` (array<float>); of a model with
+        several outputs, one ``<output_col>_<output name>`` column each. NumPy features (a list
+        of arrays for several inputs; or an RDD of feature vectors or ``(features, label)``
+        pairs) become a DataFrame of ``features`` (several inputs side by side) and the
+        predictions. A Spark session the trainer had to start for NumPy input lives until
+        :meth:`close`.
         """
         from pyspark import RDD
         from pyspark.sql import DataFrame
@@ -391,18 +398,23 @@ class SparkTrainer:
 
         spec = self._spec()
         with self._session(data, keep=True) as spark:
+            name = features if isinstance(features, str) else "features"  # of NumPy input's DataFrame
             if isinstance(data, DataFrame):
-                df = data
+                df, column = data, data_module.features_column(data, features, self.info, "prediction")
             elif isinstance(data, RDD):
                 df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],))\
-                    .toDF([features])
+                    .toDF([name])
+                column = data_module.features_column(df, features, self.info, "prediction")
             else:
-                x = data_module.as_features(data[0] if isinstance(data, tuple) else data, self.info, "the prediction features")
-                df = data_module.numpy_to_dataframe(spark, x, features=features)
-            data_module.check_first_row(df.select(data_module.feature_column(df, features, "prediction").alias("f")), "f",
-                                        features, self.info, "prediction")
-            return predict_dataframe(df, spec, self.info, features, {output_col: T.ArrayType(T.FloatType())}, "array",
-                                     batch_size, self.config.worker_threads)
+                x = data[0] if isinstance(data, tuple) else data
+                x = (self.info.pack_features(x, "the prediction features") if self.info.inputs
+                     else data_module.as_features(x, self.info, "the prediction features"))
+                df = data_module.numpy_to_dataframe(spark, x, features=name)
+                column = data_module.feature_column(df, name, "prediction")  # several inputs: packed already
+            data_module.check_first_row(df.select(column.alias("f")), "f", str(features), self.info, "prediction")
+            columns = [f"{output_col}_{output}" for output, _ in self.info.outputs] or [output_col]
+            return predict_dataframe(df, spec, self.info, column, {c: T.ArrayType(T.FloatType()) for c in columns},
+                                     "array", batch_size, self.config.worker_threads)
 
 
 def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Callback]:
@@ -451,7 +463,7 @@ def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None)
     return (x, y)
 
 
-def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: str, outputs: Mapping[str, DataType],
+def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: Column, outputs: Mapping[str, DataType],
                       kind: str, batch_size: int = 256, threads: int | None = None) -> DataFrame:
     """``df`` with the model's predictions appended, computed on the executors through Arrow.
 
@@ -478,5 +490,5 @@ def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: 
                    version=spec_version(spec_bytes))
     returned = T.StructType([T.StructField(name, type_) for name, type_ in outputs.items()])
     predict = F.arrow_udf(body, returned.simpleString(), F.ArrowUDFType.SCALAR_ITER)
-    predicted = predict(data_module.feature_column(df, features, "prediction"))
+    predicted = predict(features)
     return df.select("*", *(predicted.getField(name).alias(name) for name in outputs))
