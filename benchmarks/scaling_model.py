@@ -247,7 +247,7 @@ def measure(args: argparse.Namespace) -> dict:
                 goodputs[rate].append(goodput(driver_host, worker_host))
                 print(f"{rate} (repeat {repeat + 1}): goodput {goodputs[rate][-1] / 1e6:.0f} MB/s", flush=True)
                 for line in run_driver(driver_host, __file__, cluster.master_url, driver_host.address,
-                                       args.data or "", str(args.rows)):
+                                       args.data or "", str(args.rows), ",".join(args.configs)):
                     line.update(rate=rate, goodput=goodputs[rate][-1], repeat=repeat)
                     print(f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} samples/s, "
                           f"exchange {line['exchange_seconds']:.3f} s", flush=True)
@@ -274,11 +274,12 @@ def main() -> None:
     parser.add_argument("--rates", nargs="+", default=RATES, help="link rates, 'none' first (the calibration)")
     parser.add_argument("--out", help="write the measurements to this JSON file")
     parser.add_argument("--from", dest="source", help="model the measurements in this JSON file instead of measuring")
-    parser.add_argument("--drive", nargs=4, metavar=("MASTER", "ADDRESS", "DATA", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="engines to measure")
+    parser.add_argument("--drive", nargs=5, metavar=("MASTER", "ADDRESS", "DATA", "ROWS", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
-        master, address, data, rows = args.drive
-        drive(master, address, data or None, int(rows), list(CONFIGS), [1, 2])
+        master, address, data, rows, configs = args.drive
+        drive(master, address, data or None, int(rows), configs.split(","), [1, 2])
         return
     if args.source:
         measured = json.loads(Path(args.source).read_text())

@@ -214,7 +214,7 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
      "(x, y). Received: dict.", BEFORE_JOBS,
      lambda spark: trainer(spark).fit({"x": 1})),
     ("Uncompiled model", "ConfigurationError", "The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.", BEFORE_JOBS, uncompiled),
-    ("A model with two inputs", "DataError", "Models with several inputs are not supported yet.", BEFORE_JOBS, two_input_model),
+    ("A model with two inputs given one feature array", "DataError", "The model has 2 inputs", BEFORE_JOBS, two_input_model),
     ("Unknown engine", "ConfigurationError", "Unknown backend 'nope'. Installed backends:", BEFORE_JOBS,
      lambda spark: SparkTrainer(small_model(), backend="nope")),
     ("Unknown engine option", "ConfigurationError", "Unknown option(s) ['windw'] for backend 'async'. Valid options:", BEFORE_JOBS,

@@ -37,10 +37,10 @@ def test_a_balanced_order_is_a_part_of_the_partition_or_all_of_it_and_more():
 def test_a_slow_worker_gets_fewer_steps_and_the_epoch_keeps_its_size(monkeypatch):
     run = LocalSteps.run
 
-    def slow_for_worker_1(self, x, y, index, batch, weights):
+    def slow_for_worker_1(self, x, y, index, batch, weights, max_rows=None):
         if threading.current_thread().name == "kerasonspark-worker-1":
             time.sleep(0.01 * len(index) / batch)  # a host a few times slower than the other, per step
-        return run(self, x, y, index, batch, weights)
+        return run(self, x, y, index, batch, weights, max_rows)
 
     monkeypatch.setattr(LocalSteps, "run", slow_for_worker_1)
     x, y = make_blobs(1280)

@@ -150,18 +150,19 @@ def test_the_label_convention_is_read_off_the_loss():
     assert DataInfo.for_model(per_step, {"loss": "categorical_crossentropy"}) == DataInfo((5, 3), "one_hot", 2)
 
 
-def test_models_the_data_path_cannot_feed_are_named():
+def test_models_the_data_path_cannot_feed_are_named_and_several_inputs_and_outputs_are_read():
     import keras
 
-    a, b = keras.Input((2,)), keras.Input((3,))
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
     two_inputs = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
-    with pytest.raises(DataError, match="^Models with several inputs are not supported yet. Received: input_shape="):
-        DataInfo.for_model(two_inputs, {"loss": "mse"})
+    info = DataInfo.for_model(two_inputs, {"loss": "mse"})
+    assert info.inputs == (("a", (2,)), ("b", (3,))) and info.input_shape == (5,) and info.label_mode == "raw"
     ragged = keras.Sequential([keras.Input((None, 3)), keras.layers.Dense(2)])
-    with pytest.raises(DataError, match="^The model's input shape must be fully known except the batch. Received: "
-                                        "\\(None, None, 3\\)"):
+    with pytest.raises(DataError, match="^The model's input shapes must be fully known except the batch. Received: "
+                                        "input shape \\(None, None, 3\\)"):
         DataInfo.for_model(ragged, {"loss": "mse"})
     x = keras.Input((4,))
-    two_outputs = keras.Model(x, [keras.layers.Dense(1)(x), keras.layers.Dense(2)(x)])
-    with pytest.raises(DataError, match="^Models with several or variable-size outputs are not supported yet"):
-        DataInfo.for_model(two_outputs, {"loss": "mse"})
+    two_outputs = keras.Model(x, [keras.layers.Dense(1, name="one")(x), keras.layers.Dense(2, name="two")(x)])
+    info = DataInfo.for_model(two_outputs, {"loss": ["mse", "categorical_crossentropy"]})
+    assert info.label_mode == "packed" and info.label_shape == (3,)
+    assert [(name, one.label_mode) for name, one in info.outputs] == [("one", "raw"), ("two", "one_hot")]

@@ -1,6 +1,6 @@
-"""Streamed partitions: the spill file's round trip, chunked steps equal to whole ones, and the
-sync and async engines training from spilled partitions on real Spark (with a validation
-DataFrame paired to them), leaving no spill files behind."""
+"""Streamed partitions: the spill file's round trip, chunked steps equal to whole ones, and
+training from spilled partitions on real Spark (paired with a validation DataFrame), leaving no
+spill files behind."""
 
 import glob
 import os
@@ -74,18 +74,16 @@ def spill_files_left(spark):
 
 
 @pytest.mark.spark
-@pytest.mark.parametrize("backend", ["sync", "async"])
-def test_an_engine_trains_from_streamed_partitions(spark, backend):
+def test_async_trains_from_streamed_partitions_paired_with_a_validation_dataframe(spark):
+    # sync streams from NumPy input in test_several_inputs; this is the paired path, with a DataFrame.
     x, y = make_blobs(1600)
     train = numpy_to_dataframe(spark, x[:1200], y[:1200], partitions=3)
     validation = numpy_to_dataframe(spark, x[1200:], y[1200:])
-    trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=2, spark=spark, seed=0, verbose=0,
+    trainer = SparkTrainer(small_model(), backend="async", num_workers=2, epochs=2, spark=spark, seed=0, verbose=0,
                            partition_storage="stream", buffer_rows=256)
-    result = trainer.fit(train, validation_data=validation if backend == "async" else None)
+    result = trainer.fit(train, validation_data=validation)
     assert result.stats["partition_storage"]["path"] == "stream"
     assert result.stats["partition_storage"]["largest_partition_mb"] > 0
     assert sum(w["samples"] for w in result.stats["workers"]) == 1200 and result.stats["epochs"] == 2
-    assert trainer.evaluate((x[1200:], y[1200:]))["accuracy"] > FLOOR
-    if backend == "async":
-        assert result.history["val_accuracy"][-1] > FLOOR
+    assert result.history["val_accuracy"][-1] > FLOOR
     assert spill_files_left(spark) == 0

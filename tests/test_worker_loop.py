@@ -38,7 +38,7 @@ class FakeSteps:
     def __init__(self):
         self.model, self.runs, self.arrays = FakeModel(), [], set()
 
-    def run(self, x, y, index, batch_size, weights=None):
+    def run(self, x, y, index, batch_size, weights=None, max_rows=None):
         self.runs.append((index.copy(), batch_size))
         self.arrays.add((id(x), id(y)))
 
