@@ -34,7 +34,7 @@ def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark, monkeypatch):
     assert not any(os.path.exists(share._path) for share in shares)  # destroyed with the blocks
 
 
-def test_a_parquet_path_trains_like_its_dataframe(spark, tmp_path):
+def test_a_parquet_path_and_a_table_train_like_their_dataframe(spark, tmp_path):
     from pyspark.sql import functions as F
 
     x, y = make_blobs(600)
@@ -48,6 +48,12 @@ def test_a_parquet_path_trains_like_its_dataframe(spark, tmp_path):
     assert trainer.fit(str(weighted), sample_weight="w").stats["samples"] == 600 * 3  # a weight column of a Parquet file
     with pytest.raises(DataError, match="holds no Parquet data Spark can read"):
         trainer.fit(str(tmp_path / "missing"))
+    # A table of the catalog, as `spark.table` gives it (an external table over the Parquet folder).
+    spark.read.parquet(str(tmp_path / "train")).write.option("path", str(tmp_path / "table")).saveAsTable("digits_table")
+    try:
+        assert trainer.fit(spark.table("digits_table"), features="pixels", label="digit").stats["samples"] == 600 * 3
+    finally:
+        spark.sql("DROP TABLE digits_table")
 
 
 def test_numpy_to_dataframe_keeps_rows_in_order_without_data_in_its_tasks(spark, monkeypatch):
