@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from kerasonspark.data import DataInfo
 from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult, WorkerReport, get_flat_weights
 from kerasonspark.errors import ConfigurationError
 from kerasonspark.session import check_weights_privacy
@@ -213,7 +214,8 @@ class ElephasEngine(Engine):
 
     def check_model(self, model: Any) -> None:
         """Refuse a model with several inputs or outputs: Elephas fits ``(features, label)`` rows."""
-        if len(getattr(model, "inputs", None) or [0]) > 1 or len(getattr(model, "outputs", None) or [0]) > 1:
+        info = DataInfo.for_model(model, model.get_compile_config())
+        if info.inputs or info.outputs:
             raise ConfigurationError("Elephas trains models with one input and one output (it fits (features, label) "
                                      "rows); for several, choose sync, async, hogwild or single.")
         super().check_model(model)

@@ -122,8 +122,12 @@ class DataInfo:
             info = cls._one_output(tuple(int(d) for d in shapes[0][1:]), outputs[0], compile_config)
         else:
             names = list(model.output_names)
-            losses = loss if isinstance(loss, (list, tuple)) else [loss.get(n) for n in names] \
-                if isinstance(loss, dict) and set(loss) <= set(names) else [loss] * len(names)
+            if isinstance(loss, (list, tuple)):
+                losses = list(loss)
+            elif isinstance(loss, dict) and set(loss) <= set(names):  # by output name, not one loss's config
+                losses = [loss.get(n) for n in names]
+            else:
+                losses = [loss] * len(names)  # one loss for every output, as Keras applies it
             per_output = []
             for name, shape, own in zip(names, outputs, losses, strict=True):
                 one = cls._one_output((), shape, {"loss": own})
@@ -800,13 +804,12 @@ def worker_memory_budget() -> int:
     limit_mb = int(os.environ.get("PYSPARK_EXECUTOR_MEMORY_MB", "-1"))
     if limit_mb > 0:
         return limit_mb * 2**20 // 2
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
         available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass  # not Linux: free pages stand in for available memory
+    except (OSError, KeyError, ValueError):  # not Linux: free pages stand in for available memory
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return available // (os.cpu_count() or 1) // 2
 
 

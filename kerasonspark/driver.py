@@ -16,7 +16,7 @@ import secrets
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,15 @@ import numpy as np
 from . import errors
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .errors import KerasOnSparkError, WorkerError
-from .executor import EpochGate, WorkerSettings, learning_rate_of, spill_partition, train_partition
+from .executor import (
+    EpochGate,
+    WorkerSettings,
+    learning_rate_of,
+    partition_as_one,
+    partition_rows,
+    spill_partition,
+    train_partition,
+)
 from .parameter_server.store import ParameterStore
 from .serialization import set_flat_weights
 from .session import check_slots
@@ -403,14 +411,6 @@ def ship_by_value(obj: Any) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def _partition_rows(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[int]:
-    yield sum(len(block[0]) for block in blocks)
-
-
-def _partition_as_one(blocks: Iterable[Any]) -> Iterator[list[Any]]:
-    yield list(blocks)
-
-
 class DriverRunner:
     """What every driver-side runner shares: the parameter server and the result. Subclasses run
     the workers (:meth:`run_workers`) and hand over the data (:meth:`local_arrays`).
@@ -477,8 +477,8 @@ class SparkRunner(DriverRunner):
             # Each task's validation share comes as its partition of the validation RDD, zipped to
             # the training one (one element each side: the partition's blocks or where they were
             # spilled), never via the driver.
-            training = blocks if job.streamed else blocks.mapPartitions(_partition_as_one)
-            blocks = training.zip(job.validation_blocks.mapPartitions(_partition_as_one))
+            training = blocks if job.streamed else blocks.mapPartitions(partition_as_one)
+            blocks = training.zip(job.validation_blocks.mapPartitions(partition_as_one))
         body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
                        settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate,
                        paired=paired)
@@ -520,7 +520,7 @@ class SparkRunner(DriverRunner):
         if job.validation_blocks is not None:
             job.validation_blocks = job.validation_blocks.repartition(slots)
         with spark_errors(), spark_job(self.spark, "kerasonspark re-split the data"):
-            return self.blocks.mapPartitions(_partition_rows).collect()
+            return self.blocks.mapPartitions(partition_rows).collect()
 
     def release(self) -> None:
         """Destroy what the fit's stages shared (the validation broadcast)."""

@@ -659,6 +659,16 @@ def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects
     yield guarded(worker, exchange, body, gate)
 
 
+def partition_rows(blocks: Iterable[Block]) -> Iterator[int]:
+    """A partition's row count (a task body: it runs on the executors, so it lives here)."""
+    yield sum(len(block[0]) for block in blocks)
+
+
+def partition_as_one(blocks: Iterable[Any]) -> Iterator[list[Any]]:
+    """A partition's elements as one list, to zip one partition to another's."""
+    yield list(blocks)
+
+
 @dataclass(frozen=True)
 class SpilledPartition:
     """Where :func:`spill_partition` wrote a partition, and the layout of its arrays."""
