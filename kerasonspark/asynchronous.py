@@ -86,9 +86,11 @@ class AsyncOptions(ScalingOptions):
         """Elastic averaging's moving rate: ``alpha``, or ``rho * elastic_lr`` (``rho`` 5 by default)."""
         return self.alpha if self.alpha is not None else (5.0 if self.rho is None else self.rho) * self.elastic_lr
 
-    def make_rule(self) -> UpdateRule:
-        """The configured update rule."""
-        return make_rule("easgd", alpha=self.resolved_alpha) if self.rule == "easgd" else make_rule(self.rule)
+    def make_rule(self, lr_factor: float = 1.0) -> UpdateRule:
+        """The configured update rule; ``lr_factor`` (the workers' rate multiplier) is DynSGD's floor."""
+        if self.rule == "easgd":
+            return make_rule("easgd", alpha=self.resolved_alpha)
+        return make_rule("dynsgd", floor=lr_factor) if self.rule == "dynsgd" else make_rule(self.rule)
 
 
 class PushPullExchange(ServerExchange):
@@ -182,13 +184,15 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     Args:
         lock: apply pushes under the server's lock (``async``) or without it (``hogwild``).
     """
-    rule = options.make_rule()
     scaling = options.lr_scaling(job)
+    factor = scaling.factor if scaling else 1.0
+    rule = options.make_rule(max(factor, 1.0))
     store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock)
     outcome = job.serve(
         store, lambda url, secret: PushPullExchange(url, secret, options.window, rule.payload, options.delta_dtype,
                                                     options.timeout, options.overlap, scaling))
     server_stats = outcome.server_stats
     return job.result(outcome.reports, store.center.copy(), outcome.seconds, exchanges=server_stats["updates"],
-                      engine_stats={"rule": rule.name, "window": options.window, "lr_scale": scaling.factor if scaling else 1.0,
+                      engine_stats={"rule": rule.name, "window": options.window, "lr_scale": factor,
+                                    "staleness_floor": getattr(rule, "floor", 1.0),
                                     "parameter_server": server_stats})

@@ -29,6 +29,26 @@ def test_dynsgd_divides_by_staleness_plus_one(staleness, factor):
     np.testing.assert_allclose(new, CENTER + factor * DELTA)
 
 
+@pytest.mark.parametrize("staleness, factor", [(0, 0.5), (1, 0.5), (3, 0.25)])
+def test_dynsgd_never_divides_by_less_than_its_floor(staleness, factor):
+    new, _ = DynSGD(floor=2).apply(CENTER, DELTA, staleness=staleness, window=5)
+    np.testing.assert_allclose(new, CENTER + factor * DELTA)
+
+
+def test_dynsgd_refuses_a_floor_below_one():
+    with pytest.raises(ValueError, match="floor"):
+        DynSGD(floor=0.5)
+
+
+def test_the_async_options_give_dynsgd_the_workers_rate_factor_as_its_floor():
+    from kerasonspark.asynchronous import AsyncOptions
+
+    rule = AsyncOptions().make_rule(4.0)
+    assert isinstance(rule, DynSGD) and rule.scale(staleness=0, window=20) == 0.25
+    assert DynSGD().scale(staleness=0, window=20) == 1.0  # lr_scale=1: the paper's rule, unchanged
+    assert isinstance(AsyncOptions(rule="adag").make_rule(4.0), Adag)  # the 2017 rule keeps its arithmetic
+
+
 def test_elastic_averaging_moves_both_toward_each_other():
     worker = np.array([3.0, 2.0, 1.0, 4.0], np.float32)
     new, reply = ElasticAveraging(alpha=0.25).apply(CENTER, worker, staleness=0, window=5)

@@ -37,6 +37,8 @@ def test_every_installed_engine_keeps_the_trainer_contract(spark, backend, no_le
     assert isinstance(result.stats[backend], dict)  # the engine's own figures, under its name
     assert (result.stats["exchanges"] == 0) == (backend == "single")
     assert result.stats["samples"] == 2 * 800 and sum(w["samples"] for w in result.stats["workers"]) == 800
+    if backend in ("async", "hogwild"):  # DynSGD at 2 workers' rate: no push counts more than half
+        assert result.stats[backend]["rule"] == "dynsgd" and result.stats[backend]["staleness_floor"] == 2.0
 
 
 @pytest.mark.parametrize("backend", ["sync"])
