@@ -223,7 +223,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.master is not None:
         raise SystemExit("kerasonspark train: pass either --master or --cluster, not both.")
     with StandaloneCluster(workers=args.cluster, port=0) as running:
-        print(f"Started a standalone cluster of {args.cluster} workers at {running.master_url}", flush=True)
+        workers = f"{args.cluster} worker" + ("s" if args.cluster != 1 else "")
+        print(f"Started a standalone cluster of {workers} at {running.master_url}", flush=True)
         args.master = running.master_url
         return _train(args)
 

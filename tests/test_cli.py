@@ -159,15 +159,15 @@ def test_mnist_example_prints_the_three_2017_lines_and_stops_the_cluster_it_star
     write_tiny_mnist(tmp_path)
     before = run_processes()
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--data", str(tmp_path), "--epochs", "2",
-                          "--batch-size", "16", "-o", "sync_every=5", "--cluster", "2"],
+                          "--batch-size", "16", "-o", "sync_every=5", "--cluster", "1"],
                          capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Started a standalone cluster of 2 workers at spark://127.0.0.1:" in run.stdout
+    assert "Started a standalone cluster of 1 worker at spark://127.0.0.1:" in run.stdout
     lines = [line for line in run.stdout.splitlines() if line.split(":")[0] in
              ("Training time", "Test accuracy", "Parameter-server updates")]
     assert len(lines) == 3, run.stdout
     accuracy = float(lines[1].split(":")[1])
     rounds = int(lines[2].split(":")[1])
     assert accuracy > 0.5  # an untrained model scores about 0.1
-    assert rounds == 2 * 3  # 2 epochs of ceil(ceil(200 rows / 16) / 5) = 3 rounds
+    assert rounds == 2 * 5  # one worker (--cluster 1): 2 epochs of ceil(ceil(400 rows / 16) / 5) = 5 rounds
     assert run_processes() - before == set()
