@@ -43,9 +43,10 @@ class AsyncOptions(ScalingOptions):
     Attributes:
         rule: ``"dynsgd"`` (default), ``"adag"`` (the 2017 Dist-Keras rule), ``"downpour"``,
             ``"sasgd"`` or ``"easgd"``. DynSGD with the linear rate scaling learned most per
-            sample at 2 and at 4 workers on the reference CNN (ADAG trails it by 0.3 points).
-        window: local steps between two exchanges (default 20: as accurate as 5 there, with a
-            quarter of the exchanges).
+            sample at 2 and at 4 workers on the reference CNN (ADAG trails it by 0.3 points);
+            its floor is the rate factor (:class:`~kerasonspark.parameter_server.rules.DynSGD`).
+        window: local steps between two exchanges (default 20: as accurate as 5 or 8 there, with
+            a quarter or 40 % of the exchanges).
         alpha: elastic averaging's moving rate (``easgd``); default ``rho * elastic_lr``.
         rho: elastic averaging's coupling strength (``easgd``), default 5.0.
         elastic_lr: the learning rate ``rho`` is multiplied by (``easgd``), default 0.1.
