@@ -27,7 +27,7 @@ from .engine import (
     set_flat_weights,
 )
 from .parameter_server import wire
-from .parameter_server.rules import RULES, UpdateRule, make_rule
+from .parameter_server.rules import RULES, DynSGD, UpdateRule, make_rule
 
 if TYPE_CHECKING:
     import keras
@@ -195,5 +195,5 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     server_stats = outcome.server_stats
     return job.result(outcome.reports, store.center.copy(), outcome.seconds, exchanges=server_stats["updates"],
                       engine_stats={"rule": rule.name, "window": options.window, "lr_scale": factor,
-                                    "staleness_floor": getattr(rule, "floor", 1.0),
+                                    "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None,
                                     "parameter_server": server_stats})
