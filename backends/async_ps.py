@@ -10,8 +10,10 @@ one at a time under a lock, and the staleness of every push is counted.
 
 from __future__ import annotations
 
-from kerasonspark.asynchronous import AsyncOptions, run_asynchronous
+from kerasonspark._asynchronous import AsyncOptions, run_asynchronous
 from kerasonspark.engine import Engine, TrainingJob, TrainingResult
+
+__all__ = ["AsyncEngine"]
 
 
 class AsyncEngine(Engine):

@@ -49,10 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from kerasonspark.data import DataInfo
+from kerasonspark._data import DataInfo
+from kerasonspark._errors import ConfigurationError
+from kerasonspark._session import check_weights_privacy
 from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult, WorkerReport, get_flat_weights
-from kerasonspark.errors import ConfigurationError
-from kerasonspark.session import check_weights_privacy
+
+__all__ = ["ElephasEngine", "ElephasOptions"]
+
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kerasonspark.asynchronous import AsyncOptions, run_asynchronous
+from kerasonspark._asynchronous import AsyncOptions, run_asynchronous
 from kerasonspark.engine import Engine, TrainingJob, TrainingResult
+
+__all__ = ["HogwildEngine", "HogwildOptions"]
 
 
 @dataclass

@@ -11,6 +11,8 @@ import time
 
 from kerasonspark.engine import Engine, TrainingJob, TrainingResult, WorkerReport, get_flat_weights
 
+__all__ = ["SingleEngine"]
+
 
 class SingleEngine(Engine):
     """Single-process Keras training on the driver."""

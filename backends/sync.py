@@ -25,7 +25,10 @@ from kerasonspark.engine import (
     get_flat_weights,
     set_flat_weights,
 )
-from kerasonspark.parameter_server.rules import OuterNesterov
+from kerasonspark.parameter_server._rules import OuterNesterov
+
+__all__ = ["SyncEngine", "SyncExchange", "SyncOptions"]
+
 
 if TYPE_CHECKING:
     import keras
@@ -43,7 +46,7 @@ class SyncOptions(ScalingOptions):
         barrier_timeout: seconds a round waits for a missing worker before failing the fit.
         outer_lr: the step the center takes toward each round's average (1: to it).
         outer_momentum: Nesterov momentum on the rounds' averaged changes (0: none); see
-            :class:`~kerasonspark.parameter_server.rules.OuterNesterov`.
+            :class:`~kerasonspark.parameter_server._rules.OuterNesterov`.
     """
 
     sync_every: int = 8

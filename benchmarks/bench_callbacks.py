@@ -34,11 +34,8 @@ def main() -> None:
 
     import keras
 
-    from kerasonspark import SparkTrainer
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.executor import configure_tensorflow
-    from kerasonspark.models import mnist_cnn
-    from kerasonspark.session import start_session
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, start_session
+    from kerasonspark._executor import configure_tensorflow
 
     configure_tensorflow(0)
     (x, y), (test_x, test_y) = load_mnist(args.data)

@@ -4,7 +4,7 @@
     python benchmarks/bench_engines.py --data ../shared/data/mnist --backends single sync async async:downpour hogwild --repeat 3
 
 The same as ``kerasonspark compare`` (see ``kerasonspark compare --help``; its code is
-:mod:`kerasonspark.compare`). A backend may carry an update rule after a colon
+:mod:`kerasonspark._compare`). A backend may carry an update rule after a colon
 (``async:downpour``). With ``--repeat N`` every engine runs N times, interleaved, and the median
 of each figure is reported.
 

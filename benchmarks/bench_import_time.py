@@ -1,6 +1,6 @@
 """What a Spark task pays to import the executor side: `python -X importtime`, median of runs.
 
-    python benchmarks/bench_import_time.py                         # kerasonspark.executor
+    python benchmarks/bench_import_time.py                         # kerasonspark._executor
     python benchmarks/bench_import_time.py --module kerasonspark.worker --python /path/to/other/python
 
 Prints the median total import time, the number of modules loaded, and any driver-side module
@@ -17,14 +17,14 @@ import subprocess
 import sys
 import tempfile
 
-DRIVER_SIDE = ("flask", "werkzeug", "kerasonspark.trainer", "kerasonspark.driver", "kerasonspark.cluster",
-               "kerasonspark.compare", "kerasonspark.cli")
+DRIVER_SIDE = ("flask", "werkzeug", "kerasonspark._trainer", "kerasonspark._driver", "kerasonspark._cluster",
+               "kerasonspark._compare", "kerasonspark.cli")
 LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| ( *\S.*)$")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", default="kerasonspark.executor")
+    parser.add_argument("--module", default="kerasonspark._executor")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()

@@ -36,10 +36,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
-    from kerasonspark.datasets import load_mnist
+    from kerasonspark import load_mnist, mnist_cnn, start_session
     from kerasonspark.ml import KerasModel
-    from kerasonspark.models import mnist_cnn
-    from kerasonspark.session import start_session
 
     _, (x_test, _) = load_mnist(args.data)
     x = np.resize(x_test.reshape(len(x_test), -1), (args.rows, x_test[0].size)).astype(np.float32)

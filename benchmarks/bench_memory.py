@@ -90,9 +90,7 @@ def write_parquet(data: str | None, workdir: Path, scales: list[int]) -> dict[in
         return folders
     from functools import reduce
 
-    from kerasonspark.data import numpy_to_dataframe
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.session import start_session
+    from kerasonspark import load_mnist, numpy_to_dataframe, start_session
 
     spark = start_session("local[2]", "kerasonspark-bench-memory-write")
     (x, y), _ = load_mnist(data)
@@ -105,10 +103,7 @@ def write_parquet(data: str | None, workdir: Path, scales: list[int]) -> dict[in
 
 def measure(folder: str, path: str, scale: int, backend: str, data: str | None) -> None:
     """In a fresh process: train one epoch from ``folder`` and print the run's JSON line."""
-    from kerasonspark import SparkTrainer
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.models import mnist_cnn
-    from kerasonspark.session import start_session
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, start_session
 
     spark = start_session("local[2]", "kerasonspark-bench-memory")
     _, (x_test, y_test) = load_mnist(data)

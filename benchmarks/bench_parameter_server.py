@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from kerasonspark.models import MNIST_CNN_PARAMETERS
+from kerasonspark import MNIST_CNN_PARAMETERS
 
 SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 32), (32,), (4608, 225), (225,), (225, 10), (10,)]
 assert sum(int(np.prod(s)) for s in SHAPES) == MNIST_CNN_PARAMETERS
@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, make_rule, new_secret
-    from kerasonspark.parameter_server.app import create_app
+    from kerasonspark.parameter_server._app import create_app
 
     size = MNIST_CNN_PARAMETERS * 4
     print(f"payload: {size / 1e6:.2f} MB each way per round trip", flush=True)

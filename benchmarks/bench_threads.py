@@ -16,11 +16,7 @@ import statistics
 
 
 def one_run(data: str | None, threads: int | None) -> float:
-    from kerasonspark import SparkTrainer
-    from kerasonspark.data import numpy_to_dataframe
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.models import mnist_cnn
-    from kerasonspark.session import start_session
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, numpy_to_dataframe, start_session
 
     (x, y), _ = load_mnist(data)
     spark = start_session("local[2]", "kerasonspark-bench-threads")

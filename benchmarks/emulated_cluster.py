@@ -1,7 +1,7 @@
 """What the multi-host benchmarks share: a Spark standalone cluster on emulated hosts, and drivers
 run in the driver's host that print one ``RUN {json}`` line per training run.
 
-Three hosts (:mod:`kerasonspark.emulated_hosts`) on 198.19.0.0/24 (the test suite's use
+Three hosts (``emulated_hosts.py``) on 198.19.0.0/24 (the test suite's use
 198.18.0.0/24): the driver with the Spark master and the parameter server in the first, a Spark
 worker with one core in each of the others. Needs root and iproute2.
 """
@@ -17,8 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from kerasonspark.cluster import StandaloneCluster
-from kerasonspark.emulated_hosts import EmulatedHost, EmulatedNetwork
+from emulated_hosts import EmulatedHost, EmulatedNetwork
+
+from kerasonspark import StandaloneCluster
 
 SUBNET = "198.19.0"
 BATCH = 32
@@ -46,7 +47,7 @@ def run_driver(host: EmulatedHost, script: str, *args: str, timeout: float = 360
 
 def driver_session(master: str, address: str, name: str):  # -> SparkSession
     """The driver's session, bound to its host's address."""
-    from kerasonspark.session import start_session
+    from kerasonspark import start_session
 
     return start_session(master, name, conf={"spark.driver.host": address, "spark.driver.bindAddress": address,
                                              "spark.driver.memory": "4g", "spark.ui.showConsoleProgress": "false"})

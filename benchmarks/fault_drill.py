@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kerasonspark.driver import StatsPageWatcher, stats_page_url
+from stats_page import StatsPageWatcher, stats_page_url
 
 SPARK_MARKERS = (b"pyspark.daemon", b"pyspark.worker", b"CoarseGrainedExecutorBackend", b"org.apache.spark.deploy")
 
@@ -70,8 +70,8 @@ def _leftovers(work: Path, grace: float = 15.0) -> list[int]:
 
 
 def _load(args: argparse.Namespace):
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.executor import configure_tensorflow
+    from kerasonspark import load_mnist
+    from kerasonspark._executor import configure_tensorflow
 
     configure_tensorflow(0)
     (x, y), (test_x, test_y) = load_mnist(args.data)
@@ -79,8 +79,7 @@ def _load(args: argparse.Namespace):
 
 
 def _trainer(args: argparse.Namespace, spark, **extra):
-    from kerasonspark import SparkTrainer
-    from kerasonspark.models import mnist_cnn
+    from kerasonspark import SparkTrainer, mnist_cnn
 
     options = {"sync_every": 16} if args.backend == "sync" else {"window": 5}
     return SparkTrainer(mnist_cnn(seed=0), backend=args.backend, num_workers=args.workers, epochs=args.epochs,
@@ -172,7 +171,7 @@ def kill_the_driver(args: argparse.Namespace, master: str, backup: Path) -> dict
             break
         time.sleep(0.1)
     first.wait()
-    from kerasonspark.backup import BackupStore
+    from kerasonspark._backup import BackupStore
 
     saved = BackupStore(backup).latest()
     report = _driver_process(args, master, backup)
@@ -196,7 +195,7 @@ def driver_role(args: argparse.Namespace) -> None:
     """The driver process of ``--kill driver``: train with backups; print one JSON line at the end."""
     import keras
 
-    from kerasonspark.session import start_session
+    from kerasonspark import start_session
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -228,8 +227,7 @@ def main() -> None:
         driver_role(args)
         return
 
-    from kerasonspark.cluster import StandaloneCluster
-    from kerasonspark.session import start_session
+    from kerasonspark import StandaloneCluster, start_session
 
     catcher = StatsPageWatcher()
     logging.getLogger("kerasonspark").addHandler(catcher)

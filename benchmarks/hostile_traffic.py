@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from kerasonspark.models import MNIST_CNN_PARAMETERS
-from kerasonspark.parameter_server import auth, wire
-from kerasonspark.parameter_server.rules import Adag
+from kerasonspark import MNIST_CNN_PARAMETERS
+from kerasonspark.parameter_server import _auth as auth
+from kerasonspark.parameter_server import wire
+from kerasonspark.parameter_server._rules import Adag
 
 SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 32), (32,), (4608, 225), (225,), (225, 10), (10,)]
 SIZE = MNIST_CNN_PARAMETERS

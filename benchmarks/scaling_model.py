@@ -192,9 +192,8 @@ def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
     engine's default rule, and a worker's share of a ``sync`` round (its arrival plus the average)."""
     import numpy as np
 
-    from kerasonspark import available_backends
-    from kerasonspark.models import MNIST_CNN_PARAMETERS
-    from kerasonspark.parameter_server.store import ParameterStore
+    from kerasonspark import MNIST_CNN_PARAMETERS, available_backends
+    from kerasonspark.parameter_server._store import ParameterStore
 
     shapes = [(MNIST_CNN_PARAMETERS,)]
     center = np.zeros(MNIST_CNN_PARAMETERS, np.float32)
@@ -216,9 +215,7 @@ def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
 
 def drive(master: str, address: str, data: str | None, rows: int, configs: list[str], workers: list[int]) -> None:
     """In the driver's namespace: train each configuration and print one JSON line per run."""
-    from kerasonspark import SparkTrainer
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.models import mnist_cnn
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn
 
     spark = driver_session(master, address, "kerasonspark-scaling-model")
     (x, y), _ = load_mnist(data)
@@ -254,7 +251,7 @@ def run_figures(name: str, workers: int, stats: dict) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     """Everything :func:`report` needs, from the emulated hosts."""
-    from kerasonspark.emulated_hosts import goodput
+    from emulated_hosts import goodput
 
     measured: dict = {"rows": args.rows, "goodput": {}, "runs": [], "apply_seconds": measure_apply_seconds()}
     print("server apply per push (s): " + ", ".join(f"{k} {v:.4f}" for k, v in measured["apply_seconds"].items()))

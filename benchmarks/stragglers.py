@@ -32,9 +32,7 @@ def hold_to(quota: float | None) -> None:
 
 def drive(master: str, address: str, data: str | None, rows: int, epochs: int, balance: bool, way: str) -> None:
     """In the driver's host: train each engine once; one RUN line each."""
-    from kerasonspark import SparkTrainer
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.models import mnist_cnn
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn
 
     spark = driver_session(master, address, "kerasonspark-stragglers")
     (x, y), (x_test, y_test) = load_mnist(data)

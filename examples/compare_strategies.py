@@ -9,12 +9,8 @@ DataFrame and cores; the table at the end holds the medians.
 
 import sys
 
-from kerasonspark.compare import compare_strategies, format_table
-from kerasonspark.data import numpy_to_dataframe
-from kerasonspark.datasets import load_mnist
+from kerasonspark import compare_strategies, format_table, load_mnist, mnist_cnn, numpy_to_dataframe, start_session
 from kerasonspark.engine import available_backends
-from kerasonspark.models import mnist_cnn
-from kerasonspark.session import start_session
 
 
 def main(strategies: list[str]) -> None:

@@ -1,11 +1,18 @@
 """kerasonspark: train Keras 3 models on Apache Spark.
 
-    from kerasonspark import SparkTrainer
-    from kerasonspark.models import mnist_cnn
+    import kerasonspark as ks
 
-    result = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2).fit(train_df)
+    spark = ks.start_session("local[2]")
+    result = ks.SparkTrainer(ks.mnist_cnn(), backend="sync", num_workers=2).fit(train_df)
 
-The names below load on first use: a Spark task that imports ``kerasonspark.executor`` runs this
+Everything a user needs is importable from here. The public modules beside it are
+:mod:`kerasonspark.engine` (the SDK for writing an engine), :mod:`kerasonspark.ml` (Spark ML
+pipelines), :mod:`kerasonspark.testing` (engines in-process, for tests) and
+:mod:`kerasonspark.parameter_server` with its :mod:`~kerasonspark.parameter_server.client` and
+:mod:`~kerasonspark.parameter_server.wire`; the engines live in :mod:`kerasonspark.backends`.
+Modules whose names start with an underscore are internal and may change in any release.
+
+The names below load on first use: a Spark task that imports ``kerasonspark._executor`` runs this
 file too, and must not pull in the trainer, the cluster launcher or Flask with it.
 """
 
@@ -14,7 +21,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from ._errors import (
     BarrierTimeoutError,
     ConfigurationError,
     DataError,
@@ -26,46 +33,57 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .cluster import StandaloneCluster
-    from .compare import compare_strategies
-    from .engine import (
-        Engine,
-        Exchange,
-        ServerExchange,
-        TrainingConfig,
-        TrainingJob,
-        TrainingResult,
-        WorkerReport,
-        available_backends,
-    )
-    from .trainer import SparkTrainer
+    from ._cluster import StandaloneCluster
+    from ._compare import StrategyRow, compare_strategies, format_table, plot_comparison
+    from ._data import numpy_to_dataframe
+    from ._datasets import load_mnist
+    from ._models import MNIST_CNN_PARAMETERS, mnist_cnn
+    from ._session import start_session
+    from ._trainer import SparkTrainer
+    from .engine import TrainingResult, WorkerReport, available_backends
 
 __version__ = "0.1.0"
 
-_LAZY = {"SparkTrainer": "trainer", "StandaloneCluster": "cluster", "compare_strategies": "compare",
-         **{name: "engine" for name in ("Engine", "Exchange", "ServerExchange", "TrainingConfig", "TrainingJob",
-                                        "TrainingResult", "WorkerReport", "available_backends")}}
+_LAZY = {
+    "SparkTrainer": "_trainer",
+    "TrainingResult": "engine",
+    "WorkerReport": "engine",
+    "available_backends": "engine",
+    "numpy_to_dataframe": "_data",
+    "start_session": "_session",
+    "StandaloneCluster": "_cluster",
+    "compare_strategies": "_compare",
+    "format_table": "_compare",
+    "plot_comparison": "_compare",
+    "StrategyRow": "_compare",
+    "load_mnist": "_datasets",
+    "mnist_cnn": "_models",
+    "MNIST_CNN_PARAMETERS": "_models",
+}
 
 __all__ = [
+    "MNIST_CNN_PARAMETERS",
     "BarrierTimeoutError",
     "ConfigurationError",
     "DataError",
-    "Engine",
-    "Exchange",
     "KerasOnSparkError",
     "ParameterServerError",
-    "ServerExchange",
     "SparkEnvironmentError",
     "SparkTrainer",
     "StandaloneCluster",
-    "TrainingConfig",
-    "TrainingJob",
+    "StrategyRow",
     "TrainingResult",
     "WireFormatError",
     "WorkerError",
     "WorkerReport",
     "available_backends",
     "compare_strategies",
+    "format_table",
+    "load_mnist",
+    "mnist_cnn",
+    "numpy_to_dataframe",
+    "plot_comparison",
+    "start_session",
 ]
 
 

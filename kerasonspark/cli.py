@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+__all__ = ["main"]
+
+
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
@@ -82,7 +85,7 @@ def _cluster_parser(sub: Any) -> None:
 
 def cluster(args: argparse.Namespace) -> int:
     """``kerasonspark cluster start|status|stop``."""
-    from .cluster import DEFAULT_STATE_FILE, StandaloneCluster, load_state, master_status, stop_processes
+    from ._cluster import DEFAULT_STATE_FILE, StandaloneCluster, load_state, master_status, stop_processes
 
     state_file = Path(args.state or DEFAULT_STATE_FILE).expanduser()
     if args.action == "start":
@@ -135,8 +138,8 @@ def _compare_parser(sub: Any) -> None:
 
 
 def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-    from .datasets import load_mnist
-    from .executor import configure_tensorflow
+    from ._datasets import load_mnist
+    from ._executor import configure_tensorflow
 
     configure_tensorflow(0)  # TensorFlow's default pools for the driver, its start-up lines held back
     (x_train, y_train), test = load_mnist(args.data)
@@ -150,7 +153,7 @@ def _session(args: argparse.Namespace, app_name: str) -> Iterator[SparkSession]:
     """The Spark session for a command: the running one (left running), or one started and stopped here."""
     from pyspark.sql import SparkSession
 
-    from .session import start_session
+    from ._session import start_session
 
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -167,10 +170,10 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train the reference CNN with each strategy on the same data and cores; prints a table."""
     import json
 
-    from .compare import compare_strategies, format_table, plot_comparison
-    from .data import numpy_to_dataframe
+    from ._compare import compare_strategies, format_table, plot_comparison
+    from ._data import numpy_to_dataframe
+    from ._models import mnist_cnn
     from .engine import available_backends
-    from .models import mnist_cnn
 
     strategies = args.backends or sorted(available_backends(), key=lambda name: (name != "single", name))
     (x_train, y_train), (x_test, y_test) = _mnist(args)
@@ -218,7 +221,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         args.workers = args.cluster or 2
     if args.cluster is None:
         return _train(args)
-    from .cluster import StandaloneCluster
+    from ._cluster import StandaloneCluster
 
     if args.master is not None:
         raise SystemExit("kerasonspark train: pass either --master or --cluster, not both.")
@@ -230,9 +233,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from .data import numpy_to_dataframe
-    from .models import mnist_cnn
-    from .trainer import SparkTrainer
+    from ._data import numpy_to_dataframe
+    from ._models import mnist_cnn
+    from ._trainer import SparkTrainer
 
     (x_train, y_train), (x_test, y_test) = _mnist(args)
     options = dict(args.option)

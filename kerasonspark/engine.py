@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
-from .errors import ConfigurationError
+from ._errors import ConfigurationError
+from ._serialization import ModelSpec, get_flat_weights, set_flat_weights
+from .parameter_server._store import ParameterStore
 from .parameter_server.client import ParameterClient
-from .parameter_server.store import ParameterStore
-from .serialization import ModelSpec, get_flat_weights, set_flat_weights
 
 if TYPE_CHECKING:
     import keras
 
-    from .data import DataInfo
+    from ._data import DataInfo
 
 __all__ = [
     "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "LearningRateScaling", "NoOptions", "ParameterStore",
@@ -457,7 +457,7 @@ class TrainingJob:
         """The validation data as ``(x, y)`` on the driver, for engines that score there; data
         that stays on the executors is collected once (the shared worker loop never does)."""
         if self.validation is None and self.validation_blocks is not None:
-            from .data import collect_arrays
+            from ._data import collect_arrays
 
             x, y, _ = collect_arrays(self.validation_blocks)
             self.validation = (x, y)
@@ -505,7 +505,7 @@ class TrainingJob:
         """The training data as one ``(x, y, sample_weight)`` triple on the driver, for engines that
         train there (``sample_weight`` is ``None`` without weights; ``fit``'s class weights are
         folded into it)."""
-        from .data import class_weighted
+        from ._data import class_weighted
 
         x, y, weights = self.runner.local_arrays(self)
         return x, y, class_weighted(y, weights, self.config.class_weight)

@@ -37,10 +37,13 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
 
-from .data import DataInfo, feature_column
-from .driver import ship_by_value
-from .errors import ConfigurationError, DataError
-from .serialization import ModelSpec, loss_name, referenced_custom_objects
+from ._data import DataInfo, feature_column
+from ._driver import ship_by_value
+from ._errors import ConfigurationError, DataError
+from ._serialization import ModelSpec, loss_name, referenced_custom_objects
+
+__all__ = ["KerasEstimator", "KerasModel"]
+
 
 if TYPE_CHECKING:
     import keras
@@ -253,7 +256,7 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
         return self.getOrDefault(self.validationFraction)
 
     def _fit(self, dataset: DataFrame) -> KerasModel:
-        from .trainer import SparkTrainer
+        from ._trainer import SparkTrainer
 
         weight = self.getSampleWeightCol()
         missing = [c for c in (self.getFeaturesCol(), self.getLabelCol(), weight) if c and c not in dataset.columns]
@@ -326,8 +329,8 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         from pyspark.sql import functions as F
         from pyspark.sql import types as T
 
-        from .shipping import ensure_executors_ready
-        from .trainer import predict_dataframe
+        from ._shipping import ensure_executors_ready
+        from ._trainer import predict_dataframe
 
         if self.keras_model is None:
             raise ConfigurationError("This KerasModel holds no Keras model: create it with `KerasModel(model)`.")

@@ -1,6 +1,6 @@
 """An in-process runner for engine authors: an engine's workers as threads, no Spark.
 
-The workers run the real worker loop (:func:`kerasonspark.executor.train_worker`) against the
+The workers run the real worker loop (:func:`kerasonspark._executor.train_worker`) against the
 real parameter server on loopback, and return the same :class:`~kerasonspark.engine.WorkerReport`
 s as in a Spark stage, so an engine's tests take seconds::
 
@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import Block, DataInfo, concatenate, validate_arrays
-from .driver import DriverRunner, worker_settings
+from ._data import Block, DataInfo, concatenate, validate_arrays
+from ._driver import DriverRunner, worker_settings
+from ._errors import ConfigurationError
+from ._executor import EpochGate, LocalSteps, guarded, train_worker, validation_share
+from ._serialization import ModelSpec
 from .engine import (
     Engine,
     Exchange,
@@ -35,9 +38,6 @@ from .engine import (
     WorkerReport,
     resolve_backend,
 )
-from .errors import ConfigurationError
-from .executor import EpochGate, LocalSteps, guarded, train_worker, validation_share
-from .serialization import ModelSpec
 
 if TYPE_CHECKING:
     import keras

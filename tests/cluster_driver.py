@@ -12,9 +12,9 @@ from pathlib import Path
 
 import keras
 
-from kerasonspark import SparkTrainer, WorkerError
-from kerasonspark.cluster import ClusterState, master_status
-from kerasonspark.session import server_host, start_session
+from kerasonspark import SparkTrainer, WorkerError, start_session
+from kerasonspark._cluster import ClusterState, master_status
+from kerasonspark._session import server_host
 
 from conftest import make_blobs, small_model
 
@@ -66,7 +66,7 @@ def kill_while_training(spark, victims) -> threading.Thread:
 
     def training_stages() -> list[int]:
         return [s for s in tracker.getActiveStageIds()  # SparkRunner.run_workers's collect
-                if tracker.getStageInfo(s) and "kerasonspark/driver.py" in tracker.getStageInfo(s).name]
+                if tracker.getStageInfo(s) and "kerasonspark/_driver.py" in tracker.getStageInfo(s).name]
 
     def kill_when_training() -> None:
         deadline = time.monotonic() + 120

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 
 CUSTOM_OBJECTS = Path(__file__).parent / "custom_objects"
+# The benchmarks' tooling (emulated hosts, the stats-page watcher) is not part of the library; the
+# tests that need it import it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="session")
 def spark():
-    from kerasonspark.session import start_session
-    from kerasonspark.shipping import ensure_executors_ready
+    from kerasonspark import start_session
+    from kerasonspark._shipping import ensure_executors_ready
 
     session = start_session("local[2]", "kerasonspark-tests")
     session.sparkContext.setLogLevel("ERROR")

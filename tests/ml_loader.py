@@ -6,7 +6,7 @@ import sys
 
 from pyspark.ml import PipelineModel
 
-from kerasonspark.session import start_session
+from kerasonspark import start_session
 
 if __name__ == "__main__":
     model_path, data_path = sys.argv[1], sys.argv[2]

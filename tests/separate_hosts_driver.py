@@ -9,9 +9,8 @@ import sys
 import keras
 import numpy as np
 
-from kerasonspark import ConfigurationError, SparkTrainer
-from kerasonspark.datasets import load_mnist
-from kerasonspark.session import check_weights_privacy, server_host, start_session
+from kerasonspark import ConfigurationError, SparkTrainer, load_mnist, start_session
+from kerasonspark._session import check_weights_privacy, server_host
 
 
 def small_mnist_model():
@@ -35,7 +34,7 @@ def main(master_url: str, address: str, data: str) -> None:
     servers = []
     handler = logging.Handler()
     handler.emit = lambda record: servers.append(record.getMessage())
-    logger = logging.getLogger("kerasonspark.parameter_server.server")
+    logger = logging.getLogger("kerasonspark.parameter_server._server")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     spark = start_session(master_url, "kerasonspark-separate-hosts",

@@ -7,9 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from kerasonspark import SparkEnvironmentError, SparkTrainer
-from kerasonspark.session import start_session
-from kerasonspark.shipping import executors_lack
+from kerasonspark import SparkEnvironmentError, SparkTrainer, start_session
+from kerasonspark._shipping import executors_lack
 
 from conftest import make_blobs, small_model
 
@@ -25,8 +24,8 @@ def main(master_url: str) -> None:
     shipped = []
     handler = logging.Handler()
     handler.emit = lambda record: shipped.append(record.getMessage())
-    logging.getLogger("kerasonspark.shipping").addHandler(handler)
-    logging.getLogger("kerasonspark.shipping").setLevel(logging.INFO)
+    logging.getLogger("kerasonspark._shipping").addHandler(handler)
+    logging.getLogger("kerasonspark._shipping").setLevel(logging.INFO)
     report = {}
     spark = session(master_url)
     report["lacking_before"] = executors_lack(spark, ("kerasonspark", "tensorflow"))

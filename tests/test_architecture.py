@@ -12,9 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kerasonspark"
 # What a Spark worker must never hold: the driver side, and what serves or launches.
-DRIVER_ONLY = ("flask", "werkzeug", "kerasonspark.trainer", "kerasonspark.driver", "kerasonspark.cluster",
-               "kerasonspark.compare", "kerasonspark.cli", "kerasonspark.testing", "kerasonspark.parameter_server.app",
-               "kerasonspark.parameter_server.server")
+DRIVER_ONLY = ("flask", "werkzeug", "kerasonspark._trainer", "kerasonspark._driver", "kerasonspark._cluster",
+               "kerasonspark._compare", "kerasonspark.cli", "kerasonspark.testing", "kerasonspark.parameter_server._app",
+               "kerasonspark.parameter_server._server")
 
 
 def module_name(path: Path) -> str:
@@ -96,7 +96,7 @@ def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
 def test_executor_side_and_sdk_import_nothing_that_serves_or_launches():
     graph = package_graph()
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    for start in ("kerasonspark.executor", "kerasonspark.engine", "kerasonspark.asynchronous"):
+    for start in ("kerasonspark._executor", "kerasonspark.engine", "kerasonspark._asynchronous"):
         modules = reachable(start, graph)
         assert not [m for m in modules if m.startswith(DRIVER_ONLY)], start
         outside = {name for m in modules for name in imports(paths[m])}
@@ -139,7 +139,7 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
         yield sorted(worker_sys.modules)
 
     per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
-    assert all("kerasonspark.executor" in names for names in per_worker)  # the workers that trained
+    assert all("kerasonspark._executor" in names for names in per_worker)  # the workers that trained
     leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
     assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
 

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from kerasonspark.parameter_server import auth
+from kerasonspark.parameter_server import _auth as auth
 
 
 def test_signed_request_verifies_and_returns_credentials():

@@ -9,9 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer
-from kerasonspark.backup import BackupStore, RunState, check_resumable, run_settings
-from kerasonspark.errors import ConfigurationError
+from kerasonspark import ConfigurationError, SparkTrainer
+from kerasonspark._backup import BackupStore, RunState, check_resumable, run_settings
 
 from conftest import make_blobs, small_model
 

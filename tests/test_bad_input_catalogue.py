@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from kerasonspark import SparkTrainer
-from kerasonspark.data import numpy_to_dataframe
+from kerasonspark import SparkTrainer, numpy_to_dataframe
 from kerasonspark.ml import KerasEstimator
-from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, auth, make_rule, new_secret, wire
+from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, make_rule, new_secret, wire
+from kerasonspark.parameter_server import _auth as auth
 
 from conftest import make_blobs, small_model
 
@@ -99,7 +99,7 @@ def uncompiled(spark):
 def missing_java(spark):
     import os
 
-    from kerasonspark.session import require_java
+    from kerasonspark._session import require_java
 
     saved = {k: os.environ.get(k) for k in ("JAVA_HOME", "PATH")}
     os.environ.pop("JAVA_HOME", None)
@@ -136,7 +136,7 @@ def scaled_schedule(spark):
 
 
 def encrypted_cluster(spark):
-    from kerasonspark.session import check_weights_privacy
+    from kerasonspark._session import check_weights_privacy
 
     check_weights_privacy({"spark.network.crypto.enabled": "true"}, "10.0.0.5")
 
@@ -176,7 +176,7 @@ def empty_partition_only(spark):
 
 
 def mismatched_backup(spark):
-    from kerasonspark.backup import RunState, check_resumable
+    from kerasonspark._backup import RunState, check_resumable
 
     state = RunState(epoch=1, center=np.zeros(3, np.float32), settings={"model": "a1b2", "engine": "sync"})
     check_resumable(state, {"model": "c3d4", "engine": "sync"})

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark.executor import LocalSteps, balanced_order
-from kerasonspark.steering import balanced_steps
+from kerasonspark._executor import LocalSteps, balanced_order
+from kerasonspark._steering import balanced_steps
 from kerasonspark.testing import fit_in_process
 
 from conftest import make_blobs, small_model

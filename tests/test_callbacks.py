@@ -17,12 +17,11 @@ import urllib.request
 import keras
 import numpy as np
 import pytest
+from stats_page import stats_page_url
 
-from kerasonspark import SparkTrainer
-from kerasonspark.driver import stats_page_url
+from kerasonspark import ConfigurationError, SparkTrainer
+from kerasonspark._progress import ProgressBar
 from kerasonspark.engine import Engine, ParameterStore, ServerExchange, get_flat_weights, set_flat_weights
-from kerasonspark.errors import ConfigurationError
-from kerasonspark.progress import ProgressBar
 from kerasonspark.testing import fit_in_process
 
 from conftest import make_blobs, small_model

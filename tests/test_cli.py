@@ -74,8 +74,7 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark
 
 
 def test_compare_refuses_an_unknown_strategy_before_training(spark):
-    from kerasonspark import ConfigurationError
-    from kerasonspark.compare import compare_strategies
+    from kerasonspark import ConfigurationError, compare_strategies
 
     from conftest import small_model
 
@@ -120,7 +119,7 @@ def test_compare_runs_each_strategy_at_each_worker_count_and_single_once(spark, 
 
 
 def test_the_table_shows_medians_single_s_range_and_seconds_to_target():
-    from kerasonspark.compare import StrategyRow, format_table
+    from kerasonspark import StrategyRow, format_table
 
     def run(speed, accuracy):
         return {"samples_per_s": speed, "samples_per_wall_s": speed / 2, "train_s": 1.0, "wall_s": 2.0,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kerasonspark import ConfigurationError, SparkEnvironmentError
-from kerasonspark.cluster import StandaloneCluster
+from kerasonspark import ConfigurationError, SparkEnvironmentError, StandaloneCluster
 
 pytestmark = pytest.mark.spark
 TESTS = Path(__file__).parent
@@ -97,7 +96,7 @@ def test_a_taken_master_port_is_named_not_silently_moved(tmp_path):
 
 
 def test_stop_signals_only_spark_process_groups():
-    from kerasonspark.cluster import stop_processes
+    from kerasonspark._cluster import stop_processes
 
     bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)  # as if a stale state file named it
     try:

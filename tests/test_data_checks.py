@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kerasonspark import DataError
-from kerasonspark.data import (
+from kerasonspark._data import (
     DataInfo,
     as_features,
     block_problems,

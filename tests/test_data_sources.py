@@ -6,9 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer
-from kerasonspark.data import DataInfo, numpy_to_dataframe, release_blocks, to_blocks
-from kerasonspark.errors import DataError
+from kerasonspark import DataError, SparkTrainer, numpy_to_dataframe
+from kerasonspark._data import DataInfo, release_blocks, to_blocks
 
 from conftest import make_blobs, small_model
 
@@ -74,7 +73,7 @@ def test_numpy_to_dataframe_keeps_rows_in_order_without_data_in_its_tasks(spark,
 
 @pytest.mark.parametrize("backend", ["sync", "async"])
 def test_validation_dataframe_stays_on_the_executors_and_scores_the_returned_model(spark, backend, monkeypatch):
-    from kerasonspark import data as data_module
+    from kerasonspark import _data as data_module
 
     data, labels = make_blobs(1100)
     (x, y), (xv, yv) = (data[:800], labels[:800]), (data[800:], labels[800:])

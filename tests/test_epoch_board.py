@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from kerasonspark.errors import ParameterServerError
+from kerasonspark import ParameterServerError
 from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
-from kerasonspark.parameter_server.board import EpochBoard
-from kerasonspark.parameter_server.store import RoundClosedError
+from kerasonspark.parameter_server._board import EpochBoard
+from kerasonspark.parameter_server._store import RoundClosedError
 
 SHAPES = [(3, 2), (2,)]
 
@@ -164,8 +164,8 @@ def test_stats_page_json_holds_no_nan():
 def test_a_wait_that_expires_names_the_setting_that_bounds_it():
     import socket
 
+    from kerasonspark import ConfigurationError
     from kerasonspark.engine import TrainingConfig
-    from kerasonspark.errors import ConfigurationError
 
     with socket.socket() as silent:  # accepts the connection, never answers
         silent.bind(("127.0.0.1", 0))

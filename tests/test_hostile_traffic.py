@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kerasonspark.errors import WireFormatError
-from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, auth, make_rule, new_secret, wire
+from kerasonspark import WireFormatError
+from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, make_rule, new_secret, wire
+from kerasonspark.parameter_server import _auth as auth
 
 SHAPES = [(3, 2), (2,)]
 DOCUMENTED = {200, 400, 401, 404, 405, 408, 409, 411, 413, 422, 431, 503, 504, 505}

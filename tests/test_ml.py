@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasonspark.errors import ConfigurationError, DataError
+from kerasonspark import ConfigurationError, DataError
 from kerasonspark.ml import KerasEstimator, KerasModel
 
 from conftest import make_blobs, small_model
@@ -168,8 +168,8 @@ def test_bad_params_and_columns_are_refused_before_training(spark):
 
 
 def test_transform_is_lazy_and_each_python_worker_builds_a_model_version_once(spark):
-    from kerasonspark.executor import inference_model
-    from kerasonspark.serialization import ModelSpec, spec_version
+    from kerasonspark._executor import inference_model
+    from kerasonspark._serialization import ModelSpec, spec_version
 
     df = assembled(spark, 100)
     tracker = spark.sparkContext.statusTracker()

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark.errors import BarrierTimeoutError, ParameterServerError
+from kerasonspark import BarrierTimeoutError, ParameterServerError
 from kerasonspark.parameter_server import (
     ParameterClient,
     ParameterServer,
@@ -69,7 +69,7 @@ def test_unauthenticated_requests_get_401_and_change_nothing(server, secret):
     body = b"".join(bytes(p) for p in wire.encode(np.full(8, 100, np.float32), SHAPES))
     headers = {"Content-Type": wire.CONTENT_TYPE}
     if secret:
-        from kerasonspark.parameter_server import auth
+        from kerasonspark.parameter_server import _auth as auth
         headers[auth.HEADER] = auth.sign(secret, "POST", "/v1/push", 0, 1, len(body))
     conn.request("POST", "/v1/push", body, headers)
     response = conn.getresponse()
@@ -225,7 +225,7 @@ def test_an_unsigned_request_is_refused_before_its_body_is_read(server):
 
 
 def test_idle_and_stalled_connections_are_closed_and_clients_reconnect(no_leaked_threads):
-    from kerasonspark.parameter_server import auth
+    from kerasonspark.parameter_server import _auth as auth
 
     secret = new_secret()
     store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1, rule=AddRule())
@@ -249,7 +249,7 @@ def test_idle_and_stalled_connections_are_closed_and_clients_reconnect(no_leaked
 def test_rotating_the_secret_refuses_the_old_one_and_waits_for_a_push_it_let_in(no_leaked_threads):
     import socket
 
-    from kerasonspark.parameter_server import auth
+    from kerasonspark.parameter_server import _auth as auth
 
     secret = new_secret()
     store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1, rule=AddRule())

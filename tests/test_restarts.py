@@ -99,7 +99,7 @@ def test_max_restarts_zero_fails_at_once_with_the_original_error(spark, tmp_path
 
 
 def test_max_restarts_is_checked():
-    from kerasonspark.errors import ConfigurationError
+    from kerasonspark import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="max_restarts"):
         SparkTrainer(small_model(), max_restarts=-1)

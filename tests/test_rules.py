@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kerasonspark.parameter_server import ParameterStore, make_rule
-from kerasonspark.parameter_server.rules import Adag, Downpour, DynSGD, ElasticAveraging, OuterNesterov, StalenessAware
+from kerasonspark.parameter_server._rules import Adag, Downpour, DynSGD, ElasticAveraging, OuterNesterov, StalenessAware
 
 CENTER = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
 DELTA = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
@@ -41,7 +41,7 @@ def test_dynsgd_refuses_a_floor_below_one():
 
 
 def test_the_async_options_give_dynsgd_the_workers_rate_factor_as_its_floor():
-    from kerasonspark.asynchronous import AsyncOptions
+    from kerasonspark._asynchronous import AsyncOptions
 
     rule = AsyncOptions().make_rule(4.0)
     assert isinstance(rule, DynSGD) and rule.scale(staleness=0, window=20) == 0.25

@@ -5,10 +5,9 @@ real Spark."""
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer
-from kerasonspark.data import DataInfo, numpy_to_dataframe
-from kerasonspark.errors import ConfigurationError, DataError
-from kerasonspark.executor import LocalSteps
+from kerasonspark import ConfigurationError, DataError, SparkTrainer, numpy_to_dataframe
+from kerasonspark._data import DataInfo
+from kerasonspark._executor import LocalSteps
 
 from conftest import make_blobs, small_model
 
@@ -94,7 +93,7 @@ def test_keras_estimator_takes_a_sample_weight_column(spark):
 
 
 def test_class_weights_become_each_rows_weight():
-    from kerasonspark.data import class_weighted, dense_class_weight
+    from kerasonspark._data import class_weighted, dense_class_weight
 
     info = DataInfo((4,), "sparse", 3)
     dense = dense_class_weight({0: 2.0, 2: 0}, info)

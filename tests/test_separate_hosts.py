@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from emulated_hosts import EmulatedNetwork, goodput
 
-from kerasonspark import SparkEnvironmentError
-from kerasonspark.cluster import StandaloneCluster
-from kerasonspark.emulated_hosts import EmulatedNetwork, goodput
+from kerasonspark import SparkEnvironmentError, StandaloneCluster
 
 from test_cli import run_processes, write_tiny_mnist
 

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from kerasonspark.serialization import ModelSpec, get_flat_weights, set_flat_weights
+from kerasonspark._serialization import ModelSpec, get_flat_weights, set_flat_weights
 
 
 @keras.saving.register_keras_serializable(package="kos_tests")

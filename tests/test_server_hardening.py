@@ -13,16 +13,18 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark.errors import ParameterServerError, WireFormatError
+from kerasonspark import ParameterServerError, WireFormatError
 from kerasonspark.parameter_server import (
     ParameterClient,
     ParameterServer,
     ParameterStore,
     ServerConfig,
-    auth,
     make_rule,
     new_secret,
     wire,
+)
+from kerasonspark.parameter_server import (
+    _auth as auth,
 )
 
 SHAPES = [(3, 2), (2,)]

@@ -5,9 +5,8 @@ columns and from NumPy lists, then evaluated and used for predictions."""
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer
-from kerasonspark.data import DataInfo
-from kerasonspark.errors import ConfigurationError, DataError
+from kerasonspark import ConfigurationError, DataError, SparkTrainer
+from kerasonspark._data import DataInfo
 
 from conftest import make_blobs
 

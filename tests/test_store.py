@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark.errors import BarrierTimeoutError, WireFormatError
+from kerasonspark import BarrierTimeoutError, WireFormatError
 from kerasonspark.parameter_server import ParameterStore
 
 
@@ -65,7 +65,7 @@ def test_check_update_refuses_nan_and_wrong_shapes():
 def test_staleness_summary_is_exact_and_bounded():
     from collections import Counter
 
-    from kerasonspark.parameter_server.store import staleness_summary
+    from kerasonspark.parameter_server._store import staleness_summary
 
     assert staleness_summary(Counter({0: 1, 1: 5, 4: 1})) == {"min": 0, "median": 1, "max": 4,
                                                       "histogram": {"0": 1, "1": 5, "4": 1}}

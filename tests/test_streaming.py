@@ -8,10 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer
-from kerasonspark.data import DataInfo, numpy_to_dataframe
-from kerasonspark.errors import ConfigurationError
-from kerasonspark.executor import LocalSteps, open_spilled, spill_partition
+from kerasonspark import ConfigurationError, SparkTrainer, numpy_to_dataframe
+from kerasonspark._data import DataInfo
+from kerasonspark._executor import LocalSteps, open_spilled, spill_partition
 
 from conftest import make_blobs, small_model
 

@@ -5,9 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from kerasonspark import SparkTrainer, WorkerError, available_backends
-from kerasonspark.data import numpy_to_dataframe
-from kerasonspark.serialization import get_flat_weights
+from kerasonspark import SparkTrainer, WorkerError, available_backends, numpy_to_dataframe
+from kerasonspark._serialization import get_flat_weights
 
 from conftest import CrashingExchange, crashing, make_blobs, small_model
 

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from kerasonspark.errors import WireFormatError
+from kerasonspark import WireFormatError
 from kerasonspark.parameter_server import wire
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from kerasonspark import WorkerError, WorkerReport
-from kerasonspark.data import DataInfo
-from kerasonspark.driver import merge_history
+from kerasonspark._data import DataInfo
+from kerasonspark._driver import merge_history
+from kerasonspark._executor import WorkerSettings, train_worker, validation_share
 from kerasonspark.engine import Exchange, even_runs
-from kerasonspark.executor import WorkerSettings, train_worker, validation_share
 from kerasonspark.testing import fit_in_process
 
 from conftest import make_blobs, small_model
@@ -169,9 +169,9 @@ def test_history_is_weighted_by_samples_and_validation_rows():
 
 
 def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
-    from kerasonspark.driver import assemble_result
+    from kerasonspark._driver import assemble_result
+    from kerasonspark._serialization import ModelSpec
     from kerasonspark.engine import TrainingConfig, TrainingJob, get_flat_weights
-    from kerasonspark.serialization import ModelSpec
 
     model = small_model()
     spec = ModelSpec.from_model(model)

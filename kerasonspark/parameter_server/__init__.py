@@ -1,7 +1,8 @@
 """The parameter server: a Flask app on the driver, its binary wire format, auth and client.
 
-Executors import only :mod:`.client` and :mod:`.wire` (and the engines' :mod:`.store` and
-:mod:`.rules`, which are plain Python); the Flask app and its server load on first use of their
+:mod:`.client` and :mod:`.wire` are public (a client in another language follows the wire
+format's page); the rest is internal. Executors import only the client and the wire format (and
+the engines' store and rules, which are plain Python); the Flask app and its server load on first use of their
 names here, so importing this package never imports Flask.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_WHERE = {"ParameterClient": "client", "ParameterServer": "server", "ParameterStore": "store", "RULES": "rules",
-          "ServerConfig": "app", "UpdateRule": "rules", "create_app": "app", "make_rule": "rules",
-          "new_secret": "auth"}
+_WHERE = {"ParameterClient": "client", "ParameterServer": "_server", "ParameterStore": "_store", "RULES": "_rules",
+          "ServerConfig": "_app", "UpdateRule": "_rules", "create_app": "_app", "make_rule": "_rules",
+          "new_secret": "_auth"}
 
 __all__ = sorted(_WHERE)
 

@@ -11,8 +11,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import BarrierTimeoutError, ParameterServerError
-from . import auth, wire
+from .._errors import BarrierTimeoutError, ParameterServerError
+from . import _auth as auth
+from . import wire
+
+__all__ = ["ParameterClient"]
 
 
 class ParameterClient:

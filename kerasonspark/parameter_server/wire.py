@@ -16,7 +16,7 @@ The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat1
 shapes, one per array, in order); the payload length must equal the sum of the shapes' sizes times
 the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
 ``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
-message raises :class:`~kerasonspark.errors.WireFormatError` before any payload is used. Limits:
+message raises :class:`~kerasonspark._errors.WireFormatError` before any payload is used. Limits:
 a header of at most 1 MiB, at most 65,536 arrays of at most 32 dimensions, and every JSON number
 within what Python parses (:func:`loads_json`).
 """
@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import WireFormatError
+from .._errors import WireFormatError
+
+__all__ = [
+    "CONTENT_TYPE", "MAGIC", "MAX_ARRAYS", "MAX_DIMENSIONS", "MAX_HEADER_BYTES", "VERSION",
+    "decode", "encode", "encoded_size", "flatten", "unflatten",
+]
+
 
 MAGIC = b"KOSW"
 VERSION = 1

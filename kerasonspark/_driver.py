@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import errors
-from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
-from .errors import KerasOnSparkError, WorkerError
-from .executor import (
+from . import _errors as errors
+from ._errors import KerasOnSparkError, WorkerError
+from ._executor import (
     EpochGate,
     WorkerSettings,
     learning_rate_of,
@@ -35,47 +34,24 @@ from .executor import (
     spill_partition,
     train_partition,
 )
-from .parameter_server.store import ParameterStore
-from .serialization import set_flat_weights
-from .session import check_slots
-from .steering import Steering, has_terminate_on_nan, weighted_mean
+from ._serialization import set_flat_weights
+from ._session import check_slots
+from ._steering import Steering, has_terminate_on_nan, weighted_mean
+from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
+from .parameter_server._store import ParameterStore
 
 if TYPE_CHECKING:
     from pyspark import RDD, Broadcast
     from pyspark.sql import SparkSession
 
-    from .backup import BackupPlan
-    from .parameter_server.board import EpochBoard
+    from ._backup import BackupPlan
+    from .parameter_server._board import EpochBoard
 
 logger = logging.getLogger(__name__)
 
 JOB_GROUP = "kerasonspark"
 STATS_PAGE_MESSAGE = "Live training stats: %s"
 
-
-def stats_page_url(line: str) -> str | None:
-    """The live stats page's URL from a line of the driver's log, or ``None`` if the line has none."""
-    prefix = STATS_PAGE_MESSAGE.split("%s")[0]
-    return line.split(prefix, 1)[1].strip() if prefix in line else None
-
-
-class StatsPageWatcher(logging.Handler):
-    """Catches the live stats page's URL as ``fit`` logs it, for scripts that watch a run.
-
-    Attributes:
-        url: the page (``/v1/dashboard?token=...``) once logged; ``stats_url`` its JSON.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.url: str | None = None
-
-    @property
-    def stats_url(self) -> str | None:
-        return self.url.replace("/dashboard?", "/stats?") if self.url else None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.url = stats_page_url(record.getMessage()) or self.url
 
 # Failures that follow another worker's failure (their round was cancelled), not causes.
 _CONSEQUENCES = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerError")
@@ -84,11 +60,11 @@ _CONSEQUENCES = ("BarrierTimeoutError", "RoundClosedError", "ParameterServerErro
 def _recover(exc: BaseException) -> KerasOnSparkError | None:
     """The kerasonspark exception a Spark task raised, rebuilt from Spark's error text, or ``None``.
 
-    Spark reports a Python task's failure as text; the last ``kerasonspark.errors.<Name>: message``
-    line names it.
+    Spark reports a Python task's failure as text; the last ``kerasonspark.<Name>: message`` line
+    names it (the errors carry the package as their module).
     """
     text = str(exc)
-    matches = re.findall(r"kerasonspark\.errors\.(\w+): (.*)", text)
+    matches = re.findall(r"kerasonspark\.(\w+Error): (.*)", text)
     if not matches:
         return None
     name, message = matches[-1]
@@ -279,10 +255,10 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
         WorkerError: naming the worker whose failure started it (from the server's reports), when
             the restarts (``max_restarts``) cannot save the run.
     """
-    from .parameter_server.app import ServerConfig
-    from .parameter_server.auth import new_secret
-    from .parameter_server.board import EpochBoard
-    from .parameter_server.server import ParameterServer
+    from .parameter_server._app import ServerConfig
+    from .parameter_server._auth import new_secret
+    from .parameter_server._board import EpochBoard
+    from .parameter_server._server import ParameterServer
 
     secret = new_secret()
     config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
@@ -503,7 +479,7 @@ class SparkRunner(DriverRunner):
             SparkEnvironmentError: the slots did not come back (and the run may not shrink, or no
                 slot is left); the message names how many are missing.
         """
-        from .session import task_slots
+        from ._session import task_slots
 
         config = job.config
         try:
@@ -532,7 +508,7 @@ class SparkRunner(DriverRunner):
         return self.blocks
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        from .data import collect_arrays
+        from ._data import collect_arrays
 
         with spark_errors():
             return collect_arrays(self.blocks)

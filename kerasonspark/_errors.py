@@ -86,3 +86,11 @@ class WorkerError(KerasOnSparkError, RuntimeError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.worker, self.detail))
+
+
+# Tracebacks and reprs name the public path (``kerasonspark.DataError``), not this module; the
+# driver reads that name back from a failed Spark task's text.
+for _error in (KerasOnSparkError, ConfigurationError, DataError, SparkEnvironmentError, ParameterServerError,
+               WireFormatError, BarrierTimeoutError, WorkerError):
+    _error.__module__ = "kerasonspark"
+del _error

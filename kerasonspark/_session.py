@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError, SparkEnvironmentError
+from ._errors import ConfigurationError, SparkEnvironmentError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -56,7 +56,7 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
     """Start (or join) a Spark session on ``master``.
 
     ``local[...]`` masters get loopback-only, quiet settings; a cluster master on this machine's
-    loopback address (``spark://127.0.0.1:...``, as :mod:`kerasonspark.cluster` starts) gets a
+    loopback address (``spark://127.0.0.1:...``, as :mod:`kerasonspark._cluster` starts) gets a
     loopback driver, so the driver and the parameter server stay off the network too. On this
     machine the Python workers run the driver's own interpreter (Spark's default is whatever
     ``python3`` is on PATH, which in an unactivated virtual environment cannot import

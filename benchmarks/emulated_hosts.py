@@ -13,7 +13,7 @@ a full-duplex link of that rate, as a host's network card is::
 
 Addresses come from 198.18.0.0/15, the range set aside for benchmark networks (RFC 2544), so they
 never collide with a range this machine's own interfaces use. Needs root and iproute2;
-:class:`EmulatedNetwork` raises :class:`~kerasonspark.errors.SparkEnvironmentError` naming which is
+:class:`EmulatedNetwork` raises :class:`~kerasonspark.SparkEnvironmentError` naming which is
 missing. Everything it creates is removed on exit, also when the body fails.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from .errors import ConfigurationError, SparkEnvironmentError
+from kerasonspark import ConfigurationError, SparkEnvironmentError
 
 __all__ = ["EmulatedHost", "EmulatedNetwork", "goodput"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigurationError
+from ._errors import ConfigurationError
 from .parameter_server import wire
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ._errors import DataError
 
 logger = logging.getLogger(__name__)
 

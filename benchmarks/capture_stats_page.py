@@ -1,6 +1,6 @@
 """Take the README's screenshot of the live stats page during a real MNIST run.
 
-    python docs/capture_stats_page.py --data ../shared/data/mnist --backend async --out docs/stats-page.png
+    python benchmarks/capture_stats_page.py --data ../shared/data/mnist --backend async --out docs/stats-page.png
 
 Trains the reference CNN on MNIST (2 workers, local Spark, validation on the test images), reads
 the stats page's URL from the ``kerasonspark`` log as a user would, and has headless Chromium
@@ -29,12 +29,10 @@ def main() -> None:
     if browser is None:
         raise SystemExit("No headless browser found: `apt-get install chromium`.")
 
-    from kerasonspark import SparkTrainer
-    from kerasonspark.datasets import load_mnist
-    from kerasonspark.driver import StatsPageWatcher
-    from kerasonspark.executor import configure_tensorflow
-    from kerasonspark.models import mnist_cnn
-    from kerasonspark.session import start_session
+    from stats_page import StatsPageWatcher
+
+    from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, start_session
+    from kerasonspark._executor import configure_tensorflow
 
     catcher = StatsPageWatcher()
     logger = logging.getLogger("kerasonspark")

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import data as data_module
-from .backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
-from .data import DataInfo
-from .driver import SparkRunner, ship_by_value, spark_errors, spark_job
+from . import _data as data_module
+from ._backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
+from ._data import DataInfo
+from ._driver import SparkRunner, ship_by_value, spark_errors, spark_job
+from ._errors import ConfigurationError, DataError
+from ._executor import evaluate_partition, predict_batches, warm_up
+from ._serialization import ModelSpec, set_flat_weights, spec_version
+from ._session import check_slots, check_weights_privacy, server_host, server_port, start_session
+from ._shipping import ensure_executors_ready
 from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
-from .errors import ConfigurationError, DataError
-from .executor import evaluate_partition, predict_batches, warm_up
-from .serialization import ModelSpec, set_flat_weights, spec_version
-from .session import check_slots, check_weights_privacy, server_host, server_port, start_session
-from .shipping import ensure_executors_ready
 
 if TYPE_CHECKING:
     import keras
@@ -188,7 +188,7 @@ class SparkTrainer:
                 scores the epoch's center on its share of these rows, so ``val_*`` is the model
                 ``fit`` returns.
             callbacks: ``keras.callbacks.Callback`` objects, run on the driver against a model
-                holding the center weights (see :mod:`kerasonspark.steering` for which hooks
+                holding the center weights (see :mod:`kerasonspark._steering` for which hooks
                 fire when). ``model.stop_training`` stops every worker at the epoch boundary; a
                 new learning rate reaches every worker before its next epoch.
             initial_epoch: the epoch to start from, as in Keras (to resume a run).
@@ -474,7 +474,7 @@ def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: 
 
     Args:
         outputs: the new columns' names and Spark SQL types, in the order
-            :func:`kerasonspark.executor.prediction_arrays` gives them for ``kind``.
+            :func:`kerasonspark._executor.prediction_arrays` gives them for ``kind``.
         kind: ``"array"``, ``"class"``, ``"binary"`` or ``"value"``.
     """
     from pyspark.sql import functions as F

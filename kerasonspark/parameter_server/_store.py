@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import BarrierTimeoutError, ParameterServerError, WireFormatError
-from .rules import OuterNesterov, UpdateRule
+from .._errors import BarrierTimeoutError, ParameterServerError, WireFormatError
+from ._rules import OuterNesterov, UpdateRule
 from .wire import shapes_size
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -42,10 +42,10 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from ..errors import ParameterServerError
-from .app import EXTENSION, ServerConfig, create_app
-from .board import EpochBoard
-from .store import ParameterStore
+from .._errors import ParameterServerError
+from ._app import EXTENSION, ServerConfig, create_app
+from ._board import EpochBoard
+from ._store import ParameterStore
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Driver side: the run's epoch events, where the driver sees and steers training while it runs.
 
 While the training stage runs (in a background thread), the driver's thread waits at each epoch
-boundary for every worker (:class:`~kerasonspark.parameter_server.board.EpochBoard`), merges
+boundary for every worker (:class:`~kerasonspark.parameter_server._board.EpochBoard`), merges
 their metrics and their scores of the epoch's center, puts the center into the caller's model,
 runs the Keras callbacks with Keras's own ``CallbackList``, and hands the workers its decision
 (stop, the next epoch's learning rate) before any of them starts the next epoch. Between
@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ._executor import learning_rate_of
+from ._progress import ProgressBar
+from ._serialization import get_flat_weights, set_flat_weights
 from .engine import TrainingJob, WorkerReport
-from .executor import learning_rate_of
-from .parameter_server.board import EpochBoard
-from .parameter_server.store import ParameterStore
-from .progress import ProgressBar
-from .serialization import get_flat_weights, set_flat_weights
+from .parameter_server._board import EpochBoard
+from .parameter_server._store import ParameterStore
 
 if TYPE_CHECKING:
     import keras
 
-    from .backup import BackupPlan
+    from ._backup import BackupPlan
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class Steering:
         return int(stats["updates"] + stats["rounds"])
 
     def _save(self, epoch: int, center: np.ndarray, resume: Mapping[int, int]) -> None:
-        from .backup import RunState
+        from ._backup import RunState
 
         assert self.backup is not None
         started = time.perf_counter()

@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._errors import ConfigurationError
+from ._trainer import SparkTrainer
 from .engine import available_backends, resolve_backend
-from .errors import ConfigurationError
-from .trainer import SparkTrainer
 
 if TYPE_CHECKING:
     import keras

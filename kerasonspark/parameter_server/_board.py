@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ParameterServerError
-from .store import ParameterStore, RoundClosedError
+from .._errors import ParameterServerError
+from ._store import ParameterStore, RoundClosedError
 
 MAX_LOG_LINES = 200
 HISTORY_POINTS = 600

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SparkEnvironmentError
+from ._errors import SparkEnvironmentError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .data import Block, DataInfo, class_weighted, concatenate
+from ._data import Block, DataInfo, class_weighted, concatenate
+from ._errors import DataError, WorkerError
+from ._serialization import ModelSpec, get_flat_weights, set_flat_weights
 from .engine import Exchange, WorkerReport
-from .errors import DataError, WorkerError
 from .parameter_server.client import ParameterClient
-from .serialization import ModelSpec, get_flat_weights, set_flat_weights
 
 if TYPE_CHECKING:
     import keras

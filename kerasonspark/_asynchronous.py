@@ -27,7 +27,7 @@ from .engine import (
     set_flat_weights,
 )
 from .parameter_server import wire
-from .parameter_server.rules import RULES, DynSGD, UpdateRule, make_rule
+from .parameter_server._rules import RULES, DynSGD, UpdateRule, make_rule
 
 if TYPE_CHECKING:
     import keras
@@ -44,7 +44,7 @@ class AsyncOptions(ScalingOptions):
         rule: ``"dynsgd"`` (default), ``"adag"`` (the 2017 Dist-Keras rule), ``"downpour"``,
             ``"sasgd"`` or ``"easgd"``. DynSGD with the linear rate scaling learned most per
             sample at 2 and at 4 workers on the reference CNN (ADAG trails it by 0.3 points);
-            its floor is the rate factor (:class:`~kerasonspark.parameter_server.rules.DynSGD`).
+            its floor is the rate factor (:class:`~kerasonspark.parameter_server._rules.DynSGD`).
         window: local steps between two exchanges (default 20: as accurate as 5 or 8 there, with
             a quarter or 40 % of the exchanges).
         alpha: elastic averaging's moving rate (``easgd``); default ``rho * elastic_lr``.

@@ -48,11 +48,12 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from ..errors import BarrierTimeoutError, ParameterServerError
-from . import auth, wire
-from .board import EpochBoard
-from .dashboard import DASHBOARD_HTML
-from .store import ParameterStore
+from .._errors import BarrierTimeoutError, ParameterServerError
+from . import _auth as auth
+from . import wire
+from ._board import EpochBoard
+from ._dashboard import DASHBOARD_HTML
+from ._store import ParameterStore
 
 EXTENSION = "kerasonspark"
 MAX_COUNT = 2**53 - 1  # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
@@ -204,7 +205,7 @@ def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | 
             answer 409.
 
     Returns:
-        A Flask app; serve it with :class:`~kerasonspark.parameter_server.server.ParameterServer`
+        A Flask app; serve it with :class:`~kerasonspark.parameter_server._server.ParameterServer`
         or test it with ``app.test_client()``.
     """
     app = Flask("kerasonspark.parameter_server")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigurationError
+from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     import keras

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigurationError, DataError
-from .serialization import is_custom_loss, loss_name
+from ._errors import ConfigurationError, DataError
+from ._serialization import is_custom_loss, loss_name
 
 if TYPE_CHECKING:
     import keras

@@ -12,8 +12,9 @@ ends it, and the executors and Python workers it started, by process id. ``keras
 start`` keeps a cluster running between commands; its process ids and addresses are written to a
 state file that ``kerasonspark cluster stop`` reads.
 
-On emulated hosts (:mod:`kerasonspark.emulated_hosts`), the master and each worker can run in a
-host of their own, each bound to its host's address, so that nothing travels over loopback::
+On hosts of its own (any object with an ``address`` and a ``command`` that runs a command there:
+the test suite and the benchmarks use network namespaces, ``benchmarks/emulated_hosts.py``), the
+master and each worker run each bound to its host's address, so that nothing travels over loopback::
 
     with EmulatedNetwork(hosts=2) as network, StandaloneCluster(
             workers=2, host=network.address, worker_hosts=network.hosts) as cluster:
@@ -34,14 +35,21 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ._errors import ConfigurationError, SparkEnvironmentError
+from ._session import require_java
 from .engine import check_positive_int
-from .errors import ConfigurationError, SparkEnvironmentError
-from .session import require_java
 
-if TYPE_CHECKING:
-    from .emulated_hosts import EmulatedHost
+
+class Host(Protocol):
+    """Where a daemon runs: its address and how to run a command there (``ip netns exec`` ...)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def command(self, command: Sequence[str]) -> list[str]: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +112,8 @@ class StandaloneCluster:
     port: int = 0
     work_dir: str | None = None
     start_timeout: float = 120.0
-    master_host: EmulatedHost | None = None
-    worker_hosts: Sequence[EmulatedHost] | None = None
+    master_host: Host | None = None
+    worker_hosts: Sequence[Host] | None = None
     state: ClusterState | None = field(default=None, init=False)
     _processes: list[subprocess.Popen] = field(default_factory=list, init=False, repr=False)
 
@@ -164,7 +172,7 @@ class StandaloneCluster:
                     self.state.web_ui)
         return self
 
-    def _spawn(self, name: str, args: list[str], logs: Path, emulated: EmulatedHost | None = None) -> None:
+    def _spawn(self, name: str, args: list[str], logs: Path, emulated: Host | None = None) -> None:
         # No port retries: a master that silently moved to the next port would leave the workers
         # (and the recorded URL) pointing at whatever holds the one asked for.
         no_retries = "-Dspark.port.maxRetries=0"
