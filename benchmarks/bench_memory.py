@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from kerasonspark import DataConfig
+
 HERE = Path(__file__).resolve()
 
 
@@ -108,7 +110,7 @@ def measure(folder: str, path: str, scale: int, backend: str, data: str | None) 
     spark = start_session("local[2]", "kerasonspark-bench-memory")
     _, (x_test, y_test) = load_mnist(data)
     trainer = SparkTrainer(mnist_cnn(seed=0), backend=backend, num_workers=2, epochs=1, batch_size=32, spark=spark,
-                           seed=0, verbose=0, partition_storage=path)
+                           seed=0, verbose=0, data=DataConfig(partition_storage=path))
     sampler = PeakSampler()
     sampler.start()
     try:

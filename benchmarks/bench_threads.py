@@ -14,6 +14,8 @@ import argparse
 import logging
 import statistics
 
+from kerasonspark import ResourceConfig
+
 
 def one_run(data: str | None, threads: int | None) -> float:
     from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, numpy_to_dataframe, start_session
@@ -24,7 +26,7 @@ def one_run(data: str | None, threads: int | None) -> float:
         df = numpy_to_dataframe(spark, x, y).cache()
         df.count()
         trainer = SparkTrainer(mnist_cnn(seed=0), backend="sync", num_workers=2, spark=spark, seed=0, verbose=0,
-                               worker_threads=threads)
+                               resources=ResourceConfig(worker_threads=threads))
         return trainer.fit(df).stats["samples_per_second"]
     finally:
         spark.stop()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from emulated_cluster import BATCH, driver_session, emulated_cluster, run_driver
 
+from kerasonspark import DataConfig
+
 ENGINES = ["sync", "async", "hogwild"]
 CGROUP = Path("/sys/fs/cgroup/cpu/kerasonspark-straggler")  # cgroup v1's cpu controller, as on this machine
 PERIOD_US = 100_000
@@ -38,7 +40,7 @@ def drive(master: str, address: str, data: str | None, rows: int, epochs: int, b
     (x, y), (x_test, y_test) = load_mnist(data)
     for engine in ENGINES:
         trainer = SparkTrainer(mnist_cnn(seed=0), backend=engine, num_workers=2, spark=spark, epochs=epochs,
-                               batch_size=BATCH, verbose=0, seed=0, balance_workers=balance)
+                               batch_size=BATCH, verbose=0, seed=0, data=DataConfig(balance_workers=balance))
         stats = trainer.fit(x[:rows], y[:rows]).stats
         last = [r.get("balanced_steps", [None])[-1] for r in sorted(stats["workers"], key=lambda r: r["worker"])]
         print("RUN " + json.dumps({

@@ -35,6 +35,7 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._cluster import StandaloneCluster
     from ._compare import StrategyRow, compare_strategies, format_table, plot_comparison
+    from ._config import DataConfig, FailureConfig, ResourceConfig
     from ._data import numpy_to_dataframe
     from ._datasets import load_mnist
     from ._models import MNIST_CNN_PARAMETERS, mnist_cnn
@@ -46,6 +47,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SparkTrainer": "_trainer",
+    "FailureConfig": "_config",
+    "DataConfig": "_config",
+    "ResourceConfig": "_config",
     "TrainingResult": "engine",
     "WorkerReport": "engine",
     "available_backends": "engine",
@@ -65,9 +69,12 @@ __all__ = [
     "MNIST_CNN_PARAMETERS",
     "BarrierTimeoutError",
     "ConfigurationError",
+    "DataConfig",
     "DataError",
+    "FailureConfig",
     "KerasOnSparkError",
     "ParameterServerError",
+    "ResourceConfig",
     "SparkEnvironmentError",
     "SparkTrainer",
     "StandaloneCluster",

@@ -166,7 +166,7 @@ class StageRestarts:
                  fence: Callable[[], None], offsets: Mapping[int, int] | None = None) -> None:
         self.job, self.store, self.board, self.exchange, self.fence = job, store, board, exchange, fence
         self.offsets = dict(offsets or {})
-        self.limit = job.config.max_restarts
+        self.limit = job.config.failure.max_restarts
         self.count = 0
         self.lost_steps = 0
         self.last_cause = ""
@@ -284,7 +284,7 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
                 exchange = make_exchange(server.url, config.secret)
             gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
                              learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
-                             timeout=job.config.epoch_timeout, first_epoch=first_epoch, resume=resume)
+                             timeout=job.config.failure.epoch_timeout, first_epoch=first_epoch, resume=resume)
             return partial(run_workers, exchange, gate)
 
         def fence() -> None:
@@ -357,7 +357,7 @@ def worker_settings(job: TrainingJob) -> WorkerSettings:
     """The picklable settings every worker of ``job`` trains with."""
     config = job.config
     return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
-                          config.worker_threads, config.initial_epoch, config.class_weight, job.streamed, config.buffer_rows)
+                          config.resources.worker_threads, config.initial_epoch, config.class_weight, job.streamed, config.data.buffer_rows)
 
 
 def _is_installed(path: str) -> bool:
@@ -461,7 +461,7 @@ class SparkRunner(DriverRunner):
         config = job.config
         # A barrier stage without a slot for every task waits, not fails: an executor lost since
         # `fit` checked (during the data's preparation) must not leave the stage hanging.
-        check_slots(self.spark, config.num_workers, registration_timeout=config.registration_timeout)
+        check_slots(self.spark, config.num_workers, registration_timeout=config.failure.registration_timeout)
         description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
                        f"{config.num_workers} workers)")
         with spark_errors(training=True), spark_job(self.spark, description):
@@ -483,14 +483,14 @@ class SparkRunner(DriverRunner):
 
         config = job.config
         try:
-            check_slots(self.spark, config.num_workers, registration_timeout=config.restart_timeout)
+            check_slots(self.spark, config.num_workers, registration_timeout=config.failure.restart_timeout)
             return None
         except errors.ConfigurationError as exc:
             slots = task_slots(self.spark)
-            if not config.restart_with_fewer_workers or slots < 1:
+            if not config.failure.restart_with_fewer_workers or slots < 1:
                 raise errors.SparkEnvironmentError(
                     f"The restart needs {config.num_workers} task slots at once, and the cluster did not offer them "
-                    f"within restart_timeout={config.restart_timeout:.0f} s: {exc}") from None
+                    f"within restart_timeout={config.failure.restart_timeout:.0f} s: {exc}") from None
         # A shuffle, not coalesce(): a barrier stage refuses ancestors with another partition count.
         self.blocks = self.blocks.repartition(slots)
         if job.validation_blocks is not None:

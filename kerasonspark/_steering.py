@@ -272,7 +272,7 @@ class Steering:
             stop = bool(model.stop_training)
         self.stopped_early = stop and epoch + 1 < config.epochs
         self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
-        shares = self._balance(ready) if config.balance_workers and not stop and epoch + 1 < config.epochs else None
+        shares = self._balance(ready) if config.data.balance_workers and not stop and epoch + 1 < config.epochs else None
         self.board.release(epoch, stop, learning_rate_of(model), shares)
         if self.backup is not None and self.backup.save_freq == "epoch":
             self._save(epoch + 1, self.board.center(epoch), {})

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _data as data_module
 from ._backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
+from ._config import DataConfig, FailureConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo
 from ._driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from ._errors import ConfigurationError, DataError
@@ -23,7 +24,7 @@ from ._executor import evaluate_partition, predict_batches, warm_up
 from ._serialization import ModelSpec, set_flat_weights, spec_version
 from ._session import check_slots, check_weights_privacy, server_host, server_port, start_session
 from ._shipping import ensure_executors_ready
-from .engine import Engine, TrainingConfig, TrainingJob, TrainingResult, resolve_backend
+from .engine import Engine, TrainingJob, TrainingResult, resolve_backend
 
 if TYPE_CHECKING:
     import keras
@@ -50,43 +51,13 @@ class SparkTrainer:
             samples/s, running loss and metrics, rounds or pushes and staleness), 2 one line per
             epoch. Where output is not a terminal or a notebook, the bar prints plain lines.
         custom_objects: custom layers, losses or metrics the model uses, by name.
-        worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
-            (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
         checkpoint_dir: back the run up there at every epoch boundary and resume from the latest
             backup when ``fit`` runs again (shorthand for
             ``fit(callbacks=[keras.callbacks.BackupAndRestore(checkpoint_dir)])``).
-        max_restarts: times a training stage that lost a worker (its process died, its executor
-            was lost, it raised) runs again from the parameter server's current center; 0 fails
-            ``fit`` at once. The same error on the same worker twice ends ``fit`` without using
-            the rest. Restarted workers start with a fresh optimizer state.
-        restart_timeout: seconds a restart waits for a task slot for every worker (a lost
-            executor coming back) before ``fit`` fails naming the missing slots.
-        restart_with_fewer_workers: when a restart's slots do not all come back within
-            ``restart_timeout``, go on with the workers the cluster can place (the data re-split
-            among them, the epoch started again from the current center) instead of failing.
-        registration_timeout: seconds ``fit`` waits for executors to register a slot for every
-            worker on a cluster before it refuses to start.
-        epoch_timeout: seconds a worker waits at an epoch boundary (for the slowest worker and
-            the driver's callbacks) before it fails naming this setting.
-        balance_workers: for clusters of unequal machines. From the second epoch on, each worker
-            trains a number of steps in proportion to the rows per second it computed in the
-            epoch before (the epoch's total unchanged), so fast workers do not idle at the epoch
-            boundary or the round barrier waiting for a slow one. Rows stay where they are: a slow
-            worker trains on a fresh random part of its partition each epoch, a fast one on its
-            whole partition and a random part again, so an epoch no longer visits every row
-            exactly once (with partitions drawn at random, the mix of rows is unchanged). A
-            restarted stage starts again from even shares.
-        partition_storage: where each worker keeps its partition while it trains. ``"memory"``:
-            as one array in the worker's memory (the fastest). ``"stream"``: the data is cached on
-            the executors' disks; in the training stage each worker writes its partition, a block
-            at a time, to a file on its executor's local disk, maps it, and gathers at most
-            ``buffer_rows`` rows into memory at once, so its memory stays flat in the data's
-            size (every epoch is still a full random permutation of the partition). ``"auto"``
-            (the default): streams when the largest partition is bigger than half the memory a
-            worker may use (``spark.executor.pyspark.memory``, else the executor machine's
-            available memory shared among its cores). ``stats["partition_storage"]`` says which
-            ran. Engines that hand the data elsewhere (``single``, ``elephas``) hold it in memory.
-        buffer_rows: the most rows a streamed worker gathers into memory at once.
+        failure: restarts after a lost worker and the timeouts (:class:`FailureConfig`).
+        data: where workers keep their partitions and how steps are shared
+            (:class:`DataConfig`).
+        resources: what each worker may use of its machine (:class:`ResourceConfig`).
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -94,14 +65,14 @@ class SparkTrainer:
         >>> result.history["val_accuracy"]
     """
 
-    def __init__(self, model: keras.Model, backend: str | Engine = "sync", num_workers: int = 2, batch_size: int = 32,
-                 epochs: int = 1, backend_options: Mapping[str, Any] | None = None, master: str | None = None,
-                 spark: SparkSession | None = None, seed: int | None = None, verbose: int = 1,
-                 custom_objects: Mapping[str, Any] | None = None, worker_threads: int | None = None,
-                 max_restarts: int = 2, restart_timeout: float = 120.0, registration_timeout: float = 30.0,
-                 epoch_timeout: float = 86_400.0, restart_with_fewer_workers: bool = False,
-                 checkpoint_dir: str | None = None, balance_workers: bool = False,
-                 partition_storage: str = "auto", buffer_rows: int = 16_384) -> None:
+    def __init__(self, model: keras.Model, backend: str | Engine = "sync", *,
+                 num_workers: int = TrainingConfig.num_workers, batch_size: int = TrainingConfig.batch_size,
+                 epochs: int = TrainingConfig.epochs, seed: int | None = TrainingConfig.seed,
+                 verbose: int = TrainingConfig.verbose, backend_options: Mapping[str, Any] | None = None,
+                 master: str | None = None, spark: SparkSession | None = None,
+                 custom_objects: Mapping[str, Any] | None = None, checkpoint_dir: str | None = None,
+                 failure: FailureConfig | None = None, data: DataConfig | None = None,
+                 resources: ResourceConfig | None = None) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
@@ -110,15 +81,13 @@ class SparkTrainer:
             raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
         self.model = model
         self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                                     verbose=verbose, worker_threads=worker_threads, max_restarts=max_restarts,
-                                     restart_timeout=restart_timeout, registration_timeout=registration_timeout,
-                                     epoch_timeout=epoch_timeout, restart_with_fewer_workers=restart_with_fewer_workers,
-                                     balance_workers=balance_workers, partition_storage=partition_storage,
-                                     buffer_rows=buffer_rows)
+                                     verbose=verbose, failure=FailureConfig() if failure is None else failure,
+                                     data=DataConfig() if data is None else data,
+                                     resources=ResourceConfig() if resources is None else resources)
         self.engine = resolve_backend(backend, backend_options)
-        if partition_storage == "stream" and not self.engine.streams_partitions:
+        if self.config.data.partition_storage == "stream" and not self.engine.streams_partitions:
             raise ConfigurationError(f"Backend {self.engine.name!r} does not train through the shared worker loop, so it "
-                                     "cannot stream partitions; use partition_storage='auto' or 'memory', or another "
+                                     "cannot stream partitions; use DataConfig(partition_storage='auto' or 'memory'), or another "
                                      "backend (sync, async and hogwild stream).")
         self.master = master
         self.spark = spark
@@ -225,7 +194,7 @@ class SparkTrainer:
             if backup is not None:
                 config = self._resume(backup, config, spark)
             if self.engine.uses_spark_workers:
-                check_slots(spark, self.config.num_workers, self.config.registration_timeout)
+                check_slots(spark, self.config.num_workers, self.config.failure.registration_timeout)
             if self.engine.uses_parameter_server:
                 check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
             spec = self._spec()
@@ -242,10 +211,10 @@ class SparkTrainer:
                                                        self.config.num_workers, "validation", require_rows=False)
                 elif validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
-                warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.worker_threads)
+                warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.resources.worker_threads)
                         if self.engine.uses_spark_workers else None)
                 prepare_started = time.perf_counter()
-                storage = self.config.partition_storage if self.engine.streams_partitions else "memory"
+                storage = self.config.data.partition_storage if self.engine.streams_partitions else "memory"
                 with spark_errors(), spark_job(spark, "kerasonspark prepare"):
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
                                                    "training", warm, weight_column, partition_storage=storage)
@@ -274,7 +243,7 @@ class SparkTrainer:
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
         result.stats["partition_storage"] = {
-            "path": "stream" if streamed else "memory", "chosen_by": self.config.partition_storage,
+            "path": "stream" if streamed else "memory", "chosen_by": self.config.data.partition_storage,
             "largest_partition_mb": max(prepared.partition_bytes, default=0) / 2**20,
             "worker_budget_mb": (prepared.memory_budget or 0) / 2**20}
         return result
@@ -368,7 +337,7 @@ class SparkTrainer:
             spec_bytes = spec.to_bytes()
             spec_broadcast = spark.sparkContext.broadcast(spec_bytes)
             body = partial(evaluate_partition, spec_broadcast=spec_broadcast, custom_objects=spec.custom_objects,
-                           info=self.info, threads=self.config.worker_threads, batch_size=batch_size,
+                           info=self.info, threads=self.config.resources.worker_threads, batch_size=batch_size,
                            version=spec_version(spec_bytes))
             try:
                 with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
@@ -414,7 +383,7 @@ class SparkTrainer:
             data_module.check_first_row(df.select(column.alias("f")), "f", str(features), self.info, "prediction")
             columns = [f"{output_col}_{output}" for output, _ in self.info.outputs] or [output_col]
             return predict_dataframe(df, spec, self.info, column, {c: T.ArrayType(T.FloatType()) for c in columns},
-                                     "array", batch_size, self.config.worker_threads)
+                                     "array", batch_size, self.config.resources.worker_threads)
 
 
 def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Callback]:

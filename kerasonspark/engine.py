@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
+from ._config import TrainingConfig, check_positive_int
 from ._errors import ConfigurationError
 from ._serialization import ModelSpec, get_flat_weights, set_flat_weights
 from .parameter_server._store import ParameterStore
@@ -65,16 +66,6 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "kerasonspark.backends"
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise a :class:`ConfigurationError` unless ``value`` is an ``int`` >= 1 (``bool`` is not).
-
-    Example:
-        >>> check_positive_int("window", 5)
-    """
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
-
-
 def even_runs(steps: int, runs: int) -> list[int]:
     """Cut ``steps`` into exactly ``runs`` runs, as even as they come, longest first.
 
@@ -87,73 +78,6 @@ def even_runs(steps: int, runs: int) -> list[int]:
     """
     base, extra = divmod(steps, runs)
     return [base + 1] * extra + [base] * (runs - extra)
-
-
-PARTITION_STORAGE = ("auto", "memory", "stream")
-
-
-@dataclass
-class TrainingConfig:
-    """What every engine trains with; the arguments of ``SparkTrainer`` and ``fit`` that mirror ``model.fit``.
-
-    Epochs run from ``initial_epoch`` to ``epochs - 1`` (as in Keras); the center is scored on the
-    validation data after every ``validation_freq``-th epoch. A training stage that loses a worker
-    runs again from the parameter server's center up to ``max_restarts`` times (0: fail at once),
-    waiting up to ``restart_timeout`` seconds for a task slot for every worker; with
-    ``restart_with_fewer_workers`` it then goes on with the workers it can place, the data re-split
-    among them, instead of failing. With ``balance_workers``, each epoch after the first gives
-    each worker a number of steps in proportion to its measured speed (see ``SparkTrainer``). ``registration_timeout``
-    bounds the wait for executors before the first stage, ``epoch_timeout`` a worker's wait at an
-    epoch boundary (for the slowest worker and the driver's callbacks). ``class_weight`` holds
-    one loss weight per class (``fit(class_weight=)`` made dense), or ``None``.
-    ``partition_storage`` says where a worker keeps its partition while it trains (``"memory"``,
-    ``"stream"`` or ``"auto"``, see ``SparkTrainer``); a streamed worker gathers at most
-    ``buffer_rows`` rows into memory at once.
-    """
-
-    epochs: int = 1
-    batch_size: int = 32
-    num_workers: int = 2
-    seed: int | None = None
-    verbose: int = 1
-    worker_threads: int | None = None
-    initial_epoch: int = 0
-    validation_freq: int = 1
-    class_weight: tuple[float, ...] | None = None
-    max_restarts: int = 2
-    restart_timeout: float = 120.0
-    registration_timeout: float = 30.0
-    epoch_timeout: float = 86_400.0
-    restart_with_fewer_workers: bool = False
-    balance_workers: bool = False
-    partition_storage: str = "auto"
-    buffer_rows: int = 16_384
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_workers", "validation_freq", "buffer_rows"):
-            check_positive_int(name, getattr(self, name))
-        if self.partition_storage not in PARTITION_STORAGE:
-            raise ConfigurationError(f"Expected `partition_storage` in {PARTITION_STORAGE}. "
-                                     f"Received: {self.partition_storage!r}.")
-        if not isinstance(self.initial_epoch, int) or isinstance(self.initial_epoch, bool) or self.initial_epoch < 0:
-            raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {self.initial_epoch!r}.")
-        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or self.max_restarts < 0:
-            raise ConfigurationError(f"Expected `max_restarts` to be an integer >= 0. Received: {self.max_restarts!r}.")
-        for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigurationError(f"Expected `{name}` > 0 seconds. Received: {name}={value!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise ConfigurationError(f"Expected `seed` to be None or an integer >= 0. Received: seed={self.seed!r}.")
-        if not isinstance(self.balance_workers, bool):
-            raise ConfigurationError(f"Expected `balance_workers` to be True or False. Received: {self.balance_workers!r}.")
-        if self.verbose not in (0, 1, 2):
-            raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
-        threads = self.worker_threads
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
-            raise ConfigurationError(
-                f"Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's defaults) or a positive "
-                f"integer. Received: worker_threads={threads!r}.")
 
 
 @dataclass
@@ -425,7 +349,7 @@ class TrainingJob:
             An engine that trains otherwise runs them itself (``single`` hands them to
             ``model.fit``) or sets ``accepts_callbacks = False``.
         streamed: whether the workers stream their partitions through a local spill file
-            instead of holding them in memory (decided from ``config.partition_storage`` and
+            instead of holding them in memory (decided from ``config.data.partition_storage`` and
             the partitions' measured size; only :meth:`run_workers` streams).
     """
 
@@ -634,7 +558,7 @@ class Engine:
             cannot pass them on sets ``False``, and ``fit`` refuses weights before any work.
         streams_partitions: whether the engine's workers train through :meth:`TrainingJob.run_workers`
             (the shared worker loop), which can stream a partition bigger than memory; one that
-            hands the data elsewhere sets ``False`` and ``partition_storage="stream"`` is refused.
+            hands the data elsewhere sets ``False`` and ``DataConfig(partition_storage="stream")`` is refused.
         strategy_option: the option a strategy's variant sets in ``kerasonspark compare``
             (``"async:adag"`` sets ``rule``); ``None`` when the engine has no variants.
     """

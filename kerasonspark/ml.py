@@ -23,6 +23,7 @@ double for one output value, else a ``Vector``). Every input column and the row 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
 
+from ._config import DataConfig, FailureConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo, feature_column
 from ._driver import ship_by_value
 from ._errors import ConfigurationError, DataError
@@ -92,6 +94,25 @@ def _to_fraction(value: Any) -> float:
     return number
 
 
+def _settings_converter(kind: type) -> Any:
+    """A Param converter to ``kind`` (a settings dataclass), from one or from a dict of its fields
+    (how Spark's JSON metadata holds it)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, Mapping):
+            return kind(**value)
+        raise TypeError(f"Expected a kerasonspark.{kind.__name__} or a dict of its fields. "
+                        f"Received: {type(value).__name__}.")
+
+    return convert
+
+
+def _to_optional_string(value: Any) -> str | None:
+    return None if value is None else TypeConverters.toString(value)
+
+
 def _to_positive_int(value: Any) -> int:
     number = TypeConverters.toInt(value)
     if number < 1:
@@ -139,6 +160,11 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
             fitted model's ``history``); 0 holds none out.
         seed: seeds the data order and the validation split.
         verbose: as ``SparkTrainer``'s; 0 (the default here) prints nothing.
+        checkpointDir: back the run up there at every epoch and resume from it (as
+            ``SparkTrainer``'s ``checkpoint_dir``).
+        failureConfig, dataConfig, resourceConfig: a :class:`kerasonspark.FailureConfig`,
+            :class:`kerasonspark.DataConfig` and :class:`kerasonspark.ResourceConfig` (or dicts of
+            their fields), as ``SparkTrainer``'s ``failure``, ``data`` and ``resources``.
         predictionBatchSize: samples per forward pass of the fitted model.
     """
 
@@ -158,31 +184,48 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
                                         "(finite, >= 0); unset weighs every row 1", TypeConverters.toString)
     verbose: Param[int] = Param(Params._dummy(), "verbose", "0 silent, 1 a progress bar, 2 a line per epoch",
                                 TypeConverters.toInt)
+    checkpointDir: Param[Any] = Param(Params._dummy(), "checkpointDir", "back the run up here at every epoch and "
+                                      "resume from it (None: no backups)", _to_optional_string)
+    failureConfig: Param[FailureConfig] = Param(Params._dummy(), "failureConfig", "restarts after a lost worker "
+                                                "and the timeouts", _settings_converter(FailureConfig))
+    dataConfig: Param[DataConfig] = Param(Params._dummy(), "dataConfig", "where workers keep their partitions and "
+                                          "how steps are shared", _settings_converter(DataConfig))
+    resourceConfig: Param[ResourceConfig] = Param(Params._dummy(), "resourceConfig", "what each worker may use of "
+                                                  "its machine", _settings_converter(ResourceConfig))
     _input_kwargs: dict[str, Any]  # set by @keyword_only
 
     @keyword_only
     def __init__(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
-                 backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
-                 batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
+                 backend: str = "sync", backendOptions: Mapping[str, Any] | None = None,
+                 epochs: int = TrainingConfig.epochs, batchSize: int = TrainingConfig.batch_size,
+                 numWorkers: int = TrainingConfig.num_workers, learningRate: float | None = None,
                  featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
                  predictionCol: str = "prediction",
                  probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
-                 verbose: int = 0, predictionBatchSize: int = 256) -> None:
+                 verbose: int = 0, predictionBatchSize: int = 256, checkpointDir: str | None = None,
+                 failureConfig: FailureConfig | None = None, dataConfig: DataConfig | None = None,
+                 resourceConfig: ResourceConfig | None = None) -> None:
         super().__init__()
-        self._setDefault(backend="sync", backendOptions={}, epochs=1, batchSize=32, numWorkers=2, learningRate=None,
-                         validationFraction=0.0, verbose=0)
+        self._setDefault(backend="sync", backendOptions={}, epochs=TrainingConfig.epochs,
+                         batchSize=TrainingConfig.batch_size, numWorkers=TrainingConfig.num_workers, learningRate=None,
+                         validationFraction=0.0, verbose=0, checkpointDir=None)
         self.setParams(**self._input_kwargs)
 
     @keyword_only
     def setParams(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
-                  backend: str = "sync", backendOptions: Mapping[str, Any] | None = None, epochs: int = 1,
-                  batchSize: int = 32, numWorkers: int = 2, learningRate: float | None = None,
+                  backend: str = "sync", backendOptions: Mapping[str, Any] | None = None,
+                  epochs: int = TrainingConfig.epochs, batchSize: int = TrainingConfig.batch_size,
+                  numWorkers: int = TrainingConfig.num_workers, learningRate: float | None = None,
                   featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
                   predictionCol: str = "prediction",
                   probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
-                  verbose: int = 0, predictionBatchSize: int = 256) -> KerasEstimator:
+                  verbose: int = 0, predictionBatchSize: int = 256, checkpointDir: str | None = None,
+                  failureConfig: FailureConfig | None = None, dataConfig: DataConfig | None = None,
+                  resourceConfig: ResourceConfig | None = None) -> KerasEstimator:
         """Set the given Params (keyword arguments only)."""
-        kwargs = {k: v for k, v in self._input_kwargs.items() if not (k == "seed" and v is None)}
+        # None means "keep the default" for the seed (HasSeed's) and the settings objects.
+        unset = ("seed", "failureConfig", "dataConfig", "resourceConfig")
+        kwargs = {k: v for k, v in self._input_kwargs.items() if not (k in unset and v is None)}
         return self._set(**kwargs)
 
     # Setters in Spark ML's style, so a pipeline can be configured step by step.
@@ -209,6 +252,18 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
 
     def setValidationFraction(self, value: float) -> KerasEstimator:
         return self._set(validationFraction=value)
+
+    def setCheckpointDir(self, value: str | None) -> KerasEstimator:
+        return self._set(checkpointDir=value)
+
+    def setFailureConfig(self, value: FailureConfig) -> KerasEstimator:
+        return self._set(failureConfig=value)
+
+    def setDataConfig(self, value: DataConfig) -> KerasEstimator:
+        return self._set(dataConfig=value)
+
+    def setResourceConfig(self, value: ResourceConfig) -> KerasEstimator:
+        return self._set(resourceConfig=value)
 
     def setFeaturesCol(self, value: str) -> KerasEstimator:
         return self._set(featuresCol=value)
@@ -255,6 +310,19 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def getValidationFraction(self) -> float:
         return self.getOrDefault(self.validationFraction)
 
+    def getCheckpointDir(self) -> str | None:
+        return self.getOrDefault(self.checkpointDir)
+
+    # The settings objects keep their defaults in their own classes: unset Params stand for those.
+    def getFailureConfig(self) -> FailureConfig:
+        return self.getOrDefault(self.failureConfig) if self.isDefined(self.failureConfig) else FailureConfig()
+
+    def getDataConfig(self) -> DataConfig:
+        return self.getOrDefault(self.dataConfig) if self.isDefined(self.dataConfig) else DataConfig()
+
+    def getResourceConfig(self) -> ResourceConfig:
+        return self.getOrDefault(self.resourceConfig) if self.isDefined(self.resourceConfig) else ResourceConfig()
+
     def _fit(self, dataset: DataFrame) -> KerasModel:
         from ._trainer import SparkTrainer
 
@@ -276,7 +344,9 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
                                batch_size=self.getBatchSize(), epochs=self.getEpochs(),
                                backend_options=self.getBackendOptions(), spark=dataset.sparkSession,
                                seed=self.getSeed() % 2**31,  # HasSeed's default (a hash) may be negative
-                               verbose=self.getOrDefault(self.verbose), custom_objects=custom_objects)
+                               verbose=self.getOrDefault(self.verbose), custom_objects=custom_objects,
+                               checkpoint_dir=self.getCheckpointDir(), failure=self.getFailureConfig(),
+                               data=self.getDataConfig(), resources=self.getResourceConfig())
         result = trainer.fit(train, features=self.getFeaturesCol(), label=self.getLabelCol(),
                              validation_data=validation, sample_weight=weight or None)
         fitted = KerasModel(result.model, history=result.history, stats=result.stats)
@@ -433,7 +503,9 @@ class _KerasWriter(MLWriter):
         from pyspark import cloudpickle
 
         instance = self.instance
-        params = {p.name: v for p, v in instance._paramMap.items() if p.name not in _OBJECT_PARAMS}
+        # Settings objects are saved as dicts of their fields; their Params' converters read them back.
+        params = {p.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                  for p, v in instance._paramMap.items() if p.name not in _OBJECT_PARAMS}
         extra: dict[str, Any] = {"kerasonspark": {"format": 1}}
         if isinstance(instance, KerasModel):
             model = instance.keras_model

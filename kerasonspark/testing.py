@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._config import DataConfig
 from ._data import Block, DataInfo, concatenate, validate_arrays
 from ._driver import DriverRunner, worker_settings
 from ._errors import ConfigurationError
@@ -101,11 +102,12 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
                    num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
                    custom_objects: Mapping[str, Any] | None = None,
                    backend_options: Mapping[str, Any] | None = None, callbacks: list[Any] | None = None,
-                   verbose: int = 0, sample_weight: Any = None, balance_workers: bool = False) -> TrainingResult:
+                   verbose: int = 0, sample_weight: Any = None, data: DataConfig | None = None) -> TrainingResult:
     """Train ``model`` on ``(x, y)`` with ``engine``, its workers as threads of this process.
 
     The data is checked as ``SparkTrainer.fit`` checks it and split into ``num_workers`` equal
-    partitions in order. Returns what ``SparkTrainer.fit`` returns, less the Spark-only figures
+    partitions in order; ``data`` is a :class:`~kerasonspark.DataConfig` (its ``balance_workers``
+    applies here). Returns what ``SparkTrainer.fit`` returns, less the Spark-only figures
     (``wall_seconds``, ``prepare_seconds``).
 
     Raises:
@@ -115,7 +117,7 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
     engine = resolve_backend(engine, backend_options)
     engine.check_model(model)
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose,
-                            balance_workers=balance_workers)
+                            data=DataConfig() if data is None else data)
     info = DataInfo.for_model(model, model.get_compile_config())
     x, y, w = validate_arrays((x, y, sample_weight), info, "training")
     info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import keras
 
-from kerasonspark import SparkTrainer, WorkerError, start_session
+from kerasonspark import FailureConfig, SparkTrainer, WorkerError, start_session
 from kerasonspark._cluster import ClusterState, master_status
 from kerasonspark._session import server_host
 
@@ -33,8 +33,8 @@ def main(master_url: str, web_ui: str) -> None:
     status = master_status(ClusterState(master_url, web_ui, [], ""))
     report["apps"] = [{"name": a["name"], "cores": a["cores"]} for a in status["activeapps"]]
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
-    report["lost_executor"] = kill_an_executor_while_training(spark, x, y, max_restarts=0, epochs=400)
-    report["restarted"] = kill_an_executor_while_training(spark, x, y, max_restarts=2, epochs=150)
+    report["lost_executor"] = kill_an_executor_while_training(spark, x, y, failure=FailureConfig(max_restarts=0), epochs=400)
+    report["restarted"] = kill_an_executor_while_training(spark, x, y, failure=FailureConfig(max_restarts=2), epochs=150)
     # The cluster has 3 workers: a 3-worker run loses one for good and goes on with the other two,
     # then a 2-worker run loses another and cannot restart (the cluster keeps one worker).
     report["shrunk"] = lose_a_worker_for_good(spark, x, y, num_workers=3, restart_with_fewer_workers=True)
@@ -101,7 +101,7 @@ class StopAfterTheKill(keras.callbacks.Callback):
                 self.model.stop_training = True
 
 
-def lose_a_worker_for_good(spark, x, y, **options) -> dict:
+def lose_a_worker_for_good(spark, x, y, num_workers: int = 2, **options) -> dict:
     """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives up,
     or with ``restart_with_fewer_workers`` goes on with the other worker."""
 
@@ -113,8 +113,9 @@ def lose_a_worker_for_good(spark, x, y, **options) -> dict:
     started = time.monotonic()
     outcome: dict = {"error": None}
     # One round an epoch (19 steps a worker): hundreds of epochs are there to outlast the kill, not to train.
-    trainer = SparkTrainer(small_model(), backend="sync", spark=spark, verbose=0, restart_timeout=10,
-                           backend_options={"sync_every": 32}, epochs=400, **options)
+    trainer = SparkTrainer(small_model(), backend="sync", spark=spark, verbose=0,
+                           failure=FailureConfig(restart_timeout=10, **options), backend_options={"sync_every": 32},
+                           epochs=400, num_workers=num_workers)
     try:
         result = trainer.fit(x, y, callbacks=[StopAfterTheKill(killer)])
         outcome.update(num_workers=result.stats["num_workers"], epochs=len(result.history["loss"]),
@@ -134,14 +135,14 @@ def executor_pids() -> list[int]:
     return processes_with(b"CoarseGrainedExecutorBackend")
 
 
-def kill_an_executor_while_training(spark, x, y, max_restarts: int, epochs: int) -> dict:
+def kill_an_executor_while_training(spark, x, y, failure: FailureConfig, epochs: int) -> dict:
     """SIGKILL one executor JVM two seconds into the training stage; report how fit ended."""
     killer = kill_while_training(spark, lambda: executor_pids()[:1])
     started = time.monotonic()
     outcome = {"error": None}
     # Three workers, one on each executor: whichever executor is killed was training.
     trainer = SparkTrainer(small_model(), backend="async", num_workers=3, spark=spark, epochs=epochs, verbose=0,
-                           max_restarts=max_restarts)
+                           failure=failure)
     try:
         result = trainer.fit(x, y, callbacks=[StopAfterTheKill(killer)])
         outcome.update(restarts=result.stats["restarts"], causes=[r["cause"] for r in result.stats["restart_log"]],

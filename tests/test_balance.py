@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from kerasonspark import DataConfig
 from kerasonspark._executor import LocalSteps, balanced_order
 from kerasonspark._steering import balanced_steps
 from kerasonspark.testing import fit_in_process
@@ -44,7 +45,7 @@ def test_a_slow_worker_gets_fewer_steps_and_the_epoch_keeps_its_size(monkeypatch
 
     monkeypatch.setattr(LocalSteps, "run", slow_for_worker_1)
     x, y = make_blobs(1280)
-    result = fit_in_process("sync", small_model(), x, y, epochs=3, batch_size=32, seed=0, balance_workers=True,
+    result = fit_in_process("sync", small_model(), x, y, epochs=3, batch_size=32, seed=0, data=DataConfig(balance_workers=True),
                             backend_options={"sync_every": 4})
     shares = result.stats["epoch_events"]["balanced_steps"]
     assert len(shares) == 2  # decided at the end of epochs 1 and 2
@@ -58,10 +59,8 @@ def test_a_slow_worker_gets_fewer_steps_and_the_epoch_keeps_its_size(monkeypatch
 
 def test_balance_workers_must_be_a_bool():
     from kerasonspark import ConfigurationError
-    from kerasonspark.engine import TrainingConfig
-
     with pytest.raises(ConfigurationError, match="balance_workers"):
-        TrainingConfig(balance_workers="yes")
+        DataConfig(balance_workers="yes")
 
 
 @pytest.mark.spark
@@ -70,7 +69,7 @@ def test_balanced_workers_train_on_spark_and_report_their_shares(spark):
 
     x, y = make_blobs(1280)
     trainer = SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=3, verbose=0, seed=0,
-                           balance_workers=True)
+                           data=DataConfig(balance_workers=True))
     result = trainer.fit(x, y)
     shares = result.stats["epoch_events"]["balanced_steps"]
     assert len(shares) == 2 and all(sum(s) == 40 and min(s) >= 1 for s in shares)

@@ -1,6 +1,6 @@
 import pytest
 
-from kerasonspark import ConfigurationError, SparkTrainer, available_backends
+from kerasonspark import ConfigurationError, ResourceConfig, SparkTrainer, available_backends
 from kerasonspark.engine import Engine, resolve_backend
 
 from conftest import small_model
@@ -36,7 +36,7 @@ def test_trainer_validates_its_arguments():
     with pytest.raises(ConfigurationError, match="num_workers"):
         SparkTrainer(small_model(), num_workers=0)
     with pytest.raises(ConfigurationError, match="worker_threads"):
-        SparkTrainer(small_model(), worker_threads=-1)
+        ResourceConfig(worker_threads=-1)
     with pytest.raises(TypeError, match="keras.Model"):
         SparkTrainer("model")
     import keras
@@ -84,3 +84,25 @@ def test_cleartext_weights_are_refused_beside_an_encrypted_cluster_unless_allowe
     check_weights_privacy(encrypted, "127.0.0.1")  # loopback never leaves the machine
     check_weights_privacy({**encrypted, ALLOW_CLEARTEXT_WEIGHTS: "true"}, "10.0.0.5")
     check_weights_privacy({}, "10.0.0.5")  # an unencrypted cluster: nothing to protect more than the rest
+
+
+def test_trainer_settings_after_the_backend_are_keyword_only_with_the_configs_defaults():
+    import dataclasses
+    import inspect
+
+    from kerasonspark import DataConfig, FailureConfig
+    from kerasonspark.engine import TrainingConfig
+
+    params = list(inspect.signature(SparkTrainer.__init__).parameters.values())
+    assert [p.name for p in params[:3]] == ["self", "model", "backend"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    for name in ("num_workers", "batch_size", "epochs", "seed", "verbose"):
+        assert inspect.signature(SparkTrainer.__init__).parameters[name].default == defaults[name]
+    with pytest.raises(TypeError):
+        SparkTrainer(small_model(), "sync", 2)  # type: ignore[misc]
+    with pytest.raises(ConfigurationError, match="Expected `failure` to be a kerasonspark.FailureConfig"):
+        SparkTrainer(small_model(), failure={"max_restarts": 3})  # type: ignore[arg-type]
+    trainer = SparkTrainer(small_model(), failure=FailureConfig(max_restarts=4), data=DataConfig(buffer_rows=8))
+    assert trainer.config.failure.max_restarts == 4 and trainer.config.data.buffer_rows == 8
+    assert trainer.config.resources.worker_threads is None

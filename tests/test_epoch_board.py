@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from kerasonspark import ParameterServerError
+from kerasonspark import FailureConfig, ParameterServerError
 from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
 from kerasonspark.parameter_server._board import EpochBoard
 from kerasonspark.parameter_server._store import RoundClosedError
@@ -165,7 +165,6 @@ def test_a_wait_that_expires_names_the_setting_that_bounds_it():
     import socket
 
     from kerasonspark import ConfigurationError
-    from kerasonspark.engine import TrainingConfig
 
     with socket.socket() as silent:  # accepts the connection, never answers
         silent.bind(("127.0.0.1", 0))
@@ -177,7 +176,7 @@ def test_a_wait_that_expires_names_the_setting_that_bounds_it():
         client.close()
     for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
         with pytest.raises(ConfigurationError, match=name):
-            TrainingConfig(**{name: 0})
+            FailureConfig(**{name: 0})
 
 
 def test_a_worker_joins_a_stage_once_so_a_spark_retry_of_the_stage_is_refused():

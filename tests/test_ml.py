@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasonspark import ConfigurationError, DataError
+from kerasonspark import ConfigurationError, DataConfig, DataError, FailureConfig, ResourceConfig
 from kerasonspark.ml import KerasEstimator, KerasModel
 
 from conftest import make_blobs, small_model
@@ -140,16 +140,45 @@ def test_cross_validator_tunes_the_learning_rate_and_picks_the_better_one(spark)
 
 def test_an_unfitted_estimator_saves_and_loads_its_params_and_model(spark, tmp_path):
     estimator = KerasEstimator(model=small_model(dim=4), backend="async", backendOptions={"rule": "adag", "window": 4},
-                               epochs=3, learningRate=0.005, labelCol="digit")
+                               epochs=3, learningRate=0.005, labelCol="digit",
+                               failureConfig=FailureConfig(max_restarts=5, epoch_timeout=60.0),
+                               dataConfig=DataConfig(partition_storage="stream", buffer_rows=64),
+                               checkpointDir=str(tmp_path / "backups"))
     estimator.save(str(tmp_path / "estimator"))
     loaded = KerasEstimator.load(str(tmp_path / "estimator"))
     assert loaded.uid == estimator.uid
     assert (loaded.getBackend(), loaded.getBackendOptions(), loaded.getEpochs(), loaded.getLearningRate(),
             loaded.getLabelCol()) == ("async", {"rule": "adag", "window": 4}, 3, 0.005, "digit")
+    assert loaded.getFailureConfig() == FailureConfig(max_restarts=5, epoch_timeout=60.0)
+    assert loaded.getDataConfig() == DataConfig(partition_storage="stream", buffer_rows=64)
+    assert loaded.getResourceConfig() == ResourceConfig()
+    assert loaded.getCheckpointDir() == str(tmp_path / "backups")
     for a, b in zip(loaded.getModel().get_weights(), estimator.getModel().get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigurationError, match="not a KerasModel"):
         KerasModel.load(str(tmp_path / "estimator"))
+
+
+def test_the_estimator_reaches_the_trainers_grouped_settings(spark, tmp_path):
+    # Streaming, backups and the failure settings travel from the Params to the trainer.
+    from kerasonspark._backup import BackupStore, RunState
+
+    estimator = KerasEstimator(model=small_model(dim=4), epochs=2, batchSize=16, seed=0,
+                               dataConfig={"partition_storage": "stream", "buffer_rows": 32},
+                               failureConfig=FailureConfig(max_restarts=0))
+    fitted = estimator.fit(assembled(spark, 200))
+    assert fitted.stats["partition_storage"]["path"] == "stream"
+    assert fitted.stats["partition_storage"]["chosen_by"] == "stream"
+    assert len(fitted.history["loss"]) == 2
+    # A backup of another model in checkpointDir: the trainer finds it there and refuses to resume it.
+    BackupStore(tmp_path / "backups").save(RunState(epoch=1, center=np.zeros(3, np.float32),
+                                                    settings={"model": "another", "engine": "sync"}))
+    with pytest.raises(ConfigurationError, match="backup was taken with another model architecture"):
+        estimator.setCheckpointDir(str(tmp_path / "backups")).fit(assembled(spark, 200))
+    with pytest.raises(TypeError, match="FailureConfig or a dict"):
+        KerasEstimator(failureConfig=3)
+    with pytest.raises(ConfigurationError, match="partition_storage"):
+        KerasEstimator().setDataConfig({"partition_storage": "disk"})
 
 
 def test_bad_params_and_columns_are_refused_before_training(spark):

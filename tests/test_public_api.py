@@ -16,7 +16,8 @@ import kerasonspark.backends
 
 PUBLIC = {
     "kerasonspark": [
-        "MNIST_CNN_PARAMETERS", "BarrierTimeoutError", "ConfigurationError", "DataError", "KerasOnSparkError",
+        "MNIST_CNN_PARAMETERS", "BarrierTimeoutError", "ConfigurationError", "DataConfig", "DataError",
+        "FailureConfig", "KerasOnSparkError", "ResourceConfig",
         "ParameterServerError", "SparkEnvironmentError", "SparkTrainer", "StandaloneCluster", "StrategyRow",
         "TrainingResult", "WireFormatError", "WorkerError", "WorkerReport", "available_backends",
         "compare_strategies", "format_table", "load_mnist", "mnist_cnn", "numpy_to_dataframe",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from kerasonspark import SparkTrainer, WorkerError
+from kerasonspark import FailureConfig, SparkTrainer, WorkerError
 
 from conftest import CrashingExchange, crashing, make_blobs, small_model
 
@@ -82,7 +82,7 @@ def test_the_same_error_twice_ends_fit_without_burning_the_other_restarts(spark,
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
         SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark, verbose=0,
-                     max_restarts=5).fit((x, y))
+                     failure=FailureConfig(max_restarts=5)).fit((x, y))
     message = str(failure.value)
     assert failure.value.worker == 0 and "bad row 17" in message
     assert "same error as before the last restart" in message and "1 restart(s) made" in message
@@ -94,7 +94,7 @@ def test_max_restarts_zero_fails_at_once_with_the_original_error(spark, tmp_path
     engine = crashing("sync", lambda inner: FailsOnce(inner, 1, 2, str(tmp_path / "failed")), sync_every=4)
     with pytest.raises(WorkerError) as failure:
         SparkTrainer(small_model(), backend=engine, num_workers=2, epochs=2, batch_size=16, spark=spark, verbose=0,
-                     max_restarts=0).fit((x, y))
+                     failure=FailureConfig(max_restarts=0)).fit((x, y))
     assert failure.value.worker == 1 and "flaky disk" in str(failure.value) and "restart" not in str(failure.value)
 
 
@@ -102,4 +102,4 @@ def test_max_restarts_is_checked():
     from kerasonspark import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="max_restarts"):
-        SparkTrainer(small_model(), max_restarts=-1)
+        FailureConfig(max_restarts=-1)

@@ -5,7 +5,7 @@ columns and from NumPy lists, then evaluated and used for predictions."""
 import numpy as np
 import pytest
 
-from kerasonspark import ConfigurationError, DataError, SparkTrainer
+from kerasonspark import ConfigurationError, DataConfig, DataError, SparkTrainer
 from kerasonspark._data import DataInfo
 
 from conftest import make_blobs
@@ -103,7 +103,7 @@ def test_every_engine_trains_two_inputs_and_two_outputs_with_sample_weights(spar
 def test_numpy_lists_train_a_two_headed_model_and_wrong_columns_are_refused(spark):
     image, meta, digit, parity, weight, (clean_x, clean_y) = noisy_two_headed_rows(400)
     trainer = SparkTrainer(two_headed(), backend="sync", num_workers=2, epochs=3, spark=spark, seed=0, verbose=0,
-                           partition_storage="stream")
+                           data=DataConfig(partition_storage="stream"))
     result = trainer.fit([image, meta], [digit, parity], sample_weight=weight, validation_data=(clean_x, clean_y))
     assert result.stats["partition_storage"]["path"] == "stream"
     assert result.history["val_parity_accuracy"][-1] > FLOOR

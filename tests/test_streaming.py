@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from kerasonspark import ConfigurationError, SparkTrainer, numpy_to_dataframe
+from kerasonspark import ConfigurationError, DataConfig, SparkTrainer, numpy_to_dataframe
 from kerasonspark._data import DataInfo
 from kerasonspark._executor import LocalSteps, open_spilled, spill_partition
 
@@ -56,11 +56,11 @@ def test_steps_gathered_in_chunks_train_exactly_as_in_one_piece():
 
 def test_streaming_is_refused_by_an_engine_that_does_not_stream():
     with pytest.raises(ConfigurationError, match="Backend 'single' .* cannot stream partitions"):
-        SparkTrainer(small_model(), backend="single", partition_storage="stream")
+        SparkTrainer(small_model(), backend="single", data=DataConfig(partition_storage="stream"))
     with pytest.raises(ConfigurationError, match="Expected `partition_storage` in"):
-        SparkTrainer(small_model(), partition_storage="disk")
+        DataConfig(partition_storage="disk")
     with pytest.raises(ConfigurationError, match="buffer_rows"):
-        SparkTrainer(small_model(), buffer_rows=0)
+        DataConfig(buffer_rows=0)
 
 
 def spill_files_left(spark):
@@ -79,7 +79,7 @@ def test_async_trains_from_streamed_partitions_paired_with_a_validation_datafram
     train = numpy_to_dataframe(spark, x[:1200], y[:1200], partitions=3)
     validation = numpy_to_dataframe(spark, x[1200:], y[1200:])
     trainer = SparkTrainer(small_model(), backend="async", num_workers=2, epochs=2, spark=spark, seed=0, verbose=0,
-                           partition_storage="stream", buffer_rows=256)
+                           data=DataConfig(partition_storage="stream", buffer_rows=256))
     result = trainer.fit(train, validation_data=validation)
     assert result.stats["partition_storage"]["path"] == "stream"
     assert result.stats["partition_storage"]["largest_partition_mb"] > 0
