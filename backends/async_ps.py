@@ -20,7 +20,6 @@ class AsyncEngine(Engine):
     """Asynchronous updates through a locked parameter server; see :class:`AsyncOptions`."""
 
     name = "async"
-    strategy_option = "rule"
     options_class = AsyncOptions
 
     def run(self, job: TrainingJob) -> TrainingResult:

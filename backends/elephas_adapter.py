@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -76,7 +76,7 @@ class ElephasOptions(EngineOptions):
         parameter_server_mode: ``http`` (Flask) or ``socket``, for the asynchronous modes.
     """
 
-    mode: str = "synchronous"
+    mode: str = field(default="synchronous", metadata={"variant": True})  # elephas:hogwild
     frequency: str | None = None
     parameter_server_mode: str = "http"
 
@@ -196,32 +196,32 @@ class ElephasEngine(Engine):
     """Elephas 7.3 behind the common interface; see :class:`ElephasOptions` and the module's notes."""
 
     name = "elephas"
-    accepts_sample_weights = False  # Elephas fits (features, label) rows
-    streams_partitions = False  # Elephas holds its partitions in memory
     options_class = ElephasOptions
-    uses_parameter_server = False  # Elephas brings its own server; `run` applies the same privacy check
-    strategy_option = "mode"
+    # Elephas takes the blocks, holds them in memory and brings its own server; `run` applies the
+    # same privacy check as ours.
+    trains_on = "spark"
 
-    @classmethod
-    def callback_refusal(cls, callbacks: list[Any]) -> str | None:
+    def check_fit(self, model: Any, callbacks: list[Any], weighted: bool) -> None:
+        """Refuse what Elephas cannot train: several inputs or outputs and sample weights (it fits
+        ``(features, label)`` rows), and callbacks with batch hooks (it runs whole epochs)."""
         import keras
 
-        base = keras.callbacks.Callback
-        batch_level = sorted({type(cb).__name__ for cb in callbacks
-                              if any(getattr(type(cb), hook) is not getattr(base, hook) for hook in _BATCH_HOOKS)})
-        if not batch_level:
-            return None
-        return (f"Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch boundaries only: "
-                f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level callbacks "
-                "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work.")
-
-    def check_model(self, model: Any) -> None:
-        """Refuse a model with several inputs or outputs: Elephas fits ``(features, label)`` rows."""
         info = DataInfo.for_model(model, model.get_compile_config())
         if info.inputs or info.outputs:
             raise ConfigurationError("Elephas trains models with one input and one output (it fits (features, label) "
                                      "rows); for several, choose sync, async, hogwild or single.")
-        super().check_model(model)
+        if weighted:
+            raise ConfigurationError("Backend 'elephas' cannot train with sample or class weights. Drop them or choose "
+                                     "another backend (sync, async, hogwild and single take them).")
+        base = keras.callbacks.Callback
+        batch_level = sorted({type(cb).__name__ for cb in callbacks
+                              if any(getattr(type(cb), hook) is not getattr(base, hook) for hook in _BATCH_HOOKS)})
+        if batch_level:
+            raise ConfigurationError(
+                f"Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch boundaries only: "
+                f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level callbacks "
+                "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work.")
+        super().check_fit(model, callbacks, weighted)
 
     def run(self, job: TrainingJob) -> TrainingResult:
         import keras

@@ -31,7 +31,6 @@ class HogwildEngine(Engine):
     """Lock-free asynchronous updates; the options of ``async``, default window 5."""
 
     name = "hogwild"
-    strategy_option = "rule"
     options_class = HogwildOptions
 
     def run(self, job: TrainingJob) -> TrainingResult:

@@ -18,9 +18,7 @@ class SingleEngine(Engine):
     """Single-process Keras training on the driver."""
 
     name = "single"
-    uses_spark_workers = False
-    uses_parameter_server = False
-    streams_partitions = False  # one process trains on the collected data
+    trains_on = "driver"  # one process trains on the collected data
 
     def run(self, job: TrainingJob) -> TrainingResult:
         info = job.info

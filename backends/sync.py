@@ -102,7 +102,7 @@ class SyncEngine(Engine):
                                outer=outer)
         outcome = job.serve(
             store, lambda url, secret: SyncExchange(url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling))
-        return job.result(outcome.reports, store.center, outcome.seconds, exchanges=outcome.server_stats["rounds"],
+        return job.result(outcome.reports, store.center, outcome.seconds,
                           engine_stats={"rounds_per_epoch": rounds_per_epoch, "sync_every": options.sync_every,
                                         "lr_scale": scaling.factor if scaling else 1.0, "outer_lr": options.outer_lr,
-                                        "outer_momentum": options.outer_momentum, "parameter_server": outcome.server_stats})
+                                        "outer_momentum": options.outer_momentum})

@@ -10,7 +10,7 @@ keep-alive connection. Workers never wait for each other.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,7 +61,7 @@ class AsyncOptions(ScalingOptions):
         timeout: seconds a worker waits for the parameter server before failing.
     """
 
-    rule: str = "dynsgd"
+    rule: str = field(default="dynsgd", metadata={"variant": True})  # async:adag
     window: int = 20
     alpha: float | None = None
     rho: float | None = None
@@ -192,8 +192,6 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     outcome = job.serve(
         store, lambda url, secret: PushPullExchange(url, secret, options.window, rule.payload, options.delta_dtype,
                                                     options.timeout, options.overlap, scaling))
-    server_stats = outcome.server_stats
-    return job.result(outcome.reports, store.center.copy(), outcome.seconds, exchanges=server_stats["updates"],
+    return job.result(outcome.reports, store.center.copy(), outcome.seconds,
                       engine_stats={"rule": rule.name, "window": options.window, "lr_scale": factor,
-                                    "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None,
-                                    "parameter_server": server_stats})
+                                    "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None})

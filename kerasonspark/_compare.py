@@ -17,6 +17,7 @@ at 0 s. :func:`plot_comparison` draws the curves and the speeds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -90,10 +91,15 @@ class StrategyRow:
         return order[(len(order) - 1) // 2]
 
 
+def _variant_option(options_class: type) -> str | None:
+    """The options field a strategy's variant sets (``metadata={"variant": True}``), or ``None``."""
+    return next((f.name for f in dataclasses.fields(options_class) if f.metadata.get("variant")), None)
+
+
 def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
     """``"async:downpour"`` -> ``("async", {"rule": "downpour", ...})``, merged with per-strategy options.
 
-    The variant after the colon sets the engine's :attr:`~kerasonspark.engine.Engine.strategy_option`
+    The variant after the colon sets the engine's option marked ``metadata={"variant": True}``
     (``rule`` for ``async`` and ``hogwild``, ``mode`` for ``elephas``). ``options`` may be keyed by
     the whole strategy or by the backend name; the strategy's key wins.
 
@@ -105,7 +111,7 @@ def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | Non
     chosen = dict(options.get(strategy, options.get(backend, {})))
     if variant:
         engine = available_backends().get(backend)
-        option = getattr(engine, "strategy_option", None)
+        option = _variant_option(engine.options_class) if engine is not None else None
         if engine is not None and option is None:
             raise ConfigurationError(f"Strategy {strategy!r}: backend {backend!r} has no variants; write {backend!r}.")
         chosen[option or "rule"] = variant
@@ -149,7 +155,7 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
     rows: dict[tuple[str, int | None], StrategyRow] = {}
     for workers in counts:
         for strategy in strategies:
-            key = (strategy, workers if engines[strategy].uses_spark_workers else None)
+            key = (strategy, workers if engines[strategy].trains_on != "driver" else None)
             if key not in rows:
                 label = strategy if len(counts) == 1 or key[1] is None else f"{strategy} x{workers}"
                 rows[key] = StrategyRow(strategy, workers=key[1], label=label)
@@ -164,7 +170,9 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
             snapshots: list[tuple[float, float, list]] = []
             started = time.perf_counter()
             snapshot = _snapshots(started, snapshots, steps_per_epoch, points_per_epoch)
-            if engines[strategy].callback_refusal([snapshot]):
+            try:
+                engines[strategy].check_fit(trainer.model, [snapshot], False)
+            except ConfigurationError:  # an engine that runs no batch hooks: one point an epoch
                 snapshot = _snapshots(started, snapshots, steps_per_epoch, 1)
             stats = trainer.fit(train_df, callbacks=[snapshot]).stats
             server = stats.get("parameter_server", {})  # common to every engine that serves weights

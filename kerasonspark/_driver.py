@@ -317,11 +317,11 @@ def merge_history(reports: list[WorkerReport], epochs: int) -> dict[str, list[fl
 
 def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], weights: np.ndarray,
                     train_seconds: float, exchanges: int, engine_stats: Mapping[str, Any] | None,
-                    steering: Steering | None = None) -> TrainingResult:
+                    server_stats: Mapping[str, Any] | None = None, steering: Steering | None = None) -> TrainingResult:
     """Set ``weights`` on the caller's model and build the result every runner returns.
 
-    ``engine_stats`` goes under the engine's ``name`` in ``stats``; its ``parameter_server``
-    entry, common to every engine that uses the server, goes to ``stats["parameter_server"]``.
+    ``engine_stats`` goes under the engine's ``name`` in ``stats``; the parameter server's
+    figures (``server_stats``, for a served job) go to ``stats["parameter_server"]``.
     After a steered run the history is the one the callbacks saw, and ``on_train_end`` runs
     with the final weights in the model (a callback may change them).
     """
@@ -344,8 +344,8 @@ def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], we
         "exchanges": int(exchanges),
         "workers": [r.as_stats() for r in sorted(reports, key=lambda r: r.worker)],
     }
-    if "parameter_server" in own:
-        stats["parameter_server"] = own.pop("parameter_server")
+    if server_stats is not None:
+        stats["parameter_server"] = dict(server_stats)
     if steering is not None:
         stats["epoch_events"] = steering.stats()
         stats.update(steering.restart_stats())
@@ -415,10 +415,11 @@ class DriverRunner:
         return None
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+               exchanges: int, engine_stats: Mapping[str, Any] | None,
+               server_stats: Mapping[str, Any] | None = None) -> TrainingResult:
         steering, self._steering = self._steering, None
         return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats,
-                               steering)
+                               server_stats, steering)
 
 
 class SparkRunner(DriverRunner):

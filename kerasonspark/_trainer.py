@@ -85,7 +85,7 @@ class SparkTrainer:
                                      data=DataConfig() if data is None else data,
                                      resources=ResourceConfig() if resources is None else resources)
         self.engine = resolve_backend(backend, backend_options)
-        if self.config.data.partition_storage == "stream" and not self.engine.streams_partitions:
+        if self.config.data.partition_storage == "stream" and self.engine.trains_on != "workers":
             raise ConfigurationError(f"Backend {self.engine.name!r} does not train through the shared worker loop, so it "
                                      "cannot stream partitions; use DataConfig(partition_storage='auto' or 'memory'), or another "
                                      "backend (sync, async and hogwild stream).")
@@ -179,23 +179,21 @@ class SparkTrainer:
             WorkerError: a worker failed during training.
         """
         started = time.perf_counter()
-        callbacks = _check_callbacks(callbacks, self.engine)
-        self.engine.check_model(self.model)
+        callbacks = _check_callbacks(callbacks)
         callbacks, backup = self._backup_plan(callbacks)
         dense = data_module.dense_class_weight(class_weight, self.info) if class_weight is not None else None
         config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq,
                                      class_weight=dense)
         data = _features_and_labels(x, y, "fit", sample_weight)
         weight_column = sample_weight if isinstance(sample_weight, str) else None
-        if (sample_weight is not None or class_weight is not None) and not self.engine.accepts_sample_weights:
-            raise ConfigurationError(f"Backend {self.engine.name!r} cannot train with sample or class weights. Drop "
-                                     "them or choose another backend (sync, async, hogwild and single take them).")
+        self.engine.check_fit(self.model, callbacks, sample_weight is not None or class_weight is not None)
+        on_spark, served = self.engine.trains_on != "driver", self.engine.trains_on == "workers"
         with self._session(data) as spark:
             if backup is not None:
                 config = self._resume(backup, config, spark)
-            if self.engine.uses_spark_workers:
+            if on_spark:
                 check_slots(spark, self.config.num_workers, self.config.failure.registration_timeout)
-            if self.engine.uses_parameter_server:
+            if served:
                 check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
@@ -203,7 +201,7 @@ class SparkTrainer:
             prepared, runner, held_out = None, None, None
             try:
                 validation = None
-                if validation_data is not None and self.engine.uses_spark_workers and not isinstance(validation_data,
+                if validation_data is not None and on_spark and not isinstance(validation_data,
                                                                                                      (tuple, list)):
                     # Validation data that lives in Spark stays there: each worker scores its partition.
                     with spark_errors(), spark_job(spark, "kerasonspark prepare validation data"):
@@ -212,9 +210,9 @@ class SparkTrainer:
                 elif validation_data is not None:
                     validation = self._local_arrays(spark, validation_data, features, label, "validation")
                 warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.resources.worker_threads)
-                        if self.engine.uses_spark_workers else None)
+                        if on_spark else None)
                 prepare_started = time.perf_counter()
-                storage = self.config.data.partition_storage if self.engine.streams_partitions else "memory"
+                storage = self.config.data.partition_storage if served else "memory"
                 with spark_errors(), spark_job(spark, "kerasonspark prepare"):
                     prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
                                                    "training", warm, weight_column, partition_storage=storage)
@@ -227,12 +225,8 @@ class SparkTrainer:
                                   run_id=run_id, partition_sizes=prepared.counts, validation=validation,
                                   validation_blocks=held_out.blocks if held_out is not None else None,
                                   server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks,
-                                  streamed=streamed)
-                self.engine.setup(job)
-                try:
-                    result = self.engine.run(job)
-                finally:
-                    self.engine.teardown(job)
+                                  streamed=streamed, trains_on=self.engine.trains_on)
+                result = self.engine.run(job)
             finally:
                 if runner is not None:
                     runner.release()
@@ -261,7 +255,7 @@ class SparkTrainer:
             raise ConfigurationError("Pass either `checkpoint_dir` or a BackupAndRestore callback, not both.")
         if not chosen and self.checkpoint_dir is None:
             return callbacks, None
-        if not self.engine.uses_parameter_server:
+        if self.engine.trains_on != "workers":
             if chosen:
                 return callbacks, None  # an engine that trains on the driver hands the callback to model.fit
             raise ConfigurationError(f"Backend {self.engine.name!r} trains without the parameter server; pass "
@@ -386,8 +380,9 @@ class SparkTrainer:
                                      "array", batch_size, self.config.resources.worker_threads)
 
 
-def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Callback]:
-    """``fit``'s callbacks as a list, refused before any work when the engine cannot run them."""
+def _check_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
+    """``fit``'s callbacks as a list of ``keras.callbacks.Callback`` (the engine's ``check_fit`` says
+    which it can run)."""
     import keras
 
     if callbacks is None:
@@ -398,12 +393,6 @@ def _check_callbacks(callbacks: Any, engine: Engine) -> list[keras.callbacks.Cal
     wrong = [type(cb).__name__ for cb in callbacks if not isinstance(cb, keras.callbacks.Callback)]
     if wrong:
         raise TypeError(f"Expected `callbacks` to be keras.callbacks.Callback objects. Received: {wrong}.")
-    if callbacks and not engine.accepts_callbacks:
-        raise ConfigurationError(f"Backend {engine.name!r} cannot run Keras callbacks. Drop `callbacks` or choose "
-                                 "another backend (sync, async, hogwild and single run them).")
-    refusal = engine.callback_refusal(callbacks) if callbacks else None
-    if refusal:
-        raise ConfigurationError(refusal)
     return callbacks
 
 

@@ -16,8 +16,7 @@ parameter server's round barrier (its worker side, ``EpochAveragingExchange``, i
         def run(self, job):
             store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers)
             outcome = job.serve(store, lambda url, secret: EpochAveragingExchange(url, secret, rounds=1))
-            return job.result(outcome.reports, store.center, outcome.seconds,
-                              exchanges=outcome.server_stats["rounds"])
+            return job.result(outcome.reports, store.center, outcome.seconds)
 
 (``examples/custom_engine.py`` has it whole, with its exchange and a test.) Engines register in the
 ``kerasonspark.backends`` entry-point group; the core looks names up there and nowhere else, so a
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "LearningRateScaling", "NoOptions", "ParameterStore",
     "Runner", "ScalingOptions",
-    "ServerExchange", "StageOutcome", "TrainingConfig", "TrainingJob", "TrainingResult", "WorkerReport",
+    "ServerExchange", "StageOutcome", "TRAINS_ON", "TrainingConfig", "TrainingJob", "TrainingResult", "WorkerReport",
     "available_backends", "check_positive_int", "even_runs", "get_flat_weights", "parse_options", "resolve_backend",
     "set_flat_weights",
 ]
@@ -307,7 +306,8 @@ class Runner(Protocol):
         ...
 
     def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None) -> TrainingResult:
+               exchanges: int, engine_stats: Mapping[str, Any] | None,
+               server_stats: Mapping[str, Any] | None) -> TrainingResult:
         """Set ``weights`` on the caller's model and assemble the :class:`TrainingResult`."""
         ...
 
@@ -347,10 +347,11 @@ class TrainingJob:
         callbacks: the ``keras.callbacks.Callback`` objects of ``fit``. Engines served through
             :meth:`serve` need not look at them: the driver runs them at every epoch boundary.
             An engine that trains otherwise runs them itself (``single`` hands them to
-            ``model.fit``) or sets ``accepts_callbacks = False``.
+            ``model.fit``) or refuses them in :meth:`Engine.check_fit`.
         streamed: whether the workers stream their partitions through a local spill file
             instead of holding them in memory (decided from ``config.data.partition_storage`` and
             the partitions' measured size; only :meth:`run_workers` streams).
+        trains_on: the engine's :attr:`Engine.trains_on`: which of the methods below it may call.
     """
 
     spec: ModelSpec
@@ -366,6 +367,15 @@ class TrainingJob:
     server_port: int = 0
     callbacks: list[Any] = field(default_factory=list)
     streamed: bool = False
+    trains_on: str = "workers"
+    _server_stats: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def _require(self, trains_on: str, method: str) -> None:
+        if self.trains_on != trains_on:
+            raise ConfigurationError(
+                f"job.{method}() is for engines with `trains_on = {trains_on!r}`; this engine declares "
+                f"{self.trains_on!r}. Set the engine class's `trains_on` to what it trains through: `fit` "
+                "prepares the data and checks the cluster by it.")
 
     @property
     def num_samples(self) -> int:
@@ -397,10 +407,11 @@ class TrainingJob:
             WorkerError: a worker failed; the message names it and carries its error.
             ConfigurationError: the job has callbacks, which need :meth:`serve`.
         """
+        self._require("workers", "run_workers")
         if self.callbacks:
             raise ConfigurationError(
                 "This engine trains without the parameter server (`job.serve`), so the driver cannot run "
-                "callbacks between epochs. Drop `callbacks`, or set `accepts_callbacks = False` on the engine.")
+                "callbacks between epochs. Drop `callbacks`, or refuse them in the engine's `check_fit`.")
         return self.runner.run_workers(self, exchange)
 
     def serve(self, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
@@ -412,18 +423,30 @@ class TrainingJob:
         Raises:
             WorkerError: naming the worker whose failure started it (from the server's reports).
         """
-        return self.runner.serve(self, store, make_exchange)
+        self._require("workers", "serve")
+        outcome = self.runner.serve(self, store, make_exchange)
+        self._server_stats = outcome.server_stats
+        return outcome
 
-    def result(self, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float, *, exchanges: int,
-               engine_stats: Mapping[str, Any] | None = None) -> TrainingResult:
+    def result(self, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float, *,
+               exchanges: int | None = None, engine_stats: Mapping[str, Any] | None = None) -> TrainingResult:
         """Set ``weights`` on the caller's model and assemble the result.
 
         Each epoch's training metrics are averaged over the workers weighted by their samples
-        (validation metrics by their validation rows). ``exchanges`` counts pushes or rounds;
-        ``engine_stats`` lands under the engine's name in ``stats``, except a
-        ``parameter_server`` entry, which every server-backed engine shares.
+        (validation metrics by their validation rows). ``exchanges`` counts pushes or rounds; after
+        :meth:`serve` it defaults to the server's count of both, and the server's figures land in
+        ``stats["parameter_server"]``. ``engine_stats`` lands under the engine's name in ``stats``.
+
+        Raises:
+            ConfigurationError: ``exchanges`` is missing for a job that was not served.
         """
-        return self.runner.result(self, reports, weights, train_seconds, exchanges, engine_stats)
+        server_stats = self._server_stats
+        if exchanges is None:
+            if server_stats is None:
+                raise ConfigurationError("Pass `exchanges=` to job.result(): the job was not served, so it has "
+                                         "no server count to take.")
+            exchanges = int(server_stats["rounds"]) + int(server_stats["updates"])
+        return self.runner.result(self, reports, weights, train_seconds, exchanges, engine_stats, server_stats)
 
     def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The training data as one ``(x, y, sample_weight)`` triple on the driver, for engines that
@@ -431,6 +454,7 @@ class TrainingJob:
         folded into it)."""
         from ._data import class_weighted
 
+        self._require("driver", "local_arrays")
         x, y, weights = self.runner.local_arrays(self)
         return x, y, class_weighted(y, weights, self.config.class_weight)
 
@@ -442,6 +466,7 @@ class TrainingJob:
         Raises:
             ConfigurationError: the job runs without Spark (:mod:`kerasonspark.testing`).
         """
+        self._require("spark", "training_blocks")
         return self.runner.training_blocks(self)
 
 
@@ -534,55 +559,45 @@ def parse_options(options_class: type, options: Mapping[str, Any] | None, engine
         raise ConfigurationError(f"Invalid `backend_options` for backend '{engine}': {exc}") from None
 
 
+TRAINS_ON = ("workers", "driver", "spark")
+
+
 class Engine:
     """Base class of every training engine.
 
-    Subclasses set :attr:`name` and :attr:`options_class` and implement :meth:`run`.
+    Subclasses set :attr:`name` (and :attr:`options_class`, :attr:`trains_on` when not the
+    defaults) and implement :meth:`run`.
 
     Attributes:
         name: the backend name users pass to ``SparkTrainer(backend=...)``; the key of the
             engine's own figures in ``stats``.
-        options_class: a dataclass for ``backend_options``, validated on construction.
-        uses_spark_workers: whether the engine trains in Spark tasks (one per worker); the
-            trainer then checks the cluster has a slot for each before starting.
-        uses_parameter_server: whether weights travel through the driver's parameter server
-            (plain HTTP); the trainer then refuses a cluster that encrypts its own traffic
-            unless cleartext weights are allowed.
-        accepts_callbacks: whether ``fit(callbacks=...)`` works with the engine. Engines that
-            train through :meth:`TrainingJob.serve` get them from the driver for free; an engine
-            that trains otherwise and cannot run them sets ``False``, and ``fit`` refuses them
-            (an engine that runs only some says which in :meth:`callback_refusal`).
-        accepts_sample_weights: whether ``fit(sample_weight=...)`` works with the engine. Engines
-            that train through :meth:`TrainingJob.serve` (the shared worker loop) or on
-            :meth:`TrainingJob.local_arrays` get them; one that hands the data elsewhere and
-            cannot pass them on sets ``False``, and ``fit`` refuses weights before any work.
-        streams_partitions: whether the engine's workers train through :meth:`TrainingJob.run_workers`
-            (the shared worker loop), which can stream a partition bigger than memory; one that
-            hands the data elsewhere sets ``False`` and ``DataConfig(partition_storage="stream")`` is refused.
-        strategy_option: the option a strategy's variant sets in ``kerasonspark compare``
-            (``"async:adag"`` sets ``rule``); ``None`` when the engine has no variants.
+        options_class: a dataclass for ``backend_options``, validated on construction. The field
+            whose metadata holds ``{"variant": True}`` is what a strategy's variant sets in
+            ``kerasonspark compare`` (``"async:adag"`` sets ``rule``).
+        trains_on: which of the job's data the engine trains through, and so what ``fit``
+            prepares and checks for it. ``"workers"`` (the default): the shared worker loop in
+            Spark tasks, through :meth:`TrainingJob.serve` or :meth:`TrainingJob.run_workers`
+            (partitions may stream from disk, weights travel through the driver's parameter
+            server, callbacks run on the driver). ``"driver"``: one process on the driver,
+            through :meth:`TrainingJob.local_arrays`. ``"spark"``: the data handed to another
+            Spark library, through :meth:`TrainingJob.training_blocks`. A job refuses the
+            other methods, naming this attribute.
     """
 
     name: ClassVar[str] = "engine"
     options_class: ClassVar[type] = NoOptions
-    uses_spark_workers: ClassVar[bool] = True
-    uses_parameter_server: ClassVar[bool] = True
-    accepts_callbacks: ClassVar[bool] = True
-    accepts_sample_weights: ClassVar[bool] = True
-    streams_partitions: ClassVar[bool] = True
-    strategy_option: ClassVar[str | None] = None
+    trains_on: ClassVar[str] = "workers"
 
     def __init__(self, **options: Any) -> None:
+        if self.trains_on not in TRAINS_ON:
+            raise ConfigurationError(f"Expected {type(self).__name__}.trains_on in {TRAINS_ON}. "
+                                     f"Received: {self.trains_on!r}.")
         self.options = parse_options(self.options_class, options, self.name)
 
-    @classmethod
-    def callback_refusal(cls, callbacks: list[Any]) -> str | None:
-        """Why ``fit`` must refuse some of ``callbacks`` (checked before any work), or ``None``."""
-        return None
-
-    def check_model(self, model: keras.Model) -> None:
-        """Refuse a model the engine cannot train with its options, before any work. The default
-        asks the options (:meth:`ScalingOptions.check_model`) when they have such a check.
+    def check_fit(self, model: keras.Model, callbacks: list[Any], weighted: bool) -> None:
+        """Refuse what this engine cannot do in this ``fit``, before any work: the model, the
+        callbacks, or sample and class weights (``weighted``). The default asks the options
+        (:meth:`ScalingOptions.check_model`) when they have such a check.
 
         Raises:
             ConfigurationError: what to change, and how.
@@ -591,18 +606,12 @@ class Engine:
         if check is not None:
             check(model)
 
-    def setup(self, job: TrainingJob) -> None:
-        """Called before :meth:`run`; does nothing by default."""
-
     def run(self, job: TrainingJob) -> TrainingResult:
         """Train ``job.spec`` on the job's data and return the result (``job.result(...)``).
 
         The engine must leave nothing running (servers, threads) when it returns or raises.
         """
         raise NotImplementedError
-
-    def teardown(self, job: TrainingJob) -> None:
-        """Called after :meth:`run`, also when it raised; does nothing by default."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"

@@ -115,7 +115,7 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
         WorkerError: a worker failed; the message names it.
     """
     engine = resolve_backend(engine, backend_options)
-    engine.check_model(model)
+    engine.check_fit(model, list(callbacks or []), sample_weight is not None)
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose,
                             data=DataConfig() if data is None else data)
     info = DataInfo.for_model(model, model.get_compile_config())
@@ -127,9 +127,5 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
     job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
                       config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
                       partition_sizes=[len(p[0]) for p in partitions], validation=validation,
-                      callbacks=list(callbacks or []))
-    engine.setup(job)
-    try:
-        return engine.run(job)
-    finally:
-        engine.teardown(job)
+                      callbacks=list(callbacks or []), trains_on=engine.trains_on)
+    return engine.run(job)

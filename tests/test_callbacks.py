@@ -183,7 +183,9 @@ def test_callbacks_are_checked_before_any_work():
         trainer.fit((np.zeros((4, 16), np.float32), np.zeros(4)), callbacks=[print])
 
     class NoCallbacks(type(trainer.engine)):
-        accepts_callbacks = False
+        def check_fit(self, model, callbacks, weighted):
+            if callbacks:
+                raise ConfigurationError("This engine cannot run Keras callbacks.")
 
     refusing = SparkTrainer(small_model(), backend=NoCallbacks())
     with pytest.raises(ConfigurationError, match="cannot run Keras callbacks"):

@@ -25,7 +25,7 @@ PUBLIC = {
     ],
     "kerasonspark.engine": [
         "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "LearningRateScaling", "NoOptions",
-        "ParameterStore", "Runner", "ScalingOptions", "ServerExchange", "StageOutcome", "TrainingConfig",
+        "ParameterStore", "Runner", "ScalingOptions", "ServerExchange", "StageOutcome", "TRAINS_ON", "TrainingConfig",
         "TrainingJob", "TrainingResult", "WorkerReport", "available_backends", "check_positive_int",
         "even_runs", "get_flat_weights", "parse_options", "resolve_backend", "set_flat_weights",
     ],

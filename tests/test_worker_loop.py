@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from kerasonspark import WorkerError, WorkerReport
+from kerasonspark import ConfigurationError, WorkerError, WorkerReport
 from kerasonspark._data import DataInfo
 from kerasonspark._driver import merge_history
 from kerasonspark._executor import WorkerSettings, train_worker, validation_share
@@ -180,8 +180,7 @@ def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
     reports = [WorkerReport(1, 10, 2, 1.0, history=[{"loss": 3.0}] * 2, figures={"pushes": 3}),
                WorkerReport(0, 30, 4, 2.0, history=[{"loss": 1.0}] * 2, figures={"pushes": 5})]
     weights = np.full(spec.weights.size, 0.5, np.float32)
-    result = assemble_result(job, "mine", reports, weights, 4.0, 8,
-                             {"rule": "adag", "parameter_server": {"updates": 8}})
+    result = assemble_result(job, "mine", reports, weights, 4.0, 8, {"rule": "adag"}, {"updates": 8})
     assert result.model is model and np.all(get_flat_weights(model) == 0.5)
     assert result.history == {"loss": [1.5, 1.5]}
     stats = result.stats
@@ -196,9 +195,10 @@ def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
 
 
 def test_a_job_hands_every_call_to_its_runner():
-    from kerasonspark.engine import TrainingConfig, TrainingJob
+    from kerasonspark.engine import StageOutcome, TrainingConfig, TrainingJob
 
     calls = []
+    served = StageOutcome(["report"], 1.5, {"rounds": 6, "updates": 0})
 
     class Runner:
         def run_workers(self, job, exchange):
@@ -207,10 +207,10 @@ def test_a_job_hands_every_call_to_its_runner():
 
         def serve(self, job, store, make_exchange):
             calls.append(("serve", store, make_exchange))
-            return "outcome"
+            return served
 
-        def result(self, job, reports, weights, seconds, exchanges, engine_stats):
-            calls.append(("result", job is the_job, reports, weights, seconds, exchanges, engine_stats))
+        def result(self, job, reports, weights, seconds, exchanges, engine_stats, server_stats):
+            calls.append(("result", job is the_job, reports, weights, seconds, exchanges, engine_stats, server_stats))
             return "result"
 
         def local_arrays(self, job):
@@ -220,12 +220,23 @@ def test_a_job_hands_every_call_to_its_runner():
     job = the_job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(class_weight=(0.5, 2.0)),
                                 runner=Runner(), run_id="r", partition_sizes=[3, 4])
     assert job.num_samples == 7
-    assert job.run_workers("ex") == ["report"] and job.serve("store", "make") == "outcome"
-    assert job.result(["r"], "w", 2.0, exchanges=5, engine_stats={"a": 1}) == "result"
-    x, y, weights = job.local_arrays()
+    with pytest.raises(ConfigurationError, match="Pass `exchanges=`"):
+        job.result(["r"], "w", 2.0)  # not served yet: no server count to default to
+    assert job.run_workers("ex") == ["report"] and job.serve("store", "make") is served
+    assert job.result(["r"], "w", 2.0, engine_stats={"a": 1}) == "result"  # exchanges: the server's count
+    assert job.result(["r"], "w", 2.0, exchanges=5) == "result"
+    with pytest.raises(ConfigurationError, match=r"job.local_arrays\(\) is for engines with `trains_on = 'driver'`"):
+        job.local_arrays()
+    on_driver = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(class_weight=(0.5, 2.0)),
+                            runner=Runner(), run_id="r", partition_sizes=[3, 4], trains_on="driver")
+    x, y, weights = on_driver.local_arrays()
     assert x == "x" and weights.tolist() == [0.5, 2.0, 2.0]  # the class weights folded into the sample weights
-    assert calls == [("run_workers", "ex"), ("serve", "store", "make"), ("result", True, ["r"], "w", 2.0, 5, {"a": 1}),
-                     ("local_arrays",)]
+    with pytest.raises(ConfigurationError, match="trains_on = 'workers'"):
+        on_driver.serve("store", "make")
+    server = {"rounds": 6, "updates": 0}
+    assert calls == [("run_workers", "ex"), ("serve", "store", "make"),
+                     ("result", True, ["r"], "w", 2.0, 6, {"a": 1}, server),
+                     ("result", True, ["r"], "w", 2.0, 5, None, server), ("local_arrays",)]
 
 
 def test_worker_report_figures_for_stats():
