@@ -1,3 +1,4 @@
-"""Training engines, one module each; they register in the ``kerasonspark.backends`` entry points."""
+"""Training engines, one module each; they register in the ``kerasonspark.backends`` entry
+points."""
 
 __all__: list[str] = []

@@ -1,7 +1,8 @@
 """``backend="elephas"``: Elephas 7.3 trains the job, behind the same interface as every engine.
 
     pip install --no-deps elephas==7.3.0 h5py
-    SparkTrainer(model, backend="elephas", backend_options={"mode": "asynchronous", "frequency": "batch"})
+    SparkTrainer(model, backend="elephas", backend_options={"mode": "asynchronous", "frequency":
+    "batch"})
 
 Elephas pins numpy<2, pyspark<=4.0.0, flask==2.3.3 and tensorflow<2.20, which conflict with our
 stack, yet runs on it: hence ``--no-deps``. The job's model, data partitions, batch size and
@@ -52,7 +53,14 @@ import numpy as np
 from kerasonspark._data import DataInfo
 from kerasonspark._errors import ConfigurationError
 from kerasonspark._session import check_weights_privacy
-from kerasonspark.engine import Engine, EngineOptions, TrainingJob, TrainingResult, WorkerReport, get_flat_weights
+from kerasonspark.engine import (
+    Engine,
+    EngineOptions,
+    TrainingJob,
+    TrainingResult,
+    WorkerReport,
+    get_flat_weights,
+)
 
 __all__ = ["ElephasEngine", "ElephasOptions"]
 
@@ -84,12 +92,19 @@ class ElephasOptions(EngineOptions):
         if self.mode not in MODES:
             raise ValueError(f"`mode` must be one of {list(MODES)}. Received: {self.mode!r}.")
         if self.frequency not in (None, "epoch", "batch"):
-            raise ValueError(f"`frequency` must be 'epoch' or 'batch'. Received: {self.frequency!r}.")
+            raise ValueError(
+                f"`frequency` must be 'epoch' or 'batch'. Received: {self.frequency!r}."
+            )
         if self.mode == "synchronous" and self.frequency == "batch":
-            raise ValueError("Elephas's synchronous mode averages once per epoch; `frequency='batch'` needs "
-                             "mode 'asynchronous' or 'hogwild'.")
+            raise ValueError(
+                "Elephas's synchronous mode averages once per epoch; `frequency='batch'` needs "
+                "mode 'asynchronous' or 'hogwild'."
+            )
         if self.parameter_server_mode not in ("http", "socket"):
-            raise ValueError(f"`parameter_server_mode` must be 'http' or 'socket'. Received: {self.parameter_server_mode!r}.")
+            raise ValueError(
+                f"`parameter_server_mode` must be 'http' or 'socket'. Received: "
+                f"{self.parameter_server_mode!r}."
+            )
         if self.frequency is None:
             self.frequency = "epoch" if self.mode == "synchronous" else "batch"
 
@@ -98,12 +113,17 @@ def _require_elephas() -> Any:
     try:
         import elephas.spark_model
     except ImportError as exc:
-        raise ConfigurationError(f"backend='elephas' needs Elephas 7.3 ({exc}). Install it with: {INSTALL}") from None
+        raise ConfigurationError(
+            f"backend='elephas' needs Elephas 7.3 ({exc}). Install it with: {INSTALL}"
+        ) from None
     return elephas.spark_model
 
 
-def _samples(info: Any, blocks: Iterator[tuple[np.ndarray, np.ndarray, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
-    """Our ``(x, y, w)`` blocks (never weighted here) as the ``(features, label)`` rows Elephas trains on
+def _samples(
+    info: Any, blocks: Iterator[tuple[np.ndarray, np.ndarray, Any]]
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Our ``(x, y, w)`` blocks (never weighted here) as the ``(features, label)`` rows Elephas
+    trains on
     (labels as the loss takes them)."""
     for x, y, _ in blocks:
         yield from zip(x, info.model_labels(y), strict=True)
@@ -117,7 +137,8 @@ def _free_port(host: str) -> int:
 
 @contextlib.contextmanager
 def _bind_address(host: str) -> Iterator[None]:
-    """Elephas's server on ``host``: it reads ``SPARK_LOCAL_IP``, else takes the host name's address."""
+    """Elephas's server on ``host``: it reads ``SPARK_LOCAL_IP``, else takes the host name's
+    address."""
     saved = os.environ.get("SPARK_LOCAL_IP")
     os.environ["SPARK_LOCAL_IP"] = host
     try:
@@ -181,7 +202,8 @@ def _socket_parts(host: str, port: int) -> tuple[type, type]:
 
 
 def _stop_server(spark_model: Any) -> None:
-    """Stop Elephas's server if an epoch ended without stopping it (its context manager does not on errors)."""
+    """Stop Elephas's server if an epoch ended without stopping it (its context manager does not on
+    errors)."""
     server = getattr(spark_model, "parameter_server", None)
     process = getattr(server, "server", None)
     with contextlib.suppress(ValueError, AttributeError):  # a process already closed
@@ -193,7 +215,8 @@ def _stop_server(spark_model: Any) -> None:
 
 
 class ElephasEngine(Engine):
-    """Elephas 7.3 behind the common interface; see :class:`ElephasOptions` and the module's notes."""
+    """Elephas 7.3 behind the common interface; see :class:`ElephasOptions` and the module's
+    notes."""
 
     name = "elephas"
     options_class = ElephasOptions
@@ -208,19 +231,31 @@ class ElephasEngine(Engine):
 
         info = DataInfo.for_model(model, model.get_compile_config())
         if info.inputs or info.outputs:
-            raise ConfigurationError("Elephas trains models with one input and one output (it fits (features, label) "
-                                     "rows); for several, choose sync, async, hogwild or single.")
+            raise ConfigurationError(
+                "Elephas trains models with one input and one output (it fits (features, label) "
+                "rows); for several, choose sync, async, hogwild or single."
+            )
         if weighted:
-            raise ConfigurationError("Backend 'elephas' cannot train with sample or class weights. Drop them or choose "
-                                     "another backend (sync, async, hogwild and single take them).")
+            raise ConfigurationError(
+                "Backend 'elephas' cannot train with sample or class weights. Drop them or choose "
+                "another backend (sync, async, hogwild and single take them)."
+            )
         base = keras.callbacks.Callback
-        batch_level = sorted({type(cb).__name__ for cb in callbacks
-                              if any(getattr(type(cb), hook) is not getattr(base, hook) for hook in _BATCH_HOOKS)})
+        batch_level = sorted(
+            {
+                type(cb).__name__
+                for cb in callbacks
+                if any(getattr(type(cb), hook) is not getattr(base, hook) for hook in _BATCH_HOOKS)
+            }
+        )
         if batch_level:
             raise ConfigurationError(
-                f"Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch boundaries only: "
-                f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level callbacks "
-                "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work.")
+                f"Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch "
+                "boundaries only: "
+                f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level "
+                "callbacks "
+                "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work."
+            )
         super().check_fit(model, callbacks, weighted)
 
     def run(self, job: TrainingJob) -> TrainingResult:
@@ -233,16 +268,26 @@ class ElephasEngine(Engine):
             check_weights_privacy(dict(blocks.context.getConf().getAll()), job.server_host)
         if not _warned.is_set():
             _warned.set()
-            logger.warning("Elephas's parameter server speaks unauthenticated pickle (unpickling is code execution); "
-                           "it listens on %s only while an epoch trains.", job.server_host)
-        samples = blocks.mapPartitions(partial(_samples, job.info))  # from the cached blocks, each epoch
+            logger.warning(
+                "Elephas's parameter server speaks unauthenticated pickle (unpickling is code "
+                "execution); "
+                "it listens on %s only while an epoch trains.",
+                job.server_host,
+            )
+        samples = blocks.mapPartitions(
+            partial(_samples, job.info)
+        )  # from the cached blocks, each epoch
         config = job.config
-        callbacks = keras.callbacks.CallbackList(job.callbacks, model=job.model, epochs=config.epochs, verbose=0)
+        callbacks = keras.callbacks.CallbackList(
+            job.callbacks, model=job.model, epochs=config.epochs, verbose=0
+        )
         validation = None
         if (local := job.local_validation()) is not None:
             validation = (local[0], job.info.model_labels(local[1]))
         sizes = job.partition_sizes
-        reports = [WorkerReport(worker=w, samples=n, steps=0, seconds=0.0) for w, n in enumerate(sizes)]
+        reports = [
+            WorkerReport(worker=w, samples=n, steps=0, seconds=0.0) for w, n in enumerate(sizes)
+        ]
         train_seconds, exchanges = 0.0, 0
         job.model.stop_training = False
         callbacks.on_train_begin()
@@ -259,7 +304,9 @@ class ElephasEngine(Engine):
                 report.steps += math.ceil(report.samples / config.batch_size)
                 report.history.append({k: float(v[-1]) for k, v in (history or {}).items()})
             if validation is not None:
-                scores = job.model.evaluate(*validation, batch_size=256, verbose=0, return_dict=True)
+                scores = job.model.evaluate(
+                    *validation, batch_size=256, verbose=0, return_dict=True
+                )
                 reports[0].val_samples = len(validation[0])
                 reports[0].val_history.append({k: float(v) for k, v in scores.items()})
                 logs.update({f"val_{k}": float(v) for k, v in scores.items()})
@@ -271,38 +318,72 @@ class ElephasEngine(Engine):
             if job.model.stop_training:
                 break
         callbacks.on_train_end()
-        return job.result(reports, get_flat_weights(job.model), train_seconds, exchanges=exchanges,
-                          engine_stats={"mode": options.mode, "frequency": options.frequency,
-                                        "parameter_server_mode": options.parameter_server_mode,
-                                        "elephas_version": _elephas_version()})
+        return job.result(
+            reports,
+            get_flat_weights(job.model),
+            train_seconds,
+            exchanges=exchanges,
+            engine_stats={
+                "mode": options.mode,
+                "frequency": options.frequency,
+                "parameter_server_mode": options.parameter_server_mode,
+                "elephas_version": _elephas_version(),
+            },
+        )
 
-    def _train_one_epoch(self, spark_model_module: Any, job: TrainingJob, samples: Any) -> list[dict | None]:
-        """One Elephas ``fit`` of one epoch from the model's current weights; each worker's history."""
+    def _train_one_epoch(
+        self, spark_model_module: Any, job: TrainingJob, samples: Any
+    ) -> list[dict | None]:
+        """One Elephas ``fit`` of one epoch from the model's current weights; each worker's
+        history."""
         options, config = self.options, job.config
         custom_objects = dict(job.spec.custom_objects) or None
         with _bind_address(job.server_host):
             if options.mode == "synchronous":
-                spark_model = spark_model_module.SparkModel(job.model, custom_objects=custom_objects,
-                                                            batch_size=config.batch_size)
+                spark_model = spark_model_module.SparkModel(
+                    job.model, custom_objects=custom_objects, batch_size=config.batch_size
+                )
             else:
                 port = _free_port(job.server_host)
                 spark_model = spark_model_module.AsynchronousSparkModel(
-                    job.model, custom_objects=custom_objects, batch_size=config.batch_size, mode=options.mode,
-                    frequency=options.frequency, parameter_server_mode=options.parameter_server_mode, port=port)
+                    job.model,
+                    custom_objects=custom_objects,
+                    batch_size=config.batch_size,
+                    mode=options.mode,
+                    frequency=options.frequency,
+                    parameter_server_mode=options.parameter_server_mode,
+                    port=port,
+                )
                 if options.parameter_server_mode == "socket":
                     server_class, client_class = _socket_parts(job.server_host, port)
-                    spark_model.parameter_server = server_class(spark_model.serialized_model, port, options.mode,
-                                                                custom_objects=custom_objects)
+                    spark_model.parameter_server = server_class(
+                        spark_model.serialized_model,
+                        port,
+                        options.mode,
+                        custom_objects=custom_objects,
+                    )
                     spark_model.client = client_class()
                 else:
                     spark_model.parameter_server.debug = False
             try:
-                with contextlib.redirect_stdout(None):  # Elephas prints ">>> Fit model" and the like
-                    spark_model.fit(samples, epochs=1, batch_size=config.batch_size, verbose=0, validation_split=0.0)
+                with contextlib.redirect_stdout(
+                    None
+                ):  # Elephas prints ">>> Fit model" and the like
+                    spark_model.fit(
+                        samples,
+                        epochs=1,
+                        batch_size=config.batch_size,
+                        verbose=0,
+                        validation_split=0.0,
+                    )
             finally:
                 _stop_server(spark_model)
         histories = list(getattr(spark_model, "training_histories", []))
-        return histories[-len(job.partition_sizes):] if histories else [None] * len(job.partition_sizes)
+        return (
+            histories[-len(job.partition_sizes) :]
+            if histories
+            else [None] * len(job.partition_sizes)
+        )
 
     def _exchanges(self, sizes: list[int], batch_size: int) -> int:
         """Exchanges of one epoch, by Elephas's loop: workers with more rows than one batch push."""

@@ -59,7 +59,10 @@ class SyncOptions(ScalingOptions):
         check_positive_int("sync_every", self.sync_every)
         OuterNesterov(self.outer_lr, self.outer_momentum)  # validates both
         if not self.barrier_timeout > 0:
-            raise ValueError(f"Expected `barrier_timeout` > 0 seconds. Received: barrier_timeout={self.barrier_timeout!r}.")
+            raise ValueError(
+                f"Expected `barrier_timeout` > 0 seconds. Received: "
+                f"barrier_timeout={self.barrier_timeout!r}."
+            )
 
 
 class SyncExchange(ServerExchange):
@@ -67,8 +70,14 @@ class SyncExchange(ServerExchange):
 
     holds_center = True  # the epoch's last round leaves every worker holding the center
 
-    def __init__(self, url: str, secret: bytes, rounds_per_epoch: int, timeout: float,
-                 lr_scaling: LearningRateScaling | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        rounds_per_epoch: int,
+        timeout: float,
+        lr_scaling: LearningRateScaling | None = None,
+    ) -> None:
         super().__init__(url, secret, timeout, timeout_name="barrier_timeout")
         self.rounds_per_epoch, self.lr_scaling = rounds_per_epoch, lr_scaling
         self.round = 0
@@ -98,11 +107,28 @@ class SyncEngine(Engine):
         rounds_per_epoch = max(1, math.ceil(longest / options.sync_every))
         scaling = options.lr_scaling(job)
         outer = OuterNesterov(options.outer_lr, options.outer_momentum)
-        store = ParameterStore(job.spec.weights, job.spec.shapes, config.num_workers, barrier_timeout=options.barrier_timeout,
-                               outer=outer)
+        store = ParameterStore(
+            job.spec.weights,
+            job.spec.shapes,
+            config.num_workers,
+            barrier_timeout=options.barrier_timeout,
+            outer=outer,
+        )
         outcome = job.serve(
-            store, lambda url, secret: SyncExchange(url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling))
-        return job.result(outcome.reports, store.center, outcome.seconds,
-                          engine_stats={"rounds_per_epoch": rounds_per_epoch, "sync_every": options.sync_every,
-                                        "lr_scale": scaling.factor if scaling else 1.0, "outer_lr": options.outer_lr,
-                                        "outer_momentum": options.outer_momentum})
+            store,
+            lambda url, secret: SyncExchange(
+                url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
+            ),
+        )
+        return job.result(
+            outcome.reports,
+            store.center,
+            outcome.seconds,
+            engine_stats={
+                "rounds_per_epoch": rounds_per_epoch,
+                "sync_every": options.sync_every,
+                "lr_scale": scaling.factor if scaling else 1.0,
+                "outer_lr": options.outer_lr,
+                "outer_momentum": options.outer_momentum,
+            },
+        )

@@ -13,7 +13,13 @@ import time
 
 import numpy as np
 
-from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
+from kerasonspark.parameter_server import (
+    ParameterClient,
+    ParameterServer,
+    ParameterStore,
+    ServerConfig,
+    new_secret,
+)
 
 PARAMETERS = 1_048_853  # mnist_cnn()
 SHAPES = [(PARAMETERS,)]
@@ -22,7 +28,10 @@ SHAPES = [(PARAMETERS,)]
 def milliseconds_per_round(rounds: int) -> float:
     secret = new_secret()
     store = ParameterStore(np.zeros(PARAMETERS, np.float32), SHAPES, num_workers=2)
-    with ParameterServer(store, ServerConfig(secret, max_payload_bytes=PARAMETERS * 4 + (1 << 20))) as server:
+    with ParameterServer(
+        store, ServerConfig(secret, max_payload_bytes=PARAMETERS * 4 + (1 << 20))
+    ) as server:
+
         def worker(worker_id: int) -> None:
             weights = np.random.default_rng(worker_id).random(PARAMETERS, dtype=np.float32)
             with ParameterClient(server.url, secret, worker_id, timeout=60) as client:
@@ -39,7 +48,9 @@ def milliseconds_per_round(rounds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """Samples/s and test accuracy of engines on full MNIST, in one run on the same cores.
 
     python benchmarks/bench_engines.py --data ../shared/data/mnist --backends single sync
-    python benchmarks/bench_engines.py --data ../shared/data/mnist --backends single sync async async:downpour hogwild --repeat 3
+    python benchmarks/bench_engines.py --data ../shared/data/mnist \\
+        --backends single sync async async:downpour hogwild --repeat 3
 
 The same as ``kerasonspark compare`` (see ``kerasonspark compare --help``; its code is
 :mod:`kerasonspark._compare`). A backend may carry an update rule after a colon

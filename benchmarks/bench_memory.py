@@ -1,7 +1,8 @@
 """Peak memory and speed of in-memory and streamed partitions, at 1x and 8x MNIST, from Parquet.
 
     python benchmarks/bench_memory.py --data ../shared/data/mnist
-    python benchmarks/bench_memory.py --data ../shared/data/mnist --runs memory:1 stream:1 stream:8 --backend sync
+    python benchmarks/bench_memory.py --data ../shared/data/mnist \\
+        --runs memory:1 stream:1 stream:8 --backend sync
 
 Writes MNIST's training set as Parquet once at 1x and at 8x its rows (the set repeated), under
 ``--workdir``. Each run (``path:scale``) is a fresh driver process on ``local[2]`` that trains
@@ -60,7 +61,9 @@ def python_workers(root: int) -> list[int]:
                     argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if Path(argv[0].decode(errors="replace")).name.startswith("python") and b"pyspark" in b" ".join(argv[1:3]):
+                if Path(argv[0].decode(errors="replace")).name.startswith(
+                    "python"
+                ) and b"pyspark" in b" ".join(argv[1:3]):
                     found.append(child)
     return found
 
@@ -77,7 +80,9 @@ class PeakSampler(threading.Thread):
         me = os.getpid()
         while not self.done.wait(0.05):
             self.driver_peak = max(self.driver_peak, rss_anon_mb(me))
-            self.worker_peak = max([self.worker_peak, *(rss_anon_mb(pid) for pid in python_workers(me))])
+            self.worker_peak = max(
+                [self.worker_peak, *(rss_anon_mb(pid) for pid in python_workers(me))]
+            )
 
     def stop(self) -> None:
         self.done.set()
@@ -98,7 +103,9 @@ def write_parquet(data: str | None, workdir: Path, scales: list[int]) -> dict[in
     (x, y), _ = load_mnist(data)
     once = numpy_to_dataframe(spark, x.reshape(len(x), -1), y, partitions=4)
     for scale in missing:
-        reduce(lambda a, b: a.union(b), [once] * scale).write.mode("overwrite").parquet(str(folders[scale]))
+        reduce(lambda a, b: a.union(b), [once] * scale).write.mode("overwrite").parquet(
+            str(folders[scale])
+        )
     spark.stop()
     return folders
 
@@ -109,8 +116,17 @@ def measure(folder: str, path: str, scale: int, backend: str, data: str | None) 
 
     spark = start_session("local[2]", "kerasonspark-bench-memory")
     _, (x_test, y_test) = load_mnist(data)
-    trainer = SparkTrainer(mnist_cnn(seed=0), backend=backend, num_workers=2, epochs=1, batch_size=32, spark=spark,
-                           seed=0, verbose=0, data=DataConfig(partition_storage=path))
+    trainer = SparkTrainer(
+        mnist_cnn(seed=0),
+        backend=backend,
+        num_workers=2,
+        epochs=1,
+        batch_size=32,
+        spark=spark,
+        seed=0,
+        verbose=0,
+        data=DataConfig(partition_storage=path),
+    )
     sampler = PeakSampler()
     sampler.start()
     try:
@@ -120,21 +136,41 @@ def measure(folder: str, path: str, scale: int, backend: str, data: str | None) 
     storage = stats["partition_storage"]
     accuracy = trainer.evaluate(x_test, y_test)["accuracy"]
     spark.stop()
-    sys.stdout.write(json.dumps({
-        "scale": scale, "rows": stats["samples"], "backend": backend, "path": storage["path"],
-        "auto_path": "stream" if storage["largest_partition_mb"] > storage["worker_budget_mb"] else "memory",
-        "largest_partition_mb": round(storage["largest_partition_mb"], 1),
-        "worker_budget_mb": round(storage["worker_budget_mb"], 1),
-        "driver_peak_rss_anon_mb": round(sampler.driver_peak, 1), "worker_peak_rss_anon_mb": round(sampler.worker_peak, 1),
-        "samples_per_second": round(stats["samples_per_second"], 1), "train_seconds": round(stats["train_seconds"], 1),
-        "prepare_seconds": round(stats["prepare_seconds"], 1), "accuracy": round(accuracy, 4)}) + "\n")
+    sys.stdout.write(
+        json.dumps(
+            {
+                "scale": scale,
+                "rows": stats["samples"],
+                "backend": backend,
+                "path": storage["path"],
+                "auto_path": "stream"
+                if storage["largest_partition_mb"] > storage["worker_budget_mb"]
+                else "memory",
+                "largest_partition_mb": round(storage["largest_partition_mb"], 1),
+                "worker_budget_mb": round(storage["worker_budget_mb"], 1),
+                "driver_peak_rss_anon_mb": round(sampler.driver_peak, 1),
+                "worker_peak_rss_anon_mb": round(sampler.worker_peak, 1),
+                "samples_per_second": round(stats["samples_per_second"], 1),
+                "train_seconds": round(stats["train_seconds"], 1),
+                "prepare_seconds": round(stats["prepare_seconds"], 1),
+                "accuracy": round(accuracy, 4),
+            }
+        )
+        + "\n"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="MNIST folder (default: the standard locations)")
-    parser.add_argument("--runs", nargs="+", default=["memory:1", "stream:1", "stream:8"],
-                        help="path:scale pairs, run in this order (path: memory, stream or auto)")
+    parser.add_argument(
+        "--data", default=None, help="MNIST folder (default: the standard locations)"
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["memory:1", "stream:1", "stream:8"],
+        help="path:scale pairs, run in this order (path: memory, stream or auto)",
+    )
     parser.add_argument("--backend", default="sync")
     parser.add_argument("--workdir", default="/tmp/kerasonspark-bench-memory")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
@@ -147,7 +183,16 @@ def main() -> None:
     folders = write_parquet(args.data, Path(args.workdir), sorted({scale for _, scale in runs}))
     for path, scale in runs:
         started = time.perf_counter()
-        command = [sys.executable, str(HERE), "--backend", args.backend, "--measure", str(folders[scale]), path, str(scale)]
+        command = [
+            sys.executable,
+            str(HERE),
+            "--backend",
+            args.backend,
+            "--measure",
+            str(folders[scale]),
+            path,
+            str(scale),
+        ]
         if args.data:
             command += ["--data", args.data]
         finished = subprocess.run(command, capture_output=True, text=True, check=False)

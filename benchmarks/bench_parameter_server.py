@@ -1,6 +1,7 @@
 """Parameter-server round trips for the reference CNN's 4.2 MB of weights, against a raw socket.
 
-    python benchmarks/bench_parameter_server.py [--trips 200] [--servers kerasonspark cheroot waitress]
+    python benchmarks/bench_parameter_server.py [--trips 200] \\
+        [--servers kerasonspark cheroot waitress]
 
 Each client is a separate process on loopback with one keep-alive connection. A round trip is
 one push of a 4.2 MB delta answered by the 4.2 MB center (the whole pull+push exchange of the
@@ -33,7 +34,9 @@ def ps_client(url: str, secret: bytes, worker: int, trips: int, dtype: str, out:
     from kerasonspark.parameter_server import ParameterClient, wire
 
     # Realistic deltas: an Adam step or five moves weights by about 1e-5 to 1e-3.
-    delta = (np.random.default_rng(worker).normal(size=MNIST_CNN_PARAMETERS) * 1e-4).astype(np.float32)
+    delta = (np.random.default_rng(worker).normal(size=MNIST_CNN_PARAMETERS) * 1e-4).astype(
+        np.float32
+    )
     if dtype == "bfloat16":
         delta = wire.to_bfloat16(delta)
     times = []
@@ -105,9 +108,12 @@ def run_clients(target, args_for, n: int) -> tuple[list[float], float, int]:
 
 def report(label: str, times: list[float], busy: float, nbytes: int, clients: int) -> None:
     trips = len(times)
-    print(f"{label:<34} {clients} client(s): median {statistics.median(times) * 1e3:6.2f} ms  "
-          f"p90 {np.percentile(times, 90) * 1e3:6.2f} ms  {trips / busy:7.1f} trips/s  "
-          f"{nbytes / 1e6 / busy:7.0f} MB/s", flush=True)
+    print(
+        f"{label:<34} {clients} client(s): median {statistics.median(times) * 1e3:6.2f} ms  "
+        f"p90 {np.percentile(times, 90) * 1e3:6.2f} ms  {trips / busy:7.1f} trips/s  "
+        f"{nbytes / 1e6 / busy:7.0f} MB/s",
+        flush=True,
+    )
 
 
 @contextlib.contextmanager
@@ -122,7 +128,9 @@ def other_server(name: str, app):
     else:
         from waitress.server import create_server
 
-        server = create_server(app, host="127.0.0.1", port=0, threads=4, max_request_body_size=1 << 30)
+        server = create_server(
+            app, host="127.0.0.1", port=0, threads=4, max_request_body_size=1 << 30
+        )
         serve, stop, port = server.run, server.close, server.effective_port
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -132,38 +140,67 @@ def other_server(name: str, app):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trips", type=int, default=200)
-    parser.add_argument("--servers", nargs="+", default=["kerasonspark"], choices=["kerasonspark", "cheroot", "waitress"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["kerasonspark"],
+        choices=["kerasonspark", "cheroot", "waitress"],
+    )
     args = parser.parse_args()
 
-    from kerasonspark.parameter_server import ParameterServer, ParameterStore, ServerConfig, make_rule, new_secret
+    from kerasonspark.parameter_server import (
+        ParameterServer,
+        ParameterStore,
+        ServerConfig,
+        make_rule,
+        new_secret,
+    )
     from kerasonspark.parameter_server._app import create_app
 
     size = MNIST_CNN_PARAMETERS * 4
     print(f"payload: {size / 1e6:.2f} MB each way per round trip", flush=True)
     listener, _ = raw_echo_server(size)
     for clients in (1, 2):
-        times, busy, nbytes = run_clients(raw_client, lambda i: (listener.getsockname()[1], size, args.trips), clients)
+        times, busy, nbytes = run_clients(
+            raw_client, lambda i: (listener.getsockname()[1], size, args.trips), clients
+        )
         report("raw socket echo (ceiling)", times, busy, nbytes, clients)
     listener.close()
 
     for dtype in ("float32", "bfloat16"):
         for clients in (1, 2):
             secret = new_secret()
-            store = ParameterStore(np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag"))
-            with ParameterServer(store, ServerConfig(secret, max_payload_bytes=size + (1 << 20))) as server:
+            store = ParameterStore(
+                np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag")
+            )
+            with ParameterServer(
+                store, ServerConfig(secret, max_payload_bytes=size + (1 << 20))
+            ) as server:
                 times, busy, nbytes = run_clients(
-                    ps_client, lambda i, url=server.url, key=secret, up=dtype: (url, key, i, args.trips, up), clients)
+                    ps_client,
+                    lambda i, url=server.url, key=secret, up=dtype: (url, key, i, args.trips, up),
+                    clients,
+                )
             report(f"parameter server push ({dtype} up)", times, busy, nbytes, clients)
 
     for name in (n for n in args.servers if n != "kerasonspark"):
         for clients in (1, 2):
             secret = new_secret()
-            store = ParameterStore(np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag"))
-            with other_server(name, create_app(store, ServerConfig(secret, max_payload_bytes=size + (1 << 20)))) as url:
+            store = ParameterStore(
+                np.zeros(MNIST_CNN_PARAMETERS, np.float32), SHAPES, clients, rule=make_rule("adag")
+            )
+            with other_server(
+                name, create_app(store, ServerConfig(secret, max_payload_bytes=size + (1 << 20)))
+            ) as url:
                 times, busy, nbytes = run_clients(
-                    ps_client, lambda i, url=url, key=secret: (url, key, i, args.trips, "float32"), clients)
+                    ps_client,
+                    lambda i, url=url, key=secret: (url, key, i, args.trips, "float32"),
+                    clients,
+                )
             report(f"same app on {name} (float32 up)", times, busy, nbytes, clients)
 
 

@@ -25,15 +25,24 @@ def one_run(data: str | None, threads: int | None) -> float:
     try:
         df = numpy_to_dataframe(spark, x, y).cache()
         df.count()
-        trainer = SparkTrainer(mnist_cnn(seed=0), backend="sync", num_workers=2, spark=spark, seed=0, verbose=0,
-                               resources=ResourceConfig(worker_threads=threads))
+        trainer = SparkTrainer(
+            mnist_cnn(seed=0),
+            backend="sync",
+            num_workers=2,
+            spark=spark,
+            seed=0,
+            verbose=0,
+            resources=ResourceConfig(worker_threads=threads),
+        )
         return trainer.fit(df).stats["samples_per_second"]
     finally:
         spark.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=None)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
@@ -44,7 +53,10 @@ def main() -> None:
             runs[label].append(one_run(args.data, threads))
             print(f"{label:<30} {runs[label][-1]:7.0f} samples/s", flush=True)
     sized, default = (statistics.median(v) for v in runs.values())
-    print(f"median: sized {sized:.0f}, defaults {default:.0f} samples/s: sizing gives {sized / default:.2f}x")
+    print(
+        f"median: sized {sized:.0f}, defaults {default:.0f} samples/s: sizing gives "
+        f"{sized / default:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -26,19 +26,33 @@ BATCH = 32
 
 
 @contextlib.contextmanager
-def emulated_cluster(workers: int = 2, memory: str = "3g") -> Iterator[tuple[EmulatedNetwork, StandaloneCluster]]:
+def emulated_cluster(
+    workers: int = 2, memory: str = "3g"
+) -> Iterator[tuple[EmulatedNetwork, StandaloneCluster]]:
     """The network and the running cluster; everything is stopped and removed on exit."""
     with EmulatedNetwork(hosts=workers + 1, subnet=SUBNET) as network:
         driver_host, *worker_hosts = network.hosts
-        with StandaloneCluster(workers=workers, memory_per_worker=memory, master_host=driver_host,
-                               worker_hosts=worker_hosts, work_dir=tempfile.mkdtemp(prefix="kos-bench-")) as cluster:
+        with StandaloneCluster(
+            workers=workers,
+            memory_per_worker=memory,
+            master_host=driver_host,
+            worker_hosts=worker_hosts,
+            work_dir=tempfile.mkdtemp(prefix="kos-bench-"),
+        ) as cluster:
             yield network, cluster
 
 
-def run_driver(host: EmulatedHost, script: str, *args: str, timeout: float = 3600) -> list[dict[str, Any]]:
+def run_driver(
+    host: EmulatedHost, script: str, *args: str, timeout: float = 3600
+) -> list[dict[str, Any]]:
     """Run ``script`` (with ``--drive`` and ``args``) in ``host``; its ``RUN`` lines, parsed."""
-    run = subprocess.run(host.command([sys.executable, script, "--drive", *args]), capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "SPARK_LOCAL_IP": host.address})
+    run = subprocess.run(
+        host.command([sys.executable, script, "--drive", *args]),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "SPARK_LOCAL_IP": host.address},
+    )
     lines = [json.loads(line[4:]) for line in run.stdout.splitlines() if line.startswith("RUN ")]
     if run.returncode or not lines:
         raise RuntimeError(f"the driver in {host.namespace} failed:\n{run.stderr[-3000:]}")
@@ -49,5 +63,13 @@ def driver_session(master: str, address: str, name: str):  # -> SparkSession
     """The driver's session, bound to its host's address."""
     from kerasonspark import start_session
 
-    return start_session(master, name, conf={"spark.driver.host": address, "spark.driver.bindAddress": address,
-                                             "spark.driver.memory": "4g", "spark.ui.showConsoleProgress": "false"})
+    return start_session(
+        master,
+        name,
+        conf={
+            "spark.driver.host": address,
+            "spark.driver.bindAddress": address,
+            "spark.driver.memory": "4g",
+            "spark.ui.showConsoleProgress": "false",
+        },
+    )

@@ -1,4 +1,5 @@
-"""Several hosts emulated on one Linux machine, for tests and benchmarks of what one host cannot show.
+"""Several hosts emulated on one Linux machine, for tests and benchmarks of what one host cannot
+show.
 
 Each emulated host is a network namespace joined to a bridge in this namespace by a veth pair
 (its own interface, its own address, its own link), so Spark workers, a driver or a parameter
@@ -34,14 +35,16 @@ __all__ = ["EmulatedHost", "EmulatedNetwork", "goodput"]
 
 @dataclass(frozen=True)
 class EmulatedHost:
-    """One emulated host: its network namespace, its address, and its link's name on the bridge side."""
+    """One emulated host: its network namespace, its address, and its link's name on the bridge
+    side."""
 
     namespace: str
     address: str
     link: str
 
     def command(self, command: Sequence[str]) -> list[str]:
-        """``command`` run in this host's namespace (``ip netns exec`` execs it: same process id)."""
+        """``command`` run in this host's namespace (``ip netns exec`` execs it: same process
+        id)."""
         return ["ip", "netns", "exec", self.namespace, *command]
 
 
@@ -57,29 +60,56 @@ class EmulatedNetwork:
 
     def __init__(self, hosts: int, subnet: str = "198.18.0", tag: str | None = None) -> None:
         if not isinstance(hosts, int) or not 1 <= hosts <= 200:
-            raise ConfigurationError(f"Expected `hosts` between 1 and 200. Received: hosts={hosts!r}.")
+            raise ConfigurationError(
+                f"Expected `hosts` between 1 and 200. Received: hosts={hosts!r}."
+            )
         octets = subnet.split(".")
-        if len(octets) != 3 or octets[:1] != ["198"] or octets[1] not in ("18", "19") or not octets[2].isdigit():
-            raise ConfigurationError(f"Expected `subnet` inside 198.18.0.0/15, like '198.18.0'. Received: subnet={subnet!r}.")
+        if (
+            len(octets) != 3
+            or octets[:1] != ["198"]
+            or octets[1] not in ("18", "19")
+            or not octets[2].isdigit()
+        ):
+            raise ConfigurationError(
+                f"Expected `subnet` inside 198.18.0.0/15, like '198.18.0'. Received: "
+                f"subnet={subnet!r}."
+            )
         self.tag = tag or f"kos{os.getpid() % 100000}"
         self.bridge, self.address = f"{self.tag}br", f"{subnet}.1"
-        self.hosts = [EmulatedHost(f"{self.tag}h{i}", f"{subnet}.{i + 1}", f"{self.tag}v{i}")
-                      for i in range(1, hosts + 1)]
+        self.hosts = [
+            EmulatedHost(f"{self.tag}h{i}", f"{subnet}.{i + 1}", f"{self.tag}v{i}")
+            for i in range(1, hosts + 1)
+        ]
 
     def __enter__(self) -> EmulatedNetwork:
         if os.geteuid() != 0:
-            raise SparkEnvironmentError("Emulated hosts need root: network namespaces and veth links are "
-                                        "created with `ip`. Run as root, or where that is not allowed, on real hosts.")
+            raise SparkEnvironmentError(
+                "Emulated hosts need root: network namespaces and veth links are "
+                "created with `ip`. Run as root, or where that is not allowed, on real hosts."
+            )
         if shutil.which("ip") is None or shutil.which("tc") is None:
-            raise SparkEnvironmentError("Emulated hosts need iproute2 (`ip` and `tc`); install it "
-                                        "(apt-get install iproute2).")
+            raise SparkEnvironmentError(
+                "Emulated hosts need iproute2 (`ip` and `tc`); install it "
+                "(apt-get install iproute2)."
+            )
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             for host in self.hosts:
                 _ip("netns", "add", host.namespace)
-                _ip("link", "add", host.link, "type", "veth", "peer", "name", "eth0", "netns", host.namespace)
+                _ip(
+                    "link",
+                    "add",
+                    host.link,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    host.namespace,
+                )
                 _ip("link", "set", host.link, "master", self.bridge, "up")
                 _ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", "eth0")
                 _ip("-n", host.namespace, "link", "set", "eth0", "up")
@@ -89,7 +119,12 @@ class EmulatedNetwork:
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.remove()
 
     def shape(self, rate: str | None) -> None:
@@ -98,13 +133,32 @@ class EmulatedNetwork:
         hosts whose links matter (a driver, workers) in namespaces."""
         for host in self.hosts:
             for prefix, device in ((["-n", host.namespace], "eth0"), ([], host.link)):
-                subprocess.run(["tc", *prefix, "qdisc", "del", "dev", device, "root"], capture_output=True)
+                subprocess.run(
+                    ["tc", *prefix, "qdisc", "del", "dev", device, "root"], capture_output=True
+                )
                 if rate is not None:
-                    # A bucket of 1 ms at the rate (at least 64 KiB, one segmentation-offload packet)
+                    # A bucket of 1 ms at the rate (at least 64 KiB, one segmentation-offload
+                    # packet)
                     # and a queue of 100 ms: TCP sees a link of that speed, not drops.
                     burst = max(_bits_per_second(rate) // 8 // 1000, 65536)
-                    _run(["tc", *prefix, "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
-                          "burst", str(burst), "latency", "100ms"])
+                    _run(
+                        [
+                            "tc",
+                            *prefix,
+                            "qdisc",
+                            "add",
+                            "dev",
+                            device,
+                            "root",
+                            "tbf",
+                            "rate",
+                            rate,
+                            "burst",
+                            str(burst),
+                            "latency",
+                            "100ms",
+                        ]
+                    )
 
     def remove(self) -> None:
         """Delete the namespaces, the links and the bridge (what is already gone is skipped)."""
@@ -139,19 +193,45 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as sock:
 """
 
 
-def goodput(sender: EmulatedHost, receiver: EmulatedHost, size: int = 4_200_000, transfers: int = 10,
-            port: int = 5201) -> float:
+def goodput(
+    sender: EmulatedHost,
+    receiver: EmulatedHost,
+    size: int = 4_200_000,
+    transfers: int = 10,
+    port: int = 5201,
+) -> float:
     """Bytes per second a bulk TCP transfer carries from ``sender`` to ``receiver``: ``transfers``
     messages of ``size`` bytes (by default the reference CNN's 4.2 MB) after one to warm up."""
-    sink = subprocess.Popen(receiver.command([sys.executable, "-c", _SINK, receiver.address, str(port)]),
-                            stdout=subprocess.PIPE, text=True)
+    sink = subprocess.Popen(
+        receiver.command([sys.executable, "-c", _SINK, receiver.address, str(port)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         if sink.stdout is None or sink.stdout.readline().strip() != "ready":
-            raise SparkEnvironmentError(f"The goodput receiver in {receiver.namespace} did not start.")
-        source = subprocess.run(sender.command([sys.executable, "-c", _SOURCE, receiver.address, str(port), str(size),
-                                                str(transfers)]), capture_output=True, text=True, timeout=600)
+            raise SparkEnvironmentError(
+                f"The goodput receiver in {receiver.namespace} did not start."
+            )
+        source = subprocess.run(
+            sender.command(
+                [
+                    sys.executable,
+                    "-c",
+                    _SOURCE,
+                    receiver.address,
+                    str(port),
+                    str(size),
+                    str(transfers),
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if source.returncode:
-            raise SparkEnvironmentError(f"The goodput transfer from {sender.namespace} failed: {source.stderr[-2000:]}")
+            raise SparkEnvironmentError(
+                f"The goodput transfer from {sender.namespace} failed: {source.stderr[-2000:]}"
+            )
         return float(source.stdout)
     finally:
         try:

@@ -1,4 +1,5 @@
-"""A fault drill anyone can run: kill a worker (or the driver) mid-epoch on a real cluster, and see the run survive.
+"""A fault drill anyone can run: kill a worker (or the driver) mid-epoch on a real cluster, and see
+the run survive.
 
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend async
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend sync --repeat 3
@@ -36,7 +37,12 @@ from pathlib import Path
 
 from stats_page import StatsPageWatcher, stats_page_url
 
-SPARK_MARKERS = (b"pyspark.daemon", b"pyspark.worker", b"CoarseGrainedExecutorBackend", b"org.apache.spark.deploy")
+SPARK_MARKERS = (
+    b"pyspark.daemon",
+    b"pyspark.worker",
+    b"CoarseGrainedExecutorBackend",
+    b"org.apache.spark.deploy",
+)
 
 
 def _stats(url: str) -> dict:
@@ -63,7 +69,9 @@ def _leftovers(work: Path, grace: float = 15.0) -> list[int]:
     (a process that is exiting gets that long)."""
     deadline = time.monotonic() + grace
     while True:
-        found = sorted(set(spark_processes(str(work).encode()) + spark_processes(b"pyspark.daemon")))
+        found = sorted(
+            set(spark_processes(str(work).encode()) + spark_processes(b"pyspark.daemon"))
+        )
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
@@ -75,15 +83,24 @@ def _load(args: argparse.Namespace):
 
     configure_tensorflow(0)
     (x, y), (test_x, test_y) = load_mnist(args.data)
-    return (x[:args.limit], y[:args.limit]), (test_x, test_y)
+    return (x[: args.limit], y[: args.limit]), (test_x, test_y)
 
 
 def _trainer(args: argparse.Namespace, spark, **extra):
     from kerasonspark import SparkTrainer, mnist_cnn
 
     options = {"sync_every": 16} if args.backend == "sync" else {"window": 5}
-    return SparkTrainer(mnist_cnn(seed=0), backend=args.backend, num_workers=args.workers, epochs=args.epochs,
-                        seed=0, spark=spark, verbose=0, backend_options=options, **extra)
+    return SparkTrainer(
+        mnist_cnn(seed=0),
+        backend=args.backend,
+        num_workers=args.workers,
+        epochs=args.epochs,
+        seed=0,
+        spark=spark,
+        verbose=0,
+        backend_options=options,
+        **extra,
+    )
 
 
 def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: StatsPageWatcher) -> dict:
@@ -125,17 +142,41 @@ def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: StatsPag
     result = trainer.fit(data, validation_data=None)
     thread.join(timeout=5)
     stats = result.stats
-    return {"completed": len(result.history["loss"]) == args.epochs, "restarts": stats["restarts"],
-            "lost_steps": stats["lost_steps"], "redone_steps": stats["redone_steps"],
-            "recovery_seconds": round(events["recovered"] - events["killed"], 2) if "recovered" in events else None,
-            "test_accuracy": trainer.evaluate(test)["accuracy"], "killed_pid": events.get("victim"),
-            "causes": [r["cause"][:160] for r in stats["restart_log"]]}
+    return {
+        "completed": len(result.history["loss"]) == args.epochs,
+        "restarts": stats["restarts"],
+        "lost_steps": stats["lost_steps"],
+        "redone_steps": stats["redone_steps"],
+        "recovery_seconds": round(events["recovered"] - events["killed"], 2)
+        if "recovered" in events
+        else None,
+        "test_accuracy": trainer.evaluate(test)["accuracy"],
+        "killed_pid": events.get("victim"),
+        "causes": [r["cause"][:160] for r in stats["restart_log"]],
+    }
 
 
 def _driver_command(args: argparse.Namespace, master: str, backup: Path) -> list[str]:
-    command = [sys.executable, __file__, "--role", "driver", "--master", master, "--backup", str(backup),
-               "--backend", args.backend, "--workers", str(args.workers), "--epochs", str(args.epochs),
-               "--limit", str(args.limit), "--backup-every", str(args.backup_every)]
+    command = [
+        sys.executable,
+        __file__,
+        "--role",
+        "driver",
+        "--master",
+        master,
+        "--backup",
+        str(backup),
+        "--backend",
+        args.backend,
+        "--workers",
+        str(args.workers),
+        "--epochs",
+        str(args.epochs),
+        "--limit",
+        str(args.limit),
+        "--backup-every",
+        str(args.backup_every),
+    ]
     return command + (["--data", args.data] if args.data else [])
 
 
@@ -149,9 +190,14 @@ def _driver_process(args: argparse.Namespace, master: str, backup: Path) -> dict
 
 
 def kill_the_driver(args: argparse.Namespace, master: str, backup: Path) -> dict:
-    """Run the driver as its own process, SIGKILL it mid-epoch once a backup exists, run it again."""
-    first = subprocess.Popen(_driver_command(args, master, backup), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    """Run the driver as its own process, SIGKILL it mid-epoch once a backup exists, run it
+    again."""
+    first = subprocess.Popen(
+        _driver_command(args, master, backup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url, killed_at_steps = None, None
     assert first.stderr is not None
     for line in first.stderr:
@@ -175,9 +221,14 @@ def kill_the_driver(args: argparse.Namespace, master: str, backup: Path) -> dict
 
     saved = BackupStore(backup).latest()
     report = _driver_process(args, master, backup)
-    backed_up_steps = sum(_steps_held(args, n) for n in saved.resume.values()) if saved is not None else 0
-    report.update(lost_steps=max((killed_at_steps or 0) - backed_up_steps, 0), killed=killed_at_steps is not None,
-                  resumed_from_epoch=report.get("resumed_from_epoch"))
+    backed_up_steps = (
+        sum(_steps_held(args, n) for n in saved.resume.values()) if saved is not None else 0
+    )
+    report.update(
+        lost_steps=max((killed_at_steps or 0) - backed_up_steps, 0),
+        killed=killed_at_steps is not None,
+        resumed_from_epoch=report.get("resumed_from_epoch"),
+    )
     return report
 
 
@@ -192,7 +243,8 @@ def _steps_held(args: argparse.Namespace, exchanges: int) -> int:
 
 
 def driver_role(args: argparse.Namespace) -> None:
-    """The driver process of ``--kill driver``: train with backups; print one JSON line at the end."""
+    """The driver process of ``--kill driver``: train with backups; print one JSON line at the
+    end."""
     import keras
 
     from kerasonspark import start_session
@@ -202,15 +254,27 @@ def driver_role(args: argparse.Namespace) -> None:
     data, test = _load(args)
     spark = start_session(args.master, "kerasonspark-fault-drill-driver")
     trainer = _trainer(args, spark)
-    result = trainer.fit(data, callbacks=[keras.callbacks.BackupAndRestore(args.backup, save_freq=args.backup_every)])
-    print(json.dumps({"completed": len(result.history["loss"]) == args.epochs, "restarts": result.stats["restarts"],
-                      "resumed_from_epoch": result.stats["epoch_events"]["resumed_from_epoch"],
-                      "test_accuracy": trainer.evaluate(test)["accuracy"]}), flush=True)
+    result = trainer.fit(
+        data, callbacks=[keras.callbacks.BackupAndRestore(args.backup, save_freq=args.backup_every)]
+    )
+    print(
+        json.dumps(
+            {
+                "completed": len(result.history["loss"]) == args.epochs,
+                "restarts": result.stats["restarts"],
+                "resumed_from_epoch": result.stats["epoch_events"]["resumed_from_epoch"],
+                "test_accuracy": trainer.evaluate(test)["accuracy"],
+            }
+        ),
+        flush=True,
+    )
     spark.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=None)
     parser.add_argument("--backend", default="async", choices=("async", "sync", "hogwild"))
     parser.add_argument("--workers", type=int, default=3)
@@ -218,8 +282,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=12_000, help="MNIST training rows")
     parser.add_argument("--kill", default="worker", choices=("worker", "driver"))
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--backup-every", type=int, default=20, help="exchanges between backups (--kill driver)")
-    parser.add_argument("--role", default="drill", choices=("drill", "driver"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--backup-every", type=int, default=20, help="exchanges between backups (--kill driver)"
+    )
+    parser.add_argument(
+        "--role", default="drill", choices=("drill", "driver"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--master", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backup", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,14 +303,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kerasonspark-drill-"))
     data, test = _load(args)
     runs, baselines = [], []
-    cluster = StandaloneCluster(workers=args.workers, memory_per_worker="2g", work_dir=str(work / "cluster"))
+    cluster = StandaloneCluster(
+        workers=args.workers, memory_per_worker="2g", work_dir=str(work / "cluster")
+    )
     with cluster:
         if args.kill == "driver":  # every driver is a process of its own; this one holds no cores
             for run in range(args.repeat):
-                baselines.append(_driver_process(args, cluster.master_url, work / f"baseline-{run}")["test_accuracy"])
+                baselines.append(
+                    _driver_process(args, cluster.master_url, work / f"baseline-{run}")[
+                        "test_accuracy"
+                    ]
+                )
                 runs.append(kill_the_driver(args, cluster.master_url, work / f"backup-{run}"))
-                print(json.dumps({"run": run + 1, "backend": args.backend, "kill": args.kill, **runs[-1],
-                                  "baseline_accuracy": baselines[-1]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "run": run + 1,
+                            "backend": args.backend,
+                            "kill": args.kill,
+                            **runs[-1],
+                            "baseline_accuracy": baselines[-1],
+                        }
+                    ),
+                    flush=True,
+                )
         else:
             spark = start_session(cluster.master_url, "kerasonspark-fault-drill")
             spark.sparkContext.setLogLevel("ERROR")
@@ -252,23 +336,47 @@ def main() -> None:
                     baseline.fit(data)
                     baselines.append(baseline.evaluate(test)["accuracy"])
                     runs.append(kill_a_worker(args, spark, data, test, catcher))
-                    print(json.dumps({"run": run + 1, "backend": args.backend, "kill": args.kill, **runs[-1],
-                                      "baseline_accuracy": baselines[-1]}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "run": run + 1,
+                                "backend": args.backend,
+                                "kill": args.kill,
+                                **runs[-1],
+                                "baseline_accuracy": baselines[-1],
+                            }
+                        ),
+                        flush=True,
+                    )
             finally:
                 spark.stop()
     leftovers = _leftovers(work)
-    summary = {"backend": args.backend, "kill": args.kill, "workers": args.workers, "runs": len(runs),
-               "completed": all(r["completed"] for r in runs),
-               "restarts": statistics.median(r.get("restarts", 0) for r in runs),
-               "lost_steps": statistics.median(r.get("lost_steps", 0) for r in runs),
-               "redone_steps": statistics.median(r.get("redone_steps", r.get("lost_steps", 0)) for r in runs),
-               "recovery_seconds": (statistics.median(seconds) if (seconds := [r["recovery_seconds"] for r in runs
-                                                                                if r.get("recovery_seconds")]) else None),
-               "test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
-               "baseline_accuracy": statistics.median(baselines), "leftover_processes": len(leftovers)}
+    summary = {
+        "backend": args.backend,
+        "kill": args.kill,
+        "workers": args.workers,
+        "runs": len(runs),
+        "completed": all(r["completed"] for r in runs),
+        "restarts": statistics.median(r.get("restarts", 0) for r in runs),
+        "lost_steps": statistics.median(r.get("lost_steps", 0) for r in runs),
+        "redone_steps": statistics.median(
+            r.get("redone_steps", r.get("lost_steps", 0)) for r in runs
+        ),
+        "recovery_seconds": (
+            statistics.median(seconds)
+            if (seconds := [r["recovery_seconds"] for r in runs if r.get("recovery_seconds")])
+            else None
+        ),
+        "test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
+        "baseline_accuracy": statistics.median(baselines),
+        "leftover_processes": len(leftovers),
+    }
     for pid in leftovers:
         try:
-            print(f"left running: {pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:300]!r}", file=sys.stderr)
+            print(
+                f"left running: {pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:300]!r}",
+                file=sys.stderr,
+            )
         except OSError:
             pass
     print(json.dumps(summary))

@@ -1,14 +1,18 @@
 """How the engines scale on slower networks: measured on emulated hosts, then modelled.
 
-    python benchmarks/scaling_model.py --data ../shared/data/mnist [--rows 8000] [--repeat 3] [--out scaling.json]
+    python benchmarks/scaling_model.py --data ../shared/data/mnist [--rows 8000] [--repeat 3] \\
+        [--out scaling.json]
     python benchmarks/scaling_model.py --from scaling.json     # the model again, without measuring
-    python benchmarks/scaling_model.py --data ../shared/data/mnist --configs async --rates none 100mbit --rows 32000
+    python benchmarks/scaling_model.py --data ../shared/data/mnist --configs async \\
+        --rates none 100mbit --rows 32000
 
 Measures (as root, with iproute2) on three emulated hosts (``emulated_cluster.py``): the driver
 with the Spark master and the parameter server in one, a Spark worker (1 core) in each of the
-others, every host's link shaped with ``tc tbf`` to 10 Gbit/s, 1 Gbit/s, 100 Mbit/s or left as it is.
+others, every host's link shaped with ``tc tbf`` to 10 Gbit/s, 1 Gbit/s, 100 Mbit/s or left as it
+is.
 At each rate it measures the link's goodput with a bulk TCP transfer of the reference CNN's 4.2 MB,
-then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, 8,000 by default, batch 32, default options) with
+then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, 8,000 by default, batch 32, default
+options) with
 ``sync``, ``async``, ``async`` with bfloat16 deltas, and ``hogwild``, on 1 and on 2 workers, and
 records each worker's compute and exchange seconds and bytes.
 
@@ -57,6 +61,7 @@ PROJECTED_WORKERS = [4, 8, 16, 32, 64]
 
 # --- the model -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Costs:
     """What one exchange of one engine costs, in seconds and bytes."""
@@ -71,7 +76,13 @@ class Costs:
     barrier: bool = False  # sync: every worker waits for the round
 
 
-def predict(costs: Costs, workers: int, goodput: float, slowdown: float = 1.0, exchanges: float | None = None) -> float:
+def predict(
+    costs: Costs,
+    workers: int,
+    goodput: float,
+    slowdown: float = 1.0,
+    exchanges: float | None = None,
+) -> float:
     """Samples per second of ``workers`` workers over a driver link of ``goodput`` bytes/s.
 
     ``slowdown`` multiplies every CPU cost (compute, client, apply): >1 where workers share cores.
@@ -129,9 +140,12 @@ def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[s
     """Each engine's :class:`Costs` from the unshaped runs: one compute time per sample for every
     engine (the same model and batch; the mean of the 1-worker runs), each engine's client cost
     from its own 1-worker exchange time less the link and the apply, and the CPU slowdown of two
-    workers on this machine (the mean compute per sample of the 2-worker runs over the 1-worker's)."""
+    workers on this machine (the mean compute per sample of the 2-worker runs over the
+    1-worker's)."""
     unshaped = [run for run in runs if run["rate"] == "none"]
-    per_sample = {n: [run["compute_per_sample"] for run in unshaped if run["workers"] == n] for n in (1, 2)}
+    per_sample = {
+        n: [run["compute_per_sample"] for run in unshaped if run["workers"] == n] for n in (1, 2)
+    }
     compute = sum(per_sample[1]) / len(per_sample[1])
     costs: dict[str, Costs] = {}
     for run in unshaped:
@@ -139,10 +153,16 @@ def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[s
             continue
         backend = CONFIGS[run["config"]][0]
         link = (run["up_bytes"] + run["down_bytes"]) / run["goodput"]
-        costs[run["config"]] = Costs(steps=run["steps_per_exchange"], compute=compute,
-                                     client=max(run["exchange_seconds"] - link - apply_seconds[backend], 0.0),
-                                     apply=apply_seconds[backend], up=run["up_bytes"], down=run["down_bytes"],
-                                     serial_apply=backend != "hogwild", barrier=backend == "sync")
+        costs[run["config"]] = Costs(
+            steps=run["steps_per_exchange"],
+            compute=compute,
+            client=max(run["exchange_seconds"] - link - apply_seconds[backend], 0.0),
+            apply=apply_seconds[backend],
+            up=run["up_bytes"],
+            down=run["down_bytes"],
+            serial_apply=backend != "hogwild",
+            barrier=backend == "sync",
+        )
     return costs, (sum(per_sample[2]) / len(per_sample[2])) / compute
 
 
@@ -150,27 +170,50 @@ def report(measured: dict) -> None:
     """Print measured against predicted for every run, then the projection."""
     runs, goodputs = medians(measured["runs"]), measured["goodput"]
     costs, slowdown = calibrate(runs, measured["apply_seconds"])
-    print("\nLink goodput (MB/s): " + ", ".join(f"{rate} {goodputs[rate] / 1e6:.0f}" for rate in RATES if rate in goodputs))
-    print(f"Calibrated on the unshaped runs (one compute time per sample for all engines; each engine's client cost\n"
-          f"per exchange); 2 workers on this machine's 2 cores are {slowdown:.2f}x slower per sample (CPU shared).")
+    print(
+        "\nLink goodput (MB/s): "
+        + ", ".join(f"{rate} {goodputs[rate] / 1e6:.0f}" for rate in RATES if rate in goodputs)
+    )
+    print(
+        f"Calibrated on the unshaped runs (one compute time per sample for all engines; each "
+        f"engine's client cost\n"
+        f"per exchange); 2 workers on this machine's 2 cores are {slowdown:.2f}x slower per sample "
+        "(CPU shared)."
+    )
     print(f"\nMedians of {runs[0]['repeats']} runs each, interleaved.")
-    print("\n| engine | workers | link | measured samples/s | predicted | error | exchange s (measured) |")
+    print(
+        "\n| engine | workers | link | measured samples/s | predicted | error | exchange s "
+        "(measured) |"
+    )
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     for run in runs:
         c = costs[run["config"]]
         exchanges = measured["rows"] / run["workers"] / (run["steps_per_exchange"] * BATCH)
-        predicted = predict(c, run["workers"], goodputs[run["rate"]], slowdown if run["workers"] == 2 else 1.0, exchanges)
+        predicted = predict(
+            c,
+            run["workers"],
+            goodputs[run["rate"]],
+            slowdown if run["workers"] == 2 else 1.0,
+            exchanges,
+        )
         error = predicted / run["samples_per_second"] - 1
         worst = max(worst, abs(error))
-        print(f"| {run['config']} | {run['workers']} | {run['rate']} | {run['samples_per_second']:,.0f} | {predicted:,.0f} | "
-              f"{error:+.1%} | {run['exchange_seconds']:.3f} |")
+        print(
+            f"| {run['config']} | {run['workers']} | {run['rate']} | "
+            f"{run['samples_per_second']:,.0f} | {predicted:,.0f} | "
+            f"{error:+.1%} | {run['exchange_seconds']:.3f} |"
+        )
     print(f"\nLargest error of a prediction: {worst:.1%}")
     if "1gbit" not in goodputs:
         return  # the projection takes TCP's share of a link from the 1 Gbit/s runs
     fraction = goodputs["1gbit"] / (1e9 / 8)
-    print(f"\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine per worker,\n"
-          f"the driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 Gbit/s shaper):\n")
+    print(
+        f"\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine "
+        f"per worker,\n"
+        f"the driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 Gbit/s "
+        f"shaper):\n"
+    )
     header = " | ".join(f"N={n}" for n in PROJECTED_WORKERS)
     print(f"| engine | link | {header} | limit N |")
     print("|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
@@ -178,18 +221,27 @@ def report(measured: dict) -> None:
         for gbit in (1, 10):
             goodput = gbit * 1e9 / 8 * fraction
             alone = 1 / c.compute
-            cells = " | ".join(f"{predict(c, n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS)
+            cells = " | ".join(
+                f"{predict(c, n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS
+            )
             print(f"| {name} | {gbit} Gbit/s | {cells} | {limit_workers(c, goodput):.0f} |")
-    print("\nlimit N: for sync, the workers at which a round's exchanges through the driver's link take as long as\n"
-          "its compute (efficiency 1/2); for the asynchronous engines, the workers past which the driver's link\n"
-          "(or the lock) is busy all the time and caps samples/s (more add staleness, not speed).")
+    print(
+        "\nlimit N: for sync, the workers at which a round's exchanges through the driver's link "
+        "take as long as\n"
+        "its compute (efficiency 1/2); for the asynchronous engines, the workers past which the "
+        "driver's link\n"
+        "(or the lock) is busy all the time and caps samples/s (more add staleness, not speed)."
+    )
 
 
 # --- measuring -------------------------------------------------------------------------------
 
+
 def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
-    """The server's seconds per push of the reference CNN, in process: a push under each asynchronous
-    engine's default rule, and a worker's share of a ``sync`` round (its arrival plus the average)."""
+    """The server's seconds per push of the reference CNN, in process: a push under each
+    asynchronous
+    engine's default rule, and a worker's share of a ``sync`` round (its arrival plus the
+    average)."""
     import numpy as np
 
     from kerasonspark import MNIST_CNN_PARAMETERS, available_backends
@@ -200,7 +252,9 @@ def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
     delta = np.random.default_rng(0).normal(size=MNIST_CNN_PARAMETERS).astype(np.float32) * 1e-4
     seconds = {}
     for backend, lock in (("async", True), ("hogwild", False)):
-        store = ParameterStore(center, shapes, 1, rule=available_backends()[backend]().options.make_rule(), lock=lock)
+        store = ParameterStore(
+            center, shapes, 1, rule=available_backends()[backend]().options.make_rule(), lock=lock
+        )
         started = time.perf_counter()
         for _ in range(repeats):
             store.push(0, delta, window=5, samples=160)
@@ -213,7 +267,9 @@ def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
     return seconds
 
 
-def drive(master: str, address: str, data: str | None, rows: int, configs: list[str], workers: list[int]) -> None:
+def drive(
+    master: str, address: str, data: str | None, rows: int, configs: list[str], workers: list[int]
+) -> None:
     """In the driver's namespace: train each configuration and print one JSON line per run."""
     from kerasonspark import SparkTrainer, load_mnist, mnist_cnn
 
@@ -223,8 +279,16 @@ def drive(master: str, address: str, data: str | None, rows: int, configs: list[
     for name in configs:
         backend, options = CONFIGS[name]
         for n in workers:
-            trainer = SparkTrainer(mnist_cnn(seed=0), backend=backend, num_workers=n, spark=spark, epochs=1,
-                                   batch_size=BATCH, verbose=0, backend_options=options)
+            trainer = SparkTrainer(
+                mnist_cnn(seed=0),
+                backend=backend,
+                num_workers=n,
+                spark=spark,
+                epochs=1,
+                batch_size=BATCH,
+                verbose=0,
+                backend_options=options,
+            )
             stats = trainer.fit(x, y).stats
             print("RUN " + json.dumps(run_figures(name, n, stats)), flush=True)
     spark.stop()
@@ -237,15 +301,25 @@ def run_figures(name: str, workers: int, stats: dict) -> dict:
     samples = sum(r["samples"] for r in reports)
     slowest = max(reports, key=lambda r: r["seconds"])  # the epoch boundary waits for it
     return {
-        "config": name, "workers": workers,
+        "config": name,
+        "workers": workers,
         "samples_per_second": samples / slowest["seconds"],
         "fit_samples_per_second": stats["samples_per_second"],
         # Everything but the exchanges, per sample, of the worker the run waits for.
-        "compute_per_sample": (slowest["seconds"] - slowest["exchange_seconds"]) / slowest["samples"],
-        "exchange_seconds": sum(r["exchange_seconds"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
-        "steps_per_exchange": sum(r["steps"] / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
-        "up_bytes": sum(r["mb_sent"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
-        "down_bytes": sum(r["mb_received"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)) / len(reports),
+        "compute_per_sample": (slowest["seconds"] - slowest["exchange_seconds"])
+        / slowest["samples"],
+        "exchange_seconds": sum(
+            r["exchange_seconds"] / e for r, e in zip(reports, exchanges, strict=True)
+        )
+        / len(reports),
+        "steps_per_exchange": sum(r["steps"] / e for r, e in zip(reports, exchanges, strict=True))
+        / len(reports),
+        "up_bytes": sum(r["mb_sent"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True))
+        / len(reports),
+        "down_bytes": sum(
+            r["mb_received"] * 1e6 / e for r, e in zip(reports, exchanges, strict=True)
+        )
+        / len(reports),
     }
 
 
@@ -253,21 +327,45 @@ def measure(args: argparse.Namespace) -> dict:
     """Everything :func:`report` needs, from the emulated hosts."""
     from emulated_hosts import goodput
 
-    measured: dict = {"rows": args.rows, "goodput": {}, "runs": [], "apply_seconds": measure_apply_seconds()}
-    print("server apply per push (s): " + ", ".join(f"{k} {v:.4f}" for k, v in measured["apply_seconds"].items()))
+    measured: dict = {
+        "rows": args.rows,
+        "goodput": {},
+        "runs": [],
+        "apply_seconds": measure_apply_seconds(),
+    }
+    print(
+        "server apply per push (s): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in measured["apply_seconds"].items())
+    )
     goodputs: dict[str, list[float]] = {rate: [] for rate in args.rates}
     with emulated_cluster(workers=2) as (network, cluster):
         driver_host, worker_host = network.hosts[0], network.hosts[1]
-        for repeat in range(args.repeat):  # every rate once per repeat: the machine's drift spreads over all
+        for repeat in range(
+            args.repeat
+        ):  # every rate once per repeat: the machine's drift spreads over all
             for rate in args.rates:
                 network.shape(None if rate == "none" else rate)
                 goodputs[rate].append(goodput(driver_host, worker_host))
-                print(f"{rate} (repeat {repeat + 1}): goodput {goodputs[rate][-1] / 1e6:.0f} MB/s", flush=True)
-                for line in run_driver(driver_host, __file__, cluster.master_url, driver_host.address,
-                                       args.data or "", str(args.rows), ",".join(args.configs)):
+                print(
+                    f"{rate} (repeat {repeat + 1}): goodput {goodputs[rate][-1] / 1e6:.0f} MB/s",
+                    flush=True,
+                )
+                for line in run_driver(
+                    driver_host,
+                    __file__,
+                    cluster.master_url,
+                    driver_host.address,
+                    args.data or "",
+                    str(args.rows),
+                    ",".join(args.configs),
+                ):
                     line.update(rate=rate, goodput=goodputs[rate][-1], repeat=repeat)
-                    print(f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} samples/s, "
-                          f"exchange {line['exchange_seconds']:.3f} s", flush=True)
+                    print(
+                        f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} "
+                        "samples/s, "
+                        f"exchange {line['exchange_seconds']:.3f} s",
+                        flush=True,
+                    )
                     measured["runs"].append(line)
     measured["goodput"] = {rate: statistics.median(values) for rate, values in goodputs.items()}
     return measured
@@ -278,21 +376,54 @@ def medians(runs: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["config"], run["workers"], run["rate"]), []).append(run)
-    return [{**group[0], "repeats": len(group),
-             **{k: statistics.median(r[k] for r in group) for k, v in group[0].items()
-                if isinstance(v, float) and k != "goodput"}} for group in groups.values()]
+    return [
+        {
+            **group[0],
+            "repeats": len(group),
+            **{
+                k: statistics.median(r[k] for r in group)
+                for k, v in group[0].items()
+                if isinstance(v, float) and k != "goodput"
+            },
+        }
+        for group in groups.values()
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="MNIST folder (default: the standard locations)")
+    parser.add_argument(
+        "--data", default=None, help="MNIST folder (default: the standard locations)"
+    )
     parser.add_argument("--rows", type=int, default=8000, help="training rows per run")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of every point, interleaved; medians are modelled")
-    parser.add_argument("--rates", nargs="+", default=RATES, help="link rates, 'none' first (the calibration)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of every point, interleaved; medians are modelled",
+    )
+    parser.add_argument(
+        "--rates", nargs="+", default=RATES, help="link rates, 'none' first (the calibration)"
+    )
     parser.add_argument("--out", help="write the measurements to this JSON file")
-    parser.add_argument("--from", dest="source", help="model the measurements in this JSON file instead of measuring")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="engines to measure")
-    parser.add_argument("--drive", nargs=5, metavar=("MASTER", "ADDRESS", "DATA", "ROWS", "CONFIGS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--from",
+        dest="source",
+        help="model the measurements in this JSON file instead of measuring",
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        help="engines to measure",
+    )
+    parser.add_argument(
+        "--drive",
+        nargs=5,
+        metavar=("MASTER", "ADDRESS", "DATA", "ROWS", "CONFIGS"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.drive:
         master, address, data, rows, configs = args.drive

@@ -1,4 +1,5 @@
-"""The live stats page's URL as ``fit`` logs it, for scripts that watch a run (benchmarks, docs, tests)."""
+"""The live stats page's URL as ``fit`` logs it, for scripts that watch a run (benchmarks, docs,
+tests)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ __all__ = ["StatsPageWatcher", "stats_page_url"]
 
 
 def stats_page_url(line: str) -> str | None:
-    """The live stats page's URL from a line of the driver's log, or ``None`` if the line has none."""
+    """The live stats page's URL from a line of the driver's log, or ``None`` if the line has
+    none."""
     prefix = STATS_PAGE_MESSAGE.split("%s")[0]
     return line.split(prefix, 1)[1].strip() if prefix in line else None
 

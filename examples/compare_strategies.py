@@ -1,4 +1,5 @@
-"""Compare training strategies on MNIST from Python: the library call behind ``kerasonspark compare``.
+"""Compare training strategies on MNIST from Python: the library call behind ``kerasonspark
+compare``.
 
     python examples/compare_strategies.py                              # every installed engine
     python examples/compare_strategies.py single sync async:downpour   # the ones named
@@ -9,7 +10,14 @@ DataFrame and cores; the table at the end holds the medians.
 
 import sys
 
-from kerasonspark import compare_strategies, format_table, load_mnist, mnist_cnn, numpy_to_dataframe, start_session
+from kerasonspark import (
+    compare_strategies,
+    format_table,
+    load_mnist,
+    mnist_cnn,
+    numpy_to_dataframe,
+    start_session,
+)
 from kerasonspark.engine import available_backends
 
 
@@ -19,10 +27,19 @@ def main(strategies: list[str]) -> None:
     try:
         train_df = numpy_to_dataframe(spark, x_train, y_train).cache()
         test_df = numpy_to_dataframe(spark, x_test, y_test).cache()
-        rows = compare_strategies(lambda: mnist_cnn(seed=0), spark, train_df, test_df,
-                                  strategies or sorted(available_backends()), num_workers=2, batch_size=32, epochs=1,
-                                  on_run=lambda strategy, run: print(f"{strategy}: {run['test_accuracy']:.4f}",
-                                                                     flush=True))
+        rows = compare_strategies(
+            lambda: mnist_cnn(seed=0),
+            spark,
+            train_df,
+            test_df,
+            strategies or sorted(available_backends()),
+            num_workers=2,
+            batch_size=32,
+            epochs=1,
+            on_run=lambda strategy, run: print(
+                f"{strategy}: {run['test_accuracy']:.4f}", flush=True
+            ),
+        )
     finally:
         spark.stop()
     print(format_table(rows))

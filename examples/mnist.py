@@ -24,7 +24,8 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def default_data(checkout: Path = CHECKOUT) -> Path | None:
-    """The first MNIST folder this checkout knows of: its own ``data/mnist``, then ``../shared/data/mnist``."""
+    """The first MNIST folder this checkout knows of: its own ``data/mnist``, then
+    ``../shared/data/mnist``."""
     for place in (checkout / "data" / "mnist", checkout.parent / "shared" / "data" / "mnist"):
         if place.is_dir():
             return place

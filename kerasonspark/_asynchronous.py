@@ -76,22 +76,35 @@ class AsyncOptions(ScalingOptions):
             raise ValueError(f"Expected `rule` in {sorted(RULES)}. Received: rule={self.rule!r}.")
         check_positive_int("window", self.window)
         if self.delta_dtype not in DELTA_DTYPES:
-            raise ValueError(f"Expected `delta_dtype` in {DELTA_DTYPES}. Received: delta_dtype={self.delta_dtype!r}.")
+            raise ValueError(
+                f"Expected `delta_dtype` in {DELTA_DTYPES}. Received: "
+                f"delta_dtype={self.delta_dtype!r}."
+            )
         if self.rule != "easgd" and (self.alpha is not None or self.rho is not None):
-            raise ValueError(f"`alpha` and `rho` apply to rule 'easgd' only. Received: rule={self.rule!r}.")
+            raise ValueError(
+                f"`alpha` and `rho` apply to rule 'easgd' only. Received: rule={self.rule!r}."
+            )
         if self.rule == "easgd":
             make_rule("easgd", alpha=self.resolved_alpha)  # validates the range
 
     @property
     def resolved_alpha(self) -> float:
-        """Elastic averaging's moving rate: ``alpha``, or ``rho * elastic_lr`` (``rho`` 5 by default)."""
-        return self.alpha if self.alpha is not None else (5.0 if self.rho is None else self.rho) * self.elastic_lr
+        """Elastic averaging's moving rate: ``alpha``, or ``rho * elastic_lr`` (``rho`` 5 by
+        default)."""
+        return (
+            self.alpha
+            if self.alpha is not None
+            else (5.0 if self.rho is None else self.rho) * self.elastic_lr
+        )
 
     def make_rule(self, lr_factor: float = 1.0) -> UpdateRule:
-        """The configured update rule; ``lr_factor`` (the workers' rate multiplier) is DynSGD's floor."""
+        """The configured update rule; ``lr_factor`` (the workers' rate multiplier) is DynSGD's
+        floor."""
         if self.rule == "easgd":
             return make_rule("easgd", alpha=self.resolved_alpha)
-        return make_rule("dynsgd", floor=lr_factor) if self.rule == "dynsgd" else make_rule(self.rule)
+        return (
+            make_rule("dynsgd", floor=lr_factor) if self.rule == "dynsgd" else make_rule(self.rule)
+        )
 
 
 class PushPullExchange(ServerExchange):
@@ -104,8 +117,17 @@ class PushPullExchange(ServerExchange):
     staleness counts show.
     """
 
-    def __init__(self, url: str, secret: bytes, window: int, payload: str, delta_dtype: str, timeout: float,
-                 overlap: bool = False, lr_scaling: LearningRateScaling | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        window: int,
+        payload: str,
+        delta_dtype: str,
+        timeout: float,
+        overlap: bool = False,
+        lr_scaling: LearningRateScaling | None = None,
+    ) -> None:
         super().__init__(url, secret, timeout)
         self.lr_scaling = lr_scaling
         self.window, self.payload, self.delta_dtype = window, payload, delta_dtype
@@ -121,7 +143,9 @@ class PushPullExchange(ServerExchange):
         self.synced, _ = self.client.pull()
         set_flat_weights(model, self.synced)
         if self.overlap:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kerasonspark-push-{worker}")
+            self.pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"kerasonspark-push-{worker}"
+            )
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
         runs = [self.window] * (steps // self.window)
@@ -164,14 +188,18 @@ class PushPullExchange(ServerExchange):
 
     def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
         if self.payload == "weights":
-            return  # elastic averaging: each worker keeps its own weights, tied to the center by the rule
+            # elastic averaging: each worker keeps its own weights, tied to the center by the rule
+            return
         self.synced = center.copy()
         set_flat_weights(model, self.synced)
 
     def finish(self, model: keras.Model) -> dict[str, Any]:
         self._drain(model)
-        return {"pushes": self.pushes, **self.traffic(),
-                "median_staleness": float(np.median(self.staleness)) if self.staleness else 0.0}
+        return {
+            "pushes": self.pushes,
+            **self.traffic(),
+            "median_staleness": float(np.median(self.staleness)) if self.staleness else 0.0,
+        }
 
     def close(self) -> None:
         if self.pool is not None:
@@ -188,10 +216,30 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     scaling = options.lr_scaling(job)
     factor = scaling.factor if scaling else 1.0
     rule = options.make_rule(max(factor, 1.0))
-    store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock)
+    store = ParameterStore(
+        job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock
+    )
     outcome = job.serve(
-        store, lambda url, secret: PushPullExchange(url, secret, options.window, rule.payload, options.delta_dtype,
-                                                    options.timeout, options.overlap, scaling))
-    return job.result(outcome.reports, store.center.copy(), outcome.seconds,
-                      engine_stats={"rule": rule.name, "window": options.window, "lr_scale": factor,
-                                    "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None})
+        store,
+        lambda url, secret: PushPullExchange(
+            url,
+            secret,
+            options.window,
+            rule.payload,
+            options.delta_dtype,
+            options.timeout,
+            options.overlap,
+            scaling,
+        ),
+    )
+    return job.result(
+        outcome.reports,
+        store.center.copy(),
+        outcome.seconds,
+        engine_stats={
+            "rule": rule.name,
+            "window": options.window,
+            "lr_scale": factor,
+            "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None,
+        },
+    )

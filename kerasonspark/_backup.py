@@ -1,4 +1,5 @@
-"""Driver side: back up a run and resume it, the way ``keras.callbacks.BackupAndRestore`` does for ``model.fit``.
+"""Driver side: back up a run and resume it, the way ``keras.callbacks.BackupAndRestore`` does for
+``model.fit``.
 
 A backup is a folder ``backup-<n>`` in the backup directory holding the center weights
 (``center.npy``, a plain NumPy array file: no pickle) and ``manifest.json`` (the epoch to resume
@@ -44,7 +45,8 @@ class RunState:
 
     Attributes:
         epoch: the epoch to resume in.
-        resume: per worker, the exchanges of ``epoch`` the center holds (empty at an epoch boundary).
+        resume: per worker, the exchanges of ``epoch`` the center holds (empty at an epoch
+            boundary).
         center: the center weights, flat float32.
         history: the per-epoch logs so far.
         exchanges: exchanges applied so far over the run.
@@ -63,14 +65,23 @@ class RunState:
 def architecture(model: keras.Model) -> str:
     """The model's layers and weight shapes as text: the same for two builds of one architecture
     (Keras numbers layer names per process, so ``model.to_json()`` differs between them)."""
-    return json.dumps([[type(layer).__name__, [list(w.shape) for w in layer.weights]] for layer in model.layers])
+    return json.dumps(
+        [[type(layer).__name__, [list(w.shape) for w in layer.weights]] for layer in model.layers]
+    )
 
 
-def run_settings(architecture: str, engine: str, schema: dict[str, Any], num_workers: int, master: str) -> dict[str, Any]:
+def run_settings(
+    architecture: str, engine: str, schema: dict[str, Any], num_workers: int, master: str
+) -> dict[str, Any]:
     """The settings a backup records: a fingerprint of the model's :func:`architecture`, the engine,
     the data schema (which must match to resume), the workers and the master (which may change)."""
-    return {"model": hashlib.sha256(architecture.encode()).hexdigest()[:16], "engine": engine, "schema": schema,
-            "num_workers": num_workers, "master": master}
+    return {
+        "model": hashlib.sha256(architecture.encode()).hexdigest()[:16],
+        "engine": engine,
+        "schema": schema,
+        "num_workers": num_workers,
+        "master": master,
+    }
 
 
 class BackupStore:
@@ -83,8 +94,10 @@ class BackupStore:
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 2) -> None:
         if "://" in str(directory):
-            raise ConfigurationError(f"Backups go to a local or mounted shared folder. Received: {directory!r} "
-                                     "(remote stores are not supported yet; mount it instead).")
+            raise ConfigurationError(
+                f"Backups go to a local or mounted shared folder. Received: {directory!r} "
+                "(remote stores are not supported yet; mount it instead)."
+            )
         self.directory = Path(directory)
         self.keep = max(keep, 1)
 
@@ -100,26 +113,33 @@ class BackupStore:
             np.save(f, np.ascontiguousarray(state.center, dtype=np.float32), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        manifest = {"format": FORMAT_VERSION, "epoch": state.epoch, "resume": {str(k): v for k, v in state.resume.items()},
-                    "history": state.history, "exchanges": state.exchanges, "settings": state.settings,
-                    "created": time.time()}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "epoch": state.epoch,
+            "resume": {str(k): v for k, v in state.resume.items()},
+            "history": state.history,
+            "exchanges": state.exchanges,
+            "settings": state.settings,
+            "created": time.time(),
+        }
         _write_atomically(partial / "manifest.json", json.dumps(manifest))
         os.replace(partial, final)
         _write_atomically(self.directory / _LATEST, json.dumps({"backup": final.name}))
-        for _, old in self._complete()[:-self.keep]:
+        for _, old in self._complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _complete(self) -> list[tuple[int, Path]]:
         found = []
         for path in self.directory.glob("backup-*"):
-            number = path.name[len("backup-"):]
+            number = path.name[len("backup-") :]
             if path.is_dir() and number.isdigit() and (path / "manifest.json").is_file():
                 found.append((int(number), path))
         return sorted(found)
 
     def latest(self) -> RunState | None:
-        """The newest complete backup, or ``None``; a backup that does not load is skipped with a warning."""
+        """The newest complete backup, or ``None``; a backup that does not load is skipped with a
+        warning."""
         if not self.directory.is_dir():
             return None
         for _, path in reversed(self._complete()):
@@ -148,24 +168,36 @@ def _load(path: Path) -> RunState:
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"backup format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
     center = np.load(path / "center.npy", allow_pickle=False)
-    return RunState(epoch=int(manifest["epoch"]), center=center.astype(np.float32, copy=False),
-                    resume={int(k): int(v) for k, v in manifest["resume"].items()},
-                    history={k: [float(v) for v in values] for k, values in manifest["history"].items()},
-                    exchanges=int(manifest["exchanges"]), settings=dict(manifest["settings"]))
+    return RunState(
+        epoch=int(manifest["epoch"]),
+        center=center.astype(np.float32, copy=False),
+        resume={int(k): int(v) for k, v in manifest["resume"].items()},
+        history={k: [float(v) for v in values] for k, values in manifest["history"].items()},
+        exchanges=int(manifest["exchanges"]),
+        settings=dict(manifest["settings"]),
+    )
 
 
 def check_resumable(state: RunState, settings: dict[str, Any]) -> None:
-    """Refuse to resume a backup taken with another model, engine or data schema, naming the difference.
+    """Refuse to resume a backup taken with another model, engine or data schema, naming the
+    difference.
 
     Raises:
         ConfigurationError: the model, engine or schema differs.
     """
-    names = {"model": "model architecture (fingerprint)", "engine": "engine", "schema": "data schema"}
+    names = {
+        "model": "model architecture (fingerprint)",
+        "engine": "engine",
+        "schema": "data schema",
+    }
     for key, name in names.items():
         if state.settings.get(key) != settings.get(key):
             raise ConfigurationError(
-                f"The backup was taken with another {name}: {state.settings.get(key)!r}, this run has "
-                f"{settings.get(key)!r}. Resume with the same {key}, or point the backup at a new directory.")
+                f"The backup was taken with another {name}: {state.settings.get(key)!r}, this run "
+                "has "
+                f"{settings.get(key)!r}. Resume with the same {key}, or point the backup at a new "
+                "directory."
+            )
 
 
 @dataclass
@@ -188,8 +220,13 @@ class BackupPlan:
     delete_when_done: bool = True
 
     def __post_init__(self) -> None:
-        valid = self.save_freq == "epoch" or (isinstance(self.save_freq, int) and not isinstance(self.save_freq, bool)
-                                              and self.save_freq > 0)
+        valid = self.save_freq == "epoch" or (
+            isinstance(self.save_freq, int)
+            and not isinstance(self.save_freq, bool)
+            and self.save_freq > 0
+        )
         if not valid:
-            raise ConfigurationError(f"Expected `save_freq` to be 'epoch' or a positive number of exchanges. "
-                                     f"Received: save_freq={self.save_freq!r}.")
+            raise ConfigurationError(
+                f"Expected `save_freq` to be 'epoch' or a positive number of exchanges. "
+                f"Received: save_freq={self.save_freq!r}."
+            )

@@ -121,8 +121,10 @@ class StandaloneCluster:
         for name in ("workers", "cores_per_worker"):
             check_positive_int(name, getattr(self, name))
         if self.worker_hosts is not None and len(self.worker_hosts) != self.workers:
-            raise ConfigurationError(f"Expected one worker host per worker ({self.workers}). "
-                                     f"Received: {len(self.worker_hosts)} worker_hosts.")
+            raise ConfigurationError(
+                f"Expected one worker host per worker ({self.workers}). "
+                f"Received: {len(self.worker_hosts)} worker_hosts."
+            )
 
     @property
     def master_url(self) -> str:
@@ -152,38 +154,77 @@ class StandaloneCluster:
         master_url = f"spark://{master_address}:{port}"
         self.state = ClusterState(master_url, f"http://{master_address}:{ui_port}", [], str(logs))
         try:
-            self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", master_address, "--port", str(port),
-                                   "--webui-port", str(ui_port)], logs, self.master_host)
+            self._spawn(
+                "master",
+                [
+                    "org.apache.spark.deploy.master.Master",
+                    "--host",
+                    master_address,
+                    "--port",
+                    str(port),
+                    "--webui-port",
+                    str(ui_port),
+                ],
+                logs,
+                self.master_host,
+            )
             for i in range(self.workers):
                 worker_host = self.worker_hosts[i] if self.worker_hosts else None
                 address = worker_host.address if worker_host else self.host
                 worker_dir = work / f"worker-{i}"
                 worker_dir.mkdir(exist_ok=True)
-                self._spawn(f"worker-{i}", ["org.apache.spark.deploy.worker.Worker", master_url, "--host", address,
-                                            "--cores", str(self.cores_per_worker), "--memory", self.memory_per_worker,
-                                            "--webui-port", str(8081 if worker_host else free_port(self.host)),
-                                            "--work-dir", str(worker_dir)],
-                            logs, worker_host)
+                self._spawn(
+                    f"worker-{i}",
+                    [
+                        "org.apache.spark.deploy.worker.Worker",
+                        master_url,
+                        "--host",
+                        address,
+                        "--cores",
+                        str(self.cores_per_worker),
+                        "--memory",
+                        self.memory_per_worker,
+                        "--webui-port",
+                        str(8081 if worker_host else free_port(self.host)),
+                        "--work-dir",
+                        str(worker_dir),
+                    ],
+                    logs,
+                    worker_host,
+                )
             self._wait_for_workers()
         except BaseException:
             self.stop()
             raise
-        logger.info("Spark standalone cluster up at %s (%d workers, web UI %s)", master_url, self.workers,
-                    self.state.web_ui)
+        logger.info(
+            "Spark standalone cluster up at %s (%d workers, web UI %s)",
+            master_url,
+            self.workers,
+            self.state.web_ui,
+        )
         return self
 
     def _spawn(self, name: str, args: list[str], logs: Path, emulated: Host | None = None) -> None:
         # No port retries: a master that silently moved to the next port would leave the workers
         # (and the recorded URL) pointing at whatever holds the one asked for.
         no_retries = "-Dspark.port.maxRetries=0"
-        env = dict(os.environ, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP=emulated.address if emulated else self.host,
-                   SPARK_MASTER_OPTS=f"{os.environ.get('SPARK_MASTER_OPTS', '')} {no_retries}".strip(),
-                   SPARK_WORKER_OPTS=f"{os.environ.get('SPARK_WORKER_OPTS', '')} {no_retries}".strip())
+        env = dict(
+            os.environ,
+            SPARK_HOME=str(spark_home()),
+            SPARK_LOCAL_IP=emulated.address if emulated else self.host,
+            SPARK_MASTER_OPTS=f"{os.environ.get('SPARK_MASTER_OPTS', '')} {no_retries}".strip(),
+            SPARK_WORKER_OPTS=f"{os.environ.get('SPARK_WORKER_OPTS', '')} {no_retries}".strip(),
+        )
         with open(logs / f"{name}.log", "wb") as log:
             command = [str(spark_home() / "bin" / "spark-class"), *args]
-            process = subprocess.Popen(emulated.command(command) if emulated else command, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                emulated.command(command) if emulated else command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         self._processes.append(process)
         self._running().pids.append(process.pid)
 
@@ -196,23 +237,41 @@ class StandaloneCluster:
         deadline = time.monotonic() + self.start_timeout
         alive = 0
         while time.monotonic() < deadline:
-            for process, name in zip(self._processes, ["master"] + [f"worker-{i}" for i in range(self.workers)], strict=True):
+            for process, name in zip(
+                self._processes,
+                ["master"] + [f"worker-{i}" for i in range(self.workers)],
+                strict=True,
+            ):
                 if process.poll() is not None:
                     log = _log_tail(Path(state.log_dir) / f"{name}.log")
-                    hint = (" Its port is taken (another cluster? `kerasonspark cluster stop` stops the one the "
-                            "CLI started); pass another port, or 0 for a free one." if "Address already in use" in log
-                            else "")
-                    raise SparkEnvironmentError(f"The Spark {name} exited with code {process.returncode}.{hint}\n{log}")
+                    hint = (
+                        " Its port is taken (another cluster? `kerasonspark cluster stop` stops "
+                        "the one the "
+                        "CLI started); pass another port, or 0 for a free one."
+                        if "Address already in use" in log
+                        else ""
+                    )
+                    raise SparkEnvironmentError(
+                        f"The Spark {name} exited with code {process.returncode}.{hint}\n{log}"
+                    )
             try:
-                alive = sum(w.get("state") == "ALIVE" for w in master_status(state).get("workers", []))
-            except (OSError, ValueError):  # not listening yet, or its web UI is up before its JSON page
+                alive = sum(
+                    w.get("state") == "ALIVE" for w in master_status(state).get("workers", [])
+                )
+            except (
+                OSError,
+                ValueError,
+            ):  # not listening yet, or its web UI is up before its JSON page
                 alive = 0
             if alive == self.workers:
                 return
             time.sleep(0.5)
         raise SparkEnvironmentError(
-            f"Only {alive} of {self.workers} Spark workers registered with {state.master_url} within "
-            f"{self.start_timeout:.0f} s (`start_timeout`). Master log:\n{_log_tail(Path(state.log_dir) / 'master.log')}")
+            f"Only {alive} of {self.workers} Spark workers registered with {state.master_url} "
+            "within "
+            f"{self.start_timeout:.0f} s (`start_timeout`). Master "
+            f"log:\n{_log_tail(Path(state.log_dir) / 'master.log')}"
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop every daemon (and the executors they started); waits until they are gone."""
@@ -251,12 +310,15 @@ def load_state(path: str | os.PathLike = DEFAULT_STATE_FILE) -> ClusterState:
     """
     source = Path(path).expanduser()
     if not source.is_file():
-        raise SparkEnvironmentError(f"No cluster state at {source}: start one with `kerasonspark cluster start`.")
+        raise SparkEnvironmentError(
+            f"No cluster state at {source}: start one with `kerasonspark cluster start`."
+        )
     return ClusterState(**json.loads(source.read_text()))
 
 
 def stop_processes(pids: list[int], timeout: float = 20.0) -> None:
-    """End each process group (a daemon and what it started): SIGTERM, then SIGKILL after ``timeout``.
+    """End each process group (a daemon and what it started): SIGTERM, then SIGKILL after
+    ``timeout``.
 
     Only groups that still hold a Spark process are signalled: process ids from an old state
     file may belong to something else by now.

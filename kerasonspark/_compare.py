@@ -5,7 +5,8 @@ session, then the test set is evaluated on the executors. Engines run interleave
 sync, async, single, sync, async, ...``) so a slow minute of the machine does not land on one
 engine, and with ``repeat > 1`` each figure is the median of its runs::
 
-    rows = compare_strategies(mnist_cnn, spark, train_df, test_df, ["single", "sync", "async:downpour"])
+    rows = compare_strategies(mnist_cnn, spark, train_df, test_df, ["single", "sync",
+    "async:downpour"])
     table = format_table(rows)   # Markdown, medians per strategy
 
 A strategy is a backend name, optionally with a variant after a colon (``async:adag``,
@@ -34,10 +35,20 @@ if TYPE_CHECKING:
     import keras
     from pyspark.sql import DataFrame, SparkSession
 
-# samples_per_s counts the training stage's seconds; samples_per_wall_s the whole `fit` (data preparation,
-# start-up and Elephas's per-epoch set-up included): the fair figure across engines that prepare differently.
-FIGURES = ("samples_per_s", "samples_per_wall_s", "train_s", "wall_s", "test_accuracy", "exchanges",
-           "overlapping_writes", "max_staleness")
+# samples_per_s counts the training stage's seconds; samples_per_wall_s the whole `fit` (data
+# preparation,
+# start-up and Elephas's per-epoch set-up included): the fair figure across engines that prepare
+# differently.
+FIGURES = (
+    "samples_per_s",
+    "samples_per_wall_s",
+    "train_s",
+    "wall_s",
+    "test_accuracy",
+    "exchanges",
+    "overlapping_writes",
+    "max_staleness",
+)
 
 
 @dataclass
@@ -53,7 +64,9 @@ class StrategyRow:
     strategy: str
     runs: list[dict[str, float]] = field(default_factory=list)
     vs_single: float | None = None
-    curves: list[list[dict[str, float]]] = field(default_factory=list)  # per run: seconds, epoch, test_accuracy
+    curves: list[list[dict[str, float]]] = field(
+        default_factory=list
+    )  # per run: seconds, epoch, test_accuracy
     workers: int | None = None  # None for an engine that trains without Spark workers (`single`)
     label: str = ""  # the strategy, with its worker count when the comparison has several
 
@@ -67,23 +80,42 @@ class StrategyRow:
     def seconds_to(self, target: float) -> float | None:
         """The median over the runs of the seconds until a curve point reached ``target`` test
         accuracy (a run that never did counts as endless); ``None`` when most runs never did."""
-        reached = [next((p["seconds"] for p in curve if p["test_accuracy"] >= target), math.inf) for curve in self.curves]
+        reached = [
+            next((p["seconds"] for p in curve if p["test_accuracy"] >= target), math.inf)
+            for curve in self.curves
+        ]
         median = statistics.median(reached) if reached else math.inf
         return None if math.isinf(median) else median
 
     def accuracy_by_epoch(self) -> list[float]:
         """The median test accuracy at the end of each epoch."""
-        ends = [[p["test_accuracy"] for p in curve if p["epoch"] > 0 and float(p["epoch"]).is_integer()]
-                for curve in self.curves]
-        return [statistics.median(run[e] for run in ends if e < len(run)) for e in range(min(map(len, ends), default=0))]
+        ends = [
+            [p["test_accuracy"] for p in curve if p["epoch"] > 0 and float(p["epoch"]).is_integer()]
+            for curve in self.curves
+        ]
+        return [
+            statistics.median(run[e] for run in ends if e < len(run))
+            for e in range(min(map(len, ends), default=0))
+        ]
 
     def as_dict(self, target: float | None = None) -> dict[str, Any]:
-        """Medians, run count and ratio, then every run's figures and curve, as JSON-ready figures."""
-        return {"strategy": self.strategy, "workers": self.workers, "runs": len(self.runs), "vs_single": self.vs_single,
-                **{figure: self.median(figure) for figure in FIGURES},
-                "accuracy_by_epoch": self.accuracy_by_epoch(),
-                **({"target": target, "seconds_to_target": self.seconds_to(target)} if target is not None else {}),
-                "every_run": self.runs, "curves": self.curves}
+        """Medians, run count and ratio, then every run's figures and curve, as JSON-ready
+        figures."""
+        return {
+            "strategy": self.strategy,
+            "workers": self.workers,
+            "runs": len(self.runs),
+            "vs_single": self.vs_single,
+            **{figure: self.median(figure) for figure in FIGURES},
+            "accuracy_by_epoch": self.accuracy_by_epoch(),
+            **(
+                {"target": target, "seconds_to_target": self.seconds_to(target)}
+                if target is not None
+                else {}
+            ),
+            "every_run": self.runs,
+            "curves": self.curves,
+        }
 
     def median_run(self) -> int:
         """The index of the run whose samples/s is the median (the lower one of an even count)."""
@@ -93,11 +125,16 @@ class StrategyRow:
 
 def _variant_option(options_class: type) -> str | None:
     """The options field a strategy's variant sets (``metadata={"variant": True}``), or ``None``."""
-    return next((f.name for f in dataclasses.fields(options_class) if f.metadata.get("variant")), None)
+    return next(
+        (f.name for f in dataclasses.fields(options_class) if f.metadata.get("variant")), None
+    )
 
 
-def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
-    """``"async:downpour"`` -> ``("async", {"rule": "downpour", ...})``, merged with per-strategy options.
+def parse_strategy(
+    strategy: str, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``"async:downpour"`` -> ``("async", {"rule": "downpour", ...})``, merged with per-strategy
+    options.
 
     The variant after the colon sets the engine's option marked ``metadata={"variant": True}``
     (``rule`` for ``async`` and ``hogwild``, ``mode`` for ``elephas``). ``options`` may be keyed by
@@ -113,16 +150,29 @@ def parse_strategy(strategy: str, options: Mapping[str, Mapping[str, Any]] | Non
         engine = available_backends().get(backend)
         option = _variant_option(engine.options_class) if engine is not None else None
         if engine is not None and option is None:
-            raise ConfigurationError(f"Strategy {strategy!r}: backend {backend!r} has no variants; write {backend!r}.")
+            raise ConfigurationError(
+                f"Strategy {strategy!r}: backend {backend!r} has no variants; write {backend!r}."
+            )
         chosen[option or "rule"] = variant
     return backend, chosen
 
 
-def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSession, train_df: DataFrame,
-                       test_df: DataFrame, strategies: Sequence[str], *, num_workers: int | Sequence[int] = 2,
-                       batch_size: int = 32, epochs: int = 1, repeat: int = 1, seed: int = 0,
-                       options: Mapping[str, Mapping[str, Any]] | None = None, points_per_epoch: int = 4,
-                       on_run: Callable[[str, dict[str, float]], None] | None = None) -> list[StrategyRow]:
+def compare_strategies(
+    make_model: Callable[[], keras.Model],
+    spark: SparkSession,
+    train_df: DataFrame,
+    test_df: DataFrame,
+    strategies: Sequence[str],
+    *,
+    num_workers: int | Sequence[int] = 2,
+    batch_size: int = 32,
+    epochs: int = 1,
+    repeat: int = 1,
+    seed: int = 0,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    points_per_epoch: int = 4,
+    on_run: Callable[[str, dict[str, float]], None] | None = None,
+) -> list[StrategyRow]:
     """Train and evaluate each strategy ``repeat`` times on the same data and cores.
 
     Args:
@@ -149,8 +199,12 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
             training starts).
     """
     resolved = {strategy: parse_strategy(strategy, options) for strategy in strategies}
-    engines = {strategy: resolve_backend(backend, backend_options or None)  # every engine and option first:
-               for strategy, (backend, backend_options) in resolved.items()}  # a typo fails in seconds
+    engines = {
+        strategy: resolve_backend(
+            backend, backend_options or None
+        )  # every engine and option first:
+        for strategy, (backend, backend_options) in resolved.items()
+    }  # a typo fails in seconds
     counts = [num_workers] if isinstance(num_workers, int) else list(num_workers)
     rows: dict[tuple[str, int | None], StrategyRow] = {}
     for workers in counts:
@@ -164,9 +218,17 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
     for run_index in range(repeat):
         for (strategy, row_workers), row in rows.items():
             backend, backend_options = resolved[strategy]
-            trainer = SparkTrainer(make_model(), backend=backend, num_workers=row_workers or counts[0], batch_size=batch_size,
-                                   epochs=epochs, backend_options=backend_options or None, spark=spark, seed=seed + run_index,
-                                   verbose=0)
+            trainer = SparkTrainer(
+                make_model(),
+                backend=backend,
+                num_workers=row_workers or counts[0],
+                batch_size=batch_size,
+                epochs=epochs,
+                backend_options=backend_options or None,
+                spark=spark,
+                seed=seed + run_index,
+                verbose=0,
+            )
             snapshots: list[tuple[float, float, list]] = []
             started = time.perf_counter()
             snapshot = _snapshots(started, snapshots, steps_per_epoch, points_per_epoch)
@@ -177,16 +239,22 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
             stats = trainer.fit(train_df, callbacks=[snapshot]).stats
             server = stats.get("parameter_server", {})  # common to every engine that serves weights
             run = {
-                "samples_per_s": stats["samples_per_second"], "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
+                "samples_per_s": stats["samples_per_second"],
+                "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
                 "train_s": stats["train_seconds"],
-                "wall_s": stats["wall_seconds"], "test_accuracy": trainer.evaluate(test_df)["accuracy"],
+                "wall_s": stats["wall_seconds"],
+                "test_accuracy": trainer.evaluate(test_df)["accuracy"],
                 "exchanges": stats["exchanges"],
                 "overlapping_writes": server.get("overlapping_writes", 0),
                 "max_staleness": server.get("staleness", {}).get("max", 0),
             }
             row.runs.append(run)
-            row.curves.append([{"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
-                               *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"])])
+            row.curves.append(
+                [
+                    {"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
+                    *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"]),
+                ]
+            )
             if on_run is not None:
                 on_run(row.label, run)
     single = next((row for row in rows.values() if row.strategy == "single"), None)
@@ -196,7 +264,9 @@ def compare_strategies(make_model: Callable[[], keras.Model], spark: SparkSessio
     return list(rows.values())
 
 
-def _snapshots(started: float, snapshots: list[tuple[float, float, list]], steps_per_epoch: int, points: int) -> Any:
+def _snapshots(
+    started: float, snapshots: list[tuple[float, float, list]], steps_per_epoch: int, points: int
+) -> Any:
     """A callback that keeps the model's weights ``points`` times an epoch (the last at its end),
     with the seconds since ``started`` and the epochs done (fractions between ends)."""
     import keras
@@ -215,16 +285,23 @@ def _snapshots(started: float, snapshots: list[tuple[float, float, list]], steps
             done = (batch + 1) / steps_per_epoch
             if self.next_point < points and done >= self.next_point / points:
                 fraction = min(round(done, 3), 0.999)  # the epoch's end is on_epoch_end's point
-                snapshots.append((time.perf_counter() - started, self.epoch + fraction, self.model.get_weights()))
+                snapshots.append(
+                    (time.perf_counter() - started, self.epoch + fraction, self.model.get_weights())
+                )
                 while self.next_point < points and done >= self.next_point / points:
                     self.next_point += 1
 
     return Snapshots() if points > 1 else EpochSnapshots()
 
 
-def _score_snapshots(trainer: SparkTrainer, snapshots: list[tuple[float, float, list]], test_df: DataFrame,
-                     final_accuracy: float) -> list[dict[str, float]]:
-    """Each snapshot's test accuracy (the final model's is known), the trained weights left in place."""
+def _score_snapshots(
+    trainer: SparkTrainer,
+    snapshots: list[tuple[float, float, list]],
+    test_df: DataFrame,
+    final_accuracy: float,
+) -> list[dict[str, float]]:
+    """Each snapshot's test accuracy (the final model's is known), the trained weights left in
+    place."""
     import numpy as np
 
     final = trainer.model.get_weights()
@@ -254,11 +331,18 @@ def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") 
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigurationError("`--plot` draws with matplotlib: pip install matplotlib") from None
-    figure, (curves, speeds) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (curves, speeds) = plt.subplots(
+        1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]}
+    )
     for row in rows:
         points = row.curves[row.median_run()]
-        curves.plot([p["seconds"] for p in points], [p["test_accuracy"] for p in points], marker="o", markersize=3,
-                    label=row.label)
+        curves.plot(
+            [p["seconds"] for p in points],
+            [p["test_accuracy"] for p in points],
+            marker="o",
+            markersize=3,
+            label=row.label,
+        )
     curves.set_xlabel("wall-clock seconds since fit started")
     curves.set_ylabel("test accuracy (the model at each epoch's end)")
     curves.set_title("Accuracy against time")
@@ -269,18 +353,29 @@ def plot_comparison(rows: Sequence[StrategyRow], path: str, subtitle: str = "") 
     curves.legend(fontsize=8, loc="lower right")
     names = [row.label for row in rows]
     values = [row.median("samples_per_wall_s") for row in rows]
-    bars = speeds.barh(names, values, color=["tab:gray" if row.strategy == "single" else "tab:blue" for row in rows])
+    bars = speeds.barh(
+        names,
+        values,
+        color=["tab:gray" if row.strategy == "single" else "tab:blue" for row in rows],
+    )
     speeds.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=3)
     single = next((row for row in rows if row.strategy == "single"), None)
     if single is not None:
-        speeds.axvline(single.median("samples_per_wall_s"), color="tab:red", linestyle="--", label="single (reference)")
+        speeds.axvline(
+            single.median("samples_per_wall_s"),
+            color="tab:red",
+            linestyle="--",
+            label="single (reference)",
+        )
         speeds.legend(fontsize=8, loc="lower right")
     speeds.invert_yaxis()
     speeds.set_xlabel("samples/s (samples / wall seconds of fit; median of runs)")
     speeds.set_title("Speed")
     runs = max((len(row.runs) for row in rows), default=0)
-    figure.suptitle(f"kerasonspark compare: {os.cpu_count()} CPU cores, {runs} run(s) per strategy"
-                    + (f", {subtitle}" if subtitle else ""))
+    figure.suptitle(
+        f"kerasonspark compare: {os.cpu_count()} CPU cores, {runs} run(s) per strategy"
+        + (f", {subtitle}" if subtitle else "")
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -292,21 +387,41 @@ def format_table(rows: Sequence[StrategyRow], target: float | None = None) -> st
     seconds to ``target`` test accuracy."""
     several_counts = len({row.workers for row in rows if row.workers is not None}) > 1
     epochs = max((len(row.accuracy_by_epoch()) for row in rows), default=0)
-    head = ["strategy", *(["workers"] if several_counts else []), "runs", "samples/s (training)", "vs single",
-            "samples/s (whole fit)", "train s", "wall s", "test accuracy",
-            *(["accuracy by epoch"] if epochs > 1 else []), *([f"s to {target:g}"] if target is not None else []),
-            "exchanges"]
+    head = [
+        "strategy",
+        *(["workers"] if several_counts else []),
+        "runs",
+        "samples/s (training)",
+        "vs single",
+        "samples/s (whole fit)",
+        "train s",
+        "wall s",
+        "test accuracy",
+        *(["accuracy by epoch"] if epochs > 1 else []),
+        *([f"s to {target:g}"] if target is not None else []),
+        "exchanges",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ratio = f"{row.vs_single:.2f}x" if row.vs_single is not None else "-"
         exchanges = f"{row.median('exchanges'):.0f}" if row.median("exchanges") else "-"
         whole_fit = f"{row.median('samples_per_wall_s'):,.0f}"
-        if row.strategy == "single" and len(row.runs) > 1:  # bimodal on small machines: its range, not only the median
+        if (
+            row.strategy == "single" and len(row.runs) > 1
+        ):  # bimodal on small machines: its range, not only the median
             speeds = [run["samples_per_wall_s"] for run in row.runs]
             whole_fit += f" ({min(speeds):,.0f}-{max(speeds):,.0f})"
-        cells = [f"`{row.strategy}`", *([str(row.workers or "-")] if several_counts else []), str(len(row.runs)),
-                 f"{row.median('samples_per_s'):,.0f}", ratio, whole_fit,
-                 f"{row.median('train_s'):.1f}", f"{row.median('wall_s'):.1f}", f"{row.median('test_accuracy'):.4f}"]
+        cells = [
+            f"`{row.strategy}`",
+            *([str(row.workers or "-")] if several_counts else []),
+            str(len(row.runs)),
+            f"{row.median('samples_per_s'):,.0f}",
+            ratio,
+            whole_fit,
+            f"{row.median('train_s'):.1f}",
+            f"{row.median('wall_s'):.1f}",
+            f"{row.median('test_accuracy'):.4f}",
+        ]
         if epochs > 1:
             cells.append(" / ".join(f"{a:.4f}" for a in row.accuracy_by_epoch()))
         if target is not None:

@@ -1,4 +1,5 @@
-"""Settings: the rarely touched ones grouped by what they govern, each default and check written once.
+"""Settings: the rarely touched ones grouped by what they govern, each default and check written
+once.
 
 ``SparkTrainer`` keeps the settings of ``model.fit`` flat (``num_workers``, ``batch_size``,
 ``epochs``, ``seed``, ``verbose``) and takes the rest as three small objects::
@@ -27,7 +28,9 @@ def check_positive_int(name: str, value: Any) -> None:
         >>> check_positive_int("window", 5)
     """
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}.")
+        raise ConfigurationError(
+            f"Expected `{name}` to be a positive integer. Received: {name}={value!r}."
+        )
 
 
 def _check_seconds(name: str, value: Any) -> None:
@@ -69,7 +72,9 @@ class FailureConfig:
     def __post_init__(self) -> None:
         restarts = self.max_restarts
         if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
-            raise ConfigurationError(f"Expected `max_restarts` to be an integer >= 0. Received: {restarts!r}.")
+            raise ConfigurationError(
+                f"Expected `max_restarts` to be an integer >= 0. Received: {restarts!r}."
+            )
         for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
             _check_seconds(name, getattr(self, name))
         _check_flag("restart_with_fewer_workers", self.restart_with_fewer_workers)
@@ -107,7 +112,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.partition_storage not in PARTITION_STORAGE:
             raise ConfigurationError(
-                f"Expected `partition_storage` in {PARTITION_STORAGE}. Received: {self.partition_storage!r}."
+                f"Expected `partition_storage` in {PARTITION_STORAGE}. Received: "
+                f"{self.partition_storage!r}."
             )
         check_positive_int("buffer_rows", self.buffer_rows)
         _check_flag("balance_workers", self.balance_workers)
@@ -126,9 +132,12 @@ class ResourceConfig:
 
     def __post_init__(self) -> None:
         threads = self.worker_threads
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+        if threads is not None and (
+            not isinstance(threads, int) or isinstance(threads, bool) or threads < 0
+        ):
             raise ConfigurationError(
-                "Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's defaults) or a "
+                "Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's "
+                "defaults) or a "
                 f"positive integer. Received: worker_threads={threads!r}."
             )
 
@@ -164,16 +173,23 @@ class TrainingConfig:
             check_positive_int(name, getattr(self, name))
         epoch = self.initial_epoch
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ConfigurationError(f"Expected `initial_epoch` to be an integer >= 0. Received: {epoch!r}.")
+            raise ConfigurationError(
+                f"Expected `initial_epoch` to be an integer >= 0. Received: {epoch!r}."
+            )
         seed = self.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ConfigurationError(f"Expected `seed` to be None or an integer >= 0. Received: seed={seed!r}.")
+            raise ConfigurationError(
+                f"Expected `seed` to be None or an integer >= 0. Received: seed={seed!r}."
+            )
         if self.verbose not in (0, 1, 2):
-            raise ConfigurationError(f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}.")
+            raise ConfigurationError(
+                f"Expected `verbose` in (0, 1, 2). Received: verbose={self.verbose!r}."
+            )
         for name, kind in _GROUPS.items():
             value = getattr(self, name)
             if not isinstance(value, kind):
                 raise ConfigurationError(
-                    f"Expected `{name}` to be a kerasonspark.{kind.__name__}, e.g. {name}={kind.__name__}(...). "
+                    f"Expected `{name}` to be a kerasonspark.{kind.__name__}, e.g. "
+                    f"{name}={kind.__name__}(...). "
                     f"Received: {type(value).__name__}."
                 )

@@ -32,9 +32,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 4096
-_SPARSE_LOSSES = {"sparse_categorical_crossentropy", "sparsecategoricalcrossentropy", "sparse_categorical_focal_crossentropy"}
-_ONE_HOT_LOSSES = {"categorical_crossentropy", "categoricalcrossentropy", "categorical_focal_crossentropy",
-                   "kl_divergence", "kldivergence", "categorical_hinge", "categoricalhinge"}
+_SPARSE_LOSSES = {
+    "sparse_categorical_crossentropy",
+    "sparsecategoricalcrossentropy",
+    "sparse_categorical_focal_crossentropy",
+}
+_ONE_HOT_LOSSES = {
+    "categorical_crossentropy",
+    "categoricalcrossentropy",
+    "categorical_focal_crossentropy",
+    "kl_divergence",
+    "kldivergence",
+    "categorical_hinge",
+    "categoricalhinge",
+}
 
 Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
@@ -115,8 +126,10 @@ class DataInfo:
             shapes, outputs = [tuple(model.input_shape)], [tuple(model.output_shape)]
         for what, shape in [*(("input", s) for s in shapes), *(("output", s) for s in outputs)]:
             if any(d is None for d in shape[1:]):
-                raise DataError(f"The model's {what} shapes must be fully known except the batch. "
-                                f"Received: {what} shape {shape}.")
+                raise DataError(
+                    f"The model's {what} shapes must be fully known except the batch. "
+                    f"Received: {what} shape {shape}."
+                )
         loss = (compile_config or {}).get("loss")
         if len(outputs) == 1:
             info = cls._one_output(tuple(int(d) for d in shapes[0][1:]), outputs[0], compile_config)
@@ -124,7 +137,9 @@ class DataInfo:
             names = list(model.output_names)
             if isinstance(loss, (list, tuple)):
                 losses = list(loss)
-            elif isinstance(loss, dict) and set(loss) <= set(names):  # by output name, not one loss's config
+            elif isinstance(loss, dict) and set(loss) <= set(
+                names
+            ):  # by output name, not one loss's config
                 losses = [loss.get(n) for n in names]
             else:
                 losses = [loss] * len(names)  # one loss for every output, as Keras applies it
@@ -142,15 +157,23 @@ class DataInfo:
             except AttributeError:
                 named = False
             inputs = tuple((t.name, tuple(int(d) for d in t.shape[1:])) for t in model.inputs)
-            info = dataclasses.replace(info, input_shape=(sum(math.prod(s) for _, s in inputs),), inputs=inputs,
-                                       named=named)
+            info = dataclasses.replace(
+                info,
+                input_shape=(sum(math.prod(s) for _, s in inputs),),
+                inputs=inputs,
+                named=named,
+            )
         else:
             info = dataclasses.replace(info, input_shape=tuple(int(d) for d in shapes[0][1:]))
         return info
 
     @classmethod
-    def _one_output(cls, input_shape: tuple[int, ...], out: tuple[Any, ...],
-                    compile_config: dict[str, Any] | None) -> DataInfo:
+    def _one_output(
+        cls,
+        input_shape: tuple[int, ...],
+        out: tuple[Any, ...],
+        compile_config: dict[str, Any] | None,
+    ) -> DataInfo:
         if is_custom_loss(compile_config):
             return cls(input_shape, "given", None)
         name = loss_name(compile_config)
@@ -162,11 +185,15 @@ class DataInfo:
         return cls(input_shape, "raw", None, tuple(int(d) for d in out[1:]))
 
     def with_given_labels(self, width: int, integer: bool) -> DataInfo:
-        """For a loss of the user's own: the labels' width (0 for one value) and kind, read off the data."""
+        """For a loss of the user's own: the labels' width (0 for one value) and kind, read off the
+        data."""
         if self.label_mode != "given":
             return self
-        return dataclasses.replace(self, target_shape=(width,) if width else (),
-                                   label_dtype="int32" if integer else "float32")
+        return dataclasses.replace(
+            self,
+            target_shape=(width,) if width else (),
+            label_dtype="int32" if integer else "float32",
+        )
 
     def model_labels(self, y: np.ndarray) -> np.ndarray:
         """Labels as the model's loss wants them (indices for sparse, one-hot for categorical;
@@ -189,9 +216,13 @@ class DataInfo:
         parts, start = [], 0
         for _, shape in self.inputs:
             size = math.prod(shape)
-            parts.append(_reshaped(x[:, start:start + size], shape))
+            parts.append(_reshaped(x[:, start : start + size], shape))
             start += size
-        return {name: part for (name, _), part in zip(self.inputs, parts, strict=True)} if self.named else parts
+        return (
+            {name: part for (name, _), part in zip(self.inputs, parts, strict=True)}
+            if self.named
+            else parts
+        )
 
     def model_targets(self, y: Any) -> Any:
         """Labels as :meth:`model_labels` made them (NumPy or a tensor), as the model's ``fit``
@@ -201,8 +232,12 @@ class DataInfo:
         parts, start = [], 0
         for _, one in self.outputs:
             size = one.label_size
-            part = y[:, start:start + size]
-            parts.append(_as_int32(part[:, 0]) if one.label_mode == "sparse" else _reshaped(part, one.label_shape))
+            part = y[:, start : start + size]
+            parts.append(
+                _as_int32(part[:, 0])
+                if one.label_mode == "sparse"
+                else _reshaped(part, one.label_shape)
+            )
             start += size
         return parts
 
@@ -218,10 +253,15 @@ class DataInfo:
         for (name, one), raw in zip(self.outputs, arrays, strict=True):
             labels = _as_labels(raw, f"{where} (output {name!r})")
             if len(labels) != len(arrays[0]):
-                raise DataError(f"The labels in {where} differ in length between outputs: {[len(a) for a in arrays]}.")
+                raise DataError(
+                    f"The labels in {where} differ in length between outputs: "
+                    f"{[len(a) for a in arrays]}."
+                )
             check_label_shape(labels.shape, one, f"{where} (output {name!r})")
-            raise_problems([block_problems(np.zeros((len(labels), 0), np.float32), labels, one)],
-                           f"output {name!r}")
+            raise_problems(
+                [block_problems(np.zeros((len(labels), 0), np.float32), labels, one)],
+                f"output {name!r}",
+            )
             packed.append(one.model_labels(labels).astype(np.float32).reshape(len(labels), -1))
         return np.concatenate(packed, axis=1)
 
@@ -233,8 +273,12 @@ class DataInfo:
                 wrong size.
         """
         arrays = _per_name(xs, [name for name, _ in self.inputs], "feature arrays", where)
-        parts = [as_features(raw, DataInfo(shape, "raw", None), f"{where} (input {name!r})").reshape(len(raw), -1)
-                 for (name, shape), raw in zip(self.inputs, arrays, strict=True)]
+        parts = [
+            as_features(raw, DataInfo(shape, "raw", None), f"{where} (input {name!r})").reshape(
+                len(raw), -1
+            )
+            for (name, shape), raw in zip(self.inputs, arrays, strict=True)
+        ]
         if len({len(p) for p in parts}) > 1:
             raise DataError(f"The inputs in {where} differ in length: {[len(p) for p in parts]}.")
         return np.concatenate(parts, axis=1)
@@ -249,9 +293,12 @@ def _per_name(values: Any, names: list[str], what: str, where: str) -> list[Any]
         return [values[n] for n in names]
     if not isinstance(values, (list, tuple)) or len(values) != len(names):
         count = len(values) if isinstance(values, (list, tuple)) else 1
-        raise DataError(f"The model has {len(names)} {'inputs' if what.startswith('feature') else 'outputs'} {names}; "
-                        f"pass {what} in {where} as a list of {len(names)} in that order (or a dict by name). "
-                        f"Received: {count}.")
+        raise DataError(
+            f"The model has {len(names)} {'inputs' if what.startswith('feature') else 'outputs'} "
+            f"{names}; "
+            f"pass {what} in {where} as a list of {len(names)} in that order (or a dict by name). "
+            f"Received: {count}."
+        )
     return list(values)
 
 
@@ -301,7 +348,10 @@ class PreparedData:
         largest partition is bigger than the smallest worker's memory budget)."""
         if partition_storage != "auto":
             return partition_storage == "stream"
-        return self.memory_budget is not None and max(self.partition_bytes, default=0) > self.memory_budget
+        return (
+            self.memory_budget is not None
+            and max(self.partition_bytes, default=0) > self.memory_budget
+        )
 
     def release(self) -> None:
         """Drop the cached partitions (and the broadcasts of NumPy input)."""
@@ -309,9 +359,16 @@ class PreparedData:
 
 
 # -- per-block checks, shared by the driver (NumPy input) and the executors ---------------------
-def block_problems(x: np.ndarray, y: np.ndarray, info: DataInfo, w: np.ndarray | None = None) -> dict[str, int]:
+def block_problems(
+    x: np.ndarray, y: np.ndarray, info: DataInfo, w: np.ndarray | None = None
+) -> dict[str, int]:
     """Count the rows of one block that cannot be trained on, by reason."""
-    problems = {"nonfinite_rows": 0, "label_out_of_range": 0, "label_not_integer": 0, "bad_weights": 0}
+    problems = {
+        "nonfinite_rows": 0,
+        "label_out_of_range": 0,
+        "label_not_integer": 0,
+        "bad_weights": 0,
+    }
     if len(x) == 0:
         return problems
     if w is not None:
@@ -335,7 +392,8 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
         size = math.prod(y_shape[1:])
         if size != math.prod(info.target_shape):
             raise DataError(
-                f"Targets in {where} should have {math.prod(info.target_shape)} value(s) each to match the model's "
+                f"Targets in {where} should have {math.prod(info.target_shape)} value(s) each to "
+                "match the model's "
                 f"output shape {info.target_shape}. Received: targets of shape {y_shape}."
             )
         return
@@ -343,7 +401,8 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
         return
     if len(y_shape) != 2 or y_shape[1] != info.num_classes:
         raise DataError(
-            f"Labels in {where} should be class indices or one-hot vectors of width {info.num_classes} "
+            f"Labels in {where} should be class indices or one-hot vectors of width "
+            f"{info.num_classes} "
             f"(the model's output). Received: labels of shape {y_shape}."
         )
 
@@ -356,14 +415,18 @@ def as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
     """
     x = np.asarray(x)
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"{where[0].upper() + where[1:]} must be numeric. Received: dtype={x.dtype}.")
+        raise DataError(
+            f"{where[0].upper() + where[1:]} must be numeric. Received: dtype={x.dtype}."
+        )
     rows = x.shape[0] if x.ndim else 0
     if x.ndim and rows == 0:
         raise DataError(f"{where[0].upper() + where[1:]} hold no samples.")
     if x.ndim < 1 or (x.size // max(rows, 1)) != info.feature_size:
         raise DataError(
-            f"Each sample in {where} must have {info.feature_size} values to fit the model's input shape "
-            f"{info.input_shape}. Received: features of shape {x.shape}. Reshape or select the right column."
+            f"Each sample in {where} must have {info.feature_size} values to fit the model's input "
+            "shape "
+            f"{info.input_shape}. Received: features of shape {x.shape}. Reshape or select the "
+            "right column."
         )
     return x.reshape((rows, *info.input_shape)).astype(np.float32, copy=False)
 
@@ -379,18 +442,31 @@ def raise_problems(per_partition: list[dict[str, int]], what: str) -> None:
     """Raise one DataError that counts every problem of :func:`block_problems`, per partition."""
     messages = []
     for key, text, fix in (
-        ("nonfinite_rows", "row(s) with NaN, Inf or null features or labels", "drop or impute them"),
-        ("label_out_of_range", "label(s) outside the model's classes",
-         "map labels to 0..num_classes-1 or widen the output layer"),
+        (
+            "nonfinite_rows",
+            "row(s) with NaN, Inf or null features or labels",
+            "drop or impute them",
+        ),
+        (
+            "label_out_of_range",
+            "label(s) outside the model's classes",
+            "map labels to 0..num_classes-1 or widen the output layer",
+        ),
         ("label_not_integer", "non-integer class label(s)", "labels must be whole class indices"),
-        ("bad_weights", "sample weight(s) that are negative, NaN, Inf or null", "weights must be finite and >= 0"),
+        (
+            "bad_weights",
+            "sample weight(s) that are negative, NaN, Inf or null",
+            "weights must be finite and >= 0",
+        ),
     ):
         where = {i: p[key] for i, p in enumerate(per_partition) if p.get(key)}
         if where:
             detail = ", ".join(f"{n} in partition {i}" for i, n in list(where.items())[:8])
             messages.append(f"{sum(where.values())} {text} ({detail}); {fix}")
     if messages:
-        raise DataError(f"The {what} data cannot be trained on as given: " + "; ".join(messages) + ".")
+        raise DataError(
+            f"The {what} data cannot be trained on as given: " + "; ".join(messages) + "."
+        )
 
 
 # -- conversion to blocks ------------------------------------------------------------------------
@@ -402,7 +478,9 @@ def _split_blocks(x: np.ndarray, y: np.ndarray, w: np.ndarray | None, parts: int
     blocks: list[Block] = []
     for px, py, pw in zip(part_x, part_y, part_w, strict=True):
         ws = np.array_split(pw, per_part) if pw is not None else [None] * per_part
-        blocks += list(zip(np.array_split(px, per_part), np.array_split(py, per_part), ws, strict=True))
+        blocks += list(
+            zip(np.array_split(px, per_part), np.array_split(py, per_part), ws, strict=True)
+        )
     return blocks
 
 
@@ -415,12 +493,24 @@ def validate_arrays(data: tuple, info: DataInfo, what: str) -> Block:
             NaN/Inf rows, labels outside the classes, negative or non-finite weights.
     """
     if len(data) not in (2, 3):
-        raise DataError(f"NumPy {what} data must be a pair `(x, y)` or a triple `(x, y, sample_weight)`. "
-                        f"Received: a tuple of {len(data)}.")
-    x = info.pack_features(data[0], f"the {what} features") if info.inputs else as_features(data[0], info, f"the {what} features")
-    y = info.pack_labels(data[1], f"the {what} labels") if info.outputs else _as_labels(data[1], f"the {what} labels")
+        raise DataError(
+            f"NumPy {what} data must be a pair `(x, y)` or a triple `(x, y, sample_weight)`. "
+            f"Received: a tuple of {len(data)}."
+        )
+    x = (
+        info.pack_features(data[0], f"the {what} features")
+        if info.inputs
+        else as_features(data[0], info, f"the {what} features")
+    )
+    y = (
+        info.pack_labels(data[1], f"the {what} labels")
+        if info.outputs
+        else _as_labels(data[1], f"the {what} labels")
+    )
     if len(x) != len(y):
-        raise DataError(f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}.")
+        raise DataError(
+            f"{what.capitalize()} features and labels differ in length: {len(x)} vs {len(y)}."
+        )
     w = _as_weights(data[2], len(x), what) if len(data) == 3 and data[2] is not None else None
     check_label_shape(y.shape, info, f"the {what} data")
     raise_problems([block_problems(x, y, info, w)], what)
@@ -435,25 +525,47 @@ def dense_class_weight(class_weight: Any, info: DataInfo) -> tuple[float, ...]:
             is not one the model can use.
     """
     if info.outputs:
-        raise ConfigurationError("`class_weight` is for models with one output (as in Keras); weigh rows with "
-                                 "`sample_weight` instead.")
+        raise ConfigurationError(
+            "`class_weight` is for models with one output (as in Keras); weigh rows with "
+            "`sample_weight` instead."
+        )
     if info.label_mode not in ("sparse", "one_hot"):
-        raise ConfigurationError("`class_weight` needs a classification loss (sparse or categorical cross-entropy, ...); "
-                                 "weigh rows with `sample_weight` instead.")
+        raise ConfigurationError(
+            "`class_weight` needs a classification loss (sparse or categorical cross-entropy, "
+            "...); "
+            "weigh rows with `sample_weight` instead."
+        )
     if not isinstance(class_weight, Mapping):
-        raise ConfigurationError(f"Expected `class_weight` as a dict of class index -> weight. Received: "
-                                 f"{type(class_weight).__name__}.")
+        raise ConfigurationError(
+            f"Expected `class_weight` as a dict of class index -> weight. Received: "
+            f"{type(class_weight).__name__}."
+        )
     dense = [1.0] * info.classes
     for key, value in class_weight.items():
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < info.classes:
-            raise ConfigurationError(f"`class_weight` has class {key!r}; the model's classes are 0..{info.classes - 1}.")
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
-            raise ConfigurationError(f"`class_weight[{key}]` must be a finite number >= 0. Received: {value!r}.")
+        if (
+            isinstance(key, bool)
+            or not isinstance(key, (int, np.integer))
+            or not 0 <= key < info.classes
+        ):
+            raise ConfigurationError(
+                f"`class_weight` has class {key!r}; the model's classes are 0..{info.classes - 1}."
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ConfigurationError(
+                f"`class_weight[{key}]` must be a finite number >= 0. Received: {value!r}."
+            )
         dense[int(key)] = float(value)
     return tuple(dense)
 
 
-def class_weighted(y: np.ndarray, weights: np.ndarray | None, class_weight: tuple[float, ...] | None) -> np.ndarray | None:
+def class_weighted(
+    y: np.ndarray, weights: np.ndarray | None, class_weight: tuple[float, ...] | None
+) -> np.ndarray | None:
     """Sample weights times each row's class weight (labels as the model's loss takes them:
     indices, or one-hot rows whose largest entry is the class), as Keras combines them."""
     if class_weight is None:
@@ -466,19 +578,27 @@ def class_weighted(y: np.ndarray, weights: np.ndarray | None, class_weight: tupl
 def _as_weights(w: Any, rows: int, what: str) -> np.ndarray:
     w = np.asarray(w)
     if not (np.issubdtype(w.dtype, np.number) or w.dtype == bool):
-        raise DataError(f"Sample weights of the {what} data must be numeric. Received: dtype={w.dtype}.")
+        raise DataError(
+            f"Sample weights of the {what} data must be numeric. Received: dtype={w.dtype}."
+        )
     if w.shape != (rows,):
-        raise DataError(f"Sample weights of the {what} data must hold one number per row, shape ({rows},). "
-                        f"Received: shape {w.shape}.")
+        raise DataError(
+            f"Sample weights of the {what} data must hold one number per row, shape ({rows},). "
+            f"Received: shape {w.shape}."
+        )
     return w.astype(np.float32)
 
 
 def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
-    return DataError(f"The {what} data has {rows} row(s) for {workers} workers; each worker needs at least one. "
-                     "Use fewer workers or more data.")
+    return DataError(
+        f"The {what} data has {rows} row(s) for {workers} workers; each worker needs at least one. "
+        "Use fewer workers or more data."
+    )
 
 
-def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str) -> RDD:
+def _numpy_blocks(
+    spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str
+) -> RDD:
     """NumPy data as an RDD of blocks that reach the executors as one broadcast per partition.
 
     ``parallelize`` would put each partition's rows inside its task (Spark warns of a task of
@@ -491,8 +611,10 @@ def _numpy_blocks(spark: SparkSession, data: tuple, info: DataInfo, partitions: 
     blocks = _split_blocks(x, y, w, partitions)
     per_part = len(blocks) // partitions
     sc = spark.sparkContext
-    shares = [sc.broadcast(blocks[i * per_part:(i + 1) * per_part]) for i in range(partitions)]
-    rdd: Any = sc.parallelize(range(partitions), partitions).flatMap(partial(_shared_blocks, shares))
+    shares = [sc.broadcast(blocks[i * per_part : (i + 1) * per_part]) for i in range(partitions)]
+    rdd: Any = sc.parallelize(range(partitions), partitions).flatMap(
+        partial(_shared_blocks, shares)
+    )
     rdd._kerasonspark_broadcasts = shares
     return rdd
 
@@ -515,15 +637,22 @@ def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
         xs.append(features.toArray() if hasattr(features, "toArray") else features)
         ys.append(label.toArray() if hasattr(label, "toArray") else label)
         if len(xs) == BLOCK_ROWS:
-            yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition"), None
+            yield (
+                as_features(xs, info, "an RDD partition"),
+                _as_labels(ys, "an RDD partition"),
+                None,
+            )
             xs, ys = [], []
     if xs:
         yield as_features(xs, info, "an RDD partition"), _as_labels(ys, "an RDD partition"), None
 
 
-def _arrow_block_function(info: DataInfo, label_widths: list[int]) -> Callable[[Iterator[Any]], Iterator[Any]]:
+def _arrow_block_function(
+    info: DataInfo, label_widths: list[int]
+) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Arrow batches of ``features``, ``label`` (and ``weight``) as one encoded block each;
     ``label_widths``: each output's width in the packed labels of a model with several outputs."""
+
     def to_blocks(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
@@ -532,30 +661,51 @@ def _arrow_block_function(info: DataInfo, label_widths: list[int]) -> Callable[[
             if n == 0:
                 continue
             features, labels = batch.column(0), batch.column(1)
-            weights = batch.column(2).to_numpy(zero_copy_only=False).astype(np.float32) if batch.num_columns > 2 else None
+            weights = (
+                batch.column(2).to_numpy(zero_copy_only=False).astype(np.float32)
+                if batch.num_columns > 2
+                else None
+            )
             lengths = features.value_lengths().to_numpy(zero_copy_only=False)
             if features.null_count or (lengths != info.feature_size).any():
                 wrong = int(features.null_count + (lengths != info.feature_size).sum())
                 raise DataError(
-                    f"{wrong} row(s) have a feature array that is null or not {info.feature_size} long "
+                    f"{wrong} row(s) have a feature array that is null or not {info.feature_size} "
+                    "long "
                     f"(the model's input {info.input_shape}); filter or fix them."
                 )
             x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             if info.outputs:
                 raw = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
                 if labels.null_count or raw.size != n * sum(label_widths):
-                    raise DataError(f"Some rows' labels are null or not {label_widths} wide (one per output, "
-                                    f"{[name for name, _ in info.outputs]}); filter or fix them.")
-                y = packed_labels(raw.reshape(n, -1), label_widths, info, "the labels of a partition")
+                    raise DataError(
+                        f"Some rows' labels are null or not {label_widths} wide (one per output, "
+                        f"{[name for name, _ in info.outputs]}); filter or fix them."
+                    )
+                y = packed_labels(
+                    raw.reshape(n, -1), label_widths, info, "the labels of a partition"
+                )
             elif pa.types.is_list(labels.type) or pa.types.is_fixed_size_list(labels.type):
-                y = labels.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+                y = (
+                    labels.flatten()
+                    .to_numpy(zero_copy_only=False)
+                    .astype(np.float32)
+                    .reshape(n, -1)
+                )
             else:
                 kind = np.float64 if labels.null_count else labels.type.to_pandas_dtype()
                 y = labels.to_numpy(zero_copy_only=False).astype(kind)
             yield pa.RecordBatch.from_arrays(
-                [pa.array([x.tobytes()], pa.large_binary()), pa.array([y.tobytes()], pa.large_binary()),
-                 pa.array([n], pa.int64()), pa.array([str(y.dtype)]), pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32()),
-                 pa.array([weights.tobytes() if weights is not None else None], pa.large_binary())],
+                [
+                    pa.array([x.tobytes()], pa.large_binary()),
+                    pa.array([y.tobytes()], pa.large_binary()),
+                    pa.array([n], pa.int64()),
+                    pa.array([str(y.dtype)]),
+                    pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32()),
+                    pa.array(
+                        [weights.tobytes() if weights is not None else None], pa.large_binary()
+                    ),
+                ],
                 names=["x", "y", "n", "ydtype", "ywidth", "w"],
             )
 
@@ -585,19 +735,29 @@ def feature_column(df: DataFrame, features: str, what: str) -> Column:
 
     fields = {f.name: f.dataType for f in df.schema.fields}
     if not isinstance(features, str):
-        raise DataError(f"The model has one input; pass `features=` as one column name. Received: {features!r}.")
+        raise DataError(
+            f"The model has one input; pass `features=` as one column name. Received: {features!r}."
+        )
     if features not in fields:
-        raise DataError(f"The {what} DataFrame has no features column {features!r}. Its columns: {sorted(fields)}. "
-                        f"Pass `features=` with the right name.")
+        raise DataError(
+            f"The {what} DataFrame has no features column {features!r}. Its columns: "
+            f"{sorted(fields)}. "
+            f"Pass `features=` with the right name."
+        )
     ftype = fields[features]
     if isinstance(ftype, VectorUDT):
         return vector_to_array(F.col(features), "float32")
     if isinstance(ftype, T.ArrayType) and isinstance(ftype.elementType, T.NumericType):
         return F.col(features).cast("array<float>")
-    raise DataError(f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: {ftype.simpleString()}.")
+    raise DataError(
+        f"Feature column {features!r} must be array<float|double> or an ML Vector. Received: "
+        f"{ftype.simpleString()}."
+    )
 
 
-def check_first_row(df: DataFrame, column: str, features: str, info: DataInfo, what: str, keep: tuple[str, ...] = ()) -> Any:
+def check_first_row(
+    df: DataFrame, column: str, features: str, info: DataInfo, what: str, keep: tuple[str, ...] = ()
+) -> Any:
     """Check the first row's feature size with one small job, before any full pass.
 
     Returns:
@@ -613,7 +773,8 @@ def check_first_row(df: DataFrame, column: str, features: str, info: DataInfo, w
         raise DataError(f"The {what} DataFrame is empty.")
     if first["__size"] != info.feature_size:
         raise DataError(
-            f"Each sample must have {info.feature_size} values to fit the model's input shape {info.input_shape}. "
+            f"Each sample must have {info.feature_size} values to fit the model's input shape "
+            f"{info.input_shape}. "
             f"Received: feature arrays of length {first['__size']} in column {features!r}."
         )
     return first
@@ -628,10 +789,14 @@ def _label_column(df: DataFrame, label: str, what: str) -> tuple[Column, bool]:
 
     fields = {f.name: f.dataType for f in df.schema.fields}
     if not isinstance(label, str):
-        raise DataError(f"The model has one output; pass `label=` as one column name. Received: {label!r}.")
+        raise DataError(
+            f"The model has one output; pass `label=` as one column name. Received: {label!r}."
+        )
     if label not in fields:
-        raise DataError(f"The {what} DataFrame has no label column {label!r}. Its columns: {sorted(fields)}. "
-                        f"Pass `label=` with the right name.")
+        raise DataError(
+            f"The {what} DataFrame has no label column {label!r}. Its columns: {sorted(fields)}. "
+            f"Pass `label=` with the right name."
+        )
     ltype = fields[label]
     if isinstance(ltype, VectorUDT):
         return vector_to_array(F.col(label), "float32"), True
@@ -639,15 +804,26 @@ def _label_column(df: DataFrame, label: str, what: str) -> tuple[Column, bool]:
         return F.col(label), False
     if isinstance(ltype, T.ArrayType) and isinstance(ltype.elementType, T.NumericType):
         return F.col(label), True
-    raise DataError(f"Label column {label!r} must be numeric (or an array for one-hot). Received: {ltype.simpleString()}.")
+    raise DataError(
+        f"Label column {label!r} must be numeric (or an array for one-hot). Received: "
+        f"{ltype.simpleString()}."
+    )
 
 
 def _column_names(names: Any, model_names: list[str], argument: str, what: str) -> list[str]:
-    """``features=`` or ``label=`` of a model with several inputs or outputs: one column each, in order."""
-    if isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != len(model_names):
-        raise DataError(f"The model has {len(model_names)} {'inputs' if argument == 'features' else 'outputs'} "
-                        f"{model_names}; pass `{argument}=` as a list of {len(model_names)} {what} column names, one "
-                        f"for each, in that order. Received: {argument}={names!r}.")
+    """``features=`` or ``label=`` of a model with several inputs or outputs: one column each, in
+    order."""
+    if (
+        isinstance(names, str)
+        or not isinstance(names, (list, tuple))
+        or len(names) != len(model_names)
+    ):
+        raise DataError(
+            f"The model has {len(model_names)} {'inputs' if argument == 'features' else 'outputs'} "
+            f"{model_names}; pass `{argument}=` as a list of {len(model_names)} {what} column "
+            "names, one "
+            f"for each, in that order. Received: {argument}={names!r}."
+        )
     return list(names)
 
 
@@ -668,13 +844,22 @@ def features_column(df: DataFrame, features: Any, info: DataInfo, what: str) -> 
     first = df.select(*(F.size(a).alias(f"_{i}") for i, a in enumerate(arrays))).first()
     for i, (column, (name, shape)) in enumerate(zip(columns, info.inputs, strict=True)):
         if first is not None and first[f"_{i}"] != math.prod(shape):
-            raise DataError(f"Each sample of input {name!r} must have {math.prod(shape)} values (shape {shape}). "
-                            f"Received: arrays of length {first[f'_{i}']} in column {column!r}.")
+            raise DataError(
+                f"Each sample of input {name!r} must have {math.prod(shape)} values (shape "
+                f"{shape}). "
+                f"Received: arrays of length {first[f'_{i}']} in column {column!r}."
+            )
     return F.concat(*arrays)
 
 
-def _dataframe_columns(df: DataFrame, features: Any, label: Any, info: DataInfo, what: str,
-                       sample_weight: str | None = None) -> tuple[DataFrame, list[int]]:
+def _dataframe_columns(
+    df: DataFrame,
+    features: Any,
+    label: Any,
+    info: DataInfo,
+    what: str,
+    sample_weight: str | None = None,
+) -> tuple[DataFrame, list[int]]:
     """``df`` as the columns ``features``, ``label`` (and ``weight``), several inputs' features and
     several outputs' labels each packed side by side in one array; with each output's label width
     in the packed labels (1 for a plain number)."""
@@ -684,9 +869,14 @@ def _dataframe_columns(df: DataFrame, features: Any, label: Any, info: DataInfo,
     widths: list[int] = []
     fcol = features_column(df, features, info, what)
     if info.outputs:
-        labels = [_label_column(df, c, what) for c in
-                  _column_names(label, [name for name, _ in info.outputs], "label", what)]
-        arrays = [col.cast("array<float>") if is_array else F.array(col.cast("float")) for col, is_array in labels]
+        labels = [
+            _label_column(df, c, what)
+            for c in _column_names(label, [name for name, _ in info.outputs], "label", what)
+        ]
+        arrays = [
+            col.cast("array<float>") if is_array else F.array(col.cast("float"))
+            for col, is_array in labels
+        ]
         first = df.select(*(F.size(a).alias(f"_{i}") for i, a in enumerate(arrays))).first()
         widths = [first[f"_{i}"] if first is not None else 1 for i in range(len(arrays))]
         lcol = F.concat(*arrays)
@@ -696,15 +886,31 @@ def _dataframe_columns(df: DataFrame, features: Any, label: Any, info: DataInfo,
     if sample_weight is None:
         return df.select(fcol.alias("features"), lcol.alias("label")), widths
     if sample_weight not in fields:
-        raise DataError(f"The {what} DataFrame has no sample-weight column {sample_weight!r}. Its columns: {sorted(fields)}.")
+        raise DataError(
+            f"The {what} DataFrame has no sample-weight column {sample_weight!r}. Its columns: "
+            f"{sorted(fields)}."
+        )
     if not isinstance(fields[sample_weight], T.NumericType):
-        raise DataError(f"Sample-weight column {sample_weight!r} must be numeric. Received: "
-                        f"{fields[sample_weight].simpleString()}.")
-    return df.select(fcol.alias("features"), lcol.alias("label"), F.col(sample_weight).cast("float").alias("weight")), widths
+        raise DataError(
+            f"Sample-weight column {sample_weight!r} must be numeric. Received: "
+            f"{fields[sample_weight].simpleString()}."
+        )
+    return df.select(
+        fcol.alias("features"),
+        lcol.alias("label"),
+        F.col(sample_weight).cast("float").alias("weight"),
+    ), widths
 
 
-def _dataframe_blocks(df: DataFrame, features: Any, label: Any, info: DataInfo, partitions: int | None, what: str,
-                      sample_weight: str | None = None) -> RDD:
+def _dataframe_blocks(
+    df: DataFrame,
+    features: Any,
+    label: Any,
+    info: DataInfo,
+    partitions: int | None,
+    what: str,
+    sample_weight: str | None = None,
+) -> RDD:
     selected, widths = _dataframe_columns(df, features, label, info, what, sample_weight)
     first = check_first_row(selected, "features", str(features), info, what, keep=("label",))
     if isinstance(first["label"], (list, tuple)) and not info.outputs:
@@ -712,7 +918,9 @@ def _dataframe_blocks(df: DataFrame, features: Any, label: Any, info: DataInfo, 
     if partitions is not None and selected.rdd.getNumPartitions() != partitions:
         selected = selected.repartition(partitions)
     schema = "x binary, y binary, n long, ydtype string, ywidth int, w binary"
-    return selected.mapInArrow(_arrow_block_function(info, widths), schema).rdd.map(_decode_arrow_block(info))
+    return selected.mapInArrow(_arrow_block_function(info, widths), schema).rdd.map(
+        _decode_arrow_block(info)
+    )
 
 
 def packed_labels(raw: np.ndarray, widths: list[int], info: DataInfo, what: str) -> np.ndarray:
@@ -722,12 +930,25 @@ def packed_labels(raw: np.ndarray, widths: list[int], info: DataInfo, what: str)
         DataError: an output's labels do not fit it (width, NaN, a class out of range).
     """
     bounds = np.cumsum([0, *widths])
-    return info.pack_labels({name: raw[:, a] if b - a == 1 else raw[:, a:b]
-                             for (name, _), a, b in zip(info.outputs, bounds[:-1], bounds[1:], strict=True)}, what)
+    return info.pack_labels(
+        {
+            name: raw[:, a] if b - a == 1 else raw[:, a:b]
+            for (name, _), a, b in zip(info.outputs, bounds[:-1], bounds[1:], strict=True)
+        },
+        what,
+    )
 
 
-def to_blocks(spark: SparkSession, data: Any, features: Any, label: Any, info: DataInfo,
-              partitions: int | None, what: str = "training", sample_weight: str | None = None) -> RDD:
+def to_blocks(
+    spark: SparkSession,
+    data: Any,
+    features: Any,
+    label: Any,
+    info: DataInfo,
+    partitions: int | None,
+    what: str = "training",
+    sample_weight: str | None = None,
+) -> RDD:
     """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
 
     Args:
@@ -747,18 +968,30 @@ def to_blocks(spark: SparkSession, data: Any, features: Any, label: Any, info: D
     if isinstance(data, DataFrame):
         return _dataframe_blocks(data, features, label, info, partitions, what, sample_weight)
     if sample_weight is not None:
-        raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column; pass NumPy weights as "
-                        "`fit(x, y, sample_weight=w)`. An RDD cannot carry sample weights.")
+        raise DataError(
+            f"`sample_weight={sample_weight!r}` names a DataFrame column; pass NumPy weights as "
+            "`fit(x, y, sample_weight=w)`. An RDD cannot carry sample weights."
+        )
     if isinstance(data, RDD) and (info.inputs or info.outputs):
-        raise DataError(f"A model with several inputs or outputs takes its {what} data as a DataFrame (a column for "
-                        "each) or NumPy arrays (a list for each), not an RDD of (features, label).")
+        raise DataError(
+            f"A model with several inputs or outputs takes its {what} data as a DataFrame (a "
+            "column for "
+            "each) or NumPy arrays (a list for each), not an RDD of (features, label)."
+        )
     if isinstance(data, RDD):
-        rows = data if partitions is None or data.getNumPartitions() == partitions else data.repartition(partitions)
+        rows = (
+            data
+            if partitions is None or data.getNumPartitions() == partitions
+            else data.repartition(partitions)
+        )
         return rows.mapPartitions(lambda it: _row_blocks(it, info))
     if isinstance(data, (tuple, list)):
-        return _numpy_blocks(spark, tuple(data), info, partitions or spark.sparkContext.defaultParallelism, what)
+        return _numpy_blocks(
+            spark, tuple(data), info, partitions or spark.sparkContext.defaultParallelism, what
+        )
     raise TypeError(
-        f"Expected {what} data as a Spark DataFrame, a Parquet path, an RDD of (features, label) or a NumPy pair (x, y). "
+        f"Expected {what} data as a Spark DataFrame, a Parquet path, an RDD of (features, label) "
+        "or a NumPy pair (x, y). "
         f"Received: {type(data).__name__}."
     )
 
@@ -774,8 +1007,10 @@ def read_parquet(spark: SparkSession, path: str | os.PathLike, what: str) -> Dat
     try:
         return spark.read.parquet(os.fspath(path))
     except AnalysisException as exc:
-        raise DataError(f"The {what} data path {os.fspath(path)!r} holds no Parquet data Spark can read "
-                        f"({str(exc).splitlines()[0][:200]}). Pass a Parquet file or folder, or a DataFrame.") from None
+        raise DataError(
+            f"The {what} data path {os.fspath(path)!r} holds no Parquet data Spark can read "
+            f"({str(exc).splitlines()[0][:200]}). Pass a Parquet file or folder, or a DataFrame."
+        ) from None
 
 
 def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
@@ -791,8 +1026,15 @@ def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
             integer &= bool(np.issubdtype(y.dtype, np.integer))
             for key, value in block_problems(x, y, info, w).items():
                 problems[key] = problems.get(key, 0) + value
-        yield {"partition": index, "rows": rows, "bytes": size, "budget": worker_memory_budget(),
-               "ywidths": sorted(ywidths), "integer": integer, **problems}
+        yield {
+            "partition": index,
+            "rows": rows,
+            "bytes": size,
+            "budget": worker_memory_budget(),
+            "ywidths": sorted(ywidths),
+            "integer": integer,
+            **problems,
+        }
 
     return stats
 
@@ -817,10 +1059,19 @@ def worker_memory_budget() -> int:
 _STORAGE_LEVELS = {"memory": "MEMORY_ONLY", "auto": "MEMORY_AND_DISK", "stream": "DISK_ONLY"}
 
 
-def prepare(spark: SparkSession, data: Any, features: Any, label: Any, info: DataInfo, partitions: int,
-            what: str = "training", warm_up: Callable[[], None] | None = None,
-            sample_weight: str | None = None, require_rows: bool = True,
-            partition_storage: str = "memory") -> PreparedData:
+def prepare(
+    spark: SparkSession,
+    data: Any,
+    features: Any,
+    label: Any,
+    info: DataInfo,
+    partitions: int,
+    what: str = "training",
+    warm_up: Callable[[], None] | None = None,
+    sample_weight: str | None = None,
+    require_rows: bool = True,
+    partition_storage: str = "memory",
+) -> PreparedData:
     """Convert, partition, cache and validate data in one pass.
 
     Args:
@@ -839,33 +1090,60 @@ def prepare(spark: SparkSession, data: Any, features: Any, label: Any, info: Dat
     from pyspark import StorageLevel
 
     level = getattr(StorageLevel, _STORAGE_LEVELS[partition_storage])
-    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(level)
+    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(
+        level
+    )
     try:
-        stats = sorted(blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(), key=lambda s: s["partition"])
+        stats = sorted(
+            blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(),
+            key=lambda s: s["partition"],
+        )
         raise_problems(stats, what)
         for s in stats:
             for width in s["ywidths"]:
-                check_label_shape((1, width) if width else (1,), info, f"partition {s['partition']}")
+                check_label_shape(
+                    (1, width) if width else (1,), info, f"partition {s['partition']}"
+                )
         counts = [s["rows"] for s in stats]
         widths = sorted({w for s in stats for w in s["ywidths"]})
         if len(widths) > 1:
-            raise DataError(f"The {what} labels differ in width between rows: {widths} (0 is one value per row). "
-                            "Give every row labels of the same shape.")
+            raise DataError(
+                f"The {what} labels differ in width between rows: {widths} (0 is one value per "
+                "row). "
+                "Give every row labels of the same shape."
+            )
         if require_rows and sum(counts) < len(counts):
             raise _too_few_rows(sum(counts), len(counts), what)
         empty = [i for i, c in enumerate(counts) if c == 0]
         if empty and require_rows:
-            logger.warning("Partition(s) %s of the %s data are empty; those workers only synchronise.", empty, what)
+            logger.warning(
+                "Partition(s) %s of the %s data are empty; those workers only synchronise.",
+                empty,
+                what,
+            )
     except BaseException:
         release_blocks(blocks)
         raise
-    return PreparedData(blocks, counts, widths[0] if widths else 0, all(s["integer"] for s in stats if s["rows"]),
-                        [s["bytes"] for s in stats], min(s["budget"] for s in stats))
+    return PreparedData(
+        blocks,
+        counts,
+        widths[0] if widths else 0,
+        all(s["integer"] for s in stats if s["rows"]),
+        [s["bytes"] for s in stats],
+        min(s["budget"] for s in stats),
+    )
 
 
-def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None = None,
-                       features: str = "features", label: str = "label", partitions: int | None = None) -> DataFrame:
-    """A DataFrame with an array<float> feature column (and a label column) from NumPy, through Arrow.
+def numpy_to_dataframe(
+    spark: SparkSession,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    features: str = "features",
+    label: str = "label",
+    partitions: int | None = None,
+) -> DataFrame:
+    """A DataFrame with an array<float> feature column (and a label column) from NumPy, through
+    Arrow.
 
     The rows reach the executors as one broadcast (Arrow IPC bytes) per partition, not inside
     the tasks (``createDataFrame`` would put 30 MB of MNIST in each task). The broadcasts live as
@@ -887,7 +1165,9 @@ def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None 
         y = np.asarray(y)
         if y.ndim == 2:
             y_offsets = np.arange(0, y.size + 1, y.shape[1], dtype=np.int64)
-            columns[label] = pa.LargeListArray.from_arrays(pa.array(y_offsets), pa.array(y.astype(np.float32).ravel()))
+            columns[label] = pa.LargeListArray.from_arrays(
+                pa.array(y_offsets), pa.array(y.astype(np.float32).ravel())
+            )
         else:
             columns[label] = pa.array(y)
     table = pa.table(columns)
@@ -895,17 +1175,25 @@ def numpy_to_dataframe(spark: SparkSession, x: np.ndarray, y: np.ndarray | None 
     # Otherwise a partition is one batch: a `first()` that stops reading after one batch would
     # leave its Python worker writing the next into a closed pipe (a BrokenPipeError traceback).
     rows_per_batch = max(1, (2**31 - 1) // max(x.shape[1], 1))
-    schema = pa.schema([f.with_type(pa.list_(f.type.value_type)) if pa.types.is_large_list(f.type) else f
-                        for f in table.schema])
+    schema = pa.schema(
+        [
+            f.with_type(pa.list_(f.type.value_type)) if pa.types.is_large_list(f.type) else f
+            for f in table.schema
+        ]
+    )
     sc = spark.sparkContext
     parts = max(1, min(partitions or sc.defaultParallelism, len(x)))
     bounds = np.linspace(0, len(x), parts + 1).astype(int)
-    shares = [sc.broadcast(_arrow_ipc(table.slice(a, b - a), schema, rows_per_batch))
-              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    shares = [
+        sc.broadcast(_arrow_ipc(table.slice(a, b - a), schema, rows_per_batch))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     if id(sc) not in _KEPT_BROADCASTS:
         _KEPT_BROADCASTS.clear()  # one SparkContext per process: the old one's are gone with it
     _KEPT_BROADCASTS.setdefault(id(sc), []).extend(shares)
-    return spark.range(parts, numPartitions=parts).mapInArrow(partial(_shared_rows, shares), from_arrow_schema(schema))
+    return spark.range(parts, numPartitions=parts).mapInArrow(
+        partial(_shared_rows, shares), from_arrow_schema(schema)
+    )
 
 
 # The broadcasts behind numpy_to_dataframe's DataFrames, by SparkContext: a DataFrame derived from
@@ -932,7 +1220,8 @@ def _shared_rows(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
 
 
 def collect_arrays(blocks: RDD) -> Block:
-    """Bring blocks to the driver as one ``(x, y, w)`` triple (for validation sets and the single engine)."""
+    """Bring blocks to the driver as one ``(x, y, w)`` triple (for validation sets and the single
+    engine)."""
     parts = blocks.collect()
     if not parts:
         raise DataError("No rows to collect.")
@@ -942,5 +1231,11 @@ def collect_arrays(blocks: RDD) -> Block:
 def concatenate(blocks: list[Block]) -> Block:
     """Blocks as one ``(x, y, w)`` triple (``w`` is ``None`` when no block has weights)."""
     weighted = any(b[2] is not None for b in blocks)
-    w = np.concatenate([b[2] if b[2] is not None else np.ones(len(b[0]), np.float32) for b in blocks]) if weighted else None
+    w = (
+        np.concatenate(
+            [b[2] if b[2] is not None else np.ones(len(b[0]), np.float32) for b in blocks]
+        )
+        if weighted
+        else None
+    )
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]), w

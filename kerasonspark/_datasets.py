@@ -34,7 +34,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (its magic number is wrong).")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
@@ -74,7 +74,8 @@ def _read_csv(path: Path) -> Split:
     table = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float32)
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(
-            f"{path} should hold a label then 784 pixels per row. Received: rows of {table.shape[-1]} values."
+            f"{path} should hold a label then 784 pixels per row. Received: rows of "
+            f"{table.shape[-1]} values."
         )
     return table[:, 1:].reshape(-1, 28, 28).astype(np.uint8), table[:, 0].astype(np.uint8)
 
@@ -116,7 +117,9 @@ def mnist_locations(path: str | os.PathLike | None = None) -> list[Path]:
     return unique
 
 
-def load_mnist(path: str | os.PathLike | None = None, normalize: bool = True) -> tuple[Split, Split]:
+def load_mnist(
+    path: str | os.PathLike | None = None, normalize: bool = True
+) -> tuple[Split, Split]:
     """Load MNIST as ``((x_train, y_train), (x_test, y_test))``.
 
     Looks in ``path`` (a folder with the four IDX files, ``.gz`` or not, a ``mnist.npz``, or
@@ -151,7 +154,9 @@ def load_mnist(path: str | os.PathLike | None = None, normalize: bool = True) ->
         except Exception as exc:  # no network, or no Keras: say where we looked
             tried.append(f"keras.datasets.mnist.load_data() ({type(exc).__name__}: {exc})")
             raise DataError(
-                "MNIST was not found. Looked in: " + "; ".join(tried) + ". Put the four IDX .gz files, "
+                "MNIST was not found. Looked in: "
+                + "; ".join(tried)
+                + ". Put the four IDX .gz files, "
                 "mnist.npz or mnist_train.csv/mnist_test.csv in one of them, or pass `path=`."
             ) from None
     (x_train, y_train), (x_test, y_test) = loaded

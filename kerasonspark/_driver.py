@@ -1,4 +1,5 @@
-"""Driver side: Spark's runner, parameter-server hosting, result assembly, and Spark's errors mapped.
+"""Driver side: Spark's runner, parameter-server hosting, result assembly, and Spark's errors
+mapped.
 
 :class:`SparkRunner` is the :class:`~kerasonspark.engine.Runner` the trainer puts in every job:
 it runs the workers as one barrier stage and hosts the parameter server beside it.
@@ -73,23 +74,30 @@ def _recover(exc: BaseException) -> KerasOnSparkError | None:
         return None
     if cls is WorkerError:
         worker = re.match(r"Worker (\d+)", message)
-        detail = text[text.rfind("Traceback"):][-3000:] if "Traceback" in text else ""
+        detail = text[text.rfind("Traceback") :][-3000:] if "Traceback" in text else ""
         return WorkerError(message, int(worker.group(1)) if worker else -1, detail)
     return cls(message)
 
 
 def _lost_worker_error(exc: BaseException) -> WorkerError:
-    """A WorkerError for a training task that failed without a Python exception of its own (a crash)."""
+    """A WorkerError for a training task that failed without a Python exception of its own (a
+    crash)."""
     text = str(exc)
     task = re.search(r"ResultTask\(\d+, (\d+)\)", text)
     worker = int(task.group(1)) if task else -1
     signs = ("exited unexpectedly", "OutOfMemory", "Killed", "ExecutorLostFailure")
-    reason = next((line.strip() for line in text.splitlines() if any(sign in line for sign in signs)), "")
+    reason = next(
+        (line.strip() for line in text.splitlines() if any(sign in line for sign in signs)), ""
+    )
     if reason.startswith("ExecutorLostFailure"):
         reason = f"its executor was lost: {reason}"
     who = f"Worker {worker}" if worker >= 0 else "A worker"
-    return WorkerError(f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
-                       "the executor's log has the task's own output).", worker, text[-3000:])
+    return WorkerError(
+        f"{who} failed: {reason or 'its Spark task failed'} (the Spark error follows as the cause; "
+        "the executor's log has the task's own output).",
+        worker,
+        text[-3000:],
+    )
 
 
 @contextlib.contextmanager
@@ -145,7 +153,8 @@ def explain_failure(error: WorkerError, failures: Mapping[int, str]) -> WorkerEr
 
 
 class StageRestarts:
-    """Restarts of a training stage after a lost worker: the budget, the repeated-error check, the figures.
+    """Restarts of a training stage after a lost worker: the budget, the repeated-error check, the
+    figures.
 
     A restarted stage resumes from the parameter server's center: each worker at its place in
     its epoch's order after its last applied exchange (``sync``: the last completed round). What
@@ -156,15 +165,29 @@ class StageRestarts:
         job: the training job (partition sizes, batch size, epochs).
         store: the run's parameter store; its center and counters outlive a stage.
         board: the run's progress and epoch gate.
-        exchange: the engine's exchange (its ``schedule`` says which runs a count of exchanges covers).
+        exchange: the engine's exchange (its ``schedule`` says which runs a count of exchanges
+            covers).
         fence: shuts out the failed stage's tasks that still run (the server's secret changes).
         offsets: per worker, the exchanges the first stage skipped (a run resumed from a backup
             taken mid-epoch); the store counts only those made in this ``fit``.
     """
 
-    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard, exchange: Exchange,
-                 fence: Callable[[], None], offsets: Mapping[int, int] | None = None) -> None:
-        self.job, self.store, self.board, self.exchange, self.fence = job, store, board, exchange, fence
+    def __init__(
+        self,
+        job: TrainingJob,
+        store: ParameterStore,
+        board: EpochBoard,
+        exchange: Exchange,
+        fence: Callable[[], None],
+        offsets: Mapping[int, int] | None = None,
+    ) -> None:
+        self.job, self.store, self.board, self.exchange, self.fence = (
+            job,
+            store,
+            board,
+            exchange,
+            fence,
+        )
         self.offsets = dict(offsets or {})
         self.limit = job.config.failure.max_restarts
         self.count = 0
@@ -174,7 +197,8 @@ class StageRestarts:
         self._causes: set[tuple[int, str]] = set()
 
     def after(self, error: BaseException, epoch: int) -> dict[int, int]:
-        """Account for a failed stage; returns each worker's applied exchanges, or raises to end ``fit``.
+        """Account for a failed stage; returns each worker's applied exchanges, or raises to end
+        ``fit``.
 
         Raises:
             WorkerError: the failure is not a worker's, the same error failed the same worker
@@ -186,15 +210,23 @@ class StageRestarts:
         cause = explained.args[0].splitlines()[0] if explained.args else str(explained)
         key = (explained.worker, cause.split(": ", 1)[-1])
         if key in self._causes:
-            raise WorkerError(f"{cause} (the same error as before the last restart, so restarting again cannot help; "
-                              f"{self.count} restart(s) made)", explained.worker, explained.detail) from error
+            raise WorkerError(
+                f"{cause} (the same error as before the last restart, so restarting again cannot "
+                "help; "
+                f"{self.count} restart(s) made)",
+                explained.worker,
+                explained.detail,
+            ) from error
         if self.count >= self.limit:
             if self.limit == 0:
                 if explained is error:
                     raise error  # keeps the Spark error it carries as its cause
                 raise explained from error
-            raise WorkerError(f"{cause} (after {self.count} restart(s), the limit `max_restarts={self.limit}`)",
-                              explained.worker, explained.detail) from error
+            raise WorkerError(
+                f"{cause} (after {self.count} restart(s), the limit `max_restarts={self.limit}`)",
+                explained.worker,
+                explained.detail,
+            ) from error
         self._causes.add(key)
         self.fence()
         applied = {w: self.store.applied_exchanges(w) for w in range(self.job.config.num_workers)}
@@ -203,8 +235,16 @@ class StageRestarts:
         self.count += 1
         self.lost_steps += lost
         self.last_cause = cause
-        self.log.append({"epoch": epoch, "worker": explained.worker, "cause": cause, "lost_steps": lost,
-                         "resume_exchanges": resume, "at": time.time()})
+        self.log.append(
+            {
+                "epoch": epoch,
+                "worker": explained.worker,
+                "cause": cause,
+                "lost_steps": lost,
+                "resume_exchanges": resume,
+                "at": time.time(),
+            }
+        )
         self.store.reopen()
         self.board.reopen(epoch)
         return resume
@@ -216,7 +256,9 @@ class StageRestarts:
         positions = {}
         for worker, count in applied.items():
             steps = -(-self.job.partition_sizes[worker] // config.batch_size)
-            before = sum(len(self.exchange.schedule(steps, e)) for e in range(config.initial_epoch, epoch))
+            before = sum(
+                len(self.exchange.schedule(steps, e)) for e in range(config.initial_epoch, epoch)
+            )
             positions[worker] = max(count + self.offsets.get(worker, 0) - before, 0)
         return positions
 
@@ -235,15 +277,22 @@ class StageRestarts:
     def stats(self) -> dict[str, Any]:
         """``restarts``, ``lost_steps``, ``redone_steps`` (equal: a restarted worker trains again
         exactly what was lost) and the log of restarts."""
-        return {"restarts": self.count, "lost_steps": self.lost_steps, "redone_steps": self.lost_steps,
-                "restart_log": list(self.log)}
+        return {
+            "restarts": self.count,
+            "lost_steps": self.lost_steps,
+            "redone_steps": self.lost_steps,
+            "restart_log": list(self.log),
+        }
 
 
-def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange],
-                          run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
-                          backup: BackupPlan | None = None,
-                          before_restart: Callable[[], list[int] | None] | None = None,
-                          ) -> tuple[StageOutcome, Steering]:
+def host_parameter_server(
+    job: TrainingJob,
+    store: ParameterStore,
+    make_exchange: Callable[[str, bytes], Exchange],
+    run_workers: Callable[[Exchange, EpochGate], list[WorkerReport]],
+    backup: BackupPlan | None = None,
+    before_restart: Callable[[], list[int] | None] | None = None,
+) -> tuple[StageOutcome, Steering]:
     """Serve ``store`` with a fresh secret on ``job.server_host`` while ``run_workers`` trains, and
     steer the run from this thread (callbacks, progress, the center validated each epoch,
     restarts after a lost worker).
@@ -261,45 +310,76 @@ def host_parameter_server(job: TrainingJob, store: ParameterStore, make_exchange
     from .parameter_server._server import ParameterServer
 
     secret = new_secret()
-    config = ServerConfig(secret, max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
-                          view_token=secrets.token_urlsafe(16))
-    board = EpochBoard(store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks))
+    config = ServerConfig(
+        secret,
+        max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
+        view_token=secrets.token_urlsafe(16),
+    )
+    board = EpochBoard(
+        store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks)
+    )
     steering = Steering(job, store, board, backup)
-    with ParameterServer(store, config, host=job.server_host, port=job.server_port, board=board) as server:
+    with ParameterServer(
+        store, config, host=job.server_host, port=job.server_port, board=board
+    ) as server:
         logger.info(STATS_PAGE_MESSAGE, server.dashboard_url)
         template = make_exchange(server.url, secret)
 
-        def make_stage(first_epoch: int | None, resume: Mapping[int, int] | None) -> Callable[[], list[WorkerReport]]:
+        def make_stage(
+            first_epoch: int | None, resume: Mapping[int, int] | None
+        ) -> Callable[[], list[WorkerReport]]:
             if first_epoch is None:
                 exchange = template
-            else:  # a restarted stage gets the secret `fence` put in place, and exchanges made with it
+            # a restarted stage gets the secret `fence` put in place, and exchanges made with it
+            else:
                 sizes = before_restart() if before_restart is not None else None
                 if sizes is not None:  # fewer workers: the data re-split, the epoch from its start
-                    logger.warning("Going on with %d of %d workers; epoch %d starts again from the current center",
-                                   len(sizes), job.config.num_workers, first_epoch + 1)
+                    logger.warning(
+                        "Going on with %d of %d workers; epoch %d starts again from the current "
+                        "center",
+                        len(sizes),
+                        job.config.num_workers,
+                        first_epoch + 1,
+                    )
                     job.config = dataclasses.replace(job.config, num_workers=len(sizes))
                     job.partition_sizes = list(sizes)
                     store.num_workers = board.num_workers = len(sizes)
                     resume = None
                 exchange = make_exchange(server.url, config.secret)
-            gate = EpochGate(server.url, config.secret, validation_freq=job.config.validation_freq,
-                             learning_rate=learning_rate_of(job.model), terminate_on_nan=board.terminate_on_nan,
-                             timeout=job.config.failure.epoch_timeout, first_epoch=first_epoch, resume=resume)
+            gate = EpochGate(
+                server.url,
+                config.secret,
+                validation_freq=job.config.validation_freq,
+                learning_rate=learning_rate_of(job.model),
+                terminate_on_nan=board.terminate_on_nan,
+                timeout=job.config.failure.epoch_timeout,
+                first_epoch=first_epoch,
+                resume=resume,
+            )
             return partial(run_workers, exchange, gate)
 
         def fence() -> None:
-            # A task of the failed stage may still run for a while (Spark kills tasks lazily); with a
-            # fresh secret its pushes, rounds and reports are refused, and a push it sent just before
+            # A task of the failed stage may still run for a while (Spark kills tasks lazily); with
+            # a
+            # fresh secret its pushes, rounds and reports are refused, and a push it sent just
+            # before
             # lands before the driver counts what the center holds: nothing is applied twice.
             if not server.rotate_secret(new_secret()):
-                logger.warning("A push of the failed stage was still running 10 s after the restart began; "
-                               "the resume positions may be off by its exchange.")
+                logger.warning(
+                    "A push of the failed stage was still running 10 s after the restart began; "
+                    "the resume positions may be off by its exchange."
+                )
 
         steering.begin()
         started = time.perf_counter()
-        # A worker's failure reaches the caller through StageRestarts, which names the worker that started it.
-        offsets = backup.resumed.resume if backup is not None and backup.resumed is not None else None
-        reports = steering.drive(make_stage, StageRestarts(job, store, board, template, fence, offsets))
+        # A worker's failure reaches the caller through StageRestarts, which names the worker that
+        # started it.
+        offsets = (
+            backup.resumed.resume if backup is not None and backup.resumed is not None else None
+        )
+        reports = steering.drive(
+            make_stage, StageRestarts(job, store, board, template, fence, offsets)
+        )
         return StageOutcome(reports, time.perf_counter() - started, store.stats()), steering
 
 
@@ -308,16 +388,28 @@ def merge_history(reports: list[WorkerReport], epochs: int) -> dict[str, list[fl
     validation rows; a worker without rows (or without that epoch) does not count."""
     history: dict[str, list[float]] = {}
     for epoch in range(epochs):
-        train = weighted_mean([(r.samples, r.history[epoch]) for r in reports if epoch < len(r.history)])
-        val = weighted_mean([(r.val_samples, r.val_history[epoch]) for r in reports if epoch < len(r.val_history)])
+        train = weighted_mean(
+            [(r.samples, r.history[epoch]) for r in reports if epoch < len(r.history)]
+        )
+        val = weighted_mean(
+            [(r.val_samples, r.val_history[epoch]) for r in reports if epoch < len(r.val_history)]
+        )
         for key, value in [*train.items(), *((f"val_{k}", v) for k, v in val.items())]:
             history.setdefault(key, []).append(value)
     return history
 
 
-def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], weights: np.ndarray,
-                    train_seconds: float, exchanges: int, engine_stats: Mapping[str, Any] | None,
-                    server_stats: Mapping[str, Any] | None = None, steering: Steering | None = None) -> TrainingResult:
+def assemble_result(
+    job: TrainingJob,
+    name: str,
+    reports: list[WorkerReport],
+    weights: np.ndarray,
+    train_seconds: float,
+    exchanges: int,
+    engine_stats: Mapping[str, Any] | None,
+    server_stats: Mapping[str, Any] | None = None,
+    steering: Steering | None = None,
+) -> TrainingResult:
     """Set ``weights`` on the caller's model and build the result every runner returns.
 
     ``engine_stats`` goes under the engine's ``name`` in ``stats``; the parameter server's
@@ -356,8 +448,19 @@ def assemble_result(job: TrainingJob, name: str, reports: list[WorkerReport], we
 def worker_settings(job: TrainingJob) -> WorkerSettings:
     """The picklable settings every worker of ``job`` trains with."""
     config = job.config
-    return WorkerSettings(job.run_id, config.epochs, config.batch_size, config.num_workers, config.seed, job.info,
-                          config.resources.worker_threads, config.initial_epoch, config.class_weight, job.streamed, config.data.buffer_rows)
+    return WorkerSettings(
+        job.run_id,
+        config.epochs,
+        config.batch_size,
+        config.num_workers,
+        config.seed,
+        job.info,
+        config.resources.worker_threads,
+        config.initial_epoch,
+        config.class_weight,
+        job.streamed,
+        config.data.buffer_rows,
+    )
 
 
 def _is_installed(path: str) -> bool:
@@ -400,13 +503,25 @@ class DriverRunner:
         self.backup = backup
         self._steering: Steering | None = None
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
+    def run_workers(
+        self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
+    ) -> list[WorkerReport]:
         raise NotImplementedError
 
-    def serve(self, job: TrainingJob, store: ParameterStore,
-              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
-        outcome, self._steering = host_parameter_server(job, store, make_exchange, partial(self.run_workers, job),
-                                                        self.backup, partial(self.before_restart, job))
+    def serve(
+        self,
+        job: TrainingJob,
+        store: ParameterStore,
+        make_exchange: Callable[[str, bytes], Exchange],
+    ) -> StageOutcome:
+        outcome, self._steering = host_parameter_server(
+            job,
+            store,
+            make_exchange,
+            partial(self.run_workers, job),
+            self.backup,
+            partial(self.before_restart, job),
+        )
         return outcome
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
@@ -414,12 +529,28 @@ class DriverRunner:
         goes on with fewer workers, else ``None``; does nothing by default."""
         return None
 
-    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None,
-               server_stats: Mapping[str, Any] | None = None) -> TrainingResult:
+    def result(
+        self,
+        job: TrainingJob,
+        reports: list[WorkerReport],
+        weights: np.ndarray,
+        train_seconds: float,
+        exchanges: int,
+        engine_stats: Mapping[str, Any] | None,
+        server_stats: Mapping[str, Any] | None = None,
+    ) -> TrainingResult:
         steering, self._steering = self._steering, None
-        return assemble_result(job, self.engine_name, reports, weights, train_seconds, exchanges, engine_stats,
-                               server_stats, steering)
+        return assemble_result(
+            job,
+            self.engine_name,
+            reports,
+            weights,
+            train_seconds,
+            exchanges,
+            engine_stats,
+            server_stats,
+            steering,
+        )
 
 
 class SparkRunner(DriverRunner):
@@ -433,14 +564,24 @@ class SparkRunner(DriverRunner):
         backup: how the run is backed up and what it resumed from, or ``None``.
     """
 
-    def __init__(self, spark: SparkSession, blocks: RDD, spec_broadcast: Broadcast[bytes],
-                 engine_name: str, backup: BackupPlan | None = None) -> None:
+    def __init__(
+        self,
+        spark: SparkSession,
+        blocks: RDD,
+        spec_broadcast: Broadcast[bytes],
+        engine_name: str,
+        backup: BackupPlan | None = None,
+    ) -> None:
         super().__init__(engine_name, backup)
         self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
         self._validation: Broadcast | None = None
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
-        ship_by_value(type(exchange))  # an engine of the user's own travels like their custom objects
+    def run_workers(
+        self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
+    ) -> list[WorkerReport]:
+        ship_by_value(
+            type(exchange)
+        )  # an engine of the user's own travels like their custom objects
         sc = self.spark.sparkContext
         # One broadcast for every stage of the fit: a restarted stage's tasks may land in Python
         # workers whose killed tasks still hold the previous one.
@@ -456,21 +597,33 @@ class SparkRunner(DriverRunner):
             # spilled), never via the driver.
             training = blocks if job.streamed else blocks.mapPartitions(partition_as_one)
             blocks = training.zip(job.validation_blocks.mapPartitions(partition_as_one))
-        body = partial(train_partition, spec_broadcast=self.spec_broadcast, custom_objects=job.spec.custom_objects,
-                       settings=worker_settings(job), exchange=exchange, validation=self._validation, gate=gate,
-                       paired=paired)
+        body = partial(
+            train_partition,
+            spec_broadcast=self.spec_broadcast,
+            custom_objects=job.spec.custom_objects,
+            settings=worker_settings(job),
+            exchange=exchange,
+            validation=self._validation,
+            gate=gate,
+            paired=paired,
+        )
         config = job.config
         # A barrier stage without a slot for every task waits, not fails: an executor lost since
         # `fit` checked (during the data's preparation) must not leave the stage hanging.
-        check_slots(self.spark, config.num_workers, registration_timeout=config.failure.registration_timeout)
-        description = (f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
-                       f"{config.num_workers} workers)")
+        check_slots(
+            self.spark, config.num_workers, registration_timeout=config.failure.registration_timeout
+        )
+        description = (
+            f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
+            f"{config.num_workers} workers)"
+        )
         with spark_errors(training=True), spark_job(self.spark, description):
             reports = blocks.barrier().mapPartitions(body).collect()
         return sorted(reports, key=lambda r: r.worker)
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
-        """Wait up to ``restart_timeout`` for a task slot for every worker (a lost executor coming back).
+        """Wait up to ``restart_timeout`` for a task slot for every worker (a lost executor coming
+        back).
 
         With ``restart_with_fewer_workers``, when fewer slots come back, the data is re-split
         among the workers that can be placed (its blocks shuffled into as many partitions) and
@@ -484,14 +637,18 @@ class SparkRunner(DriverRunner):
 
         config = job.config
         try:
-            check_slots(self.spark, config.num_workers, registration_timeout=config.failure.restart_timeout)
+            check_slots(
+                self.spark, config.num_workers, registration_timeout=config.failure.restart_timeout
+            )
             return None
         except errors.ConfigurationError as exc:
             slots = task_slots(self.spark)
             if not config.failure.restart_with_fewer_workers or slots < 1:
                 raise errors.SparkEnvironmentError(
-                    f"The restart needs {config.num_workers} task slots at once, and the cluster did not offer them "
-                    f"within restart_timeout={config.failure.restart_timeout:.0f} s: {exc}") from None
+                    f"The restart needs {config.num_workers} task slots at once, and the cluster "
+                    "did not offer them "
+                    f"within restart_timeout={config.failure.restart_timeout:.0f} s: {exc}"
+                ) from None
         # A shuffle, not coalesce(): a barrier stage refuses ancestors with another partition count.
         self.blocks = self.blocks.repartition(slots)
         if job.validation_blocks is not None:

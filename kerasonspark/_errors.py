@@ -90,7 +90,15 @@ class WorkerError(KerasOnSparkError, RuntimeError):
 
 # Tracebacks and reprs name the public path (``kerasonspark.DataError``), not this module; the
 # driver reads that name back from a failed Spark task's text.
-for _error in (KerasOnSparkError, ConfigurationError, DataError, SparkEnvironmentError, ParameterServerError,
-               WireFormatError, BarrierTimeoutError, WorkerError):
+for _error in (
+    KerasOnSparkError,
+    ConfigurationError,
+    DataError,
+    SparkEnvironmentError,
+    ParameterServerError,
+    WireFormatError,
+    BarrierTimeoutError,
+    WorkerError,
+):
     _error.__module__ = "kerasonspark"
 del _error

@@ -165,14 +165,20 @@ class LocalSteps:
 
         self.model, self.info = model, info
         label_shape = info.label_shape
-        label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32  # several outputs: packed float32
+        label_dtype = (
+            tf.int32 if info.label_mode == "sparse" else tf.float32
+        )  # several outputs: packed float32
         self.graph = keras.backend.backend() == "tensorflow"
         if self.graph:
             # Sample weights always go in (ones when the data has none: the same loss and metrics),
             # so one traced function serves weighted and unweighted data.
-            @tf.function(input_signature=[tf.TensorSpec((None, None, *info.input_shape), tf.float32),
-                                          tf.TensorSpec((None, None, *label_shape), label_dtype),
-                                          tf.TensorSpec((None, None), tf.float32)])
+            @tf.function(
+                input_signature=[
+                    tf.TensorSpec((None, None, *info.input_shape), tf.float32),
+                    tf.TensorSpec((None, None, *label_shape), label_dtype),
+                    tf.TensorSpec((None, None), tf.float32),
+                ]
+            )
             def train_run(xs, ys, ws):
                 for i in tf.range(tf.shape(xs)[0]):
                     model.train_step((info.model_inputs(xs[i]), info.model_targets(ys[i]), ws[i]))
@@ -188,7 +194,9 @@ class LocalSteps:
         fresh = [v.numpy() for v in model.optimizer.variables]
         x = np.zeros((2, *self.info.input_shape), np.float32)
         y = self.info.model_labels(np.zeros((2, *label_shape), np.float32))
-        model.train_on_batch(self.info.model_inputs(x), self.info.model_targets(y))  # builds the metrics
+        model.train_on_batch(
+            self.info.model_inputs(x), self.info.model_targets(y)
+        )  # builds the metrics
         if self.graph:
             self._train_run(x[None], y[None], np.ones((1, 2), np.float32))
         for variable, value in zip(model.weights, weights, strict=True):
@@ -199,31 +207,52 @@ class LocalSteps:
 
     def reset_optimizer(self) -> None:
         """Put the optimizer's state (moments, step count, rate) back as it was built."""
-        for variable, value in zip(self.model.optimizer.variables, self._fresh_optimizer, strict=True):
+        for variable, value in zip(
+            self.model.optimizer.variables, self._fresh_optimizer, strict=True
+        ):
             variable.assign(value)
 
-    def run(self, x: np.ndarray, y: np.ndarray, index: np.ndarray, batch_size: int,
-            weights: np.ndarray | None = None, max_rows: int | None = None) -> None:
+    def run(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        index: np.ndarray,
+        batch_size: int,
+        weights: np.ndarray | None = None,
+        max_rows: int | None = None,
+    ) -> None:
         """Train one step per ``batch_size`` samples of ``index`` (the last step may be smaller),
         each sample's loss scaled by its weight in ``weights`` (as ``model.fit(sample_weight=)``),
         gathering at most ``max_rows`` rows (rounded down to whole batches) at a time."""
         if max_rows is not None and len(index) > max_rows:
             chunk = max(1, max_rows // batch_size) * batch_size
             for start in range(0, len(index), chunk):
-                self.run(x, y, index[start:start + chunk], batch_size, weights)
+                self.run(x, y, index[start : start + chunk], batch_size, weights)
             return
         full = len(index) // batch_size * batch_size
         w = weights[index] if weights is not None else np.ones(len(index), np.float32)
         if not self.graph:
             for start in range(0, len(index), batch_size):
-                part = index[start:start + batch_size]
-                self.model.train_function(iter([(self.info.model_inputs(x[part]), self.info.model_targets(y[part]),
-                                                 w[start:start + batch_size])]))
+                part = index[start : start + batch_size]
+                self.model.train_function(
+                    iter(
+                        [
+                            (
+                                self.info.model_inputs(x[part]),
+                                self.info.model_targets(y[part]),
+                                w[start : start + batch_size],
+                            )
+                        ]
+                    )
+                )
             return
         if full:
             head = index[:full]
-            self._train_run(x[head].reshape(-1, batch_size, *x.shape[1:]), y[head].reshape(-1, batch_size, *y.shape[1:]),
-                            w[:full].reshape(-1, batch_size))
+            self._train_run(
+                x[head].reshape(-1, batch_size, *x.shape[1:]),
+                y[head].reshape(-1, batch_size, *y.shape[1:]),
+                w[:full].reshape(-1, batch_size),
+            )
         if full < len(index):
             tail = index[full:]
             self._train_run(x[tail][None], y[tail][None], w[full:][None])
@@ -236,7 +265,9 @@ class LocalSteps:
 _STEPS: dict[str, LocalSteps] = {}
 
 
-def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo) -> LocalSteps:
+def training_model(
+    run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo
+) -> LocalSteps:
     """This run's model with its traced multi-step function, built once per Python worker.
 
     Traced again only when ``info`` differs from the warm-up's (a loss of the user's own, whose
@@ -250,7 +281,9 @@ def training_model(run_id: str, spec_bytes: bytes, custom_objects: dict[str, Any
     return steps
 
 
-def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None, version: str) -> keras.Model:
+def inference_model(
+    spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None, version: str
+) -> keras.Model:
     """The model of ``spec_bytes`` with its weights, for evaluate and predict tasks.
 
     Built once per Python worker per model ``version`` (a digest of ``spec_bytes`` the driver
@@ -260,8 +293,13 @@ def inference_model(spec_bytes: bytes, custom_objects: dict[str, Any], threads: 
     return cached_model(f"inference-{version}", spec_bytes, custom_objects)
 
 
-def warm_up(spec_broadcast: Any, custom_objects: dict[str, Any], run_id: str, info: DataInfo,
-            threads: int | None = None) -> None:
+def warm_up(
+    spec_broadcast: Any,
+    custom_objects: dict[str, Any],
+    run_id: str,
+    info: DataInfo,
+    threads: int | None = None,
+) -> None:
     """Import TensorFlow with the right pools, build this run's model and trace its training
     function, ahead of training (it runs while the data is scanned)."""
     configure_tensorflow(threads)
@@ -286,7 +324,8 @@ class WorkerSettings:
 
 
 class _ForwardedLogs(logging.Handler):
-    """Collects the warnings of kerasonspark's loggers on this worker's thread, for the driver's log."""
+    """Collects the warnings of kerasonspark's loggers on this worker's thread, for the driver's
+    log."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -334,9 +373,18 @@ class EpochGate:
             runs of steps they came from, so it resumes at its place in its epoch's order.
     """
 
-    def __init__(self, url: str, secret: bytes, validation_freq: int = 1, learning_rate: float | None = None,
-                 terminate_on_nan: bool = False, progress_interval: float = 1.0, timeout: float = 86_400.0,
-                 first_epoch: int | None = None, resume: Mapping[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        validation_freq: int = 1,
+        learning_rate: float | None = None,
+        terminate_on_nan: bool = False,
+        progress_interval: float = 1.0,
+        timeout: float = 86_400.0,
+        first_epoch: int | None = None,
+        resume: Mapping[int, int] | None = None,
+    ) -> None:
         self.url, self.secret, self.timeout = url, secret, timeout
         self.first_epoch, self.resume = first_epoch, dict(resume or {})
         self.stage = secrets.token_hex(8)  # each training stage's gates share it
@@ -361,18 +409,27 @@ class EpochGate:
     def start(self, worker: int) -> None:
         """Open the worker's connection and start forwarding its warnings."""
         self.worker = worker
-        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout, timeout_name="epoch_timeout")
+        self._client = ParameterClient(
+            self.url, self.secret, worker, timeout=self.timeout, timeout_name="epoch_timeout"
+        )
         self._client.post_json("/v1/epochs/join", {"stage": self.stage})
         self._logs = _ForwardedLogs()
         logging.getLogger("kerasonspark").addHandler(self._logs)
         self._last_report = 0.0  # the first exchange reports at once
 
     def validates(self, epoch: int) -> bool:
-        """Whether the center is scored at the end of ``epoch`` (``validation_freq`` as in Keras)."""
+        """Whether the center is scored at the end of ``epoch`` (``validation_freq`` as in
+        Keras)."""
         return (epoch + 1) % self.validation_freq == 0
 
-    def progress(self, epoch: int, samples: int, steps: int, metrics: Callable[[], dict[str, float]],
-                 force: bool = False) -> None:
+    def progress(
+        self,
+        epoch: int,
+        samples: int,
+        steps: int,
+        metrics: Callable[[], dict[str, float]],
+        force: bool = False,
+    ) -> None:
         """Report progress in ``epoch``, at most once per ``progress_interval`` unless ``force``."""
         self._position = (epoch, samples, steps, metrics)
         now = time.monotonic()
@@ -381,8 +438,17 @@ class EpochGate:
         self._last_report = now
         self._position = None
         logs = self._logs.take() if self._logs is not None else []
-        self.client.post_json("/v1/progress", {"epoch": epoch, "samples": samples, "steps": steps,
-                                               "metrics": metrics(), "logs": logs, "pid": os.getpid()})
+        self.client.post_json(
+            "/v1/progress",
+            {
+                "epoch": epoch,
+                "samples": samples,
+                "steps": steps,
+                "metrics": metrics(),
+                "logs": logs,
+                "pid": os.getpid(),
+            },
+        )
 
     def flush(self) -> None:
         """Report the last position not reported yet (a failing worker's steps trained, so the
@@ -394,8 +460,11 @@ class EpochGate:
         except Exception:  # the worker is already failing; its own error is what matters
             pass
 
-    def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], want_center: bool) -> np.ndarray | None:
-        """Arrive at the end of ``epoch`` and wait for every worker; the epoch's center if wanted."""
+    def end_epoch(
+        self, epoch: int, samples: int, metrics: dict[str, float], want_center: bool
+    ) -> np.ndarray | None:
+        """Arrive at the end of ``epoch`` and wait for every worker; the epoch's center if
+        wanted."""
         started = time.perf_counter()
         if self._logs is not None and self._logs.lines:
             self.progress(epoch, samples, 0, lambda: metrics, force=True)
@@ -403,14 +472,26 @@ class EpochGate:
         self.seconds += time.perf_counter() - started
         return center
 
-    def ready(self, epoch: int, rows: int, scores: dict[str, float], learning_rate: float | None,
-              rows_per_second: float | None = None) -> EpochDecision:
+    def ready(
+        self,
+        epoch: int,
+        rows: int,
+        scores: dict[str, float],
+        learning_rate: float | None,
+        rows_per_second: float | None = None,
+    ) -> EpochDecision:
         """Report the center's scores on this worker's validation rows, and the rows per second it
         computed this epoch; wait for the driver's decision."""
         started = time.perf_counter()
-        reply = self.client.post_json(f"/v1/epochs/{epoch}/ready",
-                                      {"rows": rows, "scores": scores, "learning_rate": learning_rate,
-                                       "rows_per_second": rows_per_second})
+        reply = self.client.post_json(
+            f"/v1/epochs/{epoch}/ready",
+            {
+                "rows": rows,
+                "scores": scores,
+                "learning_rate": learning_rate,
+                "rows_per_second": rows_per_second,
+            },
+        )
         self.seconds += time.perf_counter() - started
         steps = (reply.get("steps") or {}).get(str(self.worker))
         return EpochDecision(bool(reply.get("stop")), reply.get("learning_rate"), steps)
@@ -430,7 +511,9 @@ def learning_rate_of(model: keras.Model) -> float | None:
     import keras
 
     optimizer = model.optimizer
-    if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+    if isinstance(
+        getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule
+    ):
         return None
     return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
 
@@ -445,9 +528,11 @@ def _metric_logs(logs: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in logs.items() if np.asarray(v).ndim == 0}
 
 
-def validation_share(validation: tuple[np.ndarray, np.ndarray] | None, worker: int,
-                     settings: WorkerSettings) -> tuple[np.ndarray, np.ndarray] | None:
-    """The rows of the validation set that ``worker`` scores: every ``num_workers``-th, from its id."""
+def validation_share(
+    validation: tuple[np.ndarray, np.ndarray] | None, worker: int, settings: WorkerSettings
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows of the validation set that ``worker`` scores: every ``num_workers``-th, from its
+    id."""
     if validation is None:
         return None
     vx, vy = validation
@@ -455,8 +540,13 @@ def validation_share(validation: tuple[np.ndarray, np.ndarray] | None, worker: i
     return vx[share], settings.info.model_labels(vy[share])
 
 
-def _score(model: keras.Model, weights: np.ndarray | None, validation: tuple[np.ndarray, np.ndarray],
-           batch_size: int, info: DataInfo) -> dict[str, float]:
+def _score(
+    model: keras.Model,
+    weights: np.ndarray | None,
+    validation: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    info: DataInfo,
+) -> dict[str, float]:
     """Loss and metrics on ``validation`` (packed features, model labels) of ``weights`` (the
     model's own when ``None``); the model's weights are left as they were."""
     local = None
@@ -464,17 +554,33 @@ def _score(model: keras.Model, weights: np.ndarray | None, validation: tuple[np.
         local = get_flat_weights(model)
         set_flat_weights(model, weights)
     try:
-        return _metric_logs(model.evaluate(info.model_inputs(validation[0]), info.model_targets(validation[1]),
-                                           batch_size=max(batch_size, 256), verbose=0, return_dict=True))
+        return _metric_logs(
+            model.evaluate(
+                info.model_inputs(validation[0]),
+                info.model_targets(validation[1]),
+                batch_size=max(batch_size, 256),
+                verbose=0,
+                return_dict=True,
+            )
+        )
     finally:
         if local is not None:
             set_flat_weights(model, local)
 
 
-def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.ndarray, settings: WorkerSettings,
-                 exchange: Exchange, validation: tuple[np.ndarray, np.ndarray] | None,
-                 gate: EpochGate | None = None, weights: np.ndarray | None = None) -> WorkerReport:
-    """The worker loop every engine shares: shuffle, train runs of local steps, exchange, meet the driver.
+def train_worker(
+    worker: int,
+    steps_runner: LocalSteps,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: WorkerSettings,
+    exchange: Exchange,
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    gate: EpochGate | None = None,
+    weights: np.ndarray | None = None,
+) -> WorkerReport:
+    """The worker loop every engine shares: shuffle, train runs of local steps, exchange, meet the
+    driver.
 
     Each epoch visits every row of ``x`` once in a fresh order (seeded by ``settings.seed`` plus
     the worker id), in runs of steps that ``exchange.schedule`` cuts; ``exchange.exchange`` follows
@@ -511,13 +617,17 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
     scaling = exchange.lr_scaling
     # The rate the optimizer and the driver's callbacks set; the engine's scaling multiplies it.
     base_rate = learning_rate_of(model) if gate is not None or scaling is not None else None
-    report = WorkerReport(worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0)
+    report = WorkerReport(
+        worker, n, 0, 0.0, val_samples=len(validation[0]) if validation is not None else 0
+    )
     rates: list[float | None] = []
     shares: list[int] = []  # steps trained each epoch, where the driver balanced them
     planned = steps  # this epoch's steps: the partition's, until the driver balances them
     started = time.perf_counter()
     for epoch in range(settings.initial_epoch, settings.epochs):
-        order = rng.permutation(n)  # drawn for skipped epochs too, so a resumed epoch keeps its order
+        order = rng.permutation(
+            n
+        )  # drawn for skipped epochs too, so a resumed epoch keeps its order
         if planned != steps:
             order = balanced_order(order, planned * batch, rng)
         schedule = exchange.schedule(planned, epoch)
@@ -528,7 +638,7 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
         rates.append(base_rate if gate is not None else None)
         step, stopped, computing = 0, False, 0.0
         for run in schedule:
-            index = order[step * batch:(step + run) * batch]
+            index = order[step * batch : (step + run) * batch]
             step += run
             if skip > 0:  # the center holds this run's exchange already
                 skip -= 1
@@ -537,23 +647,31 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
                 set_learning_rate(model, base_rate * scaling.multiplier(report.steps))
             if len(index):
                 began = time.perf_counter()
-                steps_runner.run(x, y, index, batch, weights, settings.buffer_rows if settings.streamed else None)
+                steps_runner.run(
+                    x, y, index, batch, weights, settings.buffer_rows if settings.streamed else None
+                )
                 computing += time.perf_counter() - began
             report.steps += run
             done = min(step * batch, len(order))
             if gate is not None:
                 if gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
-                    gate.progress(epoch, done, step, steps_runner.metrics, force=True)  # the driver stops every worker
+                    gate.progress(
+                        epoch, done, step, steps_runner.metrics, force=True
+                    )  # the driver stops every worker
                     stopped = True
                     break
-                gate.progress(epoch, done, step, steps_runner.metrics)  # before the exchange: steps trained
+                gate.progress(
+                    epoch, done, step, steps_runner.metrics
+                )  # before the exchange: steps trained
             exchange.exchange(model, len(index))
             if exchange.should_stop():
                 stopped = True
                 break
         if step != planned and not stopped:
-            raise RuntimeError(f"The exchange scheduled {step} steps for an epoch of {planned}; "
-                               "`Exchange.schedule` must return runs that add up to `steps`.")
+            raise RuntimeError(
+                f"The exchange scheduled {step} steps for an epoch of {planned}; "
+                "`Exchange.schedule` must return runs that add up to `steps`."
+            )
         exchange.end_epoch(model, epoch)
         metrics = steps_runner.metrics() if n else {}
         report.history.append(metrics)
@@ -562,14 +680,21 @@ def train_worker(worker: int, steps_runner: LocalSteps, x: np.ndarray, y: np.nda
                 report.val_history.append(_score(model, None, validation, batch, settings.info))
             continue
         trained = min(step * batch, len(order))
-        center = gate.end_epoch(epoch, trained, metrics, want_center=stopped or not exchange.holds_center)
+        center = gate.end_epoch(
+            epoch, trained, metrics, want_center=stopped or not exchange.holds_center
+        )
         rows, scores = 0, {}
         if report.val_samples and validation is not None and gate.validates(epoch):
-            rows, scores = report.val_samples, _score(model, center, validation, batch, settings.info)
+            rows, scores = (
+                report.val_samples,
+                _score(model, center, validation, batch, settings.info),
+            )
             report.val_history.append(scores)
         if center is not None:
             exchange.epoch_center(model, center)
-        decision = gate.ready(epoch, rows, scores, rates[-1], trained / computing if computing > 0 else None)
+        decision = gate.ready(
+            epoch, rows, scores, rates[-1], trained / computing if computing > 0 else None
+        )
         if decision.stop or stopped:
             break
         if decision.learning_rate is not None:
@@ -601,8 +726,9 @@ def _finite_loss(steps_runner: LocalSteps) -> bool:
     return loss is None or math.isfinite(loss)
 
 
-def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
-            gate: EpochGate | None = None) -> WorkerReport:
+def guarded(
+    worker: int, exchange: Exchange, body: Callable[[], WorkerReport], gate: EpochGate | None = None
+) -> WorkerReport:
     """Run a worker's ``body``; on failure tell the others (through the exchange) and raise a
     :class:`WorkerError` naming the worker, with its traceback's tail. Closes the exchange and
     the gate."""
@@ -616,7 +742,9 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
         if isinstance(exc, WorkerError):
             raise
         if isinstance(exc, Exception):
-            raise WorkerError(f"Worker {worker} failed: {type(exc).__name__}: {exc}", worker, detail) from exc
+            raise WorkerError(
+                f"Worker {worker} failed: {type(exc).__name__}: {exc}", worker, detail
+            ) from exc
         raise
     finally:
         exchange.close()
@@ -624,9 +752,16 @@ def guarded(worker: int, exchange: Exchange, body: Callable[[], WorkerReport],
             gate.close()
 
 
-def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects: dict[str, Any],
-                    settings: WorkerSettings, exchange: Exchange, validation: Any,
-                    gate: EpochGate | None = None, paired: bool = False) -> Iterator[WorkerReport]:
+def train_partition(
+    blocks: Iterable[Block],
+    spec_broadcast: Any,
+    custom_objects: dict[str, Any],
+    settings: WorkerSettings,
+    exchange: Exchange,
+    validation: Any,
+    gate: EpochGate | None = None,
+    paired: bool = False,
+) -> Iterator[WorkerReport]:
     """The body of one barrier task: train this partition; yields the worker's report.
 
     With ``paired`` the partition is one ``(training blocks, validation blocks)`` pair (the
@@ -641,7 +776,9 @@ def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects
 
     def body() -> WorkerReport:
         configure_tensorflow(settings.worker_threads)
-        steps_runner = training_model(settings.run_id, spec_broadcast.value, custom_objects, settings.info)
+        steps_runner = training_model(
+            settings.run_id, spec_broadcast.value, custom_objects, settings.info
+        )
         share: tuple[np.ndarray, np.ndarray] | None
         if paired:
             training, held_out = next(iter(cast("Iterable[tuple[Any, list[Block]]]", blocks)))
@@ -649,7 +786,9 @@ def train_partition(blocks: Iterable[Block], spec_broadcast: Any, custom_objects
             share = (vx, vy)
         else:
             training = next(iter(blocks)) if settings.streamed else blocks
-            share = validation_share(validation.value if validation is not None else None, worker, settings)
+            share = validation_share(
+                validation.value if validation is not None else None, worker, settings
+            )
         if settings.streamed:
             x, y, weights = open_spilled(cast("SpilledPartition", training), settings.info)
         else:
@@ -693,15 +832,20 @@ def spill_partition(info: DataInfo, blocks: Iterable[Block]) -> Iterator[Spilled
     empty = info.model_labels(np.zeros(0, np.int32))
     rows, weighted, label_dtype, label_shape = 0, False, str(empty.dtype), tuple(empty.shape[1:])
     try:
-        with (open(os.path.join(directory, "x"), "wb") as xs, open(os.path.join(directory, "y"), "wb") as ys,
-              open(os.path.join(directory, "w"), "wb") as ws):
+        with (
+            open(os.path.join(directory, "x"), "wb") as xs,
+            open(os.path.join(directory, "y"), "wb") as ys,
+            open(os.path.join(directory, "w"), "wb") as ws,
+        ):
             for x, y, w in blocks:
                 if not len(x):
                     continue
                 labels = info.model_labels(y)
                 xs.write(np.ascontiguousarray(x, np.float32).data)
                 ys.write(np.ascontiguousarray(labels).data)
-                ws.write(np.ascontiguousarray(w if w is not None else np.ones(len(x)), np.float32).data)
+                ws.write(
+                    np.ascontiguousarray(w if w is not None else np.ones(len(x)), np.float32).data
+                )
                 rows, weighted = rows + len(x), weighted or w is not None
                 label_dtype, label_shape = str(labels.dtype), tuple(labels.shape[1:])
     except BaseException:
@@ -719,10 +863,16 @@ def open_spilled(part: SpilledPartition, info: DataInfo) -> Block:
     """
     try:
         if not part.rows:
-            return np.zeros((0, *info.input_shape), np.float32), np.zeros((0, *part.label_shape), part.label_dtype), None
+            return (
+                np.zeros((0, *info.input_shape), np.float32),
+                np.zeros((0, *part.label_shape), part.label_dtype),
+                None,
+            )
         path = partial(os.path.join, part.directory)
         x = np.memmap(path("x"), np.float32, "r", shape=(part.rows, *info.input_shape))
-        y = np.memmap(path("y"), np.dtype(part.label_dtype), "r", shape=(part.rows, *part.label_shape))
+        y = np.memmap(
+            path("y"), np.dtype(part.label_dtype), "r", shape=(part.rows, *part.label_shape)
+        )
         w = np.memmap(path("w"), np.float32, "r", shape=(part.rows,)) if part.weighted else None
         return x, y, w
     finally:
@@ -733,20 +883,36 @@ def concatenate_blocks(blocks: Iterable[Block], info: DataInfo) -> Block:
     """A partition's blocks as one ``(x, y, w)`` triple, labels as the model's loss takes them."""
     parts = list(blocks)
     if not any(len(b[0]) for b in parts):
-        return np.zeros((0, *info.input_shape), np.float32), info.model_labels(np.zeros(0, np.int32)), None
+        return (
+            np.zeros((0, *info.input_shape), np.float32),
+            info.model_labels(np.zeros(0, np.int32)),
+            None,
+        )
     x, y, w = concatenate(parts)
     return x, info.model_labels(y), w
 
 
-def evaluate_partition(blocks: Iterable[Block], spec_broadcast: Any,
-                       custom_objects: dict[str, Any], info: DataInfo, threads: int | None,
-                       batch_size: int, version: str) -> Iterator[tuple[int, dict[str, float]]]:
+def evaluate_partition(
+    blocks: Iterable[Block],
+    spec_broadcast: Any,
+    custom_objects: dict[str, Any],
+    info: DataInfo,
+    threads: int | None,
+    batch_size: int,
+    version: str,
+) -> Iterator[tuple[int, dict[str, float]]]:
     """The body of one evaluation task: ``(rows, scores)`` for each non-empty block."""
     model = inference_model(spec_broadcast.value, custom_objects, threads, version)
     for x, y, w in blocks:
         if len(x):
-            scores = model.evaluate(info.model_inputs(x), info.model_targets(info.model_labels(y)), sample_weight=w,
-                                    batch_size=batch_size, verbose=0, return_dict=True)
+            scores = model.evaluate(
+                info.model_inputs(x),
+                info.model_targets(info.model_labels(y)),
+                sample_weight=w,
+                batch_size=batch_size,
+                verbose=0,
+                return_dict=True,
+            )
             yield len(x), _metric_logs(scores)
 
 
@@ -779,14 +945,20 @@ def prediction_arrays(out: np.ndarray, kind: str) -> list[Any]:
 
 def output_sizes(model: keras.Model) -> list[int]:
     """Values of one sample's prediction, per output of ``model``."""
-    shapes = [tuple(t.shape) for t in model.outputs] if getattr(model, "outputs", None) else [tuple(model.output_shape)]
+    shapes = (
+        [tuple(t.shape) for t in model.outputs]
+        if getattr(model, "outputs", None)
+        else [tuple(model.output_shape)]
+    )
     return [math.prod(int(d) for d in shape[1:]) for shape in shapes]
 
 
 def predict_rows(model: keras.Model, x: np.ndarray, batch_size: int, info: DataInfo) -> np.ndarray:
-    """``model.predict`` of packed features ``x`` by ``predict_on_batch`` on slices of ``batch_size``
+    """``model.predict`` of packed features ``x`` by ``predict_on_batch`` on slices of
+    ``batch_size``
     rows: 11 % more rows/s than ``predict`` for the reference CNN on one thread (it skips the data
-    adapter and callbacks). Several outputs come side by side, flattened, in ``model.output_names``' order."""
+    adapter and callbacks). Several outputs come side by side, flattened, in ``model.output_names``'
+    order."""
     if not len(x):
         return np.zeros((0, sum(output_sizes(model))), np.float32)
 
@@ -798,11 +970,20 @@ def predict_rows(model: keras.Model, x: np.ndarray, batch_size: int, info: DataI
             return np.concatenate([np.asarray(o).reshape(len(batch), -1) for o in out], axis=1)
         return np.asarray(out)
 
-    return np.concatenate([one(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return np.concatenate([one(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def predict_batches(arrays: Iterable[Any], spec_bytes: bytes, custom_objects: dict[str, Any], info: DataInfo,
-                    threads: int | None, batch_size: int, outputs: list[str], kind: str, version: str) -> Iterator[Any]:
+def predict_batches(
+    arrays: Iterable[Any],
+    spec_bytes: bytes,
+    custom_objects: dict[str, Any],
+    info: DataInfo,
+    threads: int | None,
+    batch_size: int,
+    outputs: list[str],
+    kind: str,
+    version: str,
+) -> Iterator[Any]:
     """The body of a prediction UDF: for each Arrow array of feature lists, the model's outputs as
     a struct array of the fields ``outputs`` (see :func:`prediction_arrays` for each ``kind``; a
     model with several outputs gives one ``"array"`` field each)."""
@@ -812,12 +993,24 @@ def predict_batches(arrays: Iterable[Any], spec_bytes: bytes, custom_objects: di
     bounds = np.cumsum([0, *output_sizes(model)])
     for features in arrays:
         rows = len(features)
-        x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False) if rows else np.zeros(0)
+        x = (
+            features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            if rows
+            else np.zeros(0)
+        )
         if x.size != rows * info.feature_size or features.null_count:
-            raise DataError(f"Feature arrays must have {info.feature_size} values each for input shape {info.input_shape}.")
-        out = predict_rows(model, x.reshape((rows, *info.input_shape)), batch_size, info).reshape(rows, -1)
+            raise DataError(
+                f"Feature arrays must have {info.feature_size} values each for input shape "
+                f"{info.input_shape}."
+            )
+        out = predict_rows(model, x.reshape((rows, *info.input_shape)), batch_size, info).reshape(
+            rows, -1
+        )
         if info.outputs:
-            columns = [prediction_arrays(out[:, a:b], kind)[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            columns = [
+                prediction_arrays(out[:, a:b], kind)[0]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
         else:
             columns = prediction_arrays(out, kind)
         yield pa.StructArray.from_arrays(columns, names=outputs)

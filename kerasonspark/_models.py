@@ -10,7 +10,9 @@ if TYPE_CHECKING:
 MNIST_CNN_PARAMETERS = 1_048_853
 
 
-def mnist_cnn(compile: bool = True, learning_rate: float = 1e-3, seed: int | None = None) -> keras.Model:
+def mnist_cnn(
+    compile: bool = True, learning_rate: float = 1e-3, seed: int | None = None
+) -> keras.Model:
     """The MNIST CNN of the 2017 Dist-Keras run, layer for layer.
 
     Conv2D(32, 3) + ReLU, Conv2D(32, 3) + ReLU, MaxPooling2D(2), Flatten, Dense(225) + ReLU,

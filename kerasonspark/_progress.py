@@ -1,4 +1,5 @@
-"""The driver's live progress bar: one updating line per epoch, or plain lines where output is a file.
+"""The driver's live progress bar: one updating line per epoch, or plain lines where output is a
+file.
 
 Written here rather than taken from ``keras.utils.Progbar`` for two reasons: Keras's bar treats
 every POSIX process as an interactive terminal (``"posix" in sys.modules``), so in a log file or
@@ -23,7 +24,9 @@ def _in_notebook() -> bool:
     # Imported is not running: libraries import IPython and ipykernel on their own. A notebook's
     # kernel is the one place where the running shell is a ZMQInteractiveShell.
     ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    shell = (
+        ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    )
     return type(shell).__name__ == "ZMQInteractiveShell"
 
 
@@ -44,8 +47,14 @@ class ProgressBar:
         plain_interval: seconds between two lines when the stream is not interactive.
     """
 
-    def __init__(self, verbose: int, epochs: int, samples_per_epoch: int, stream: IO[str] | None = None,
-                 plain_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        verbose: int,
+        epochs: int,
+        samples_per_epoch: int,
+        stream: IO[str] | None = None,
+        plain_interval: float = 10.0,
+    ) -> None:
         self.verbose, self.epochs, self.target = verbose, epochs, max(samples_per_epoch, 1)
         self.stream = stream or sys.stdout
         self.dynamic = is_interactive(self.stream)

@@ -46,7 +46,9 @@ def set_flat_weights(model: keras.Model, flat: np.ndarray) -> None:
     expected = sum(int(np.prod(v.shape)) for v in variables)
     if flat.size != expected:
         raise ValueError(f"Expected {expected} weights for this model. Received: {flat.size}.")
-    for variable, value in zip(variables, wire.unflatten(flat, [tuple(v.shape) for v in variables]), strict=True):
+    for variable, value in zip(
+        variables, wire.unflatten(flat, [tuple(v.shape) for v in variables]), strict=True
+    ):
         variable.assign(value)
 
 
@@ -69,7 +71,9 @@ class ModelSpec:
     custom_objects: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: keras.Model, custom_objects: dict[str, Any] | None = None) -> ModelSpec:
+    def from_model(
+        cls, model: keras.Model, custom_objects: dict[str, Any] | None = None
+    ) -> ModelSpec:
         """Capture a built Keras model, with the custom objects it needs.
 
         The objects registered with ``keras.saving.register_keras_serializable`` that the model
@@ -81,7 +85,8 @@ class ModelSpec:
         """
         if not model.built:
             raise ConfigurationError(
-                "The model is not built, so its input shape is unknown. Start it with `keras.Input(shape=...)` "
+                "The model is not built, so its input shape is unknown. Start it with "
+                "`keras.Input(shape=...)` "
                 "or call `model.build(input_shape)` before training on Spark."
             )
         compile_config = model.get_compile_config() if getattr(model, "compiled", False) else None
@@ -89,12 +94,17 @@ class ModelSpec:
             json.dumps(compile_config)
         except TypeError as exc:
             raise ConfigurationError(
-                f"The model's compile config cannot be serialised ({exc}). Compile with Keras optimizers, losses "
-                "and metrics by name or object, registering custom ones with `keras.saving.register_keras_serializable`."
+                f"The model's compile config cannot be serialised ({exc}). Compile with Keras "
+                "optimizers, losses "
+                "and metrics by name or object, registering custom ones with "
+                "`keras.saving.register_keras_serializable`."
             ) from None
         weights, shapes = wire.flatten(model.get_weights())
         architecture = model.to_json()
-        found = {**referenced_custom_objects(architecture, compile_config), **(custom_objects or {})}
+        found = {
+            **referenced_custom_objects(architecture, compile_config),
+            **(custom_objects or {}),
+        }
         return cls(architecture, compile_config, weights, shapes, found)
 
     @property
@@ -109,7 +119,9 @@ class ModelSpec:
         import keras
 
         with keras.saving.custom_object_scope(self.custom_objects):
-            model = keras.models.model_from_json(self.architecture, custom_objects=self.custom_objects)
+            model = keras.models.model_from_json(
+                self.architecture, custom_objects=self.custom_objects
+            )
             if compile and self.compile_config is not None:
                 model.compile_from_config(self.compile_config)
         set_flat_weights(model, self.weights)
@@ -117,14 +129,25 @@ class ModelSpec:
 
     def to_bytes(self) -> bytes:
         """Serialise (without ``custom_objects``, which travel with the task) to the wire format."""
-        parts = wire.encode(self.weights, self.shapes, architecture=self.architecture, compile_config=self.compile_config)
+        parts = wire.encode(
+            self.weights,
+            self.shapes,
+            architecture=self.architecture,
+            compile_config=self.compile_config,
+        )
         return b"".join(bytes(p) for p in parts)
 
     @classmethod
     def from_bytes(cls, data: bytes, custom_objects: dict[str, Any] | None = None) -> ModelSpec:
         """Inverse of :meth:`to_bytes`."""
         header, flat = wire.decode(data)
-        return cls(header["architecture"], header["compile_config"], flat, header["shapes"], dict(custom_objects or {}))
+        return cls(
+            header["architecture"],
+            header["compile_config"],
+            flat,
+            header["shapes"],
+            dict(custom_objects or {}),
+        )
 
 
 def spec_version(spec_bytes: bytes) -> str:
@@ -139,17 +162,22 @@ def is_custom_loss(compile_config: dict[str, Any] | None) -> bool:
     return isinstance(loss, dict) and not str(loss.get("module") or "").startswith("keras")
 
 
-def referenced_custom_objects(architecture: str, compile_config: dict[str, Any] | None) -> dict[str, Any]:
+def referenced_custom_objects(
+    architecture: str, compile_config: dict[str, Any] | None
+) -> dict[str, Any]:
     """The objects registered with ``keras.saving.register_keras_serializable`` that the model's
     architecture or compile config names, by registered name (``"package>Name"``)."""
     import keras
 
     text = architecture + json.dumps(compile_config)
-    return {name: obj for name, obj in keras.saving.get_custom_objects().items() if f'"{name}"' in text}
+    return {
+        name: obj for name, obj in keras.saving.get_custom_objects().items() if f'"{name}"' in text
+    }
 
 
 def loss_name(compile_config: dict[str, Any] | None) -> str | None:
-    """The loss of a Keras compile config as a lowercase name when it is a single loss, else ``None``."""
+    """The loss of a Keras compile config as a lowercase name when it is a single loss, else
+    ``None``."""
     loss = (compile_config or {}).get("loss")
     if isinstance(loss, str):
         return loss.lower()

@@ -46,13 +46,16 @@ def require_java() -> str:
     java = os.path.join(home, "bin", "java") if home else shutil.which("java")
     if not java or not os.path.exists(java):
         raise SparkEnvironmentError(
-            "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs Java 17 or newer: "
+            "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs "
+            "Java 17 or newer: "
             "install it (e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
         )
     return java
 
 
-def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None) -> SparkSession:
+def start_session(
+    master: str, app_name: str = "kerasonspark", conf: dict[str, Any] | None = None
+) -> SparkSession:
     """Start (or join) a Spark session on ``master``.
 
     ``local[...]`` masters get loopback-only, quiet settings; a cluster master on this machine's
@@ -77,7 +80,11 @@ def start_session(master: str, app_name: str = "kerasonspark", conf: dict[str, A
     for key, value in settings.items():
         builder = builder.config(key, value)
     # PySpark reads PYSPARK_PYTHON once, when the context starts; put the variable back after.
-    worker_python = {"PYSPARK_PYTHON": sys.executable} if on_this_machine and not os.environ.get("PYSPARK_PYTHON") else {}
+    worker_python = (
+        {"PYSPARK_PYTHON": sys.executable}
+        if on_this_machine and not os.environ.get("PYSPARK_PYTHON")
+        else {}
+    )
     try:
         with _environment(worker_python):
             return builder.getOrCreate()
@@ -110,7 +117,8 @@ def is_local(spark: SparkSession) -> bool:
 
 
 def server_host(spark: SparkSession) -> str:
-    """Where a driver-side server should bind: loopback locally, the driver's address on a cluster."""
+    """Where a driver-side server should bind: loopback locally, the driver's address on a
+    cluster."""
     if is_local(spark):
         return "127.0.0.1"
     return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
@@ -128,7 +136,9 @@ def server_port(spark: SparkSession) -> int:
     """
     value = spark.sparkContext.getConf().get(SERVER_PORT, "0")
     if not value.isdigit() or int(value) > 65535:
-        raise ConfigurationError(f"`{SERVER_PORT}` must be a port number (0 for any free one). Received: {value!r}.")
+        raise ConfigurationError(
+            f"`{SERVER_PORT}` must be a port number (0 for any free one). Received: {value!r}."
+        )
     return int(value)
 
 
@@ -152,16 +162,23 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
             ``spark.kerasonspark.allowCleartextWeights`` is not ``true``.
     """
     encrypted = [key for key in _ENCRYPTION_SETTINGS if conf.get(key, "false").lower() == "true"]
-    if encrypted and not is_loopback(server_host) and conf.get(ALLOW_CLEARTEXT_WEIGHTS, "false").lower() != "true":
+    if (
+        encrypted
+        and not is_loopback(server_host)
+        and conf.get(ALLOW_CLEARTEXT_WEIGHTS, "false").lower() != "true"
+    ):
         raise ConfigurationError(
-            f"This cluster encrypts Spark's traffic ({', '.join(encrypted)}), but the parameter server at "
-            f"{server_host} sends weights in cleartext HTTP. Set `{ALLOW_CLEARTEXT_WEIGHTS}=true` to accept "
+            f"This cluster encrypts Spark's traffic ({', '.join(encrypted)}), but the parameter "
+            "server at "
+            f"{server_host} sends weights in cleartext HTTP. Set `{ALLOW_CLEARTEXT_WEIGHTS}=true` "
+            "to accept "
             "that, or run the driver and workers on a private network."
         )
 
 
 def task_slots(spark: SparkSession) -> int:
-    """Tasks the cluster's registered executors can run at once, as Spark counts them for a barrier stage.
+    """Tasks the cluster's registered executors can run at once, as Spark counts them for a barrier
+    stage.
 
     Spark's own count (``maxNumConcurrentTasks``) follows executors as they come and go;
     ``defaultParallelism`` does not (it never drops below 2).
@@ -190,8 +207,14 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
         time.sleep(0.5)
         slots = task_slots(spark)
     if num_workers > slots:
-        waited = "" if is_local(spark) else f" after waiting {registration_timeout:.0f} s (`registration_timeout`)"
+        waited = (
+            ""
+            if is_local(spark)
+            else f" after waiting {registration_timeout:.0f} s (`registration_timeout`)"
+        )
         raise ConfigurationError(
-            f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as one barrier "
-            f"stage), but master {sc.master!r} offers {slots}{waited}. Use num_workers <= {slots} or add executor cores."
+            f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as "
+            "one barrier "
+            f"stage), but master {sc.master!r} offers {slots}{waited}. Use num_workers <= {slots} "
+            "or add executor cores."
         )

@@ -32,33 +32,45 @@ logger = logging.getLogger(__name__)
 # What a worker imports: this package, and what it needs already installed on the executors.
 PACKAGE = "kerasonspark"
 REQUIRED = ("tensorflow", "keras", "numpy", "pyarrow")
-_READY: set[str] = set()  # applications whose executors were checked (and given the package if needed)
+_READY: set[str] = (
+    set()
+)  # applications whose executors were checked (and given the package if needed)
 
 
 def executors_lack(spark: SparkSession, modules: tuple[str, ...]) -> list[str]:
     """The ``modules`` an executor's Python cannot find (one task, which imports nothing)."""
     sc = spark.sparkContext
-    # Only functions of the standard library travel: the check must run where kerasonspark is absent.
-    found = sc.parallelize(list(modules), 1).map(importlib.util.find_spec).map(operator.truth).collect()
+    # Only functions of the standard library travel: the check must run where kerasonspark is
+    # absent.
+    found = (
+        sc.parallelize(list(modules), 1).map(importlib.util.find_spec).map(operator.truth).collect()
+    )
     return [name for name, present in zip(modules, found, strict=True) if not present]
 
 
 def package_zip(folder: str | Path | None = None) -> Path:
     """The running kerasonspark (with its engines) as a zip named after a hash of its contents."""
     # The engines may live apart from the core (an editable install maps backends/ there).
-    roots = {PACKAGE: Path(importlib.import_module(PACKAGE).__file__ or "").parent,
-             f"{PACKAGE}/backends": Path(importlib.import_module(f"{PACKAGE}.backends").__path__[0])}
+    roots = {
+        PACKAGE: Path(importlib.import_module(PACKAGE).__file__ or "").parent,
+        f"{PACKAGE}/backends": Path(importlib.import_module(f"{PACKAGE}.backends").__path__[0]),
+    }
     files = {}
     for prefix, root in roots.items():
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root)
-            nested_engines = prefix == PACKAGE and relative.parts[0] == "backends"  # taken from their own root
+            nested_engines = (
+                prefix == PACKAGE and relative.parts[0] == "backends"
+            )  # taken from their own root
             if path.is_file() and "__pycache__" not in relative.parts and not nested_engines:
                 files[f"{prefix}/{relative.as_posix()}"] = path.read_bytes()
     digest = hashlib.sha256()
     for name, data in sorted(files.items()):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    target = Path(folder or Path(tempfile.gettempdir()) / "kerasonspark-ship") / f"kerasonspark-{digest.hexdigest()[:16]}.zip"
+    target = (
+        Path(folder or Path(tempfile.gettempdir()) / "kerasonspark-ship")
+        / f"kerasonspark-{digest.hexdigest()[:16]}.zip"
+    )
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".zip.part")
@@ -70,7 +82,8 @@ def package_zip(folder: str | Path | None = None) -> Path:
 
 
 def ensure_executors_ready(spark: SparkSession) -> None:
-    """Check once per application that executors can run kerasonspark; ship it if only it is missing.
+    """Check once per application that executors can run kerasonspark; ship it if only it is
+    missing.
 
     Raises:
         SparkEnvironmentError: the executors' Python lacks a module kerasonspark needs.
@@ -82,11 +95,16 @@ def ensure_executors_ready(spark: SparkSession) -> None:
     required = [name for name in missing if name != PACKAGE]
     if required:
         raise SparkEnvironmentError(
-            f"The executors' Python cannot import {', '.join(required)}, which kerasonspark needs there. Install "
+            f"The executors' Python cannot import {', '.join(required)}, which kerasonspark needs "
+            "there. Install "
             f"them in the executors' environment (the same versions as the driver's), or point "
-            f"`spark.pyspark.python` at a Python that has them.")
+            f"`spark.pyspark.python` at a Python that has them."
+        )
     if missing:
         archive = package_zip()
         sc.addPyFile(str(archive))
-        logger.info("The executors cannot import kerasonspark: shipped %s to them with addPyFile", archive.name)
+        logger.info(
+            "The executors cannot import kerasonspark: shipped %s to them with addPyFile",
+            archive.name,
+        )
     _READY.add(sc.applicationId)

@@ -57,7 +57,8 @@ class RestartPolicy(Protocol):
     last_cause: str
 
     def after(self, error: BaseException, epoch: int) -> dict[int, int]:
-        """Account for the failure; return each worker's applied exchanges, or raise to end ``fit``."""
+        """Account for the failure; return each worker's applied exchanges, or raise to end
+        ``fit``."""
         ...
 
     def in_epoch(self, applied: Mapping[int, int], epoch: int) -> dict[int, int]:
@@ -67,6 +68,7 @@ class RestartPolicy(Protocol):
     def stats(self) -> dict[str, Any]:
         """The restart figures for ``stats``."""
         ...
+
 
 worker_logger = logging.getLogger("kerasonspark.worker")
 
@@ -83,8 +85,9 @@ def weighted_mean(entries: list[tuple[int, Mapping[str, float]]]) -> dict[str, f
     return {k: sum(n * logs[k] for n, logs in entries) / total for k in keys}
 
 
-def balanced_steps(partition_sizes: Sequence[int], batch_size: int,
-                   rows_per_second: Sequence[float | None]) -> list[int]:
+def balanced_steps(
+    partition_sizes: Sequence[int], batch_size: int, rows_per_second: Sequence[float | None]
+) -> list[int]:
     """Each worker's steps for an epoch in proportion to its speed, their sum the epoch's steps.
 
     The epoch's steps are those of the partitions (``ceil(rows / batch_size)`` each); a worker
@@ -106,7 +109,7 @@ def balanced_steps(partition_sizes: Sequence[int], batch_size: int,
     for w in known:
         shares[w] = int(exact[w])
     left = budget - sum(shares[w] for w in known)
-    for w in sorted(known, key=lambda w: exact[w] - int(exact[w]), reverse=True)[:max(left, 0)]:
+    for w in sorted(known, key=lambda w: exact[w] - int(exact[w]), reverse=True)[: max(left, 0)]:
         shares[w] += 1
     return shares
 
@@ -115,12 +118,16 @@ def uses_batch_hooks(callbacks: list[keras.callbacks.Callback]) -> bool:
     """Whether any callback overrides a batch-level hook of ``keras.callbacks.Callback``."""
     import keras
 
-    return any(getattr(type(cb), hook) is not getattr(keras.callbacks.Callback, hook)
-               for cb in callbacks for hook in _BATCH_HOOKS)
+    return any(
+        getattr(type(cb), hook) is not getattr(keras.callbacks.Callback, hook)
+        for cb in callbacks
+        for hook in _BATCH_HOOKS
+    )
 
 
 def has_terminate_on_nan(callbacks: list[keras.callbacks.Callback]) -> bool:
-    """Whether ``keras.callbacks.TerminateOnNaN`` is among the callbacks (workers then check their loss)."""
+    """Whether ``keras.callbacks.TerminateOnNaN`` is among the callbacks (workers then check their
+    loss)."""
     import keras
 
     return any(isinstance(cb, keras.callbacks.TerminateOnNaN) for cb in callbacks)
@@ -135,8 +142,13 @@ class Steering:
         board: the run's progress reports and epoch gate.
     """
 
-    def __init__(self, job: TrainingJob, store: ParameterStore, board: EpochBoard,
-                 backup: BackupPlan | None = None) -> None:
+    def __init__(
+        self,
+        job: TrainingJob,
+        store: ParameterStore,
+        board: EpochBoard,
+        backup: BackupPlan | None = None,
+    ) -> None:
         import keras
 
         self.job, self.store, self.board, self.backup = job, store, board, backup
@@ -145,11 +157,19 @@ class Steering:
         self.steps_per_epoch = sum(-(-n // config.batch_size) for n in job.partition_sizes)
         user_callbacks = list(job.callbacks)
         self.callbacks = keras.callbacks.CallbackList(
-            user_callbacks, add_history=True, add_progbar=False, model=job.model,
-            verbose=config.verbose, epochs=config.epochs, steps=self.steps_per_epoch)
+            user_callbacks,
+            add_history=True,
+            add_progbar=False,
+            model=job.model,
+            verbose=config.verbose,
+            epochs=config.epochs,
+            steps=self.steps_per_epoch,
+        )
         # Keras's own History (the user's, or the one CallbackList adds last) records the logs as
         # every callback left them (ReduceLROnPlateau adds `learning_rate`).
-        self.keras_history = next(cb for cb in self.callbacks.callbacks if isinstance(cb, keras.callbacks.History))
+        self.keras_history = next(
+            cb for cb in self.callbacks.callbacks if isinstance(cb, keras.callbacks.History)
+        )
         self.batch_hooks = uses_batch_hooks(user_callbacks)
         self.bar = ProgressBar(config.verbose, config.epochs, job.num_samples)
         self.callback_seconds = 0.0
@@ -173,19 +193,28 @@ class Steering:
         self.callback_seconds += time.perf_counter() - started
 
     def begin(self) -> float | None:
-        """Run ``on_train_begin`` and the first ``on_epoch_begin``; returns the first epoch's learning rate."""
+        """Run ``on_train_begin`` and the first ``on_epoch_begin``; returns the first epoch's
+        learning rate."""
         model, config = self.job.model, self.job.config
         model.stop_training = False
         if self.backup is not None and self.backup.resumed is not None:
-            for key, values in self.backup.resumed.history.items():  # the history continues the backup's
+            for (
+                key,
+                values,
+            ) in self.backup.resumed.history.items():  # the history continues the backup's
                 self.keras_history.history[key] = list(values)
         self._timed(self.callbacks.on_train_begin)
         if config.initial_epoch < config.epochs:
             self._timed(self.callbacks.on_epoch_begin, config.initial_epoch)
         return learning_rate_of(model)
 
-    def drive(self, make_stage: Callable[[int | None, Mapping[int, int] | None], Callable[[], list[WorkerReport]]],
-              restarts: RestartPolicy | None = None) -> list[WorkerReport]:
+    def drive(
+        self,
+        make_stage: Callable[
+            [int | None, Mapping[int, int] | None], Callable[[], list[WorkerReport]]
+        ],
+        restarts: RestartPolicy | None = None,
+    ) -> list[WorkerReport]:
         """Run the training stage in a background thread and steer it from this one.
 
         ``make_stage(first_epoch, resume)`` gives the stage to run: ``(None, None)`` the first;
@@ -197,7 +226,9 @@ class Steering:
         self.restart_policy = restarts
         config = self.job.config
         resumed = self.backup.resumed if self.backup is not None else None
-        if resumed is not None and resumed.resume:  # a backup taken mid-epoch: each worker where it was
+        if (
+            resumed is not None and resumed.resume
+        ):  # a backup taken mid-epoch: each worker where it was
             stage = make_stage(config.initial_epoch, resumed.resume)
         else:
             stage = make_stage(None, None)
@@ -205,7 +236,9 @@ class Steering:
         while True:
             outcome: dict[str, Any] = {}
 
-            def run(stage: Callable[[], list[WorkerReport]] = stage, outcome: dict[str, Any] = outcome) -> None:
+            def run(
+                stage: Callable[[], list[WorkerReport]] = stage, outcome: dict[str, Any] = outcome
+            ) -> None:
                 try:
                     outcome["reports"] = stage()
                 except BaseException as exc:  # handed to the driver's thread below
@@ -232,8 +265,14 @@ class Steering:
             if restarts is None:
                 raise outcome["error"]
             resume = restarts.after(outcome["error"], epoch)  # raises when the run cannot go on
-            logger.warning("Restarting the training stage (restart %d of %d) from the current center, epoch %d: %s",
-                           restarts.count, restarts.limit, epoch + 1, restarts.last_cause)
+            logger.warning(
+                "Restarting the training stage (restart %d of %d) from the current center, epoch "
+                "%d: %s",
+                restarts.count,
+                restarts.limit,
+                epoch + 1,
+                restarts.last_cause,
+            )
             stage = make_stage(epoch, resume)
 
     def _wait(self, epoch: int, wait: Callable[[int, float], Any], thread: threading.Thread) -> Any:
@@ -248,7 +287,8 @@ class Steering:
             self._maybe_save_mid_epoch(epoch)
 
     def _epoch(self, epoch: int, thread: threading.Thread) -> str:
-        """Steer one epoch boundary; returns ``"next"``, ``"stop"`` or ``"failed"`` (the stage ended first)."""
+        """Steer one epoch boundary; returns ``"next"``, ``"stop"`` or ``"failed"`` (the stage ended
+        first)."""
         model, config = self.job.model, self.job.config
         if self._bar_epoch != epoch:
             self.bar.start_epoch(epoch)
@@ -272,7 +312,11 @@ class Steering:
             stop = bool(model.stop_training)
         self.stopped_early = stop and epoch + 1 < config.epochs
         self.board.epoch_logs.append({"epoch": epoch + 1, **logs})
-        shares = self._balance(ready) if config.data.balance_workers and not stop and epoch + 1 < config.epochs else None
+        shares = (
+            self._balance(ready)
+            if config.data.balance_workers and not stop and epoch + 1 < config.epochs
+            else None
+        )
         self.board.release(epoch, stop, learning_rate_of(model), shares)
         if self.backup is not None and self.backup.save_freq == "epoch":
             self._save(epoch + 1, self.board.center(epoch), {})
@@ -280,10 +324,13 @@ class Steering:
         return "stop" if stop else "next"
 
     def _balance(self, ready: Mapping[int, Mapping[str, Any]]) -> list[int]:
-        """Each worker's steps next epoch, from the rows per second each reported (``balance_workers``)."""
+        """Each worker's steps next epoch, from the rows per second each reported
+        (``balance_workers``)."""
         config = self.job.config
         sizes = self.job.partition_sizes or [0] * config.num_workers
-        shares = balanced_steps(sizes, config.batch_size, [ready[w].get("rows_per_second") for w in range(len(sizes))])
+        shares = balanced_steps(
+            sizes, config.batch_size, [ready[w].get("rows_per_second") for w in range(len(sizes))]
+        )
         self.shares.append(shares)
         return shares
 
@@ -297,8 +344,16 @@ class Steering:
         assert self.backup is not None
         started = time.perf_counter()
         exchanges = self._exchanges()
-        self.backup.store.save(RunState(epoch=epoch, center=center, resume=dict(resume), history=self.history,
-                                        exchanges=exchanges, settings=self.backup.settings))
+        self.backup.store.save(
+            RunState(
+                epoch=epoch,
+                center=center,
+                resume=dict(resume),
+                history=self.history,
+                exchanges=exchanges,
+                settings=self.backup.settings,
+            )
+        )
         self._saved_at = exchanges
         self.backup_seconds += time.perf_counter() - started
         self.backups += 1
@@ -345,7 +400,8 @@ class Steering:
         return dict(self.keras_history.history)
 
     def finish(self, weights: np.ndarray) -> np.ndarray:
-        """Put the final center in the model, run ``on_train_end``; returns the weights ``fit`` returns
+        """Put the final center in the model, run ``on_train_end``; returns the weights ``fit``
+        returns
         (a callback such as ``EarlyStopping(restore_best_weights=True)`` may have changed them)."""
         set_flat_weights(self.job.model, weights)
         self._timed(self.callbacks.on_train_end)
@@ -361,8 +417,17 @@ class Steering:
 
     def stats(self) -> dict[str, Any]:
         """The figures of the run's epoch events, for ``stats["epoch_events"]``."""
-        return {"epochs_run": self.epochs_run, "stopped_early": self.stopped_early,
-                "callback_seconds": self.callback_seconds, "epoch_barrier_seconds": self.barrier_seconds,
-                "backups": self.backups, "backup_seconds": self.backup_seconds, "balanced_steps": self.shares,
-                "resumed_from_epoch": (self.backup.resumed.epoch if self.backup is not None
-                                       and self.backup.resumed is not None else None)}
+        return {
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "callback_seconds": self.callback_seconds,
+            "epoch_barrier_seconds": self.barrier_seconds,
+            "backups": self.backups,
+            "backup_seconds": self.backup_seconds,
+            "balanced_steps": self.shares,
+            "resumed_from_epoch": (
+                self.backup.resumed.epoch
+                if self.backup is not None and self.backup.resumed is not None
+                else None
+            ),
+        }

@@ -1,4 +1,5 @@
-"""SparkTrainer (driver side): train, evaluate and predict with a Keras model on Spark, with any engine."""
+"""SparkTrainer (driver side): train, evaluate and predict with a Keras model on Spark, with any
+engine."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 class SparkTrainer:
     """Train a Keras model on Spark the way ``model.fit`` trains it locally.
 
@@ -61,34 +63,59 @@ class SparkTrainer:
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
-        >>> result = trainer.fit(train_df, features="features", label="label", validation_data=test_df)
+        >>> result = trainer.fit(train_df, label="label", validation_data=test_df)
         >>> result.history["val_accuracy"]
     """
 
-    def __init__(self, model: keras.Model, backend: str | Engine = "sync", *,
-                 num_workers: int = TrainingConfig.num_workers, batch_size: int = TrainingConfig.batch_size,
-                 epochs: int = TrainingConfig.epochs, seed: int | None = TrainingConfig.seed,
-                 verbose: int = TrainingConfig.verbose, backend_options: Mapping[str, Any] | None = None,
-                 master: str | None = None, spark: SparkSession | None = None,
-                 custom_objects: Mapping[str, Any] | None = None, checkpoint_dir: str | None = None,
-                 failure: FailureConfig | None = None, data: DataConfig | None = None,
-                 resources: ResourceConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        backend: str | Engine = "sync",
+        *,
+        num_workers: int = TrainingConfig.num_workers,
+        batch_size: int = TrainingConfig.batch_size,
+        epochs: int = TrainingConfig.epochs,
+        seed: int | None = TrainingConfig.seed,
+        verbose: int = TrainingConfig.verbose,
+        backend_options: Mapping[str, Any] | None = None,
+        master: str | None = None,
+        spark: SparkSession | None = None,
+        custom_objects: Mapping[str, Any] | None = None,
+        checkpoint_dir: str | None = None,
+        failure: FailureConfig | None = None,
+        data: DataConfig | None = None,
+        resources: ResourceConfig | None = None,
+    ) -> None:
         import keras
 
         if not isinstance(model, keras.Model):
-            raise TypeError(f"Expected `model` to be a keras.Model. Received: {type(model).__name__}.")
+            raise TypeError(
+                f"Expected `model` to be a keras.Model. Received: {type(model).__name__}."
+            )
         if not getattr(model, "compiled", False):
-            raise ConfigurationError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
+            raise ConfigurationError(
+                "The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first."
+            )
         self.model = model
-        self.config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                                     verbose=verbose, failure=FailureConfig() if failure is None else failure,
-                                     data=DataConfig() if data is None else data,
-                                     resources=ResourceConfig() if resources is None else resources)
+        self.config = TrainingConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            verbose=verbose,
+            failure=FailureConfig() if failure is None else failure,
+            data=DataConfig() if data is None else data,
+            resources=ResourceConfig() if resources is None else resources,
+        )
         self.engine = resolve_backend(backend, backend_options)
         if self.config.data.partition_storage == "stream" and self.engine.trains_on != "workers":
-            raise ConfigurationError(f"Backend {self.engine.name!r} does not train through the shared worker loop, so it "
-                                     "cannot stream partitions; use DataConfig(partition_storage='auto' or 'memory'), or another "
-                                     "backend (sync, async and hogwild stream).")
+            raise ConfigurationError(
+                f"Backend {self.engine.name!r} does not train through the shared worker loop, so "
+                "it "
+                "cannot stream partitions; use DataConfig(partition_storage='auto' or 'memory'), "
+                "or another "
+                "backend (sync, async and hogwild stream)."
+            )
         self.master = master
         self.spark = spark
         self.checkpoint_dir = checkpoint_dir
@@ -135,10 +162,20 @@ class SparkTrainer:
         self.close()
 
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, x: Any, y: Any = None, *, features: str | list[str] = "features", label: str | list[str] = "label",
-            validation_data: Any = None, callbacks: list[keras.callbacks.Callback] | None = None,
-            initial_epoch: int = 0, validation_freq: int = 1, sample_weight: Any = None,
-            class_weight: Mapping[int, float] | None = None) -> TrainingResult:
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        features: str | list[str] = "features",
+        label: str | list[str] = "label",
+        validation_data: Any = None,
+        callbacks: list[keras.callbacks.Callback] | None = None,
+        initial_epoch: int = 0,
+        validation_freq: int = 1,
+        sample_weight: Any = None,
+        class_weight: Mapping[int, float] | None = None,
+    ) -> TrainingResult:
         """Train the model on ``x`` with the configured engine.
 
         Args:
@@ -181,51 +218,110 @@ class SparkTrainer:
         started = time.perf_counter()
         callbacks = _check_callbacks(callbacks)
         callbacks, backup = self._backup_plan(callbacks)
-        dense = data_module.dense_class_weight(class_weight, self.info) if class_weight is not None else None
-        config = dataclasses.replace(self.config, initial_epoch=initial_epoch, validation_freq=validation_freq,
-                                     class_weight=dense)
+        dense = (
+            data_module.dense_class_weight(class_weight, self.info)
+            if class_weight is not None
+            else None
+        )
+        config = dataclasses.replace(
+            self.config,
+            initial_epoch=initial_epoch,
+            validation_freq=validation_freq,
+            class_weight=dense,
+        )
         data = _features_and_labels(x, y, "fit", sample_weight)
         weight_column = sample_weight if isinstance(sample_weight, str) else None
-        self.engine.check_fit(self.model, callbacks, sample_weight is not None or class_weight is not None)
+        self.engine.check_fit(
+            self.model, callbacks, sample_weight is not None or class_weight is not None
+        )
         on_spark, served = self.engine.trains_on != "driver", self.engine.trains_on == "workers"
         with self._session(data) as spark:
             if backup is not None:
                 config = self._resume(backup, config, spark)
             if on_spark:
-                check_slots(spark, self.config.num_workers, self.config.failure.registration_timeout)
+                check_slots(
+                    spark, self.config.num_workers, self.config.failure.registration_timeout
+                )
             if served:
-                check_weights_privacy(dict(spark.sparkContext.getConf().getAll()), server_host(spark))
+                check_weights_privacy(
+                    dict(spark.sparkContext.getConf().getAll()), server_host(spark)
+                )
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
             prepared, runner, held_out = None, None, None
             try:
                 validation = None
-                if validation_data is not None and on_spark and not isinstance(validation_data,
-                                                                                                     (tuple, list)):
-                    # Validation data that lives in Spark stays there: each worker scores its partition.
+                if (
+                    validation_data is not None
+                    and on_spark
+                    and not isinstance(validation_data, (tuple, list))
+                ):
+                    # Validation data that lives in Spark stays there: each worker scores its
+                    # partition.
                     with spark_errors(), spark_job(spark, "kerasonspark prepare validation data"):
-                        held_out = data_module.prepare(spark, validation_data, features, label, self.info,
-                                                       self.config.num_workers, "validation", require_rows=False)
+                        held_out = data_module.prepare(
+                            spark,
+                            validation_data,
+                            features,
+                            label,
+                            self.info,
+                            self.config.num_workers,
+                            "validation",
+                            require_rows=False,
+                        )
                 elif validation_data is not None:
-                    validation = self._local_arrays(spark, validation_data, features, label, "validation")
-                warm = (partial(warm_up, spec_broadcast, spec.custom_objects, run_id, self.info, self.config.resources.worker_threads)
-                        if on_spark else None)
+                    validation = self._local_arrays(
+                        spark, validation_data, features, label, "validation"
+                    )
+                warm = (
+                    partial(
+                        warm_up,
+                        spec_broadcast,
+                        spec.custom_objects,
+                        run_id,
+                        self.info,
+                        self.config.resources.worker_threads,
+                    )
+                    if on_spark
+                    else None
+                )
                 prepare_started = time.perf_counter()
                 storage = self.config.data.partition_storage if served else "memory"
                 with spark_errors(), spark_job(spark, "kerasonspark prepare"):
-                    prepared = data_module.prepare(spark, data, features, label, self.info, self.config.num_workers,
-                                                   "training", warm, weight_column, partition_storage=storage)
+                    prepared = data_module.prepare(
+                        spark,
+                        data,
+                        features,
+                        label,
+                        self.info,
+                        self.config.num_workers,
+                        "training",
+                        warm,
+                        weight_column,
+                        partition_storage=storage,
+                    )
                 prepare_seconds = time.perf_counter() - prepare_started
                 streamed = prepared.streams(storage)
-                runner = SparkRunner(spark, prepared.blocks, spec_broadcast, self.engine.name, backup)
-                job = TrainingJob(spec=spec, model=self.model,
-                                  info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
-                                  config=config, runner=runner,
-                                  run_id=run_id, partition_sizes=prepared.counts, validation=validation,
-                                  validation_blocks=held_out.blocks if held_out is not None else None,
-                                  server_host=server_host(spark), server_port=server_port(spark), callbacks=callbacks,
-                                  streamed=streamed, trains_on=self.engine.trains_on)
+                runner = SparkRunner(
+                    spark, prepared.blocks, spec_broadcast, self.engine.name, backup
+                )
+                job = TrainingJob(
+                    spec=spec,
+                    model=self.model,
+                    info=self.info.with_given_labels(prepared.label_width, prepared.integer_labels),
+                    config=config,
+                    runner=runner,
+                    run_id=run_id,
+                    partition_sizes=prepared.counts,
+                    validation=validation,
+                    validation_blocks=held_out.blocks if held_out is not None else None,
+                    server_host=server_host(spark),
+                    server_port=server_port(spark),
+                    callbacks=callbacks,
+                    streamed=streamed,
+                    trains_on=self.engine.trains_on,
+                )
                 result = self.engine.run(job)
             finally:
                 if runner is not None:
@@ -237,13 +333,16 @@ class SparkTrainer:
         result.stats["wall_seconds"] = time.perf_counter() - started
         result.stats["prepare_seconds"] = prepare_seconds
         result.stats["partition_storage"] = {
-            "path": "stream" if streamed else "memory", "chosen_by": self.config.data.partition_storage,
+            "path": "stream" if streamed else "memory",
+            "chosen_by": self.config.data.partition_storage,
             "largest_partition_mb": max(prepared.partition_bytes, default=0) / 2**20,
-            "worker_budget_mb": (prepared.memory_budget or 0) / 2**20}
+            "worker_budget_mb": (prepared.memory_budget or 0) / 2**20,
+        }
         return result
 
-    def _backup_plan(self, callbacks: list[keras.callbacks.Callback]) -> tuple[list[keras.callbacks.Callback],
-                                                                               BackupPlan | None]:
+    def _backup_plan(
+        self, callbacks: list[keras.callbacks.Callback]
+    ) -> tuple[list[keras.callbacks.Callback], BackupPlan | None]:
         """Take ``BackupAndRestore`` out of the callbacks (the driver backs the run up itself,
         atomically, with what a distributed run needs) and make the plan."""
         import keras
@@ -252,28 +351,47 @@ class SparkTrainer:
         if len(chosen) > 1:
             raise ConfigurationError("Pass at most one keras.callbacks.BackupAndRestore.")
         if chosen and self.checkpoint_dir is not None:
-            raise ConfigurationError("Pass either `checkpoint_dir` or a BackupAndRestore callback, not both.")
+            raise ConfigurationError(
+                "Pass either `checkpoint_dir` or a BackupAndRestore callback, not both."
+            )
         if not chosen and self.checkpoint_dir is None:
             return callbacks, None
         if self.engine.trains_on != "workers":
             if chosen:
-                return callbacks, None  # an engine that trains on the driver hands the callback to model.fit
-            raise ConfigurationError(f"Backend {self.engine.name!r} trains without the parameter server; pass "
-                                     "keras.callbacks.BackupAndRestore to back it up instead of `checkpoint_dir`.")
+                return (
+                    callbacks,
+                    None,
+                )  # an engine that trains on the driver hands the callback to model.fit
+            raise ConfigurationError(
+                f"Backend {self.engine.name!r} trains without the parameter server; pass "
+                "keras.callbacks.BackupAndRestore to back it up instead of `checkpoint_dir`."
+            )
         directory, save_freq, delete = self.checkpoint_dir, "epoch", True
         if chosen:
-            directory, save_freq, delete = chosen[0].backup_dir, chosen[0].save_freq, chosen[0].delete_checkpoint
+            directory, save_freq, delete = (
+                chosen[0].backup_dir,
+                chosen[0].save_freq,
+                chosen[0].delete_checkpoint,
+            )
         assert directory is not None
-        settings = run_settings(architecture(self.model), self.engine.name, self._schema(), self.config.num_workers, "")
+        settings = run_settings(
+            architecture(self.model), self.engine.name, self._schema(), self.config.num_workers, ""
+        )
         plan = BackupPlan(BackupStore(directory), save_freq, settings, delete_when_done=delete)
         return [cb for cb in callbacks if cb not in chosen], plan
 
     def _schema(self) -> dict[str, Any]:
         info = self.info
-        return {"input_shape": list(info.input_shape), "label_mode": info.label_mode, "num_classes": info.num_classes,
-                "target_shape": list(info.target_shape)}
+        return {
+            "input_shape": list(info.input_shape),
+            "label_mode": info.label_mode,
+            "num_classes": info.num_classes,
+            "target_shape": list(info.target_shape),
+        }
 
-    def _resume(self, plan: BackupPlan, config: TrainingConfig, spark: SparkSession) -> TrainingConfig:
+    def _resume(
+        self, plan: BackupPlan, config: TrainingConfig, spark: SparkSession
+    ) -> TrainingConfig:
         """Start from the plan's latest backup, if there is one: its weights and its epoch."""
         plan.settings["master"] = spark.sparkContext.master
         state = plan.store.latest()
@@ -281,39 +399,57 @@ class SparkTrainer:
             return config
         check_resumable(state, plan.settings)
         if state.center.shape != (sum(int(np.prod(w.shape)) for w in self.model.weights),):
-            raise ConfigurationError(f"The backup holds {state.center.size} weights; the model has a different size.")
+            raise ConfigurationError(
+                f"The backup holds {state.center.size} weights; the model has a different size."
+            )
         if state.settings.get("num_workers") != config.num_workers:
-            state.resume = {}  # positions belong to the old workers: resume at the start of the epoch
+            # positions belong to the old workers: resume at the start of the epoch
+            state.resume = {}
         set_flat_weights(self.model, state.center)
         plan.resumed = state
-        logger.info("Resuming from the backup in %s: epoch %d", plan.store.directory, state.epoch + 1)
+        logger.info(
+            "Resuming from the backup in %s: epoch %d", plan.store.directory, state.epoch + 1
+        )
         return dataclasses.replace(config, initial_epoch=state.epoch)
 
     def _spec(self) -> ModelSpec:
-        """The model as plain data, its custom objects made to reach executors that lack their modules."""
+        """The model as plain data, its custom objects made to reach executors that lack their
+        modules."""
         spec = ModelSpec.from_model(self.model, self.custom_objects)
         for obj in spec.custom_objects.values():
             ship_by_value(obj)
         return spec
 
-    def _local_arrays(self, spark: SparkSession, data: Any, features: Any, label: Any,
-                      what: str) -> tuple[np.ndarray, np.ndarray]:
+    def _local_arrays(
+        self, spark: SparkSession, data: Any, features: Any, label: Any, what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(data, (tuple, list)):  # NumPy: already here
             x, y, w = data_module.validate_arrays(tuple(data), self.info, what)
         else:
             with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
-                x, y, w = data_module.collect_arrays(data_module.to_blocks(spark, data, features, label, self.info,
-                                                                           None, what))
+                x, y, w = data_module.collect_arrays(
+                    data_module.to_blocks(spark, data, features, label, self.info, None, what)
+                )
         if w is not None:
-            raise DataError(f"The {what} data carries sample weights; {what} scores are unweighted here. Pass `(x, y)`.")
+            raise DataError(
+                f"The {what} data carries sample weights; {what} scores are unweighted here. Pass "
+                "`(x, y)`."
+            )
         data_module.check_label_shape(y.shape, self.info, f"the {what} data")
         data_module.raise_problems([data_module.block_problems(x, y, self.info)], what)
         return x, y
 
     # -- evaluate / predict -----------------------------------------------------------------
 
-    def evaluate(self, x: Any, y: Any = None, *, features: str | list[str] = "features", label: str | list[str] = "label",
-                 batch_size: int = 256) -> dict[str, float]:
+    def evaluate(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        features: str | list[str] = "features",
+        label: str | list[str] = "label",
+        batch_size: int = 256,
+    ) -> dict[str, float]:
         """Loss and metrics of the current model on ``x`` (the inputs :meth:`fit` takes), computed
         on the executors.
 
@@ -327,12 +463,20 @@ class SparkTrainer:
         spec = self._spec()
         with self._session(data) as spark:
             with spark_errors():
-                blocks = data_module.to_blocks(spark, data, features, label, self.info, None, "evaluation")
+                blocks = data_module.to_blocks(
+                    spark, data, features, label, self.info, None, "evaluation"
+                )
             spec_bytes = spec.to_bytes()
             spec_broadcast = spark.sparkContext.broadcast(spec_bytes)
-            body = partial(evaluate_partition, spec_broadcast=spec_broadcast, custom_objects=spec.custom_objects,
-                           info=self.info, threads=self.config.resources.worker_threads, batch_size=batch_size,
-                           version=spec_version(spec_bytes))
+            body = partial(
+                evaluate_partition,
+                spec_broadcast=spec_broadcast,
+                custom_objects=spec.custom_objects,
+                info=self.info,
+                threads=self.config.resources.worker_threads,
+                batch_size=batch_size,
+                version=spec_version(spec_bytes),
+            )
             try:
                 with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
                     results = blocks.mapPartitions(body).collect()
@@ -344,8 +488,14 @@ class SparkTrainer:
         total = sum(n for n, _ in results)
         return {k: sum(n * s[k] for n, s in results) / total for k in results[0][1]}
 
-    def predict(self, data: Any, *, features: str | list[str] = "features", output_col: str = "prediction",
-                batch_size: int = 256) -> DataFrame:
+    def predict(
+        self,
+        data: Any,
+        *,
+        features: str | list[str] = "features",
+        output_col: str = "prediction",
+        batch_size: int = 256,
+    ) -> DataFrame:
         """Predictions for ``data``, computed on the executors, as a DataFrame.
 
         A DataFrame keeps all its columns and gains ``output_col`` (array<float>); of a model with
@@ -361,27 +511,51 @@ class SparkTrainer:
 
         spec = self._spec()
         with self._session(data, keep=True) as spark:
-            name = features if isinstance(features, str) else "features"  # of NumPy input's DataFrame
+            name = (
+                features if isinstance(features, str) else "features"
+            )  # of NumPy input's DataFrame
             if isinstance(data, DataFrame):
-                df, column = data, data_module.features_column(data, features, self.info, "prediction")
+                df, column = (
+                    data,
+                    data_module.features_column(data, features, self.info, "prediction"),
+                )
             elif isinstance(data, RDD):
-                df = data.map(lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],))\
-                    .toDF([name])
+                df = data.map(
+                    lambda r: (
+                        [float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],
+                    )
+                ).toDF([name])
                 column = data_module.features_column(df, features, self.info, "prediction")
             else:
                 x = data[0] if isinstance(data, tuple) else data
-                x = (self.info.pack_features(x, "the prediction features") if self.info.inputs
-                     else data_module.as_features(x, self.info, "the prediction features"))
+                x = (
+                    self.info.pack_features(x, "the prediction features")
+                    if self.info.inputs
+                    else data_module.as_features(x, self.info, "the prediction features")
+                )
                 df = data_module.numpy_to_dataframe(spark, x, features=name)
-                column = data_module.feature_column(df, name, "prediction")  # several inputs: packed already
-            data_module.check_first_row(df.select(column.alias("f")), "f", str(features), self.info, "prediction")
+                column = data_module.feature_column(
+                    df, name, "prediction"
+                )  # several inputs: packed already
+            data_module.check_first_row(
+                df.select(column.alias("f")), "f", str(features), self.info, "prediction"
+            )
             columns = [f"{output_col}_{output}" for output, _ in self.info.outputs] or [output_col]
-            return predict_dataframe(df, spec, self.info, column, {c: T.ArrayType(T.FloatType()) for c in columns},
-                                     "array", batch_size, self.config.resources.worker_threads)
+            return predict_dataframe(
+                df,
+                spec,
+                self.info,
+                column,
+                {c: T.ArrayType(T.FloatType()) for c in columns},
+                "array",
+                batch_size,
+                self.config.resources.worker_threads,
+            )
 
 
 def _check_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
-    """``fit``'s callbacks as a list of ``keras.callbacks.Callback`` (the engine's ``check_fit`` says
+    """``fit``'s callbacks as a list of ``keras.callbacks.Callback`` (the engine's ``check_fit``
+    says
     which it can run)."""
     import keras
 
@@ -392,7 +566,9 @@ def _check_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
     callbacks = list(callbacks)
     wrong = [type(cb).__name__ for cb in callbacks if not isinstance(cb, keras.callbacks.Callback)]
     if wrong:
-        raise TypeError(f"Expected `callbacks` to be keras.callbacks.Callback objects. Received: {wrong}.")
+        raise TypeError(
+            f"Expected `callbacks` to be keras.callbacks.Callback objects. Received: {wrong}."
+        )
     return callbacks
 
 
@@ -404,25 +580,41 @@ def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None)
 
     if sample_weight is not None and not isinstance(sample_weight, str):
         if y is None and not isinstance(x, tuple):
-            raise DataError("Sample weights as an array go with a feature array and its labels, as in "
-                            "`fit(x, y, sample_weight=w)`; for a DataFrame pass the weight column's name.")
+            raise DataError(
+                "Sample weights as an array go with a feature array and its labels, as in "
+                "`fit(x, y, sample_weight=w)`; for a DataFrame pass the weight column's name."
+            )
         return (*((x, y) if y is not None else x), sample_weight)
     if isinstance(sample_weight, str) and not isinstance(x, (DataFrame, str, os.PathLike)):
-        raise DataError(f"`sample_weight={sample_weight!r}` names a DataFrame column, but the data is a "
-                        f"{type(x).__name__}; pass NumPy weights as an array, `fit(x, y, sample_weight=w)`.")
+        raise DataError(
+            f"`sample_weight={sample_weight!r}` names a DataFrame column, but the data is a "
+            f"{type(x).__name__}; pass NumPy weights as an array, `fit(x, y, sample_weight=w)`."
+        )
     if y is None:
         if isinstance(x, np.ndarray):
-            raise DataError(f"`{method}` got a feature array without labels: pass them as `y`, as in "
-                            f"`trainer.{method}(x, y)`.")
+            raise DataError(
+                f"`{method}` got a feature array without labels: pass them as `y`, as in "
+                f"`trainer.{method}(x, y)`."
+            )
         return x
     if isinstance(x, (DataFrame, RDD, tuple)):
-        raise DataError(f"`y` is only for a feature array; a {type(x).__name__} carries its own labels "
-                        f"(a DataFrame in its `label` column). Drop the `y` argument.")
+        raise DataError(
+            f"`y` is only for a feature array; a {type(x).__name__} carries its own labels "
+            f"(a DataFrame in its `label` column). Drop the `y` argument."
+        )
     return (x, y)
 
 
-def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: Column, outputs: Mapping[str, DataType],
-                      kind: str, batch_size: int = 256, threads: int | None = None) -> DataFrame:
+def predict_dataframe(
+    df: DataFrame,
+    spec: ModelSpec,
+    info: DataInfo,
+    features: Column,
+    outputs: Mapping[str, DataType],
+    kind: str,
+    batch_size: int = 256,
+    threads: int | None = None,
+) -> DataFrame:
     """``df`` with the model's predictions appended, computed on the executors through Arrow.
 
     Lazy, like any transformation: nothing runs until an action. Every column and the row order
@@ -440,12 +632,24 @@ def predict_dataframe(df: DataFrame, spec: ModelSpec, info: DataInfo, features: 
 
     clash = [name for name in outputs if name in df.columns]
     if clash:
-        raise DataError(f"The DataFrame already has the column(s) {clash}; name the prediction columns differently "
-                        "(`output_col` of SparkTrainer.predict, `predictionCol` or `probabilityCol` of KerasModel).")
+        raise DataError(
+            f"The DataFrame already has the column(s) {clash}; name the prediction columns "
+            "differently "
+            "(`output_col` of SparkTrainer.predict, `predictionCol` or `probabilityCol` of "
+            "KerasModel)."
+        )
     spec_bytes = spec.to_bytes()
-    body = partial(predict_batches, spec_bytes=spec_bytes, custom_objects=spec.custom_objects, info=info,
-                   threads=threads, batch_size=batch_size, outputs=list(outputs), kind=kind,
-                   version=spec_version(spec_bytes))
+    body = partial(
+        predict_batches,
+        spec_bytes=spec_bytes,
+        custom_objects=spec.custom_objects,
+        info=info,
+        threads=threads,
+        batch_size=batch_size,
+        outputs=list(outputs),
+        kind=kind,
+        version=spec_version(spec_bytes),
+    )
     returned = T.StructType([T.StructField(name, type_) for name, type_ in outputs.items()])
     predict = F.arrow_udf(body, returned.simpleString(), F.ArrowUDFType.SCALAR_ITER)
     predicted = predict(features)

@@ -15,7 +15,8 @@ parameter server's round barrier (its worker side, ``EpochAveragingExchange``, i
 
         def run(self, job):
             store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers)
-            outcome = job.serve(store, lambda url, secret: EpochAveragingExchange(url, secret, rounds=1))
+            outcome = job.serve(store, lambda url, secret: EpochAveragingExchange(url, secret,
+            rounds=1))
             return job.result(outcome.reports, store.center, outcome.seconds)
 
 (``examples/custom_engine.py`` has it whole, with its exchange and a test.) Engines register in the
@@ -53,16 +54,35 @@ if TYPE_CHECKING:
     from ._data import DataInfo
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Engine", "EngineOptions", "Exchange", "LearningRateScaling", "NoOptions", "ParameterStore",
-    "Runner", "ScalingOptions",
-    "ServerExchange", "StageOutcome", "TRAINS_ON", "TrainingConfig", "TrainingJob", "TrainingResult", "WorkerReport",
-    "available_backends", "check_positive_int", "even_runs", "get_flat_weights", "parse_options", "resolve_backend",
+    "ENTRY_POINT_GROUP",
+    "Engine",
+    "EngineOptions",
+    "Exchange",
+    "LearningRateScaling",
+    "NoOptions",
+    "ParameterStore",
+    "Runner",
+    "ScalingOptions",
+    "ServerExchange",
+    "StageOutcome",
+    "TRAINS_ON",
+    "TrainingConfig",
+    "TrainingJob",
+    "TrainingResult",
+    "WorkerReport",
+    "available_backends",
+    "check_positive_int",
+    "even_runs",
+    "get_flat_weights",
+    "parse_options",
+    "resolve_backend",
     "set_flat_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kerasonspark.backends"
+"""The entry-point group engines register in; the core finds engines there and nowhere else."""
 
 
 def even_runs(steps: int, runs: int) -> list[int]:
@@ -111,8 +131,14 @@ class WorkerReport:
 
     def as_stats(self) -> dict[str, Any]:
         """The report as the JSON-ready entry of ``stats["workers"]`` (histories left out)."""
-        return {"worker": self.worker, "samples": self.samples, "steps": self.steps, "seconds": self.seconds,
-                "samples_per_second": self.samples_per_second, **self.figures}
+        return {
+            "worker": self.worker,
+            "samples": self.samples,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "samples_per_second": self.samples_per_second,
+            **self.figures,
+        }
 
 
 @dataclass
@@ -137,7 +163,8 @@ class TrainingResult:
 
 
 class StageOutcome(NamedTuple):
-    """What a training stage served by a parameter server returns (see :meth:`TrainingJob.serve`)."""
+    """What a training stage served by a parameter server returns (see
+    :meth:`TrainingJob.serve`)."""
 
     reports: list[WorkerReport]
     seconds: float
@@ -202,11 +229,13 @@ class Exchange:
         raise NotImplementedError
 
     def end_epoch(self, model: keras.Model, epoch: int) -> None:
-        """Called after the epoch's last exchange, before the epoch boundary's meeting with the driver."""
+        """Called after the epoch's last exchange, before the epoch boundary's meeting with the
+        driver."""
 
     def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
         """Called at each epoch boundary with the center the driver validated and checkpointed
-        (the center when the last worker ended the epoch). By default the worker continues from it."""
+        (the center when the last worker ended the epoch). By default the worker continues from
+        it."""
         set_flat_weights(model, center)
 
     def should_stop(self) -> bool:
@@ -238,7 +267,9 @@ class ServerExchange(Exchange):
         timeout_name: the engine option ``timeout`` comes from, named when the wait expires.
     """
 
-    def __init__(self, url: str, secret: bytes, timeout: float, timeout_name: str = "timeout") -> None:
+    def __init__(
+        self, url: str, secret: bytes, timeout: float, timeout_name: str = "timeout"
+    ) -> None:
         self.url, self.secret, self.timeout, self.timeout_name = url, secret, timeout, timeout_name
         self.worker = -1
         self.shapes: list[tuple[int, ...]] = []
@@ -247,8 +278,13 @@ class ServerExchange(Exchange):
     def start(self, model: keras.Model, worker: int) -> None:
         self.worker = worker
         self.shapes = [tuple(w.shape) for w in model.weights]
-        self._client = ParameterClient(self.url, self.secret, worker, timeout=self.timeout,
-                                       timeout_name=f"backend_options['{self.timeout_name}']")
+        self._client = ParameterClient(
+            self.url,
+            self.secret,
+            worker,
+            timeout=self.timeout,
+            timeout_name=f"backend_options['{self.timeout_name}']",
+        )
 
     @property
     def client(self) -> ParameterClient:
@@ -263,9 +299,14 @@ class ServerExchange(Exchange):
     def traffic(self) -> dict[str, float]:
         """Seconds spent exchanging and megabytes moved, for the worker's figures."""
         client = self.client
-        return {"exchange_seconds": client.seconds, "mb_sent": client.bytes_sent / 1e6,
-                "mb_received": client.bytes_received / 1e6,
-                "exchange_mb_per_s": (client.bytes_sent + client.bytes_received) / 1e6 / max(client.seconds, 1e-9)}
+        return {
+            "exchange_seconds": client.seconds,
+            "mb_sent": client.bytes_sent / 1e6,
+            "mb_received": client.bytes_received / 1e6,
+            "exchange_mb_per_s": (client.bytes_sent + client.bytes_received)
+            / 1e6
+            / max(client.seconds, 1e-9),
+        }
 
     def report_failure(self, message: str) -> None:
         # A fresh connection: the worker's own may be broken mid-request, or busy in the background.
@@ -285,7 +326,9 @@ class Runner(Protocol):
     job's methods, never directly.
     """
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: Any = None) -> list[WorkerReport]:
+    def run_workers(
+        self, job: TrainingJob, exchange: Exchange, gate: Any = None
+    ) -> list[WorkerReport]:
         """Run the shared worker loop on every partition at once; reports ordered by worker id.
 
         ``gate`` (an ``executor.EpochGate``, given by :meth:`serve`) is each worker's line to the
@@ -296,8 +339,12 @@ class Runner(Protocol):
         """
         ...
 
-    def serve(self, job: TrainingJob, store: ParameterStore,
-              make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+    def serve(
+        self,
+        job: TrainingJob,
+        store: ParameterStore,
+        make_exchange: Callable[[str, bytes], Exchange],
+    ) -> StageOutcome:
         """Serve ``store`` on the driver with a fresh secret while :meth:`run_workers` runs.
 
         Raises:
@@ -305,9 +352,16 @@ class Runner(Protocol):
         """
         ...
 
-    def result(self, job: TrainingJob, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float,
-               exchanges: int, engine_stats: Mapping[str, Any] | None,
-               server_stats: Mapping[str, Any] | None) -> TrainingResult:
+    def result(
+        self,
+        job: TrainingJob,
+        reports: list[WorkerReport],
+        weights: np.ndarray,
+        train_seconds: float,
+        exchanges: int,
+        engine_stats: Mapping[str, Any] | None,
+        server_stats: Mapping[str, Any] | None,
+    ) -> TrainingResult:
         """Set ``weights`` on the caller's model and assemble the :class:`TrainingResult`."""
         ...
 
@@ -317,7 +371,8 @@ class Runner(Protocol):
         ...
 
     def training_blocks(self, job: TrainingJob) -> Any:
-        """The training data as a Spark RDD of ``(x, y, sample_weight)`` blocks, one partition per worker.
+        """The training data as a Spark RDD of ``(x, y, sample_weight)`` blocks, one partition per
+        worker.
 
         Raises:
             ConfigurationError: the runner trains without Spark.
@@ -373,9 +428,12 @@ class TrainingJob:
     def _require(self, trains_on: str, method: str) -> None:
         if self.trains_on != trains_on:
             raise ConfigurationError(
-                f"job.{method}() is for engines with `trains_on = {trains_on!r}`; this engine declares "
-                f"{self.trains_on!r}. Set the engine class's `trains_on` to what it trains through: `fit` "
-                "prepares the data and checks the cluster by it.")
+                f"job.{method}() is for engines with `trains_on = {trains_on!r}`; this engine "
+                "declares "
+                f"{self.trains_on!r}. Set the engine class's `trains_on` to what it trains "
+                "through: `fit` "
+                "prepares the data and checks the cluster by it."
+            )
 
     @property
     def num_samples(self) -> int:
@@ -398,7 +456,8 @@ class TrainingJob:
         return self.validation
 
     def run_workers(self, exchange: Exchange) -> list[WorkerReport]:
-        """Run the shared worker loop on every partition at once, ``exchange`` between runs of steps.
+        """Run the shared worker loop on every partition at once, ``exchange`` between runs of
+        steps.
 
         Without :meth:`serve` the driver has no line to the workers: no callbacks, no live
         progress, and each worker scores its own model on its validation rows.
@@ -410,11 +469,16 @@ class TrainingJob:
         self._require("workers", "run_workers")
         if self.callbacks:
             raise ConfigurationError(
-                "This engine trains without the parameter server (`job.serve`), so the driver cannot run "
-                "callbacks between epochs. Drop `callbacks`, or refuse them in the engine's `check_fit`.")
+                "This engine trains without the parameter server (`job.serve`), so the driver "
+                "cannot run "
+                "callbacks between epochs. Drop `callbacks`, or refuse them in the engine's "
+                "`check_fit`."
+            )
         return self.runner.run_workers(self, exchange)
 
-    def serve(self, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange]) -> StageOutcome:
+    def serve(
+        self, store: ParameterStore, make_exchange: Callable[[str, bytes], Exchange]
+    ) -> StageOutcome:
         """Serve ``store`` on the driver for one training stage, with a fresh secret.
 
         ``make_exchange(url, secret)`` builds the engine's worker-side hook. The server and all
@@ -428,8 +492,15 @@ class TrainingJob:
         self._server_stats = outcome.server_stats
         return outcome
 
-    def result(self, reports: list[WorkerReport], weights: np.ndarray, train_seconds: float, *,
-               exchanges: int | None = None, engine_stats: Mapping[str, Any] | None = None) -> TrainingResult:
+    def result(
+        self,
+        reports: list[WorkerReport],
+        weights: np.ndarray,
+        train_seconds: float,
+        *,
+        exchanges: int | None = None,
+        engine_stats: Mapping[str, Any] | None = None,
+    ) -> TrainingResult:
         """Set ``weights`` on the caller's model and assemble the result.
 
         Each epoch's training metrics are averaged over the workers weighted by their samples
@@ -443,10 +514,14 @@ class TrainingJob:
         server_stats = self._server_stats
         if exchanges is None:
             if server_stats is None:
-                raise ConfigurationError("Pass `exchanges=` to job.result(): the job was not served, so it has "
-                                         "no server count to take.")
+                raise ConfigurationError(
+                    "Pass `exchanges=` to job.result(): the job was not served, so it has "
+                    "no server count to take."
+                )
             exchanges = int(server_stats["rounds"]) + int(server_stats["updates"])
-        return self.runner.result(self, reports, weights, train_seconds, exchanges, engine_stats, server_stats)
+        return self.runner.result(
+            self, reports, weights, train_seconds, exchanges, engine_stats, server_stats
+        )
 
     def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The training data as one ``(x, y, sample_weight)`` triple on the driver, for engines that
@@ -471,7 +546,8 @@ class TrainingJob:
 
 
 class EngineOptions:
-    """Base for an engine's options dataclass: validate in ``__post_init__``, raising ``ValueError``."""
+    """Base for an engine's options dataclass: validate in ``__post_init__``, raising
+    ``ValueError``."""
 
 
 LR_SCALE_RULES = ("linear", "sqrt")
@@ -498,11 +574,22 @@ class ScalingOptions(EngineOptions):
 
     def __post_init__(self) -> None:
         scale = self.lr_scale
-        if scale not in LR_SCALE_RULES and (isinstance(scale, (bool, str)) or not isinstance(scale, (int, float))
-                                            or not scale > 0):
-            raise ValueError(f"Expected `lr_scale` to be a number > 0 or one of {LR_SCALE_RULES}. Received: lr_scale={scale!r}.")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
-            raise ValueError(f"Expected `warmup_steps` to be an integer >= 0. Received: warmup_steps={self.warmup_steps!r}.")
+        if scale not in LR_SCALE_RULES and (
+            isinstance(scale, (bool, str)) or not isinstance(scale, (int, float)) or not scale > 0
+        ):
+            raise ValueError(
+                f"Expected `lr_scale` to be a number > 0 or one of {LR_SCALE_RULES}. Received: "
+                f"lr_scale={scale!r}."
+            )
+        if (
+            not isinstance(self.warmup_steps, int)
+            or isinstance(self.warmup_steps, bool)
+            or self.warmup_steps < 0
+        ):
+            raise ValueError(
+                f"Expected `warmup_steps` to be an integer >= 0. Received: "
+                f"warmup_steps={self.warmup_steps!r}."
+            )
 
     def lr_scaling(self, job: TrainingJob) -> LearningRateScaling | None:
         """The workers' multiplier for ``job`` (``None`` when it is 1 throughout).
@@ -512,7 +599,7 @@ class ScalingOptions(EngineOptions):
         """
         workers = job.config.num_workers
         scale = self.lr_scale
-        factor = float(workers if scale == "linear" else workers ** 0.5 if scale == "sqrt" else scale)
+        factor = float(workers if scale == "linear" else workers**0.5 if scale == "sqrt" else scale)
         if factor == 1.0:
             return None
         return LearningRateScaling(factor, self.warmup_steps)
@@ -528,9 +615,12 @@ class ScalingOptions(EngineOptions):
         rate = getattr(getattr(model, "optimizer", None), "_learning_rate", None)
         if self.lr_scale != 1 and isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             raise ConfigurationError(
-                "`lr_scale` multiplies a fixed learning rate, and this model's optimizer computes it with a "
-                "LearningRateSchedule. Scale the schedule itself, or give the optimizer a number and shape it with a "
-                "callback (keras.callbacks.LearningRateScheduler).")
+                "`lr_scale` multiplies a fixed learning rate, and this model's optimizer computes "
+                "it with a "
+                "LearningRateSchedule. Scale the schedule itself, or give the optimizer a number "
+                "and shape it with a "
+                "callback (keras.callbacks.LearningRateScheduler)."
+            )
 
 
 @dataclass
@@ -547,7 +637,14 @@ def parse_options(options_class: type, options: Mapping[str, Any] | None, engine
     options = dict(options or {})
     names = {f.name for f in dataclasses.fields(options_class)}
     # The engine's own options first, then what it inherits (lr_scale, ...): the order users read.
-    valid = list(dict.fromkeys(n for cls in options_class.__mro__ for n in vars(cls).get("__annotations__", {}) if n in names))
+    valid = list(
+        dict.fromkeys(
+            n
+            for cls in options_class.__mro__
+            for n in vars(cls).get("__annotations__", {})
+            if n in names
+        )
+    )
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigurationError(
@@ -556,10 +653,13 @@ def parse_options(options_class: type, options: Mapping[str, Any] | None, engine
     try:
         return options_class(**options)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"Invalid `backend_options` for backend '{engine}': {exc}") from None
+        raise ConfigurationError(
+            f"Invalid `backend_options` for backend '{engine}': {exc}"
+        ) from None
 
 
 TRAINS_ON = ("workers", "driver", "spark")
+"""The values of :attr:`Engine.trains_on`."""
 
 
 class Engine:
@@ -590,8 +690,10 @@ class Engine:
 
     def __init__(self, **options: Any) -> None:
         if self.trains_on not in TRAINS_ON:
-            raise ConfigurationError(f"Expected {type(self).__name__}.trains_on in {TRAINS_ON}. "
-                                     f"Received: {self.trains_on!r}.")
+            raise ConfigurationError(
+                f"Expected {type(self).__name__}.trains_on in {TRAINS_ON}. "
+                f"Received: {self.trains_on!r}."
+            )
         self.options = parse_options(self.options_class, options, self.name)
 
     def check_fit(self, model: keras.Model, callbacks: list[Any], weighted: bool) -> None:
@@ -639,14 +741,20 @@ def resolve_backend(backend: str | Engine, options: Mapping[str, Any] | None = N
     """
     if isinstance(backend, Engine):
         if options:
-            raise ConfigurationError("Pass `backend_options` only with a backend name; an engine object is already configured.")
+            raise ConfigurationError(
+                "Pass `backend_options` only with a backend name; an engine object is already "
+                "configured."
+            )
         return backend
     if not isinstance(backend, str):
-        raise TypeError(f"Expected `backend` to be a name or an Engine. Received: backend={backend!r}.")
+        raise TypeError(
+            f"Expected `backend` to be a name or an Engine. Received: backend={backend!r}."
+        )
     engines = available_backends()
     if backend not in engines:
         raise ConfigurationError(
             f"Unknown backend {backend!r}. Installed backends: {sorted(engines)}. "
-            f"Engines register in the '{ENTRY_POINT_GROUP}' entry-point group; reinstall kerasonspark if it is empty."
+            f"Engines register in the '{ENTRY_POINT_GROUP}' entry-point group; reinstall "
+            "kerasonspark if it is empty."
         )
     return engines[backend](**dict(options or {}))

@@ -6,7 +6,8 @@
     from kerasonspark.ml import KerasEstimator
 
     estimator = KerasEstimator(model=compiled_model, backend="async", epochs=2, labelCol="digit")
-    fitted = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="features"), estimator]).fit(df)
+    fitted = Pipeline(stages=[VectorAssembler(inputCols=cols, outputCol="features"),
+    estimator]).fit(df)
     fitted.write().overwrite().save("hdfs:///models/digits")     # PipelineModel.load(...) later
     fitted.transform(test_df).select("prediction", "probability")
 
@@ -35,8 +36,21 @@ from typing import TYPE_CHECKING, Any
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol, HasProbabilityCol, HasSeed
-from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
+from pyspark.ml.param.shared import (
+    HasFeaturesCol,
+    HasLabelCol,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasSeed,
+)
+from pyspark.ml.util import (
+    DefaultParamsReader,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
 
 from ._config import DataConfig, FailureConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo, feature_column
@@ -53,7 +67,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_BINARY_LOSSES = {"binary_crossentropy", "binarycrossentropy", "binary_focal_crossentropy", "binaryfocalcrossentropy"}
+_BINARY_LOSSES = {
+    "binary_crossentropy",
+    "binarycrossentropy",
+    "binary_focal_crossentropy",
+    "binaryfocalcrossentropy",
+}
 _MODEL_FILE = "model.keras"
 _CUSTOM_OBJECTS_FILE = "custom_objects.cloudpickle"
 # Params that hold Python objects: saved in files of their own, not in Spark's JSON metadata.
@@ -66,7 +85,9 @@ def _to_compiled_model(value: Any) -> keras.Model:
     if not isinstance(value, keras.Model):
         raise TypeError(f"Expected a keras.Model. Received: {type(value).__name__}.")
     if not getattr(value, "compiled", False):
-        raise TypeError("The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first.")
+        raise TypeError(
+            "The model is not compiled. Call `model.compile(optimizer=..., loss=...)` first."
+        )
     return value
 
 
@@ -103,8 +124,10 @@ def _settings_converter(kind: type) -> Any:
             return value
         if isinstance(value, Mapping):
             return kind(**value)
-        raise TypeError(f"Expected a kerasonspark.{kind.__name__} or a dict of its fields. "
-                        f"Received: {type(value).__name__}.")
+        raise TypeError(
+            f"Expected a kerasonspark.{kind.__name__} or a dict of its fields. "
+            f"Received: {type(value).__name__}."
+        )
 
     return convert
 
@@ -124,10 +147,17 @@ class _KerasParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol):
     """The Params an estimator and its fitted model share."""
 
     customObjects: Param[dict[str, Any]] = Param(
-        Params._dummy(), "customObjects",
-        "custom layers, losses and metrics the model uses, by name (saved with the model)", _to_dict)
+        Params._dummy(),
+        "customObjects",
+        "custom layers, losses and metrics the model uses, by name (saved with the model)",
+        _to_dict,
+    )
     predictionBatchSize: Param[int] = Param(
-        Params._dummy(), "predictionBatchSize", "samples per forward pass when predicting", _to_positive_int)
+        Params._dummy(),
+        "predictionBatchSize",
+        "samples per forward pass when predicting",
+        _to_positive_int,
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,82 +176,171 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     Args:
         model: a built, compiled ``keras.Model``; ``fit`` trains a copy, starting from its weights.
         customObjects: custom layers, losses and metrics the model uses, by name.
-        backend: the engine (``"sync"``, ``"async"``, ``"hogwild"``, ``"single"``, ``"elephas"``...).
+        backend: the engine (``"sync"``, ``"async"``, ``"hogwild"``, ``"single"``,
+            ``"elephas"``...).
         backendOptions: the engine's options, e.g. ``{"rule": "adag", "window": 5}``.
-        epochs, batchSize, numWorkers: as in :class:`kerasonspark.SparkTrainer`.
+        epochs: passes over the training data, as ``SparkTrainer``'s ``epochs``.
+        batchSize: samples per local step, as ``SparkTrainer``'s ``batch_size``.
+        numWorkers: Spark tasks that train side by side, as ``SparkTrainer``'s ``num_workers``.
         learningRate: replaces the optimizer's learning rate (so ``CrossValidator`` can tune it);
             ``None`` keeps the compiled one.
         featuresCol: an array or ML ``Vector`` column (e.g. a ``VectorAssembler``'s output).
         labelCol: class indices (double, as ``StringIndexer`` gives), one-hot arrays, or targets.
-        sampleWeightCol: a numeric column weighting each row's loss, as ``model.fit(sample_weight=)``.
-        predictionCol, probabilityCol: the fitted model's outputs (``probabilityCol=""`` drops
-            the probabilities).
+        sampleWeightCol: a numeric column weighting each row's loss, as
+            ``model.fit(sample_weight=)``.
+        predictionCol: the fitted model's prediction column.
+        probabilityCol: the fitted model's class probabilities (``""`` drops them).
         validationFraction: rows held out at random to score after each epoch (``val_*`` in the
             fitted model's ``history``); 0 holds none out.
         seed: seeds the data order and the validation split.
         verbose: as ``SparkTrainer``'s; 0 (the default here) prints nothing.
         checkpointDir: back the run up there at every epoch and resume from it (as
             ``SparkTrainer``'s ``checkpoint_dir``).
-        failureConfig, dataConfig, resourceConfig: a :class:`kerasonspark.FailureConfig`,
-            :class:`kerasonspark.DataConfig` and :class:`kerasonspark.ResourceConfig` (or dicts of
-            their fields), as ``SparkTrainer``'s ``failure``, ``data`` and ``resources``.
+        failureConfig: a :class:`kerasonspark.FailureConfig` (or a dict of its fields), as
+            ``SparkTrainer``'s ``failure``.
+        dataConfig: a :class:`kerasonspark.DataConfig` (or a dict), as ``SparkTrainer``'s ``data``.
+        resourceConfig: a :class:`kerasonspark.ResourceConfig` (or a dict), as ``SparkTrainer``'s
+            ``resources``.
         predictionBatchSize: samples per forward pass of the fitted model.
     """
 
-    model: Param[Any] = Param(Params._dummy(), "model", "a compiled keras.Model: architecture, compile settings and "
-                              "starting weights", _to_compiled_model)
-    backend: Param[str] = Param(Params._dummy(), "backend", "the kerasonspark engine that trains",
-                                TypeConverters.toString)
-    backendOptions: Param[dict[str, Any]] = Param(Params._dummy(), "backendOptions", "the engine's options", _to_dict)
-    epochs: Param[int] = Param(Params._dummy(), "epochs", "passes over the training data", _to_positive_int)
-    batchSize: Param[int] = Param(Params._dummy(), "batchSize", "samples per local training step", _to_positive_int)
-    numWorkers: Param[int] = Param(Params._dummy(), "numWorkers", "Spark tasks that train side by side", _to_positive_int)
-    learningRate: Param[Any] = Param(Params._dummy(), "learningRate", "replaces the optimizer's learning rate "
-                                     "(None keeps the compiled one)", _to_optional_positive_float)
-    validationFraction: Param[float] = Param(Params._dummy(), "validationFraction", "fraction of rows held out to "
-                                             "score after each epoch", _to_fraction)
-    sampleWeightCol: Param[str] = Param(Params._dummy(), "sampleWeightCol", "a numeric column of per-row loss weights "
-                                        "(finite, >= 0); unset weighs every row 1", TypeConverters.toString)
-    verbose: Param[int] = Param(Params._dummy(), "verbose", "0 silent, 1 a progress bar, 2 a line per epoch",
-                                TypeConverters.toInt)
-    checkpointDir: Param[Any] = Param(Params._dummy(), "checkpointDir", "back the run up here at every epoch and "
-                                      "resume from it (None: no backups)", _to_optional_string)
-    failureConfig: Param[FailureConfig] = Param(Params._dummy(), "failureConfig", "restarts after a lost worker "
-                                                "and the timeouts", _settings_converter(FailureConfig))
-    dataConfig: Param[DataConfig] = Param(Params._dummy(), "dataConfig", "where workers keep their partitions and "
-                                          "how steps are shared", _settings_converter(DataConfig))
-    resourceConfig: Param[ResourceConfig] = Param(Params._dummy(), "resourceConfig", "what each worker may use of "
-                                                  "its machine", _settings_converter(ResourceConfig))
+    model: Param[Any] = Param(
+        Params._dummy(),
+        "model",
+        "a compiled keras.Model: architecture, compile settings and starting weights",
+        _to_compiled_model,
+    )
+    backend: Param[str] = Param(
+        Params._dummy(), "backend", "the kerasonspark engine that trains", TypeConverters.toString
+    )
+    backendOptions: Param[dict[str, Any]] = Param(
+        Params._dummy(), "backendOptions", "the engine's options", _to_dict
+    )
+    epochs: Param[int] = Param(
+        Params._dummy(), "epochs", "passes over the training data", _to_positive_int
+    )
+    batchSize: Param[int] = Param(
+        Params._dummy(), "batchSize", "samples per local training step", _to_positive_int
+    )
+    numWorkers: Param[int] = Param(
+        Params._dummy(), "numWorkers", "Spark tasks that train side by side", _to_positive_int
+    )
+    learningRate: Param[Any] = Param(
+        Params._dummy(),
+        "learningRate",
+        "replaces the optimizer's learning rate (None keeps the compiled one)",
+        _to_optional_positive_float,
+    )
+    validationFraction: Param[float] = Param(
+        Params._dummy(),
+        "validationFraction",
+        "fraction of rows held out to score after each epoch",
+        _to_fraction,
+    )
+    sampleWeightCol: Param[str] = Param(
+        Params._dummy(),
+        "sampleWeightCol",
+        "a numeric column of per-row loss weights (finite, >= 0); unset weighs every row 1",
+        TypeConverters.toString,
+    )
+    verbose: Param[int] = Param(
+        Params._dummy(),
+        "verbose",
+        "0 silent, 1 a progress bar, 2 a line per epoch",
+        TypeConverters.toInt,
+    )
+    checkpointDir: Param[Any] = Param(
+        Params._dummy(),
+        "checkpointDir",
+        "back the run up here at every epoch and resume from it (None: no backups)",
+        _to_optional_string,
+    )
+    failureConfig: Param[FailureConfig] = Param(
+        Params._dummy(),
+        "failureConfig",
+        "restarts after a lost worker and the timeouts",
+        _settings_converter(FailureConfig),
+    )
+    dataConfig: Param[DataConfig] = Param(
+        Params._dummy(),
+        "dataConfig",
+        "where workers keep their partitions and how steps are shared",
+        _settings_converter(DataConfig),
+    )
+    resourceConfig: Param[ResourceConfig] = Param(
+        Params._dummy(),
+        "resourceConfig",
+        "what each worker may use of its machine",
+        _settings_converter(ResourceConfig),
+    )
     _input_kwargs: dict[str, Any]  # set by @keyword_only
 
     @keyword_only
-    def __init__(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
-                 backend: str = "sync", backendOptions: Mapping[str, Any] | None = None,
-                 epochs: int = TrainingConfig.epochs, batchSize: int = TrainingConfig.batch_size,
-                 numWorkers: int = TrainingConfig.num_workers, learningRate: float | None = None,
-                 featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
-                 predictionCol: str = "prediction",
-                 probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
-                 verbose: int = 0, predictionBatchSize: int = 256, checkpointDir: str | None = None,
-                 failureConfig: FailureConfig | None = None, dataConfig: DataConfig | None = None,
-                 resourceConfig: ResourceConfig | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model: keras.Model | None = None,
+        customObjects: Mapping[str, Any] | None = None,
+        backend: str = "sync",
+        backendOptions: Mapping[str, Any] | None = None,
+        epochs: int = TrainingConfig.epochs,
+        batchSize: int = TrainingConfig.batch_size,
+        numWorkers: int = TrainingConfig.num_workers,
+        learningRate: float | None = None,
+        featuresCol: str = "features",
+        labelCol: str = "label",
+        sampleWeightCol: str | None = None,
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        validationFraction: float = 0.0,
+        seed: int | None = None,
+        verbose: int = 0,
+        predictionBatchSize: int = 256,
+        checkpointDir: str | None = None,
+        failureConfig: FailureConfig | None = None,
+        dataConfig: DataConfig | None = None,
+        resourceConfig: ResourceConfig | None = None,
+    ) -> None:
         super().__init__()
-        self._setDefault(backend="sync", backendOptions={}, epochs=TrainingConfig.epochs,
-                         batchSize=TrainingConfig.batch_size, numWorkers=TrainingConfig.num_workers, learningRate=None,
-                         validationFraction=0.0, verbose=0, checkpointDir=None)
+        self._setDefault(
+            backend="sync",
+            backendOptions={},
+            epochs=TrainingConfig.epochs,
+            batchSize=TrainingConfig.batch_size,
+            numWorkers=TrainingConfig.num_workers,
+            learningRate=None,
+            validationFraction=0.0,
+            verbose=0,
+            checkpointDir=None,
+        )
         self.setParams(**self._input_kwargs)
 
     @keyword_only
-    def setParams(self, *, model: keras.Model | None = None, customObjects: Mapping[str, Any] | None = None,
-                  backend: str = "sync", backendOptions: Mapping[str, Any] | None = None,
-                  epochs: int = TrainingConfig.epochs, batchSize: int = TrainingConfig.batch_size,
-                  numWorkers: int = TrainingConfig.num_workers, learningRate: float | None = None,
-                  featuresCol: str = "features", labelCol: str = "label", sampleWeightCol: str | None = None,
-                  predictionCol: str = "prediction",
-                  probabilityCol: str = "probability", validationFraction: float = 0.0, seed: int | None = None,
-                  verbose: int = 0, predictionBatchSize: int = 256, checkpointDir: str | None = None,
-                  failureConfig: FailureConfig | None = None, dataConfig: DataConfig | None = None,
-                  resourceConfig: ResourceConfig | None = None) -> KerasEstimator:
+    def setParams(
+        self,
+        *,
+        model: keras.Model | None = None,
+        customObjects: Mapping[str, Any] | None = None,
+        backend: str = "sync",
+        backendOptions: Mapping[str, Any] | None = None,
+        epochs: int = TrainingConfig.epochs,
+        batchSize: int = TrainingConfig.batch_size,
+        numWorkers: int = TrainingConfig.num_workers,
+        learningRate: float | None = None,
+        featuresCol: str = "features",
+        labelCol: str = "label",
+        sampleWeightCol: str | None = None,
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        validationFraction: float = 0.0,
+        seed: int | None = None,
+        verbose: int = 0,
+        predictionBatchSize: int = 256,
+        checkpointDir: str | None = None,
+        failureConfig: FailureConfig | None = None,
+        dataConfig: DataConfig | None = None,
+        resourceConfig: ResourceConfig | None = None,
+    ) -> KerasEstimator:
         """Set the given Params (keyword arguments only)."""
         # None means "keep the default" for the seed (HasSeed's) and the settings objects.
         unset = ("seed", "failureConfig", "dataConfig", "resourceConfig")
@@ -282,8 +401,10 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
 
     def getModel(self) -> keras.Model:
         if not self.isDefined(self.model):
-            raise ConfigurationError("KerasEstimator has no model: pass `model=` (a compiled keras.Model) or call "
-                                     "`setModel`.")
+            raise ConfigurationError(
+                "KerasEstimator has no model: pass `model=` (a compiled keras.Model) or call "
+                "`setModel`."
+            )
         return self.getOrDefault(self.model)
 
     def getBackend(self) -> str:
@@ -305,7 +426,11 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
         return self.getOrDefault(self.learningRate)
 
     def getSampleWeightCol(self) -> str | None:
-        return self.getOrDefault(self.sampleWeightCol) if self.isDefined(self.sampleWeightCol) else None
+        return (
+            self.getOrDefault(self.sampleWeightCol)
+            if self.isDefined(self.sampleWeightCol)
+            else None
+        )
 
     def getValidationFraction(self) -> float:
         return self.getOrDefault(self.validationFraction)
@@ -315,24 +440,42 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
 
     # The settings objects keep their defaults in their own classes: unset Params stand for those.
     def getFailureConfig(self) -> FailureConfig:
-        return self.getOrDefault(self.failureConfig) if self.isDefined(self.failureConfig) else FailureConfig()
+        return (
+            self.getOrDefault(self.failureConfig)
+            if self.isDefined(self.failureConfig)
+            else FailureConfig()
+        )
 
     def getDataConfig(self) -> DataConfig:
-        return self.getOrDefault(self.dataConfig) if self.isDefined(self.dataConfig) else DataConfig()
+        return (
+            self.getOrDefault(self.dataConfig) if self.isDefined(self.dataConfig) else DataConfig()
+        )
 
     def getResourceConfig(self) -> ResourceConfig:
-        return self.getOrDefault(self.resourceConfig) if self.isDefined(self.resourceConfig) else ResourceConfig()
+        return (
+            self.getOrDefault(self.resourceConfig)
+            if self.isDefined(self.resourceConfig)
+            else ResourceConfig()
+        )
 
     def _fit(self, dataset: DataFrame) -> KerasModel:
         from ._trainer import SparkTrainer
 
         weight = self.getSampleWeightCol()
-        missing = [c for c in (self.getFeaturesCol(), self.getLabelCol(), weight) if c and c not in dataset.columns]
+        missing = [
+            c
+            for c in (self.getFeaturesCol(), self.getLabelCol(), weight)
+            if c and c not in dataset.columns
+        ]
         if missing:
-            raise DataError(f"The DataFrame has no column(s) {missing}. Its columns: {dataset.columns}. Set "
-                            "`featuresCol`, `labelCol` (and `sampleWeightCol`) to the right names.")
+            raise DataError(
+                f"The DataFrame has no column(s) {missing}. Its columns: {dataset.columns}. Set "
+                "`featuresCol`, `labelCol` (and `sampleWeightCol`) to the right names."
+            )
         custom_objects = self.getCustomObjects()
-        model = ModelSpec.from_model(self.getModel(), custom_objects).build()  # a copy: the Param's model stays as given
+        model = ModelSpec.from_model(
+            self.getModel(), custom_objects
+        ).build()  # a copy: the Param's model stays as given
         rate = self.getLearningRate()
         if rate is not None:
             _set_learning_rate(model, rate)
@@ -340,15 +483,29 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
         if self.getValidationFraction() > 0:
             fraction = self.getValidationFraction()
             train, validation = dataset.randomSplit([1.0 - fraction, fraction], seed=self.getSeed())
-        trainer = SparkTrainer(model, backend=self.getBackend(), num_workers=self.getNumWorkers(),
-                               batch_size=self.getBatchSize(), epochs=self.getEpochs(),
-                               backend_options=self.getBackendOptions(), spark=dataset.sparkSession,
-                               seed=self.getSeed() % 2**31,  # HasSeed's default (a hash) may be negative
-                               verbose=self.getOrDefault(self.verbose), custom_objects=custom_objects,
-                               checkpoint_dir=self.getCheckpointDir(), failure=self.getFailureConfig(),
-                               data=self.getDataConfig(), resources=self.getResourceConfig())
-        result = trainer.fit(train, features=self.getFeaturesCol(), label=self.getLabelCol(),
-                             validation_data=validation, sample_weight=weight or None)
+        trainer = SparkTrainer(
+            model,
+            backend=self.getBackend(),
+            num_workers=self.getNumWorkers(),
+            batch_size=self.getBatchSize(),
+            epochs=self.getEpochs(),
+            backend_options=self.getBackendOptions(),
+            spark=dataset.sparkSession,
+            seed=self.getSeed() % 2**31,  # HasSeed's default (a hash) may be negative
+            verbose=self.getOrDefault(self.verbose),
+            custom_objects=custom_objects,
+            checkpoint_dir=self.getCheckpointDir(),
+            failure=self.getFailureConfig(),
+            data=self.getDataConfig(),
+            resources=self.getResourceConfig(),
+        )
+        result = trainer.fit(
+            train,
+            features=self.getFeaturesCol(),
+            label=self.getLabelCol(),
+            validation_data=validation,
+            sample_weight=weight or None,
+        )
         fitted = KerasModel(result.model, history=result.history, stats=result.stats)
         return self._copyValues(fitted)
 
@@ -372,8 +529,13 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         stats: the training run's figures (engine, samples/s, seconds...).
     """
 
-    def __init__(self, keras_model: keras.Model | None = None, *, history: Mapping[str, list[float]] | None = None,
-                 stats: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        keras_model: keras.Model | None = None,
+        *,
+        history: Mapping[str, list[float]] | None = None,
+        stats: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.keras_model = _to_compiled_model(keras_model) if keras_model is not None else None
         self.history = dict(history or {})
@@ -403,23 +565,32 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         from ._trainer import predict_dataframe
 
         if self.keras_model is None:
-            raise ConfigurationError("This KerasModel holds no Keras model: create it with `KerasModel(model)`.")
+            raise ConfigurationError(
+                "This KerasModel holds no Keras model: create it with `KerasModel(model)`."
+            )
         model = self.keras_model
         info = DataInfo.for_model(model, model.get_compile_config())
         if info.inputs or info.outputs:
-            raise ConfigurationError("KerasModel takes models with one input and one output (one features column, one "
-                                     "prediction); use SparkTrainer.predict for a model with several.")
+            raise ConfigurationError(
+                "KerasModel takes models with one input and one output (one features column, one "
+                "prediction); use SparkTrainer.predict for a model with several."
+            )
         kind = prediction_kind(model, info)
         prediction, probability = self.getPredictionCol(), self.getProbabilityCol()
         if kind == "value":
             width = math.prod(int(d) for d in model.output_shape[1:])
             outputs = {prediction: T.DoubleType() if width == 1 else T.ArrayType(T.DoubleType())}
         else:
-            outputs = {prediction: T.DoubleType(), probability or "__kerasonspark_probability": T.ArrayType(T.DoubleType())}
+            outputs = {
+                prediction: T.DoubleType(),
+                probability or "__kerasonspark_probability": T.ArrayType(T.DoubleType()),
+            }
         spec = ModelSpec.from_model(model, self.getCustomObjects())
         ensure_executors_ready(dataset.sparkSession)
         features = feature_column(dataset, self.getFeaturesCol(), "prediction")
-        out = predict_dataframe(dataset, spec, info, features, outputs, kind, self.getPredictionBatchSize())
+        out = predict_dataframe(
+            dataset, spec, info, features, outputs, kind, self.getPredictionBatchSize()
+        )
         for name, type_ in outputs.items():
             if isinstance(type_, T.ArrayType):
                 out = out.withColumn(name, array_to_vector(F.col(name)))
@@ -449,11 +620,14 @@ def _set_learning_rate(model: keras.Model, rate: float) -> None:
     try:
         model.optimizer.learning_rate = rate
     except TypeError:  # Keras refuses to replace a LearningRateSchedule
-        raise ConfigurationError("The model's optimizer follows a LearningRateSchedule, so `learningRate` cannot "
-                                 "replace its rate. Compile with a fixed rate, or leave `learningRate` unset.") from None
+        raise ConfigurationError(
+            "The model's optimizer follows a LearningRateSchedule, so `learningRate` cannot "
+            "replace its rate. Compile with a fixed rate, or leave `learningRate` unset."
+        ) from None
 
 
 # -- persistence ------------------------------------------------------------------------------
+
 
 def _hadoop_file(spark: SparkSession, path: str) -> tuple[Any, Any]:
     """The Hadoop ``FileSystem`` and ``Path`` of ``path``, so any store Spark saves to (local,
@@ -487,7 +661,9 @@ def _read_bytes(spark: SparkSession, path: str) -> bytes | None:
 
 def _jsonable(value: Any) -> Any:
     """Figures as JSON takes them (NumPy numbers as Python numbers, anything else as text)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return json.loads(
+        json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )
 
 
 class _KerasWriter(MLWriter):
@@ -503,16 +679,30 @@ class _KerasWriter(MLWriter):
         from pyspark import cloudpickle
 
         instance = self.instance
-        # Settings objects are saved as dicts of their fields; their Params' converters read them back.
-        params = {p.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
-                  for p, v in instance._paramMap.items() if p.name not in _OBJECT_PARAMS}
+        # Settings objects are saved as dicts of their fields; their Params' converters read them
+        # back.
+        params = {
+            p.name: dataclasses.asdict(v)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type)
+            else v
+            for p, v in instance._paramMap.items()
+            if p.name not in _OBJECT_PARAMS
+        }
         extra: dict[str, Any] = {"kerasonspark": {"format": 1}}
         if isinstance(instance, KerasModel):
             model = instance.keras_model
-            extra["kerasonspark"].update(history=_jsonable(instance.history), stats=_jsonable(instance.stats))
+            extra["kerasonspark"].update(
+                history=_jsonable(instance.history), stats=_jsonable(instance.stats)
+            )
         else:
-            model = instance.getOrDefault(instance.model) if instance.isDefined(instance.model) else None
-        DefaultParamsWriter.saveMetadata(instance, path, self.sparkSession, extraMetadata=extra, paramMap=params)
+            model = (
+                instance.getOrDefault(instance.model)
+                if instance.isDefined(instance.model)
+                else None
+            )
+        DefaultParamsWriter.saveMetadata(
+            instance, path, self.sparkSession, extraMetadata=extra, paramMap=params
+        )
         if model is not None:
             with tempfile.TemporaryDirectory(prefix="kerasonspark-save-") as folder:
                 local = os.path.join(folder, _MODEL_FILE)
@@ -520,12 +710,22 @@ class _KerasWriter(MLWriter):
                 with open(local, "rb") as file:
                     _write_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE), file.read())
         # Also the registered objects the model names: a new process has not registered them.
-        custom_objects = {**(referenced_custom_objects(model.to_json(), model.get_compile_config()) if model else {}),
-                          **instance.getCustomObjects()}
+        custom_objects = {
+            **(
+                referenced_custom_objects(model.to_json(), model.get_compile_config())
+                if model
+                else {}
+            ),
+            **instance.getCustomObjects(),
+        }
         for obj in custom_objects.values():
             ship_by_value(obj)
         if custom_objects:
-            _write_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE), cloudpickle.dumps(custom_objects))
+            _write_bytes(
+                self.sparkSession,
+                os.path.join(path, _CUSTOM_OBJECTS_FILE),
+                cloudpickle.dumps(custom_objects),
+            )
 
 
 def _register(custom_objects: Mapping[str, Any]) -> None:
@@ -552,8 +752,10 @@ class _KerasReader(MLReader):
 
         metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
         if metadata["class"] != f"{self.cls.__module__}.{self.cls.__name__}":
-            raise ConfigurationError(f"{path} holds a {metadata['class']}, not a {self.cls.__name__}: load it with "
-                                     f"that class (or PipelineModel.load for a pipeline).")
+            raise ConfigurationError(
+                f"{path} holds a {metadata['class']}, not a {self.cls.__name__}: load it with "
+                f"that class (or PipelineModel.load for a pipeline)."
+            )
         raw = _read_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE))
         custom_objects = pickle.loads(raw) if raw is not None else {}
         _register(custom_objects)

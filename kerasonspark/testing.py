@@ -50,7 +50,8 @@ class InProcessRunner(DriverRunner):
     """A :class:`~kerasonspark.engine.Runner` whose workers are threads of this process.
 
     Args:
-        partitions: one ``(x, y, sample_weight)`` triple per worker (labels as given, weights or ``None``).
+        partitions: one ``(x, y, sample_weight)`` triple per worker (labels as given, weights or
+            ``None``).
         engine_name: where the engine's figures go in ``stats``.
     """
 
@@ -58,7 +59,9 @@ class InProcessRunner(DriverRunner):
         super().__init__(engine_name)
         self.partitions = partitions
 
-    def run_workers(self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None) -> list[WorkerReport]:
+    def run_workers(
+        self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
+    ) -> list[WorkerReport]:
         settings = worker_settings(job)
         spec_bytes = job.spec.to_bytes()
         # Models are built here, one per worker, before any thread starts: Keras builds layers
@@ -68,10 +71,24 @@ class InProcessRunner(DriverRunner):
         exchanges = [copy.deepcopy(exchange) for _ in self.partitions]
         gates = [copy.deepcopy(gate) for _ in self.partitions]
         for worker, (x, y, w) in enumerate(self.partitions):
-            steps = LocalSteps(ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info)
+            steps = LocalSteps(
+                ModelSpec.from_bytes(spec_bytes, job.spec.custom_objects).build(), job.info
+            )
             share = validation_share(job.validation, worker, settings)
-            bodies.append(partial(train_worker, worker, steps, x, job.info.model_labels(y), settings,
-                                  exchanges[worker], share, gates[worker], w))
+            bodies.append(
+                partial(
+                    train_worker,
+                    worker,
+                    steps,
+                    x,
+                    job.info.model_labels(y),
+                    settings,
+                    exchanges[worker],
+                    share,
+                    gates[worker],
+                    w,
+                )
+            )
         outcomes: list[WorkerReport | BaseException | None] = [None] * len(bodies)
 
         def run(worker: int) -> None:
@@ -80,8 +97,10 @@ class InProcessRunner(DriverRunner):
             except BaseException as exc:  # handed to the caller's thread below
                 outcomes[worker] = exc
 
-        threads = [threading.Thread(target=run, args=(w,), name=f"kerasonspark-worker-{w}", daemon=True)
-                   for w in range(len(bodies))]
+        threads = [
+            threading.Thread(target=run, args=(w,), name=f"kerasonspark-worker-{w}", daemon=True)
+            for w in range(len(bodies))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -95,14 +114,29 @@ class InProcessRunner(DriverRunner):
         return concatenate(self.partitions)
 
     def training_blocks(self, job: TrainingJob) -> Any:
-        raise ConfigurationError(f"Backend {self.engine_name!r} hands the data to Spark; it cannot run in process.")
+        raise ConfigurationError(
+            f"Backend {self.engine_name!r} hands the data to Spark; it cannot run in process."
+        )
 
 
-def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
-                   num_workers: int = 2, seed: int | None = None, validation_data: tuple[Any, Any] | None = None,
-                   custom_objects: Mapping[str, Any] | None = None,
-                   backend_options: Mapping[str, Any] | None = None, callbacks: list[Any] | None = None,
-                   verbose: int = 0, sample_weight: Any = None, data: DataConfig | None = None) -> TrainingResult:
+def fit_in_process(
+    engine: Engine | str,
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    seed: int | None = None,
+    validation_data: tuple[Any, Any] | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    verbose: int = 0,
+    sample_weight: Any = None,
+    data: DataConfig | None = None,
+) -> TrainingResult:
     """Train ``model`` on ``(x, y)`` with ``engine``, its workers as threads of this process.
 
     The data is checked as ``SparkTrainer.fit`` checks it and split into ``num_workers`` equal
@@ -116,16 +150,38 @@ def fit_in_process(engine: Engine | str, model: keras.Model, x: Any, y: Any, *, 
     """
     engine = resolve_backend(engine, backend_options)
     engine.check_fit(model, list(callbacks or []), sample_weight is not None)
-    config = TrainingConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers, seed=seed, verbose=verbose,
-                            data=DataConfig() if data is None else data)
+    config = TrainingConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        verbose=verbose,
+        data=DataConfig() if data is None else data,
+    )
     info = DataInfo.for_model(model, model.get_compile_config())
     x, y, w = validate_arrays((x, y, sample_weight), info, "training")
-    info = info.with_given_labels(y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer)))
-    validation = validate_arrays(tuple(validation_data), info, "validation")[:2] if validation_data is not None else None
+    info = info.with_given_labels(
+        y.shape[1] if y.ndim == 2 else 0, bool(np.issubdtype(y.dtype, np.integer))
+    )
+    validation = (
+        validate_arrays(tuple(validation_data), info, "validation")[:2]
+        if validation_data is not None
+        else None
+    )
     weights = np.array_split(w, num_workers) if w is not None else [None] * num_workers
-    partitions = list(zip(np.array_split(x, num_workers), np.array_split(y, num_workers), weights, strict=True))
-    job = TrainingJob(spec=ModelSpec.from_model(model, dict(custom_objects or {})), model=model, info=info,
-                      config=config, runner=InProcessRunner(partitions, engine.name), run_id=uuid.uuid4().hex,
-                      partition_sizes=[len(p[0]) for p in partitions], validation=validation,
-                      callbacks=list(callbacks or []), trains_on=engine.trains_on)
+    partitions = list(
+        zip(np.array_split(x, num_workers), np.array_split(y, num_workers), weights, strict=True)
+    )
+    job = TrainingJob(
+        spec=ModelSpec.from_model(model, dict(custom_objects or {})),
+        model=model,
+        info=info,
+        config=config,
+        runner=InProcessRunner(partitions, engine.name),
+        run_id=uuid.uuid4().hex,
+        partition_sizes=[len(p[0]) for p in partitions],
+        validation=validation,
+        callbacks=list(callbacks or []),
+        trains_on=engine.trains_on,
+    )
     return engine.run(job)

@@ -24,20 +24,34 @@ def main(master_url: str, web_ui: str) -> None:
     x, y = make_blobs(1200)
     import kerasonspark
 
-    report = {"master": spark.sparkContext.master, "server_host": server_host(spark), "package": kerasonspark.__file__}
+    report = {
+        "master": spark.sparkContext.master,
+        "server_host": server_host(spark),
+        "package": kerasonspark.__file__,
+    }
     for backend in ("sync", "async"):
-        trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0)
+        trainer = SparkTrainer(
+            small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0
+        )
         result = trainer.fit(x, y)
-        report[backend] = {"accuracy": trainer.evaluate(x, y)["accuracy"],
-                           "worker_samples": [w["samples"] for w in result.stats["workers"]]}
+        report[backend] = {
+            "accuracy": trainer.evaluate(x, y)["accuracy"],
+            "worker_samples": [w["samples"] for w in result.stats["workers"]],
+        }
     status = master_status(ClusterState(master_url, web_ui, [], ""))
     report["apps"] = [{"name": a["name"], "cores": a["cores"]} for a in status["activeapps"]]
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
-    report["lost_executor"] = kill_an_executor_while_training(spark, x, y, failure=FailureConfig(max_restarts=0), epochs=400)
-    report["restarted"] = kill_an_executor_while_training(spark, x, y, failure=FailureConfig(max_restarts=2), epochs=150)
+    report["lost_executor"] = kill_an_executor_while_training(
+        spark, x, y, failure=FailureConfig(max_restarts=0), epochs=400
+    )
+    report["restarted"] = kill_an_executor_while_training(
+        spark, x, y, failure=FailureConfig(max_restarts=2), epochs=150
+    )
     # The cluster has 3 workers: a 3-worker run loses one for good and goes on with the other two,
     # then a 2-worker run loses another and cannot restart (the cluster keeps one worker).
-    report["shrunk"] = lose_a_worker_for_good(spark, x, y, num_workers=3, restart_with_fewer_workers=True)
+    report["shrunk"] = lose_a_worker_for_good(
+        spark, x, y, num_workers=3, restart_with_fewer_workers=True
+    )
     report["no_slot"] = lose_a_worker_for_good(spark, x, y, num_workers=2)
     spark.stop()
     print("REPORT " + json.dumps(report))
@@ -60,13 +74,18 @@ def parent_of(pid: int) -> int:
 
 
 def kill_while_training(spark, victims) -> threading.Thread:
-    """A started thread that SIGKILLs the processes ``victims()`` names two seconds into the training
-    stage; ``killer.killed`` records what it killed, and whether the stage was still running then."""
+    """A started thread that SIGKILLs the processes ``victims()`` names two seconds into the
+    training
+    stage; ``killer.killed`` records what it killed, and whether the stage was still running
+    then."""
     tracker = spark.sparkContext.statusTracker()
 
     def training_stages() -> list[int]:
-        return [s for s in tracker.getActiveStageIds()  # SparkRunner.run_workers's collect
-                if tracker.getStageInfo(s) and "kerasonspark/_driver.py" in tracker.getStageInfo(s).name]
+        return [
+            s
+            for s in tracker.getActiveStageIds()  # SparkRunner.run_workers's collect
+            if tracker.getStageInfo(s) and "kerasonspark/_driver.py" in tracker.getStageInfo(s).name
+        ]
 
     def kill_when_training() -> None:
         deadline = time.monotonic() + 120
@@ -102,7 +121,8 @@ class StopAfterTheKill(keras.callbacks.Callback):
 
 
 def lose_a_worker_for_good(spark, x, y, num_workers: int = 2, **options) -> dict:
-    """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives up,
+    """SIGKILL a worker daemon and its executor mid-training: no slot comes back; the restart gives
+    up,
     or with ``restart_with_fewer_workers`` goes on with the other worker."""
 
     def worker_and_its_executors() -> list[int]:
@@ -112,21 +132,35 @@ def lose_a_worker_for_good(spark, x, y, num_workers: int = 2, **options) -> dict
     killer = kill_while_training(spark, worker_and_its_executors)
     started = time.monotonic()
     outcome: dict = {"error": None}
-    # One round an epoch (19 steps a worker): hundreds of epochs are there to outlast the kill, not to train.
-    trainer = SparkTrainer(small_model(), backend="sync", spark=spark, verbose=0,
-                           failure=FailureConfig(restart_timeout=10, **options), backend_options={"sync_every": 32},
-                           epochs=400, num_workers=num_workers)
+    # One round an epoch (19 steps a worker): hundreds of epochs are there to outlast the kill, not
+    # to train.
+    trainer = SparkTrainer(
+        small_model(),
+        backend="sync",
+        spark=spark,
+        verbose=0,
+        failure=FailureConfig(restart_timeout=10, **options),
+        backend_options={"sync_every": 32},
+        epochs=400,
+        num_workers=num_workers,
+    )
     try:
         result = trainer.fit(x, y, callbacks=[StopAfterTheKill(killer)])
-        outcome.update(num_workers=result.stats["num_workers"], epochs=len(result.history["loss"]),
-                       restarts=result.stats["restarts"], accuracy=trainer.evaluate(x, y)["accuracy"],
-                       worker_samples=[w["samples"] for w in result.stats["workers"]])
+        outcome.update(
+            num_workers=result.stats["num_workers"],
+            epochs=len(result.history["loss"]),
+            restarts=result.stats["restarts"],
+            accuracy=trainer.evaluate(x, y)["accuracy"],
+            worker_samples=[w["samples"] for w in result.stats["workers"]],
+        )
     except Exception as exc:
         outcome = {"error": f"{type(exc).__name__}: {exc}"}
     outcome["seconds"] = time.monotonic() - started
     killer.join()
     outcome["killed"] = killer.killed
-    outcome["threads"] = [t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-")]
+    outcome["threads"] = [
+        t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-")
+    ]
     return outcome
 
 
@@ -141,17 +175,30 @@ def kill_an_executor_while_training(spark, x, y, failure: FailureConfig, epochs:
     started = time.monotonic()
     outcome = {"error": None}
     # Three workers, one on each executor: whichever executor is killed was training.
-    trainer = SparkTrainer(small_model(), backend="async", num_workers=3, spark=spark, epochs=epochs, verbose=0,
-                           failure=failure)
+    trainer = SparkTrainer(
+        small_model(),
+        backend="async",
+        num_workers=3,
+        spark=spark,
+        epochs=epochs,
+        verbose=0,
+        failure=failure,
+    )
     try:
         result = trainer.fit(x, y, callbacks=[StopAfterTheKill(killer)])
-        outcome.update(restarts=result.stats["restarts"], causes=[r["cause"] for r in result.stats["restart_log"]],
-                       epochs=len(result.history["loss"]), accuracy=trainer.evaluate(x, y)["accuracy"])
+        outcome.update(
+            restarts=result.stats["restarts"],
+            causes=[r["cause"] for r in result.stats["restart_log"]],
+            epochs=len(result.history["loss"]),
+            accuracy=trainer.evaluate(x, y)["accuracy"],
+        )
     except WorkerError as exc:
         outcome = {"error": str(exc), "worker": exc.worker}
     outcome["seconds"] = time.monotonic() - started
     killer.join()
-    outcome["threads"] = [t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-ps")]
+    outcome["threads"] = [
+        t.name for t in threading.enumerate() if t.name.startswith("kerasonspark-ps")
+    ]
     return outcome
 
 

@@ -24,6 +24,13 @@ CUSTOM_OBJECTS = Path(__file__).parent / "custom_objects"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The fast tier (-m "not spark") starts no Spark: a test that takes the session is a Spark test.
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from kerasonspark import start_session
@@ -38,8 +45,11 @@ def spark():
     session.stop()
 
 
-def make_blobs(n: int = 1200, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Well separated Gaussian clusters: a trained model scores ~1.0, an untrained one ~1/classes."""
+def make_blobs(
+    n: int = 1200, classes: int = 4, dim: int = 16, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Well separated Gaussian clusters: a trained model scores ~1.0, an untrained one
+    ~1/classes."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(scale=3.0, size=(classes, dim))
     y = rng.integers(0, classes, size=n)
@@ -52,15 +62,19 @@ def blobs():
     return make_blobs()
 
 
-def small_model(dim: int = 16, classes: int = 4, loss: str = "sparse_categorical_crossentropy", seed: int = 0):
+def small_model(
+    dim: int = 16, classes: int = 4, loss: str = "sparse_categorical_crossentropy", seed: int = 0
+):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((dim,)),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(classes, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((dim,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
     model.compile(keras.optimizers.Adam(0.01), loss, metrics=["accuracy"])
     return model
 
@@ -71,7 +85,10 @@ def user_code(tmp_path):
     driver alone (from the script's folder, as `python script.py` puts it on the driver's path)."""
     main = sys.modules["__main__"]
     before = set(vars(main))
-    exec(compile((CUSTOM_OBJECTS / "user_script.py").read_text(), "user_script.py", "exec"), vars(main))
+    exec(
+        compile((CUSTOM_OBJECTS / "user_script.py").read_text(), "user_script.py", "exec"),
+        vars(main),
+    )
     shutil.copy(CUSTOM_OBJECTS / "custom_parts.py", tmp_path / "custom_parts.py")
     sys.path.insert(0, str(tmp_path))
     try:
@@ -122,12 +139,16 @@ def crashing(engine_name, wrap, **options):
 
     from kerasonspark import available_backends
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors cannot import test modules
+    cloudpickle.register_pickle_by_value(
+        sys.modules[__name__]
+    )  # executors cannot import test modules
 
     class Crashing(available_backends()[engine_name]):
         def run(self, job):
             serve = job.serve
-            job.serve = lambda store, make_exchange: serve(store, lambda url, secret: wrap(make_exchange(url, secret)))
+            job.serve = lambda store, make_exchange: serve(
+                store, lambda url, secret: wrap(make_exchange(url, secret))
+            )
             return super().run(job)
 
     return Crashing(**options)

@@ -15,8 +15,14 @@ if __name__ == "__main__":
     try:
         model = PipelineModel.load(model_path)
         rows = model.transform(spark.read.parquet(data_path)).orderBy("id").collect()
-        print(json.dumps({"stats_backend": model.stages[-1].stats.get("backend"),
-                          "predictions": [r.prediction for r in rows],
-                          "probabilities": [r.probability.toArray().tolist() for r in rows]}))
+        print(
+            json.dumps(
+                {
+                    "stats_backend": model.stages[-1].stats.get("backend"),
+                    "predictions": [r.prediction for r in rows],
+                    "probabilities": [r.probability.toArray().tolist() for r in rows],
+                }
+            )
+        )
     finally:
         spark.stop()

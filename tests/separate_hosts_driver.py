@@ -15,9 +15,18 @@ from kerasonspark._session import check_weights_privacy, server_host
 
 def small_mnist_model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3, activation="relu"),
-                              keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
-    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
@@ -37,17 +46,35 @@ def main(master_url: str, address: str, data: str) -> None:
     logger = logging.getLogger("kerasonspark.parameter_server._server")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    spark = start_session(master_url, "kerasonspark-separate-hosts",
-                          conf={"spark.driver.host": address, "spark.driver.bindAddress": address})
+    spark = start_session(
+        master_url,
+        "kerasonspark-separate-hosts",
+        conf={"spark.driver.host": address, "spark.driver.bindAddress": address},
+    )
     (x, y), (x_test, y_test) = load_mnist(data)
     report = {"server_host": server_host(spark)}
     for backend in ("sync", "async"):
-        trainer = SparkTrainer(small_mnist_model(), backend=backend, num_workers=2, spark=spark, epochs=3,
-                               batch_size=16, verbose=0)
+        trainer = SparkTrainer(
+            small_mnist_model(),
+            backend=backend,
+            num_workers=2,
+            spark=spark,
+            epochs=3,
+            batch_size=16,
+            verbose=0,
+        )
         result = trainer.fit(x, y)
-        report[backend] = {"accuracy": trainer.evaluate(x_test, y_test)["accuracy"], "samples": result.stats["samples"]}
-    report["executor_addresses"] = sorted(set(spark.sparkContext.parallelize(range(8), 8).map(
-        lambda _: source_address(address)).collect()))
+        report[backend] = {
+            "accuracy": trainer.evaluate(x_test, y_test)["accuracy"],
+            "samples": result.stats["samples"],
+        }
+    report["executor_addresses"] = sorted(
+        set(
+            spark.sparkContext.parallelize(range(8), 8)
+            .map(lambda _: source_address(address))
+            .collect()
+        )
+    )
     report["servers"] = servers
     conf = dict(spark.sparkContext.getConf().getAll())
     try:
@@ -56,7 +83,10 @@ def main(master_url: str, address: str, data: str) -> None:
     except ConfigurationError as exc:
         report["encrypted_refusal"] = str(exc)
     spark.stop()
-    print("REPORT " + json.dumps(report, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    print(
+        "REPORT "
+        + json.dumps(report, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ BLOCKER = str(Path(__file__).parent / "executor_without_package")
 
 
 def session(master_url: str, hide: str = ""):
-    return start_session(master_url, "kerasonspark-ship-test",
-                         conf={"spark.executorEnv.PYTHONPATH": BLOCKER, "spark.executorEnv.KOS_TEST_HIDE": hide})
+    return start_session(
+        master_url,
+        "kerasonspark-ship-test",
+        conf={"spark.executorEnv.PYTHONPATH": BLOCKER, "spark.executorEnv.KOS_TEST_HIDE": hide},
+    )
 
 
 def main(master_url: str) -> None:
@@ -30,11 +33,16 @@ def main(master_url: str) -> None:
     spark = session(master_url)
     report["lacking_before"] = executors_lack(spark, ("kerasonspark", "tensorflow"))
     x, y = make_blobs(1200)
-    trainer = SparkTrainer(small_model(), backend="async", num_workers=2, spark=spark, epochs=2, verbose=0)
+    trainer = SparkTrainer(
+        small_model(), backend="async", num_workers=2, spark=spark, epochs=2, verbose=0
+    )
     trainer.fit(x, y)
     report["async"] = trainer.evaluate(x, y)["accuracy"]
-    report["executor_package"] = spark.sparkContext.parallelize([0], 1).map(
-        lambda _: __import__("kerasonspark").__file__).collect()[0]
+    report["executor_package"] = (
+        spark.sparkContext.parallelize([0], 1)
+        .map(lambda _: __import__("kerasonspark").__file__)
+        .collect()[0]
+    )
     report["shipped_logs"] = shipped
     spark.stop()
 

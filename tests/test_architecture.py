@@ -12,9 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kerasonspark"
 # What a Spark worker must never hold: the driver side, and what serves or launches.
-DRIVER_ONLY = ("flask", "werkzeug", "kerasonspark._trainer", "kerasonspark._driver", "kerasonspark._cluster",
-               "kerasonspark._compare", "kerasonspark.cli", "kerasonspark.testing", "kerasonspark.parameter_server._app",
-               "kerasonspark.parameter_server._server")
+DRIVER_ONLY = (
+    "flask",
+    "werkzeug",
+    "kerasonspark._trainer",
+    "kerasonspark._driver",
+    "kerasonspark._cluster",
+    "kerasonspark._compare",
+    "kerasonspark.cli",
+    "kerasonspark.testing",
+    "kerasonspark.parameter_server._app",
+    "kerasonspark.parameter_server._server",
+)
 
 
 def module_name(path: Path) -> str:
@@ -23,10 +32,20 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at module level or deferred, as absolute names."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    """Every module ``path`` imports, at module level or deferred, as absolute names (imports under
+    ``if TYPE_CHECKING:`` never run, and do not count)."""
+    package = (
+        module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    )
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            node.body = []
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -48,7 +67,12 @@ def package_graph() -> dict[str, set[str]]:
             while target and target not in modules:
                 target = target.rpartition(".")[0]
             # a package's __init__ naming its own children is not a dependency back on it
-            if target and target != name and not target.startswith(name + ".") and not name.startswith(target + "."):
+            if (
+                target
+                and target != name
+                and not target.startswith(name + ".")
+                and not name.startswith(target + ".")
+            ):
                 targets.add(target)
         graph[name] = targets
     return graph
@@ -59,7 +83,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node):
         if node in stack:
-            return stack[stack.index(node):] + [node]
+            return stack[stack.index(node) :] + [node]
         if node in done:
             return None
         stack.append(node)
@@ -106,7 +130,9 @@ def test_executor_side_and_sdk_import_nothing_that_serves_or_launches():
 def test_core_never_imports_an_engine():
     for path in PACKAGE.rglob("*.py"):
         for name in imports(path):
-            assert not name.startswith("kerasonspark.backends"), f"{path.relative_to(ROOT)} imports {name}"
+            assert not name.startswith("kerasonspark.backends"), (
+                f"{path.relative_to(ROOT)} imports {name}"
+            )
 
 
 def test_engines_import_only_the_core():
@@ -114,8 +140,9 @@ def test_engines_import_only_the_core():
     for path in (ROOT / "backends").glob("*.py"):
         for name in imports(path):
             parts = name.split(".")
-            assert not (len(parts) > 2 and parts[:2] == ["kerasonspark", "backends"] and parts[2] in engines), \
-                f"{path.name} imports another engine: {name}"
+            assert not (
+                len(parts) > 2 and parts[:2] == ["kerasonspark", "backends"] and parts[2] in engines
+            ), f"{path.name} imports another engine: {name}"
 
 
 @pytest.mark.spark
@@ -126,8 +153,15 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
 
     x, y = make_blobs(200)
     for backend in ("sync", "async"):
-        trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=1, batch_size=16, spark=spark,
-                               verbose=0)
+        trainer = SparkTrainer(
+            small_model(),
+            backend=backend,
+            num_workers=2,
+            epochs=1,
+            batch_size=16,
+            spark=spark,
+            verbose=0,
+        )
         trainer.fit(x, y)
     assert trainer.evaluate(x, y)["accuracy"] > 0.5
     assert len(trainer.predict(x[:8]).collect()) == 8
@@ -139,7 +173,9 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
         yield sorted(worker_sys.modules)
 
     per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
-    assert all("kerasonspark._executor" in names for names in per_worker)  # the workers that trained
+    assert all(
+        "kerasonspark._executor" in names for names in per_worker
+    )  # the workers that trained
     leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
     assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
 
@@ -156,7 +192,10 @@ def test_library_code_logs_through_the_kerasonspark_logger_only():
             if name == "logging.getLogger" and path.name != "cli.py":
                 arg = node.args[0] if node.args else None
                 ok = (isinstance(arg, ast.Name) and arg.id == "__name__") or (
-                    isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] == "kerasonspark")
+                    isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] == "kerasonspark"
+                )
                 assert ok, f"{path.name}:{node.lineno} creates a logger outside `kerasonspark`"
             if name == "print":
-                assert path.name == "cli.py", f"{path.name}:{node.lineno} prints; log through `kerasonspark` instead"
+                assert path.name == "cli.py", (
+                    f"{path.name}:{node.lineno} prints; log through `kerasonspark` instead"
+                )

@@ -59,8 +59,13 @@ def test_freshness_is_judged_by_the_server_clock_given():
     secret = auth.new_secret()
     value = auth.sign(secret, "GET", "/v1/stats", 0, 1, 0, ts=1_000_000)
     assert auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000).ts == 1_000_000
-    assert auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000 + auth.MAX_CLOCK_SKEW_S).seq == 1
-    with pytest.raises(auth.AuthenticationError, match="^Request timestamp is 301 s away from the server's clock"):
+    assert (
+        auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000 + auth.MAX_CLOCK_SKEW_S).seq
+        == 1
+    )
+    with pytest.raises(
+        auth.AuthenticationError, match="^Request timestamp is 301 s away from the server's clock"
+    ):
         auth.verify(secret, "GET", "/v1/stats", value, 0, now=1_000_000 + auth.MAX_CLOCK_SKEW_S + 1)
 
 
@@ -69,19 +74,29 @@ def test_an_older_timestamp_within_the_window_still_verifies_against_its_own_sig
     ts = int(time.time()) - 100
     value = auth.sign(secret, "POST", "/v1/push", 1, 5, 10, ts=ts)
     assert auth.verify(secret, "POST", "/v1/push", value, 10).ts == ts
-    with pytest.raises(auth.AuthenticationError, match="^Bad signature: the request was not signed with this run's secret.$"):
+    with pytest.raises(
+        auth.AuthenticationError,
+        match="^Bad signature: the request was not signed with this run's secret.$",
+    ):
         auth.verify(auth.new_secret(), "POST", "/v1/push", value, 10)
 
 
 def test_header_parsing_names_what_is_wrong():
     sig = "0123456789abcdef" * 4
     assert auth.parse(f"v1 worker=3 seq=4 ts=5 sig={sig}") == auth.Credentials(3, 4, 5, sig)
-    for malformed in (f"v1 worker=3 seq=4 ts=5 sig={sig.upper()}", f"v1 worker=3 seq=+4 ts=5 sig={sig}",
-                      f"v1 worker=3 seq=4 ts={'9' * 13} sig={sig}", f"v1 worker=3 seq=4 ts=5 sig={sig} extra=1",
-                      f"v1 seq=4 worker=3 ts=5 sig={sig}", "v1 worker=3 seq=4 ts=5 sig=" + "é" * 64):
+    for malformed in (
+        f"v1 worker=3 seq=4 ts=5 sig={sig.upper()}",
+        f"v1 worker=3 seq=+4 ts=5 sig={sig}",
+        f"v1 worker=3 seq=4 ts={'9' * 13} sig={sig}",
+        f"v1 worker=3 seq=4 ts=5 sig={sig} extra=1",
+        f"v1 seq=4 worker=3 ts=5 sig={sig}",
+        "v1 worker=3 seq=4 ts=5 sig=" + "é" * 64,
+    ):
         with pytest.raises(auth.AuthenticationError, match="^Malformed"):
             auth.parse(malformed)
-    with pytest.raises(auth.AuthenticationError, match="^Unsupported auth scheme 'v2'; expected 'v1'.$"):
+    with pytest.raises(
+        auth.AuthenticationError, match="^Unsupported auth scheme 'v2'; expected 'v1'.$"
+    ):
         auth.parse("v2 worker=3 seq=4 ts=5 sig=ab")
     with pytest.raises(auth.AuthenticationError, match="^Malformed `X-KOS-Auth` header"):
         auth.parse("v1 worker=3 seq=4 ts=5")

@@ -1,4 +1,5 @@
-"""Back up and resume the Keras way: atomic backups, a crashed driver's run resumed, mismatches refused."""
+"""Back up and resume the Keras way: atomic backups, a crashed driver's run resumed, mismatches
+refused."""
 
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ from conftest import make_blobs, small_model
 
 
 def state(epoch: int, value: float) -> RunState:
-    return RunState(epoch=epoch, center=np.full(10, value, np.float32), resume={0: 3, 1: 2},
-                    history={"loss": [1.0] * epoch}, exchanges=7 * epoch, settings={"model": "m", "engine": "sync"})
+    return RunState(
+        epoch=epoch,
+        center=np.full(10, value, np.float32),
+        resume={0: 3, 1: 2},
+        history={"loss": [1.0] * epoch},
+        exchanges=7 * epoch,
+        settings={"model": "m", "engine": "sync"},
+    )
 
 
 def test_backups_are_atomic_and_a_half_written_one_is_never_taken(tmp_path, caplog):
@@ -28,13 +35,17 @@ def test_backups_are_atomic_and_a_half_written_one_is_never_taken(tmp_path, capl
     assert latest.epoch == 2 and latest.resume == {0: 3, 1: 2} and latest.exchanges == 14
     np.testing.assert_array_equal(latest.center, np.full(10, 2.0))
     assert json.loads((tmp_path / "b" / "latest.json").read_text()) == {"backup": second.name}
-    # A crash mid-write leaves a .partial folder, or a folder whose manifest never landed: neither is taken.
+    # A crash mid-write leaves a .partial folder, or a folder whose manifest never landed: neither
+    # is taken.
     (tmp_path / "b" / "backup-000003.partial").mkdir()
-    (tmp_path / "b" / "backup-000003.partial" / "manifest.json").write_text('{"format": 1, "epoch": 9')
+    (tmp_path / "b" / "backup-000003.partial" / "manifest.json").write_text(
+        '{"format": 1, "epoch": 9'
+    )
     (tmp_path / "b" / "backup-000004").mkdir()
     np.save(tmp_path / "b" / "backup-000004" / "center.npy", np.zeros(10, np.float32))
     assert store.latest().epoch == 2
-    # A complete-looking backup that does not load is skipped, with a warning, for the one before it.
+    # A complete-looking backup that does not load is skipped, with a warning, for the one before
+    # it.
     (second / "center.npy").write_bytes(b"not an array")
     assert store.latest().epoch == 1
     assert "does not load" in caplog.text
@@ -44,19 +55,32 @@ def test_old_backups_are_pruned_and_clear_removes_everything(tmp_path):
     store = BackupStore(tmp_path / "b", keep=2)
     for epoch in range(1, 5):
         store.save(state(epoch, float(epoch)))
-    assert sorted(p.name for p in (tmp_path / "b").glob("backup-*")) == ["backup-000003", "backup-000004"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("backup-*")) == [
+        "backup-000003",
+        "backup-000004",
+    ]
     store.clear()
     assert not (tmp_path / "b").exists() and store.latest() is None
 
 
 def test_a_different_model_engine_or_schema_is_refused_by_name():
-    saved = RunState(0, np.zeros(1, np.float32), settings=run_settings("{arch}", "sync", {"input_shape": [16]}, 2, "local[2]"))
+    saved = RunState(
+        0,
+        np.zeros(1, np.float32),
+        settings=run_settings("{arch}", "sync", {"input_shape": [16]}, 2, "local[2]"),
+    )
     # The number of workers and the master may change.
-    check_resumable(saved, run_settings("{arch}", "sync", {"input_shape": [16]}, 3, "spark://h:7077"))
+    check_resumable(
+        saved, run_settings("{arch}", "sync", {"input_shape": [16]}, 3, "spark://h:7077")
+    )
     with pytest.raises(ConfigurationError, match="model architecture"):
-        check_resumable(saved, run_settings("{other}", "sync", {"input_shape": [16]}, 2, "local[2]"))
+        check_resumable(
+            saved, run_settings("{other}", "sync", {"input_shape": [16]}, 2, "local[2]")
+        )
     with pytest.raises(ConfigurationError, match="another engine: 'sync', this run has 'async'"):
-        check_resumable(saved, run_settings("{arch}", "async", {"input_shape": [16]}, 2, "local[2]"))
+        check_resumable(
+            saved, run_settings("{arch}", "async", {"input_shape": [16]}, 2, "local[2]")
+        )
     with pytest.raises(ConfigurationError, match="data schema"):
         check_resumable(saved, run_settings("{arch}", "sync", {"input_shape": [8]}, 2, "local[2]"))
     with pytest.raises(ConfigurationError, match="remote stores"):
@@ -86,27 +110,38 @@ class Recorder(keras.callbacks.Callback):
 
 @pytest.mark.spark
 @pytest.mark.parametrize("backend", ["sync", "async"])
-def test_a_crashed_run_resumes_from_its_backup_and_a_finished_one_deletes_it(spark, tmp_path, backend,
-                                                                             no_leaked_threads):
+def test_a_crashed_run_resumes_from_its_backup_and_a_finished_one_deletes_it(
+    spark, tmp_path, backend, no_leaked_threads
+):
     x, y = make_blobs(900)
     folder = tmp_path / "backup"
-    first = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=3, seed=0, verbose=0, spark=spark)
+    first = SparkTrainer(
+        small_model(), backend=backend, num_workers=2, epochs=3, seed=0, verbose=0, spark=spark
+    )
     with pytest.raises(RuntimeError, match="the driver died"):
-        first.fit((x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder)), DriverDies(at=1)])
+        first.fit(
+            (x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder)), DriverDies(at=1)]
+        )
     saved = BackupStore(folder).latest()
-    assert saved.epoch == 1 and len(saved.history["loss"]) == 1  # epoch 0's backup; epoch 1's was never written
+    assert (
+        saved.epoch == 1 and len(saved.history["loss"]) == 1
+    )  # epoch 0's backup; epoch 1's was never written
 
     with pytest.raises(ConfigurationError, match="model architecture"):
-        SparkTrainer(_other_model(), backend=backend, num_workers=2, epochs=3, spark=spark, verbose=0).fit(
-            (x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder))])
+        SparkTrainer(
+            _other_model(), backend=backend, num_workers=2, epochs=3, spark=spark, verbose=0
+        ).fit((x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder))])
 
     recorder = Recorder()
     model = small_model(seed=7)  # fresh weights: the backup's must win
-    result = SparkTrainer(model, backend=backend, num_workers=2, epochs=3, seed=0, verbose=0, spark=spark).fit(
-        (x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder)), recorder])
+    result = SparkTrainer(
+        model, backend=backend, num_workers=2, epochs=3, seed=0, verbose=0, spark=spark
+    ).fit((x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder)), recorder])
     assert recorder.epochs == [1, 2]
     assert result.stats["epoch_events"]["resumed_from_epoch"] == 1
-    assert len(result.history["loss"]) == 3 and result.history["loss"][0] == pytest.approx(saved.history["loss"][0])
+    assert len(result.history["loss"]) == 3 and result.history["loss"][0] == pytest.approx(
+        saved.history["loss"][0]
+    )
     assert result.history["accuracy"][-1] > 0.9
     assert not folder.exists()  # a completed run deletes its backup, as Keras does
 
@@ -124,20 +159,44 @@ class StopsTheDriverMidEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.spark
-def test_a_backup_taken_mid_epoch_resumes_each_worker_where_it_was(spark, tmp_path, no_leaked_threads):
+def test_a_backup_taken_mid_epoch_resumes_each_worker_where_it_was(
+    spark, tmp_path, no_leaked_threads
+):
     x, y = make_blobs(24_000)
     folder = tmp_path / "backup"
     options = {"window": 2}
-    first = SparkTrainer(small_model(), backend="async", num_workers=2, epochs=1, batch_size=8, seed=0, verbose=0,
-                         spark=spark, backend_options=options)
+    first = SparkTrainer(
+        small_model(),
+        backend="async",
+        num_workers=2,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        verbose=0,
+        spark=spark,
+        backend_options=options,
+    )
     with pytest.raises(RuntimeError, match="mid-epoch"):
-        first.fit((x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder), save_freq=20),
-                                     StopsTheDriverMidEpoch()])
+        first.fit(
+            (x, y),
+            callbacks=[
+                keras.callbacks.BackupAndRestore(str(folder), save_freq=20),
+                StopsTheDriverMidEpoch(),
+            ],
+        )
     saved = BackupStore(folder).latest()
     assert saved is not None and saved.epoch == 0 and sum(saved.resume.values()) >= 20
-    result = SparkTrainer(small_model(), backend="async", num_workers=2, epochs=1, batch_size=8, seed=0, verbose=0,
-                          spark=spark, backend_options=options).fit(
-        (x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder), save_freq=20)])
+    result = SparkTrainer(
+        small_model(),
+        backend="async",
+        num_workers=2,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        verbose=0,
+        spark=spark,
+        backend_options=options,
+    ).fit((x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder), save_freq=20)])
     pushes_per_worker = math.ceil(math.ceil(12_000 / 8) / 2)  # windows of 2 steps
     # The resumed stage pushed only what the backup's center did not hold.
     assert result.stats["exchanges"] == 2 * pushes_per_worker - sum(saved.resume.values())

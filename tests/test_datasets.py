@@ -10,13 +10,23 @@ from kerasonspark import _datasets as datasets
 from kerasonspark._datasets import read_idx
 
 RNG = np.random.default_rng(0)
-IMAGES = {"train": RNG.integers(0, 256, (12, 28, 28), dtype=np.uint8), "test": RNG.integers(0, 256, (5, 28, 28), dtype=np.uint8)}
-LABELS = {"train": RNG.integers(0, 10, 12, dtype=np.uint8), "test": RNG.integers(0, 10, 5, dtype=np.uint8)}
+IMAGES = {
+    "train": RNG.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+    "test": RNG.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+}
+LABELS = {
+    "train": RNG.integers(0, 10, 12, dtype=np.uint8),
+    "test": RNG.integers(0, 10, 5, dtype=np.uint8),
+}
 
 
 def write_idx(path, array, compress=True):
     magic = 2051 if array.ndim == 3 else 2049
-    data = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+    data = (
+        struct.pack(">I", magic)
+        + b"".join(struct.pack(">I", d) for d in array.shape)
+        + array.tobytes()
+    )
     with (gzip.open if compress else open)(path, "wb") as f:
         f.write(data)
 
@@ -45,8 +55,13 @@ def test_reads_idx_files(tmp_path, compress):
 
 
 def test_reads_keras_npz(tmp_path):
-    np.savez(tmp_path / "mnist.npz", x_train=IMAGES["train"], y_train=LABELS["train"],
-             x_test=IMAGES["test"], y_test=LABELS["test"])
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=IMAGES["train"],
+        y_train=LABELS["train"],
+        x_test=IMAGES["test"],
+        y_test=LABELS["test"],
+    )
     check(load_mnist(tmp_path))
     check(load_mnist(tmp_path / "mnist.npz"))
 
@@ -81,7 +96,9 @@ def test_the_library_does_not_search_the_working_directory(tmp_path, monkeypatch
 def test_the_example_finds_the_data_beside_its_checkout(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("mnist_example", Path(__file__).parents[1] / "examples" / "mnist.py")
+    spec = importlib.util.spec_from_file_location(
+        "mnist_example", Path(__file__).parents[1] / "examples" / "mnist.py"
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     checkout = tmp_path / "project"
@@ -89,8 +106,15 @@ def test_the_example_finds_the_data_beside_its_checkout(tmp_path):
     (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
     assert example.default_data(checkout) == tmp_path / "shared" / "data" / "mnist"
     (checkout / "data" / "mnist").mkdir(parents=True)
-    assert example.default_data(checkout) == checkout / "data" / "mnist"  # the project's own folder first
-    assert example.with_default_data(["--epochs", "2"], checkout) == ["--epochs", "2", "--data", str(checkout / "data" / "mnist")]
+    assert (
+        example.default_data(checkout) == checkout / "data" / "mnist"
+    )  # the project's own folder first
+    assert example.with_default_data(["--epochs", "2"], checkout) == [
+        "--epochs",
+        "2",
+        "--data",
+        str(checkout / "data" / "mnist"),
+    ]
     assert example.with_default_data(["--data", "x"], checkout) == ["--data", "x"]
 
 
@@ -102,7 +126,11 @@ def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
     with pytest.raises(DataError) as missing:
         load_mnist(tmp_path / "given")
     text = str(missing.value)
-    assert str(tmp_path / "given") in text and str(tmp_path / "env") in text and ".keras/datasets" in text
+    assert (
+        str(tmp_path / "given") in text
+        and str(tmp_path / "env") in text
+        and ".keras/datasets" in text
+    )
 
 
 def test_truncated_idx_is_refused(tmp_path):

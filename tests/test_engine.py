@@ -18,7 +18,10 @@ def test_unknown_backend_lists_the_installed_ones():
 
 
 def test_unknown_or_bad_options_name_the_valid_ones():
-    valid = "Valid options: \\['sync_every', 'barrier_timeout', 'outer_lr', 'outer_momentum', 'lr_scale', 'warmup_steps'\\]"
+    valid = (
+        "Valid options: \\['sync_every', 'barrier_timeout', 'outer_lr', 'outer_momentum', "
+        "'lr_scale', 'warmup_steps'\\]"
+    )
     with pytest.raises(ConfigurationError, match=valid):
         resolve_backend("sync", {"sync_evry": 4})
     with pytest.raises(ConfigurationError, match="sync_every"):
@@ -40,6 +43,7 @@ def test_trainer_validates_its_arguments():
     with pytest.raises(TypeError, match="keras.Model"):
         SparkTrainer("model")
     import keras
+
     uncompiled = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     with pytest.raises(ConfigurationError, match="compile"):
         SparkTrainer(uncompiled)
@@ -83,7 +87,9 @@ def test_cleartext_weights_are_refused_beside_an_encrypted_cluster_unless_allowe
         check_weights_privacy({"spark.ssl.enabled": "TRUE"}, "10.0.0.5")
     check_weights_privacy(encrypted, "127.0.0.1")  # loopback never leaves the machine
     check_weights_privacy({**encrypted, ALLOW_CLEARTEXT_WEIGHTS: "true"}, "10.0.0.5")
-    check_weights_privacy({}, "10.0.0.5")  # an unencrypted cluster: nothing to protect more than the rest
+    check_weights_privacy(
+        {}, "10.0.0.5"
+    )  # an unencrypted cluster: nothing to protect more than the rest
 
 
 def test_trainer_settings_after_the_backend_are_keyword_only_with_the_configs_defaults():
@@ -101,8 +107,12 @@ def test_trainer_settings_after_the_backend_are_keyword_only_with_the_configs_de
         assert inspect.signature(SparkTrainer.__init__).parameters[name].default == defaults[name]
     with pytest.raises(TypeError):
         SparkTrainer(small_model(), "sync", 2)  # type: ignore[misc]
-    with pytest.raises(ConfigurationError, match="Expected `failure` to be a kerasonspark.FailureConfig"):
+    with pytest.raises(
+        ConfigurationError, match="Expected `failure` to be a kerasonspark.FailureConfig"
+    ):
         SparkTrainer(small_model(), failure={"max_restarts": 3})  # type: ignore[arg-type]
-    trainer = SparkTrainer(small_model(), failure=FailureConfig(max_restarts=4), data=DataConfig(buffer_rows=8))
+    trainer = SparkTrainer(
+        small_model(), failure=FailureConfig(max_restarts=4), data=DataConfig(buffer_rows=8)
+    )
     assert trainer.config.failure.max_restarts == 4 and trainer.config.data.buffer_rows == 8
     assert trainer.config.resources.worker_threads is None

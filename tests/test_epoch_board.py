@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from kerasonspark import FailureConfig, ParameterServerError
-from kerasonspark.parameter_server import ParameterClient, ParameterServer, ParameterStore, ServerConfig, new_secret
+from kerasonspark.parameter_server import (
+    ParameterClient,
+    ParameterServer,
+    ParameterStore,
+    ServerConfig,
+    new_secret,
+)
 from kerasonspark.parameter_server._board import EpochBoard
 from kerasonspark.parameter_server._store import RoundClosedError
 
@@ -17,7 +23,9 @@ SHAPES = [(3, 2), (2,)]
 
 
 def make_board(workers: int = 2, **kwargs) -> EpochBoard:
-    return EpochBoard(ParameterStore(np.arange(8, dtype=np.float32), SHAPES, workers), workers, **kwargs)
+    return EpochBoard(
+        ParameterStore(np.arange(8, dtype=np.float32), SHAPES, workers), workers, **kwargs
+    )
 
 
 def in_thread(target, *args):
@@ -92,8 +100,12 @@ def test_a_stop_request_completes_open_rounds_with_the_center():
     store.wait_for_arrivals(0, 1, 5)
     store.request_stop()
     thread.join(5)
-    np.testing.assert_array_equal(out["value"], np.zeros(8))  # the center, not a half-filled average
-    np.testing.assert_array_equal(store.barrier(1, 1, np.ones(8, np.float32), 5), np.zeros(8))  # later rounds too
+    np.testing.assert_array_equal(
+        out["value"], np.zeros(8)
+    )  # the center, not a half-filled average
+    np.testing.assert_array_equal(
+        store.barrier(1, 1, np.ones(8, np.float32), 5), np.zeros(8)
+    )  # later rounds too
 
 
 @pytest.fixture
@@ -101,35 +113,52 @@ def served(no_leaked_threads):
     secret = new_secret()
     store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1)
     board = EpochBoard(store, 1)
-    with ParameterServer(store, ServerConfig(secret, view_token="view-token"), board=board) as server:
+    with ParameterServer(
+        store, ServerConfig(secret, view_token="view-token"), board=board
+    ) as server:
         server.secret = secret
         yield server
 
 
 def test_epoch_routes_over_a_real_socket(served):
     with ParameterClient(served.url, served.secret, 0, timeout=30) as worker:
-        assert worker.post_json("/v1/progress", {"epoch": 0, "samples": 8, "steps": 1, "metrics": {"loss": 2.0}}) == \
-            {"recorded": True}
+        assert worker.post_json(
+            "/v1/progress", {"epoch": 0, "samples": 8, "steps": 1, "metrics": {"loss": 2.0}}
+        ) == {"recorded": True}
         center = worker.end_epoch(0, 8, {"loss": 2.0}, center=True)
         np.testing.assert_array_equal(center, np.arange(8))
         served.board.release(0, stop=False, learning_rate=0.5)
-        assert worker.post_json("/v1/epochs/0/ready", {"rows": 0, "scores": {}, "learning_rate": 0.1}) == \
-            {"stop": False, "learning_rate": 0.5}
+        assert worker.post_json(
+            "/v1/epochs/0/ready", {"rows": 0, "scores": {}, "learning_rate": 0.1}
+        ) == {"stop": False, "learning_rate": 0.5}
         # The weights connection and the control connection keep separate sequences.
         flat, _ = worker.pull()
         np.testing.assert_array_equal(flat, np.arange(8))
 
 
-@pytest.mark.parametrize("path,payload,message", [
-    ("/v1/progress", [1, 2], "JSON object"),
-    ("/v1/progress", {"epoch": -1, "samples": 1}, "`epoch` must be an integer from 0 to 2**53 - 1"),
-    ("/v1/progress", {"epoch": 0, "samples": 1, "metrics": {"loss": "high"}}, "names to numbers"),
-    ("/v1/progress", {"epoch": 0, "samples": 1, "logs": "not a list"}, "list of strings"),
-    ("/v1/epochs/0/ready", {"rows": 0, "learning_rate": "fast"}, "finite number"),
-])
+@pytest.mark.parametrize(
+    "path,payload,message",
+    [
+        ("/v1/progress", [1, 2], "JSON object"),
+        (
+            "/v1/progress",
+            {"epoch": -1, "samples": 1},
+            "`epoch` must be an integer from 0 to 2**53 - 1",
+        ),
+        (
+            "/v1/progress",
+            {"epoch": 0, "samples": 1, "metrics": {"loss": "high"}},
+            "names to numbers",
+        ),
+        ("/v1/progress", {"epoch": 0, "samples": 1, "logs": "not a list"}, "list of strings"),
+        ("/v1/epochs/0/ready", {"rows": 0, "learning_rate": "fast"}, "finite number"),
+    ],
+)
 def test_malformed_control_requests_get_400(served, path, payload, message):
     with ParameterClient(served.url, served.secret, 0, timeout=30) as worker:
-        status, _, data = worker.request("POST", path, json.dumps(payload).encode(), "application/json")
+        status, _, data = worker.request(
+            "POST", path, json.dumps(payload).encode(), "application/json"
+        )
     assert status == 400 and message in json.loads(data)["error"]
 
 
@@ -139,10 +168,15 @@ def test_view_token_opens_only_the_read_only_routes(served):
 
     page = urllib.request.urlopen(f"{served.url}/v1/dashboard?token=view-token", timeout=10)
     assert page.headers.get_content_type() == "text/html"
-    stats = json.loads(urllib.request.urlopen(f"{served.url}/v1/stats?token=view-token", timeout=10).read())
+    stats = json.loads(
+        urllib.request.urlopen(f"{served.url}/v1/stats?token=view-token", timeout=10).read()
+    )
     assert "live" in stats and stats["updates"] == 0
-    for url in (f"{served.url}/v1/stats?token=wrong", f"{served.url}/v1/weights?token=view-token",
-                f"{served.url}/v1/dashboard"):
+    for url in (
+        f"{served.url}/v1/stats?token=wrong",
+        f"{served.url}/v1/weights?token=view-token",
+        f"{served.url}/v1/dashboard",
+    ):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=10)
         assert refused.value.code == 401
@@ -157,7 +191,10 @@ def test_stats_page_json_holds_no_nan():
     text = json.dumps(board.stats(), allow_nan=False)  # raises on NaN or Inf
     figures = json.loads(text)
     assert figures["workers"]["0"]["metrics"] == {"loss": None, "accuracy": 0.5}
-    assert figures["workers"]["0"]["loss_over_time"] == [] and len(figures["workers"]["1"]["loss_over_time"]) == 1
+    assert (
+        figures["workers"]["0"]["loss_over_time"] == []
+        and len(figures["workers"]["1"]["loss_over_time"]) == 1
+    )
     assert figures["epochs"] == [{"epoch": 1, "loss": None}]
 
 
@@ -169,9 +206,16 @@ def test_a_wait_that_expires_names_the_setting_that_bounds_it():
     with socket.socket() as silent:  # accepts the connection, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
-        client = ParameterClient(f"http://127.0.0.1:{silent.getsockname()[1]}", b"s" * 32, 0, timeout=0.5,
-                                 timeout_name="epoch_timeout")
-        with pytest.raises(ParameterServerError, match=r"within 0.5 s: the wait `epoch_timeout` allows expired"):
+        client = ParameterClient(
+            f"http://127.0.0.1:{silent.getsockname()[1]}",
+            b"s" * 32,
+            0,
+            timeout=0.5,
+            timeout_name="epoch_timeout",
+        )
+        with pytest.raises(
+            ParameterServerError, match=r"within 0.5 s: the wait `epoch_timeout` allows expired"
+        ):
             client.post_json("/v1/epochs/0/ready", {})
         client.close()
     for name in ("restart_timeout", "registration_timeout", "epoch_timeout"):
@@ -183,7 +227,9 @@ def test_a_worker_joins_a_stage_once_so_a_spark_retry_of_the_stage_is_refused():
     board = make_board()
     board.join(0, "stage-a")
     board.join(1, "stage-a")
-    with pytest.raises(ParameterServerError, match="Spark ran worker 1's task of this training stage again") as again:
+    with pytest.raises(
+        ParameterServerError, match="Spark ran worker 1's task of this training stage again"
+    ) as again:
         board.join(1, "stage-a")
     assert again.value.status == 409
     board.join(1, "stage-b")  # the trainer's own restart is a new stage

@@ -20,9 +20,13 @@ COLUMNS = [f"f{i}" for i in range(4)]
 
 
 def blob_frame(spark, n=600, seed=0):
-    """Blobs as a table of plain numeric columns (what a VectorAssembler takes), an id and a label."""
+    """Blobs as a table of plain numeric columns (what a VectorAssembler takes), an id and a
+    label."""
     x, y = make_blobs(n, dim=4, seed=seed)
-    rows = [(i, *map(float, features), float(label)) for i, (features, label) in enumerate(zip(x, y, strict=True))]
+    rows = [
+        (i, *map(float, features), float(label))
+        for i, (features, label) in enumerate(zip(x, y, strict=True))
+    ]
     return spark.createDataFrame(rows, ["id", *COLUMNS, "label"])
 
 
@@ -40,20 +44,35 @@ def custom_model(main, helper):
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(32, activation="relu")(helper.Offset()(main.Scale()(inputs)))
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
-    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
-def test_a_saved_pipeline_loads_in_a_new_session_with_identical_predictions(spark, user_code, tmp_path):
+def test_a_saved_pipeline_loads_in_a_new_session_with_identical_predictions(
+    spark, user_code, tmp_path
+):
     from pyspark.ml import Pipeline
     from pyspark.ml.feature import StandardScaler, VectorAssembler
 
     main, helper = user_code
     df = blob_frame(spark)
-    estimator = KerasEstimator(model=custom_model(main, helper), backend="async", epochs=2, featuresCol="scaled",
-                               validationFraction=0.2, seed=3)
-    pipeline = Pipeline(stages=[VectorAssembler(inputCols=COLUMNS, outputCol="raw"),
-                                StandardScaler(inputCol="raw", outputCol="scaled"), estimator])
+    estimator = KerasEstimator(
+        model=custom_model(main, helper),
+        backend="async",
+        epochs=2,
+        featuresCol="scaled",
+        validationFraction=0.2,
+        seed=3,
+    )
+    pipeline = Pipeline(
+        stages=[
+            VectorAssembler(inputCols=COLUMNS, outputCol="raw"),
+            StandardScaler(inputCol="raw", outputCol="scaled"),
+            estimator,
+        ]
+    )
     fitted = pipeline.fit(df)
     keras_stage = fitted.stages[-1]
     assert isinstance(keras_stage, KerasModel)
@@ -61,16 +80,29 @@ def test_a_saved_pipeline_loads_in_a_new_session_with_identical_predictions(spar
     assert len(keras_stage.history["loss"]) == 2 and len(keras_stage.history["val_accuracy"]) == 2
     fitted.write().overwrite().save(str(tmp_path / "pipeline"))
     df.write.parquet(str(tmp_path / "rows.parquet"))
-    rows = fitted.transform(spark.read.parquet(str(tmp_path / "rows.parquet"))).orderBy("id").collect()
+    rows = (
+        fitted.transform(spark.read.parquet(str(tmp_path / "rows.parquet"))).orderBy("id").collect()
+    )
     assert np.mean([r.prediction == r.label for r in rows]) > 0.6  # trained (chance is 0.25)
 
-    run = subprocess.run([sys.executable, str(TESTS / "ml_loader.py"), str(tmp_path / "pipeline"),
-                          str(tmp_path / "rows.parquet")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS / "ml_loader.py"),
+            str(tmp_path / "pipeline"),
+            str(tmp_path / "rows.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
     assert loaded["stats_backend"] == "async"
     assert loaded["predictions"] == [r.prediction for r in rows]
-    np.testing.assert_allclose(loaded["probabilities"], [r.probability.toArray() for r in rows], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        loaded["probabilities"], [r.probability.toArray() for r in rows], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_classification_outputs_are_typed_for_spark_evaluators_and_keep_every_row(spark):
@@ -82,12 +114,18 @@ def test_classification_outputs_are_typed_for_spark_evaluators_and_keep_every_ro
     given = small_model(dim=4)
     before = [w.copy() for w in given.get_weights()]
     fitted = KerasEstimator(model=given, epochs=3, backend="sync").fit(df)
-    assert all(np.array_equal(a, b) for a, b in zip(before, given.get_weights(), strict=True))  # trained a copy
+    assert all(
+        np.array_equal(a, b) for a, b in zip(before, given.get_weights(), strict=True)
+    )  # trained a copy
     out = fitted.transform(df)
     fields = {f.name: f.dataType for f in out.schema.fields}
-    assert list(fields)[:len(df.columns)] == df.columns  # every column kept, in place
-    assert isinstance(fields["prediction"], T.DoubleType) and isinstance(fields["probability"], VectorUDT)
-    assert [r.id for r in out.select("id").collect()] == [r.id for r in df.select("id").collect()]  # row order kept
+    assert list(fields)[: len(df.columns)] == df.columns  # every column kept, in place
+    assert isinstance(fields["prediction"], T.DoubleType) and isinstance(
+        fields["probability"], VectorUDT
+    )
+    assert [r.id for r in out.select("id").collect()] == [
+        r.id for r in df.select("id").collect()
+    ]  # row order kept
     accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(out)
     assert accuracy > 0.9
     first = out.select("prediction", "probability").first()
@@ -112,8 +150,12 @@ def test_binary_and_regression_models_give_the_columns_spark_ml_expects(spark):
     regression = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     regression.compile("adam", "mse")
     reg = KerasModel(regression).setPredictionCol("value").transform(df)
-    assert isinstance(reg.schema["value"].dataType, T.DoubleType) and "probability" not in reg.columns
-    expected = regression.predict(np.array([r.features.toArray() for r in df.collect()], np.float32), verbose=0)[:, 0]
+    assert (
+        isinstance(reg.schema["value"].dataType, T.DoubleType) and "probability" not in reg.columns
+    )
+    expected = regression.predict(
+        np.array([r.features.toArray() for r in df.collect()], np.float32), verbose=0
+    )[:, 0]
     np.testing.assert_allclose([r.value for r in reg.collect()], expected, rtol=1e-5, atol=1e-6)
 
     wide = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
@@ -126,10 +168,17 @@ def test_cross_validator_tunes_the_learning_rate_and_picks_the_better_one(spark)
     from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 
     df = assembled(spark, 400)
-    estimator = KerasEstimator(model=small_model(dim=4), epochs=1, batchSize=16, backend="sync", seed=0)
+    estimator = KerasEstimator(
+        model=small_model(dim=4), epochs=1, batchSize=16, backend="sync", seed=0
+    )
     grid = ParamGridBuilder().addGrid(estimator.learningRate, [1e-6, 0.02]).build()
-    cv = CrossValidator(estimator=estimator, estimatorParamMaps=grid, numFolds=2, seed=0,
-                        evaluator=MulticlassClassificationEvaluator(metricName="accuracy"))
+    cv = CrossValidator(
+        estimator=estimator,
+        estimatorParamMaps=grid,
+        numFolds=2,
+        seed=0,
+        evaluator=MulticlassClassificationEvaluator(metricName="accuracy"),
+    )
     chosen = cv.fit(df)
     assert len(chosen.avgMetrics) == 2
     assert chosen.avgMetrics[1] > chosen.avgMetrics[0] + 0.2  # 1e-6 barely moves the weights
@@ -139,21 +188,34 @@ def test_cross_validator_tunes_the_learning_rate_and_picks_the_better_one(spark)
 
 
 def test_an_unfitted_estimator_saves_and_loads_its_params_and_model(spark, tmp_path):
-    estimator = KerasEstimator(model=small_model(dim=4), backend="async", backendOptions={"rule": "adag", "window": 4},
-                               epochs=3, learningRate=0.005, labelCol="digit",
-                               failureConfig=FailureConfig(max_restarts=5, epoch_timeout=60.0),
-                               dataConfig=DataConfig(partition_storage="stream", buffer_rows=64),
-                               checkpointDir=str(tmp_path / "backups"))
+    estimator = KerasEstimator(
+        model=small_model(dim=4),
+        backend="async",
+        backendOptions={"rule": "adag", "window": 4},
+        epochs=3,
+        learningRate=0.005,
+        labelCol="digit",
+        failureConfig=FailureConfig(max_restarts=5, epoch_timeout=60.0),
+        dataConfig=DataConfig(partition_storage="stream", buffer_rows=64),
+        checkpointDir=str(tmp_path / "backups"),
+    )
     estimator.save(str(tmp_path / "estimator"))
     loaded = KerasEstimator.load(str(tmp_path / "estimator"))
     assert loaded.uid == estimator.uid
-    assert (loaded.getBackend(), loaded.getBackendOptions(), loaded.getEpochs(), loaded.getLearningRate(),
-            loaded.getLabelCol()) == ("async", {"rule": "adag", "window": 4}, 3, 0.005, "digit")
+    assert (
+        loaded.getBackend(),
+        loaded.getBackendOptions(),
+        loaded.getEpochs(),
+        loaded.getLearningRate(),
+        loaded.getLabelCol(),
+    ) == ("async", {"rule": "adag", "window": 4}, 3, 0.005, "digit")
     assert loaded.getFailureConfig() == FailureConfig(max_restarts=5, epoch_timeout=60.0)
     assert loaded.getDataConfig() == DataConfig(partition_storage="stream", buffer_rows=64)
     assert loaded.getResourceConfig() == ResourceConfig()
     assert loaded.getCheckpointDir() == str(tmp_path / "backups")
-    for a, b in zip(loaded.getModel().get_weights(), estimator.getModel().get_weights(), strict=True):
+    for a, b in zip(
+        loaded.getModel().get_weights(), estimator.getModel().get_weights(), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigurationError, match="not a KerasModel"):
         KerasModel.load(str(tmp_path / "estimator"))
@@ -163,17 +225,28 @@ def test_the_estimator_reaches_the_trainers_grouped_settings(spark, tmp_path):
     # Streaming, backups and the failure settings travel from the Params to the trainer.
     from kerasonspark._backup import BackupStore, RunState
 
-    estimator = KerasEstimator(model=small_model(dim=4), epochs=2, batchSize=16, seed=0,
-                               dataConfig={"partition_storage": "stream", "buffer_rows": 32},
-                               failureConfig=FailureConfig(max_restarts=0))
+    estimator = KerasEstimator(
+        model=small_model(dim=4),
+        epochs=2,
+        batchSize=16,
+        seed=0,
+        dataConfig={"partition_storage": "stream", "buffer_rows": 32},
+        failureConfig=FailureConfig(max_restarts=0),
+    )
     fitted = estimator.fit(assembled(spark, 200))
     assert fitted.stats["partition_storage"]["path"] == "stream"
     assert fitted.stats["partition_storage"]["chosen_by"] == "stream"
     assert len(fitted.history["loss"]) == 2
-    # A backup of another model in checkpointDir: the trainer finds it there and refuses to resume it.
-    BackupStore(tmp_path / "backups").save(RunState(epoch=1, center=np.zeros(3, np.float32),
-                                                    settings={"model": "another", "engine": "sync"}))
-    with pytest.raises(ConfigurationError, match="backup was taken with another model architecture"):
+    # A backup of another model in checkpointDir: the trainer finds it there and refuses to resume
+    # it.
+    BackupStore(tmp_path / "backups").save(
+        RunState(
+            epoch=1, center=np.zeros(3, np.float32), settings={"model": "another", "engine": "sync"}
+        )
+    )
+    with pytest.raises(
+        ConfigurationError, match="backup was taken with another model architecture"
+    ):
         estimator.setCheckpointDir(str(tmp_path / "backups")).fit(assembled(spark, 200))
     with pytest.raises(TypeError, match="FailureConfig or a dict"):
         KerasEstimator(failureConfig=3)
@@ -210,7 +283,9 @@ def test_transform_is_lazy_and_each_python_worker_builds_a_model_version_once(sp
     model = small_model(dim=4)
     first = ModelSpec.from_model(model).to_bytes()
     built = inference_model(first, {}, 0, spec_version(first))
-    assert inference_model(first, {}, 0, spec_version(first)) is built  # the same version: no rebuild
+    assert (
+        inference_model(first, {}, 0, spec_version(first)) is built
+    )  # the same version: no rebuild
     model.set_weights([w + 1.0 for w in model.get_weights()])
     second = ModelSpec.from_model(model).to_bytes()
     assert spec_version(second) != spec_version(first)

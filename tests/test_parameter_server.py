@@ -33,7 +33,9 @@ class AddRule(UpdateRule):
 @pytest.fixture
 def server(no_leaked_threads):
     secret = new_secret()
-    store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=2, rule=AddRule(), barrier_timeout=5)
+    store = ParameterStore(
+        np.arange(8, dtype=np.float32), SHAPES, num_workers=2, rule=AddRule(), barrier_timeout=5
+    )
     with ParameterServer(store, ServerConfig(secret, max_payload_bytes=4096)) as srv:
         srv.secret = secret
         yield srv
@@ -70,6 +72,7 @@ def test_unauthenticated_requests_get_401_and_change_nothing(server, secret):
     headers = {"Content-Type": wire.CONTENT_TYPE}
     if secret:
         from kerasonspark.parameter_server import _auth as auth
+
         headers[auth.HEADER] = auth.sign(secret, "POST", "/v1/push", 0, 1, len(body))
     conn.request("POST", "/v1/push", body, headers)
     response = conn.getresponse()
@@ -172,7 +175,9 @@ def test_one_keep_alive_connection_serves_many_requests(server):
             c.pull()
         c.stats()
         assert server.open_connections == 1
-    with client(server) as c:  # and a refused request does not poison the next one on the same connection
+    with client(
+        server
+    ) as c:  # and a refused request does not poison the next one on the same connection
         status, _, _ = c.request("POST", "/v1/push", b"\0" * 10_000)
         assert status == 413
         assert c.health()["status"] == "ok"
@@ -205,11 +210,14 @@ def status_and_error(response: bytes) -> tuple[int, str]:
     return int(head.split()[1]), json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("head, status, fragment", [
-    (b"Content-Length: -5", 400, "non-negative"),
-    (b"Content-Length: 3\r\nContent-Length: 5", 400, "Conflicting"),
-    (b"Transfer-Encoding: chunked", 411, "Content-Length"),
-])
+@pytest.mark.parametrize(
+    "head, status, fragment",
+    [
+        (b"Content-Length: -5", 400, "non-negative"),
+        (b"Content-Length: 3\r\nContent-Length: 5", 400, "Conflicting"),
+        (b"Transfer-Encoding: chunked", 411, "Content-Length"),
+    ],
+)
 def test_http_framing_errors_get_a_json_refusal_and_change_nothing(server, head, status, fragment):
     response, closed = raw_exchange(server, b"POST /v1/push HTTP/1.1\r\n" + head + b"\r\n\r\nabcde")
     code, error = status_and_error(response)
@@ -219,7 +227,9 @@ def test_http_framing_errors_get_a_json_refusal_and_change_nothing(server, head,
 
 def test_an_unsigned_request_is_refused_before_its_body_is_read(server):
     # Only the headers are sent; the 401 must not wait for the 4,000 announced bytes.
-    response, closed = raw_exchange(server, b"POST /v1/push HTTP/1.1\r\nContent-Length: 4000\r\n\r\n", timeout=5)
+    response, closed = raw_exchange(
+        server, b"POST /v1/push HTTP/1.1\r\nContent-Length: 4000\r\n\r\n", timeout=5
+    )
     assert status_and_error(response)[0] == 401
     assert server.store.counters["refused_auth"] == 1
 
@@ -234,8 +244,13 @@ def test_idle_and_stalled_connections_are_closed_and_clients_reconnect(no_leaked
         response, closed = raw_exchange(srv, b"", timeout=10)
         assert closed and response == b"" and time.monotonic() - started < 5
         signature = auth.sign(secret, "POST", "/v1/push", 0, 1, 100).encode()
-        response, _ = raw_exchange(srv, b"POST /v1/push HTTP/1.1\r\nContent-Length: 100\r\nX-KOS-Auth: " + signature
-                                   + b"\r\n\r\nKOSW", timeout=10)
+        response, _ = raw_exchange(
+            srv,
+            b"POST /v1/push HTTP/1.1\r\nContent-Length: 100\r\nX-KOS-Auth: "
+            + signature
+            + b"\r\n\r\nKOSW",
+            timeout=10,
+        )
         status, error = status_and_error(response)
         assert status == 408 and "stopped arriving" in error
         with ParameterClient(srv.url, secret, 0, timeout=10) as c:
@@ -254,14 +269,23 @@ def test_rotating_the_secret_refuses_the_old_one_and_waits_for_a_push_it_let_in(
     secret = new_secret()
     store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=1, rule=AddRule())
     with ParameterServer(store, ServerConfig(secret)) as server:
-        body = b"".join(bytes(p) for p in wire.encode(np.ones(8, np.float32), SHAPES, window=1, samples=1))
-        head = (f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
-                f"{auth.HEADER}: {auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n").encode()
+        body = b"".join(
+            bytes(p) for p in wire.encode(np.ones(8, np.float32), SHAPES, window=1, samples=1)
+        )
+        head = (
+            f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: "
+            f"{len(body)}\r\n"
+            f"{auth.HEADER}: {auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n"
+        ).encode()
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(head + body[:10])  # authenticated; the rest of the body is still on its way
+            sock.sendall(
+                head + body[:10]
+            )  # authenticated; the rest of the body is still on its way
             time.sleep(0.3)
             outcome = {}
-            rotation = threading.Thread(target=lambda: outcome.setdefault("drained", server.rotate_secret(new_secret())))
+            rotation = threading.Thread(
+                target=lambda: outcome.setdefault("drained", server.rotate_secret(new_secret()))
+            )
             rotation.start()
             time.sleep(0.3)
             assert rotation.is_alive() and store.version == 0  # waiting for the push it let in

@@ -1,4 +1,5 @@
-"""README's install and test commands are what CI runs, and everything the repository imports is declared.
+"""README's install and test commands are what CI runs, and everything the repository imports is
+declared.
 
 CI (``.ci/run``) installs into a fresh virtual environment, so an undeclared dependency of a test
 fails there; these checks say which one, and also cover the benchmarks and examples that the suite
@@ -15,17 +16,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("kerasonspark", "backends", "tests", "examples", "benchmarks", "docs", "docker")
-# Modules of this repository that scripts import by their folder's name, not from an installed package.
+# Modules of this repository that scripts import by their folder's name, not from an installed
+# package.
 LOCAL_DIRS = ("tests", "examples", "benchmarks", "docs")
 
 
 def _bash_block(section: str) -> list[str]:
-    """The commands of the first ```bash block under README's ``## {section}``, comments stripped."""
+    """The commands of the first bash block under README's ``## {section}``, comments stripped."""
     text = (ROOT / "README.md").read_text()
     body = text.split(f"## {section}\n", 1)[1]
     block = re.search(r"```bash\n(.*?)```", body, re.S)
     assert block, f"README's '{section}' section has no bash block"
-    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line.split("#", 1)[0].strip()]
+    return [
+        line.split("#", 1)[0].strip()
+        for line in block.group(1).splitlines()
+        if line.split("#", 1)[0].strip()
+    ]
 
 
 def _ci_commands() -> list[str]:
@@ -38,9 +44,15 @@ def test_ci_runs_readmes_install_block_word_for_word_in_a_fresh_venv() -> None:
     assert install, "README's install block is empty"
     for command in install:
         assert command in ci, f".ci/run does not run README's install command {command!r}"
-    assert any(line.startswith("python3 -m venv") for line in ci), ".ci/run must create its own venv"
-    activate = next(i for i, line in enumerate(ci) if line.startswith("source ") and "activate" in line)
-    assert all(ci.index(command) > activate for command in install), "install after activating the venv"
+    assert any(line.startswith("python3 -m venv") for line in ci), (
+        ".ci/run must create its own venv"
+    )
+    activate = next(
+        i for i, line in enumerate(ci) if line.startswith("source ") and "activate" in line
+    )
+    assert all(ci.index(command) > activate for command in install), (
+        "install after activating the venv"
+    )
 
 
 def test_ci_runs_readmes_test_command() -> None:
@@ -66,13 +78,21 @@ def _imported_top_level_modules() -> dict[str, set[str]]:
 
 
 def _is_local(name: str) -> bool:
-    return any((ROOT / folder / f"{name}.py").exists() or (ROOT / folder / name).is_dir() for folder in LOCAL_DIRS)
+    return any(
+        (ROOT / folder / f"{name}.py").exists() or (ROOT / folder / name).is_dir()
+        for folder in LOCAL_DIRS
+    )
 
 
 def test_every_import_of_the_repository_is_installed_by_readmes_install_block() -> None:
     missing = {
         name: sorted(files)
         for name, files in _imported_top_level_modules().items()
-        if not _is_local(name) and name not in sys.builtin_module_names and importlib.util.find_spec(name) is None
+        if not _is_local(name)
+        and name not in sys.builtin_module_names
+        and importlib.util.find_spec(name) is None
     }
-    assert not missing, f"imported but not installed by README's install block (declare them in pyproject.toml): {missing}"
+    assert not missing, (
+        f"imported but not installed by README's install block (declare them in pyproject.toml): "
+        f"{missing}"
+    )

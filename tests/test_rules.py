@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from kerasonspark.parameter_server import ParameterStore, make_rule
-from kerasonspark.parameter_server._rules import Adag, Downpour, DynSGD, ElasticAveraging, OuterNesterov, StalenessAware
+from kerasonspark.parameter_server._rules import (
+    Adag,
+    Downpour,
+    DynSGD,
+    ElasticAveraging,
+    OuterNesterov,
+    StalenessAware,
+)
 
 CENTER = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
 DELTA = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
@@ -46,7 +53,9 @@ def test_the_async_options_give_dynsgd_the_workers_rate_factor_as_its_floor():
     rule = AsyncOptions().make_rule(4.0)
     assert isinstance(rule, DynSGD) and rule.scale(staleness=0, window=20) == 0.25
     assert DynSGD().scale(staleness=0, window=20) == 1.0  # lr_scale=1: the paper's rule, unchanged
-    assert isinstance(AsyncOptions(rule="adag").make_rule(4.0), Adag)  # the 2017 rule keeps its arithmetic
+    assert isinstance(
+        AsyncOptions(rule="adag").make_rule(4.0), Adag
+    )  # the 2017 rule keeps its arithmetic
 
 
 def test_elastic_averaging_moves_both_toward_each_other():
@@ -88,12 +97,17 @@ def test_an_outer_step_beyond_float32_falls_back_to_the_average():
 
 def test_store_rounds_go_through_the_outer_optimizer():
     store = ParameterStore(CENTER.copy(), [(4,)], num_workers=2, outer=OuterNesterov(lr=2.0))
-    threads = [threading.Thread(target=store.barrier, args=(0, w, CENTER + (w + 1) * DELTA, 10)) for w in (0, 1)]
+    threads = [
+        threading.Thread(target=store.barrier, args=(0, w, CENTER + (w + 1) * DELTA, 10))
+        for w in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    np.testing.assert_allclose(store.center, CENTER + 2 * 1.5 * DELTA)  # twice the way to the average
+    np.testing.assert_allclose(
+        store.center, CENTER + 2 * 1.5 * DELTA
+    )  # twice the way to the average
 
 
 @pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "sasgd", "easgd"])
@@ -124,13 +138,16 @@ def test_unknown_rule_and_bad_alpha():
 def test_store_counts_staleness_and_scales_a_stale_push_like_dynsgd():
     store = ParameterStore(CENTER.copy(), [(4,)], num_workers=2, rule=DynSGD())
     store.pull(0), store.pull(1)
-    store.push(0, DELTA, window=5, samples=10)       # fresh: applied in full
+    store.push(0, DELTA, window=5, samples=10)  # fresh: applied in full
     _, version, staleness = store.push(1, DELTA, window=5, samples=10)  # one update behind
     assert staleness == 1 and version == 2
     np.testing.assert_allclose(store.center, CENTER + DELTA + 0.5 * DELTA)
     stats = store.stats()
     assert stats["staleness"]["histogram"] == {"0": 1, "1": 1}
-    assert stats["worker_pushes"] == {"0": 1, "1": 1} and stats["worker_samples"] == {"0": 10, "1": 10}
+    assert stats["worker_pushes"] == {"0": 1, "1": 1} and stats["worker_samples"] == {
+        "0": 10,
+        "1": 10,
+    }
 
 
 def test_hogwild_store_applies_in_place_and_counts_no_overlap_when_serial():

@@ -29,10 +29,13 @@ def test_a_weighted_step_scales_each_rows_loss():
     faster = sgd_steps(0.1, x, y, None, 16)
     for a, b in zip(doubled, faster, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # Rows of weight 0 add nothing: [2, 2, 0, 0] per batch of 4 is the same step as the first two rows alone.
+    # Rows of weight 0 add nothing: [2, 2, 0, 0] per batch of 4 is the same step as the first two
+    # rows alone.
     half = np.tile(np.array([2, 2, 0, 0], np.float32), 16)
     kept = np.tile(np.array([True, True, False, False]), 16)
-    for a, b in zip(sgd_steps(0.05, x, y, half, 4), sgd_steps(0.05, x[kept], y[kept], None, 2), strict=True):
+    for a, b in zip(
+        sgd_steps(0.05, x, y, half, 4), sgd_steps(0.05, x[kept], y[kept], None, 2), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -41,8 +44,12 @@ def noisy_rows(n=800):
     unweighted, a model learns the wrong class (accuracy near 0 on the clean rows)."""
     x, y = make_blobs(n)
     wrong = (y + 1) % 4
-    return (np.concatenate([x, x, x]), np.concatenate([y, wrong, wrong]),
-            np.concatenate([np.ones(n, np.float32), np.zeros(2 * n, np.float32)]), (x, y))
+    return (
+        np.concatenate([x, x, x]),
+        np.concatenate([y, wrong, wrong]),
+        np.concatenate([np.ones(n, np.float32), np.zeros(2 * n, np.float32)]),
+        (x, y),
+    )
 
 
 @pytest.mark.spark
@@ -52,28 +59,43 @@ def test_every_engine_ignores_rows_of_weight_zero(spark, backend):
 
     x, y, w, (clean_x, clean_y) = noisy_rows()
     df = numpy_to_dataframe(spark, x, y)
-    df = spark.createDataFrame(pa.table({"features": df.toArrow()["features"], "label": pa.array(y),
-                                         "weight": pa.array(w)}))
-    trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0)
+    df = spark.createDataFrame(
+        pa.table(
+            {"features": df.toArrow()["features"], "label": pa.array(y), "weight": pa.array(w)}
+        )
+    )
+    trainer = SparkTrainer(
+        small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0
+    )
     trainer.fit(df.repartition(2), sample_weight="weight")
-    assert trainer.evaluate((clean_x, clean_y))["accuracy"] > 0.9  # unweighted, two thirds of the labels are wrong
+    assert (
+        trainer.evaluate((clean_x, clean_y))["accuracy"] > 0.9
+    )  # unweighted, two thirds of the labels are wrong
 
 
 @pytest.mark.spark
 def test_numpy_weights_train_and_bad_weights_are_refused_before_training(spark):
     x, y, w, (clean_x, clean_y) = noisy_rows(400)
-    trainer = SparkTrainer(small_model(), backend="sync", num_workers=2, epochs=3, spark=spark, seed=0, verbose=0)
+    trainer = SparkTrainer(
+        small_model(), backend="sync", num_workers=2, epochs=3, spark=spark, seed=0, verbose=0
+    )
     trainer.fit(x, y, sample_weight=w)
     assert trainer.evaluate((clean_x, clean_y))["accuracy"] > 0.9
-    with pytest.raises(DataError, match="1 sample weight\\(s\\) that are negative, NaN, Inf or null"):
+    with pytest.raises(
+        DataError, match="1 sample weight\\(s\\) that are negative, NaN, Inf or null"
+    ):
         trainer.fit(x, y, sample_weight=np.where(np.arange(len(w)) == 5, -1.0, w))
     with pytest.raises(DataError, match="names a DataFrame column"):
         trainer.fit(x, y, sample_weight="weight")
     df = numpy_to_dataframe(spark, x, y)
     with pytest.raises(DataError, match="no sample-weight column 'weight'"):
         trainer.fit(df, sample_weight="weight")
-    with pytest.raises(ConfigurationError, match="Backend 'elephas' cannot train with sample or class weights"):
-        SparkTrainer(small_model(), backend="elephas", spark=spark, verbose=0).fit(x, y, sample_weight=w)
+    with pytest.raises(
+        ConfigurationError, match="Backend 'elephas' cannot train with sample or class weights"
+    ):
+        SparkTrainer(small_model(), backend="elephas", spark=spark, verbose=0).fit(
+            x, y, sample_weight=w
+        )
 
 
 @pytest.mark.spark
@@ -83,8 +105,15 @@ def test_keras_estimator_takes_a_sample_weight_column(spark):
     from kerasonspark.ml import KerasEstimator
 
     x, y, w, (clean_x, clean_y) = noisy_rows(400)
-    df = spark.createDataFrame(pa.table({"features": numpy_to_dataframe(spark, x).toArrow()["features"],
-                                         "label": pa.array(y.astype(np.float64)), "w": pa.array(w)}))
+    df = spark.createDataFrame(
+        pa.table(
+            {
+                "features": numpy_to_dataframe(spark, x).toArrow()["features"],
+                "label": pa.array(y.astype(np.float64)),
+                "w": pa.array(w),
+            }
+        )
+    )
     fitted = KerasEstimator(model=small_model(), epochs=3, sampleWeightCol="w", seed=0).fit(df)
     assert fitted.getOrDefault("featuresCol") == "features"
     clean = numpy_to_dataframe(spark, clean_x, clean_y)
@@ -99,11 +128,15 @@ def test_class_weights_become_each_rows_weight():
     dense = dense_class_weight({0: 2.0, 2: 0}, info)
     assert dense == (2.0, 1.0, 0.0)  # class 1 left out: weight 1
     np.testing.assert_array_equal(class_weighted(np.array([0, 1, 2, 2]), None, dense), [2, 1, 0, 0])
-    np.testing.assert_array_equal(class_weighted(np.eye(3)[[2, 0]], np.array([0.5, 3.0], np.float32), dense), [0, 6])
+    np.testing.assert_array_equal(
+        class_weighted(np.eye(3)[[2, 0]], np.array([0.5, 3.0], np.float32), dense), [0, 6]
+    )
     assert class_weighted(np.array([0, 1]), None, None) is None
     with pytest.raises(ConfigurationError, match="has class 3; the model's classes are 0..2"):
         dense_class_weight({3: 1.0}, info)
-    with pytest.raises(ConfigurationError, match=r"`class_weight\[1\]` must be a finite number >= 0"):
+    with pytest.raises(
+        ConfigurationError, match=r"`class_weight\[1\]` must be a finite number >= 0"
+    ):
         dense_class_weight({1: float("nan")}, info)
     with pytest.raises(ConfigurationError, match="needs a classification loss"):
         dense_class_weight({0: 1.0}, DataInfo((4,), "raw", None, (1,)))
@@ -113,7 +146,9 @@ def test_class_weights_become_each_rows_weight():
 @pytest.mark.parametrize("backend", ["sync", "single"])  # the worker loop's path and the driver's
 def test_a_class_of_weight_zero_is_never_learned(spark, backend):
     x, y = make_blobs(800)
-    trainer = SparkTrainer(small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0)
+    trainer = SparkTrainer(
+        small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0
+    )
     trainer.fit(x, y, class_weight={0: 0.0})
     predicted = trainer.model.predict(x, verbose=0).argmax(axis=1)
     assert (predicted[y != 0] == y[y != 0]).mean() > 0.9

@@ -29,7 +29,9 @@ def network():
     try:
         network.__enter__()
     except SparkEnvironmentError as exc:
-        if "need" in str(exc) or "not permitted" in str(exc):  # not root, no iproute2, or no new devices allowed
+        if "need" in str(exc) or "not permitted" in str(
+            exc
+        ):  # not root, no iproute2, or no new devices allowed
             pytest.skip(f"emulated hosts are not possible here: {exc}")
         raise
     try:
@@ -41,21 +43,43 @@ def network():
 def test_separate_hosts_train_sync_and_async_with_nothing_on_loopback(network, tmp_path):
     write_tiny_mnist(tmp_path)
     before = run_processes()
-    with StandaloneCluster(workers=2, memory_per_worker="1g", host=network.address, worker_hosts=network.hosts,
-                           work_dir=str(tmp_path)) as cluster:
-        assert sorted(w["host"] for w in cluster.status()["workers"]) == [h.address for h in network.hosts]
-        run = subprocess.run([sys.executable, str(TESTS / "separate_hosts_driver.py"), cluster.master_url,
-                              network.address, str(tmp_path)], capture_output=True, text=True, timeout=400, cwd=TESTS,
-                             env=dict(os.environ, PYTHONPATH=str(TESTS), SPARK_LOCAL_IP=network.address))
+    with StandaloneCluster(
+        workers=2,
+        memory_per_worker="1g",
+        host=network.address,
+        worker_hosts=network.hosts,
+        work_dir=str(tmp_path),
+    ) as cluster:
+        assert sorted(w["host"] for w in cluster.status()["workers"]) == [
+            h.address for h in network.hosts
+        ]
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(TESTS / "separate_hosts_driver.py"),
+                cluster.master_url,
+                network.address,
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=TESTS,
+            env=dict(os.environ, PYTHONPATH=str(TESTS), SPARK_LOCAL_IP=network.address),
+        )
         lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
         assert run.returncode == 0 and lines, run.stderr[-3000:]
-        report = json.loads(lines[0][len("REPORT "):])
+        report = json.loads(lines[0][len("REPORT ") :])
     assert report["server_host"] == network.address
-    assert report["executor_addresses"] == [h.address for h in network.hosts]  # the tasks ran in the two namespaces
+    assert report["executor_addresses"] == [
+        h.address for h in network.hosts
+    ]  # the tasks ran in the two namespaces
     for backend in ("sync", "async"):
         assert report[backend]["accuracy"] > 0.5 and report[backend]["samples"] == 400 * 3
     # Both engines' parameter servers bound and advertised the address the namespaces reach.
-    assert len(report["servers"]) == 2 and all(f"http://{network.address}:" in s for s in report["servers"])
+    assert len(report["servers"]) == 2 and all(
+        f"http://{network.address}:" in s for s in report["servers"]
+    )
     assert "sends weights in cleartext HTTP" in report["encrypted_refusal"]
     deadline = time.monotonic() + 30
     while run_processes() - before and time.monotonic() < deadline:
@@ -64,10 +88,13 @@ def test_separate_hosts_train_sync_and_async_with_nothing_on_loopback(network, t
 
 
 def test_emulated_links_are_shaped_to_the_rate_asked_for(network):
-    """What the scaling benchmark rests on: a shaped link carries about its rate, an unshaped one more."""
+    """What the scaling benchmark rests on: a shaped link carries about its rate, an unshaped one
+    more."""
     rates = {}
     for rate in ("100mbit", None):
         network.shape(rate)
         rates[rate] = goodput(network.hosts[0], network.hosts[1])
-    assert 0.7 * 12.5e6 < rates["100mbit"] < 12.5e6  # 100 Mbit/s is 12.5 MB/s; TCP carries a little less
+    assert (
+        0.7 * 12.5e6 < rates["100mbit"] < 12.5e6
+    )  # 100 Mbit/s is 12.5 MB/s; TCP carries a little less
     assert rates[None] > 3 * rates["100mbit"]

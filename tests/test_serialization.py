@@ -23,7 +23,9 @@ def test_spec_round_trips_architecture_compile_config_and_weights():
     spec = ModelSpec.from_model(model, {"Scale": Scale})
     rebuilt = ModelSpec.from_bytes(spec.to_bytes(), {"Scale": Scale}).build()
     x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
-    np.testing.assert_allclose(rebuilt.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        rebuilt.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
     assert isinstance(rebuilt.optimizer, keras.optimizers.SGD)
     assert abs(float(rebuilt.optimizer.learning_rate) - 0.05) < 1e-7
     assert rebuilt.layers[0].factor == 3.0

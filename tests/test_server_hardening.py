@@ -33,8 +33,14 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 def serve(num_workers: int = 2, rule: str | None = "downpour", lock: bool = True, **config):
     secret = new_secret()
-    store = ParameterStore(np.arange(8, dtype=np.float32), SHAPES, num_workers=num_workers,
-                           rule=make_rule(rule) if rule else None, lock=lock, barrier_timeout=5)
+    store = ParameterStore(
+        np.arange(8, dtype=np.float32),
+        SHAPES,
+        num_workers=num_workers,
+        rule=make_rule(rule) if rule else None,
+        lock=lock,
+        barrier_timeout=5,
+    )
     server = ParameterServer(store, ServerConfig(secret, **config))
     server.secret = secret
     return server
@@ -59,18 +65,28 @@ def error_of(response: bytes) -> str:
     return json.loads(response.partition(b"\r\n\r\n")[2])["error"]
 
 
-def signed_head(server, method: str, path: str, length: int, worker: int = 0, seq: int = 1,
-                content_type: str = wire.CONTENT_TYPE) -> bytes:
+def signed_head(
+    server,
+    method: str,
+    path: str,
+    length: int,
+    worker: int = 0,
+    seq: int = 1,
+    content_type: str = wire.CONTENT_TYPE,
+) -> bytes:
     value = auth.sign(server.secret, method, path, worker, seq, length)
-    return (f"{method} {path} HTTP/1.1\r\nHost: ps\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {length}\r\n{auth.HEADER}: {value}\r\n\r\n").encode()
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: ps\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n{auth.HEADER}: {value}\r\n\r\n"
+    ).encode()
 
 
 def message(flat: np.ndarray, **fields) -> bytes:
     return b"".join(bytes(p) for p in wire.encode(flat, SHAPES, **fields))
 
 
-# 1. A cap on connections waiting for their request, and a deadline for the request line and headers.
+# 1. A cap on connections waiting for their request, and a deadline for the request line and
+# headers.
 def test_1_a_slow_sender_is_closed_at_the_header_deadline(no_leaked_threads):
     with serve(header_timeout=1.0) as server:
         started = time.monotonic()
@@ -88,7 +104,9 @@ def test_1_a_slow_sender_is_closed_at_the_header_deadline(no_leaked_threads):
         assert server.store.counters["closed_at_deadline"] == 1
 
 
-def test_1_connections_without_credentials_are_capped_and_honest_workers_still_get_in(no_leaked_threads):
+def test_1_connections_without_credentials_are_capped_and_honest_workers_still_get_in(
+    no_leaked_threads,
+):
     with serve(max_pending_connections=8, header_timeout=30) as server:
         idle = [connect(server) for _ in range(40)]
         try:
@@ -171,23 +189,38 @@ def test_4_sign_body_still_binds_the_body(no_leaked_threads):
             reply, _ = client.push(np.ones(8, np.float32), SHAPES, window=1, samples=1)
         np.testing.assert_array_equal(reply, np.arange(8) + 1)
         body = message(np.full(8, 100, np.float32), window=1, samples=1)
-        value = auth.sign(server.secret, "POST", "/v1/push", 1, 1, len(body),
-                          body_digest=auth.body_digest(message(np.zeros(8, np.float32), window=1, samples=1)))
+        value = auth.sign(
+            server.secret,
+            "POST",
+            "/v1/push",
+            1,
+            1,
+            len(body),
+            body_digest=auth.body_digest(message(np.zeros(8, np.float32), window=1, samples=1)),
+        )
         with connect(server) as sock:
-            sock.sendall(f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}"
-                         f"\r\n{auth.HEADER}: {value}\r\n\r\n".encode() + body)
+            sock.sendall(
+                f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: "
+                f"{len(body)}"
+                f"\r\n{auth.HEADER}: {value}\r\n\r\n".encode()
+                + body
+            )
             response = read_until_closed(sock)  # a refused request's connection is closed
         assert status_of(response) == 401 and "body" in error_of(response)
         np.testing.assert_array_equal(server.store.center, np.arange(8) + 1)
 
 
 # 5. A malformed auth header is a 401, never a 500 with a traceback in the driver's log.
-@pytest.mark.parametrize("value", [
-    "v1 worker=0 seq=1 ts={now} sig=" + "é" * 64,
-    "v1 worker=0 seq=1 ts=" + "9" * 400 + " sig=" + "0" * 64,
-    "v1 worker=0 seq=1 ts=-" + "9" * 400 + " sig=" + "0" * 64,
-    "v1 worker=" + "1" * 5000 + " seq=1 ts={now} sig=" + "0" * 64,
-], ids=["non-ascii-sig", "ts-400-digits", "ts-negative-400-digits", "worker-5000-digits"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "v1 worker=0 seq=1 ts={now} sig=" + "é" * 64,
+        "v1 worker=0 seq=1 ts=" + "9" * 400 + " sig=" + "0" * 64,
+        "v1 worker=0 seq=1 ts=-" + "9" * 400 + " sig=" + "0" * 64,
+        "v1 worker=" + "1" * 5000 + " seq=1 ts={now} sig=" + "0" * 64,
+    ],
+    ids=["non-ascii-sig", "ts-400-digits", "ts-negative-400-digits", "worker-5000-digits"],
+)
 def test_5_a_malformed_auth_header_gets_401_and_no_traceback(value, caplog, no_leaked_threads):
     value = value.replace("{now}", str(int(time.time())))
     with serve() as server, connect(server) as sock, caplog.at_level(logging.DEBUG):
@@ -227,10 +260,14 @@ def test_7_a_push_that_would_overflow_the_center_is_refused(lock, no_leaked_thre
             client.push(np.full(8, F32_MAX, np.float32), SHAPES, window=1, samples=1)
         assert refused.value.status == 422
         assert np.isfinite(server.store.center).all()
-        np.testing.assert_array_equal(server.store.center, np.arange(8, dtype=np.float32) + np.float32(F32_MAX / 16))
+        np.testing.assert_array_equal(
+            server.store.center, np.arange(8, dtype=np.float32) + np.float32(F32_MAX / 16)
+        )
 
 
-def test_7_a_round_whose_average_would_overflow_is_refused_and_the_round_still_completes(no_leaked_threads):
+def test_7_a_round_whose_average_would_overflow_is_refused_and_the_round_still_completes(
+    no_leaked_threads,
+):
     with serve(rule=None) as server:
         with ParameterClient(server.url, server.secret, 0) as a:
             with pytest.raises(ParameterServerError, match="overflow") as refused:
@@ -240,7 +277,9 @@ def test_7_a_round_whose_average_would_overflow_is_refused_and_the_round_still_c
 
         def arrive(worker):
             with ParameterClient(server.url, server.secret, worker) as c:
-                results[worker] = c.barrier(0, np.full(8, float(worker), np.float32), SHAPES, samples=1)
+                results[worker] = c.barrier(
+                    0, np.full(8, float(worker), np.float32), SHAPES, samples=1
+                )
 
         threads = [threading.Thread(target=arrive, args=(w,)) for w in (0, 1)]
         [t.start() for t in threads]
@@ -249,7 +288,9 @@ def test_7_a_round_whose_average_would_overflow_is_refused_and_the_round_still_c
 
 
 # 8. An absurd sample count is refused before it joins the round, so the round is not jammed.
-@pytest.mark.parametrize("samples", [10 ** 400, 2 ** 64, -1, 1.5, "7"], ids=["10**400", "2**64", "-1", "1.5", "str"])
+@pytest.mark.parametrize(
+    "samples", [10**400, 2**64, -1, 1.5, "7"], ids=["10**400", "2**64", "-1", "1.5", "str"]
+)
 def test_8_an_absurd_sample_count_does_not_jam_the_round(samples, no_leaked_threads):
     with serve(rule=None) as server:
         body = message(np.ones(8, np.float32), samples=samples)
@@ -270,11 +311,15 @@ def test_8_an_absurd_sample_count_does_not_jam_the_round(samples, no_leaked_thre
 
 
 # 9. Malformed wire headers are a 400 (WireFormatError), never a 500.
-@pytest.mark.parametrize("header", [
-    b'{"dtype": "float32", "shapes": [[8]], "samples": ' + b"7" * 5000 + b"}",
-    b'{"dtype": "float32", "shapes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"dtype": "float32", "shapes": [[' + b",".join([b"4611686018427387904"] * 300) + b"]]}",
-], ids=["number-of-5000-digits", "nesting-100000-deep", "shape-product-too-large-to-print"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"dtype": "float32", "shapes": [[8]], "samples": ' + b"7" * 5000 + b"}",
+        b'{"dtype": "float32", "shapes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"dtype": "float32", "shapes": [[' + b",".join([b"4611686018427387904"] * 300) + b"]]}",
+    ],
+    ids=["number-of-5000-digits", "nesting-100000-deep", "shape-product-too-large-to-print"],
+)
 def test_9_malformed_wire_headers_are_refused_with_400(header, no_leaked_threads):
     prefix = b"KOSW\x01\x00\x00\x00" + len(header).to_bytes(4, "little") + header
     body = prefix + b"\0" * (-len(prefix) % 8) + bytes(32)
@@ -285,19 +330,25 @@ def test_9_malformed_wire_headers_are_refused_with_400(header, no_leaked_threads
         assert status_of(sock.recv(65536)) == 400
 
 
-@pytest.mark.parametrize("path", ["/v1/rounds/" + "9" * 5000, "/v1/epochs/" + "9" * 5000 + "/end"],
-                         ids=["round-of-5000-digits", "epoch-of-5000-digits"])
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/rounds/" + "9" * 5000, "/v1/epochs/" + "9" * 5000 + "/end"],
+    ids=["round-of-5000-digits", "epoch-of-5000-digits"],
+)
 def test_9_absurd_numbers_in_the_path_are_refused_with_400_or_404(path, no_leaked_threads):
     with serve() as server, connect(server) as sock:
         sock.sendall(signed_head(server, "POST", path, 0))
         assert status_of(sock.recv(65536)) in (400, 404)
 
 
-# 10. idle_timeout bounds idle time, not a whole reply; a cut reply is our error, not IncompleteRead.
+# 10. idle_timeout bounds idle time, not a whole reply; a cut reply is our error, not
+# IncompleteRead.
 def test_10_a_slow_but_steady_reader_gets_the_whole_reply(no_leaked_threads):
     secret = new_secret()
     size = 8 << 20  # 32 MB of float32: more than the kernel's send buffer takes at once
-    store = ParameterStore(np.ones(size, np.float32), [(size,)], num_workers=1, rule=make_rule("downpour"))
+    store = ParameterStore(
+        np.ones(size, np.float32), [(size,)], num_workers=1, rule=make_rule("downpour")
+    )
     with ParameterServer(store, ServerConfig(secret, idle_timeout=1.0)) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -307,7 +358,9 @@ def test_10_a_slow_but_steady_reader_gets_the_whole_reply(no_leaked_threads):
         received, started = 0, time.monotonic()
         while chunk := sock.recv(65536):
             received += len(chunk)
-            time.sleep(0.004)  # about 16 MB/s: the reply takes longer than idle_timeout, but never idles
+            time.sleep(
+                0.004
+            )  # about 16 MB/s: the reply takes longer than idle_timeout, but never idles
             if received >= 4 * size:
                 break
         sock.close()
@@ -322,11 +375,16 @@ def test_10_a_reply_cut_short_raises_our_error():
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\"")
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                b'1000\r\n\r\n{"a"'
+            )
 
     thread = threading.Thread(target=answer_half)
     thread.start()
-    with ParameterClient(f"http://127.0.0.1:{listener.getsockname()[1]}", new_secret(), 0, timeout=5) as client:
+    with ParameterClient(
+        f"http://127.0.0.1:{listener.getsockname()[1]}", new_secret(), 0, timeout=5
+    ) as client:
         with pytest.raises(ParameterServerError, match="4 of its 1000 bytes"):
             client.health()
     thread.join(5)
@@ -334,8 +392,11 @@ def test_10_a_reply_cut_short_raises_our_error():
 
 
 # 11. Content-Length is digits only.
-@pytest.mark.parametrize("length", [b"+5", b"0_5", b"5 5", b"0x5", b"\xd9\xa5", b"1" * 30],
-                         ids=["sign", "underscore", "inner-space", "hex", "arabic-digit", "30-digits"])
+@pytest.mark.parametrize(
+    "length",
+    [b"+5", b"0_5", b"5 5", b"0x5", b"\xd9\xa5", b"1" * 30],
+    ids=["sign", "underscore", "inner-space", "hex", "arabic-digit", "30-digits"],
+)
 def test_11_content_length_must_be_digits(length, no_leaked_threads):
     with serve() as server, connect(server) as sock:
         sock.sendall(b"POST /v1/failure HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n12345")
@@ -356,7 +417,9 @@ def test_12_an_oversized_unauthenticated_request_learns_nothing_of_the_cap(no_le
         assert status_of(response) == 413 and "4096" in error_of(response)
 
 
-def test_a_signed_request_from_an_unknown_worker_id_is_refused_before_the_replay_guard_remembers_it(no_leaked_threads):
+def test_a_signed_request_from_an_unknown_worker_id_is_refused_before_the_replay_guard_remembers_it(
+    no_leaked_threads,
+):
     with serve() as server:
         for worker in (2, 7, 10**8):
             with connect(server) as sock:
@@ -364,5 +427,8 @@ def test_a_signed_request_from_an_unknown_worker_id_is_refused_before_the_replay
                 response = sock.recv(65536)
             assert status_of(response) == 400 and "Unknown worker id" in error_of(response)
         assert server.app.extensions["kerasonspark"].replay._last == {}
-        with ParameterClient(server.url, server.secret, -1) as driver, ParameterClient(server.url, server.secret, 1) as w:
+        with (
+            ParameterClient(server.url, server.secret, -1) as driver,
+            ParameterClient(server.url, server.secret, 1) as w,
+        ):
             assert driver.health()["status"] == "ok" and w.health()["status"] == "ok"

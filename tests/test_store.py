@@ -16,7 +16,10 @@ def run_round(store, contributions):
     def join(worker, weights, samples):
         results[worker] = store.barrier(0, worker, weights, samples)
 
-    threads = [threading.Thread(target=join, args=(w, np.asarray(v, np.float32), n)) for w, (v, n) in enumerate(contributions)]
+    threads = [
+        threading.Thread(target=join, args=(w, np.asarray(v, np.float32), n))
+        for w, (v, n) in enumerate(contributions)
+    ]
     [t.start() for t in threads]
     [t.join(10) for t in threads]
     return results
@@ -67,9 +70,15 @@ def test_staleness_summary_is_exact_and_bounded():
 
     from kerasonspark.parameter_server._store import staleness_summary
 
-    assert staleness_summary(Counter({0: 1, 1: 5, 4: 1})) == {"min": 0, "median": 1, "max": 4,
-                                                      "histogram": {"0": 1, "1": 5, "4": 1}}
-    assert staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7  # the upper median, as sorted(list)[n // 2]
+    assert staleness_summary(Counter({0: 1, 1: 5, 4: 1})) == {
+        "min": 0,
+        "median": 1,
+        "max": 4,
+        "histogram": {"0": 1, "1": 5, "4": 1},
+    }
+    assert (
+        staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7
+    )  # the upper median, as sorted(list)[n // 2]
     assert staleness_summary(Counter())["max"] == 0
 
 

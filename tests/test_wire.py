@@ -28,7 +28,7 @@ def test_layout_is_documented_prefix_then_aligned_little_endian_payload():
     data = message(flat, [(2,)])
     magic, version, header_len = struct.unpack_from("<4sB3xI", data)
     assert (magic, version) == (b"KOSW", 1)
-    header = json.loads(data[12:12 + header_len])
+    header = json.loads(data[12 : 12 + header_len])
     assert header["dtype"] == "float32"
     start = 12 + header_len + (-(12 + header_len) % 8)
     assert start % 8 == 0
@@ -42,14 +42,17 @@ def test_float16_payload_round_trips():
     np.testing.assert_array_equal(decoded, flat)
 
 
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda d: b"XXXX" + d[4:], "magic"),
-    (lambda d: d[:4] + b"\x09" + d[5:], "version"),
-    (lambda d: d[:-4], "Payload length"),
-    (lambda d: d + b"\0\0\0\0", "Payload length"),
-    (lambda d: d[:8], "too short"),
-    (lambda d: d[:8] + struct.pack("<I", 10 ** 9) + d[12:], "Header length"),
-])
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda d: b"XXXX" + d[4:], "magic"),
+        (lambda d: d[:4] + b"\x09" + d[5:], "version"),
+        (lambda d: d[:-4], "Payload length"),
+        (lambda d: d + b"\0\0\0\0", "Payload length"),
+        (lambda d: d[:8], "too short"),
+        (lambda d: d[:8] + struct.pack("<I", 10**9) + d[12:], "Header length"),
+    ],
+)
 def test_malformed_messages_are_rejected_with_a_reason(mutate, fragment):
     data = message(np.ones(4, np.float32), [(2, 2)])
     with pytest.raises(WireFormatError, match=fragment):
@@ -60,11 +63,14 @@ def test_header_must_be_json_with_valid_dtype_and_shapes():
     def raw(header: bytes) -> bytes:
         pad = -(12 + len(header)) % 8
         return struct.pack("<4sB3xI", b"KOSW", 1, len(header)) + header + b"\0" * pad
+
     with pytest.raises(WireFormatError, match="JSON"):
         wire.decode(raw(b"{not json"))
     with pytest.raises(WireFormatError, match="dtype"):
         wire.decode(raw(b'{"dtype":"float64","shapes":[]}'))
-    with pytest.raises(WireFormatError, match="dtype"):  # not a name at all: still a WireFormatError
+    with pytest.raises(
+        WireFormatError, match="dtype"
+    ):  # not a name at all: still a WireFormatError
         wire.decode(raw(b'{"dtype":["float32"],"shapes":[]}'))
     with pytest.raises(WireFormatError, match="shapes"):
         wire.decode(raw(b'{"dtype":"float32","shapes":[[-1]]}'))

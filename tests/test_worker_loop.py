@@ -1,4 +1,5 @@
-"""The worker loop, result assembly and sync scheduling, isolated or in-process (seconds, no Spark)."""
+"""The worker loop, result assembly and sync scheduling, isolated or in-process (seconds, no
+Spark)."""
 
 import threading
 
@@ -29,7 +30,11 @@ class FakeModel:
     def evaluate(self, x, y, **kwargs):
         self.evaluated.append(len(x))
         self.evaluate_options.append(kwargs)
-        return {"loss": 0.5, "accuracy": float(len(x)), "per_class": np.ones(3)}  # not a scalar: left out
+        return {
+            "loss": 0.5,
+            "accuracy": float(len(x)),
+            "per_class": np.ones(3),
+        }  # not a scalar: left out
 
 
 class FakeSteps:
@@ -93,7 +98,7 @@ def loop(n=10, exchange=None, validation=None, worker=0, **kw):
 
 def test_every_epoch_visits_every_row_once_in_a_fresh_order():
     report, steps, _ = loop(n=10, epochs=3, batch=4)
-    per_epoch = [np.concatenate([i for i, _ in steps.runs[e * 2:(e + 1) * 2]]) for e in range(3)]
+    per_epoch = [np.concatenate([i for i, _ in steps.runs[e * 2 : (e + 1) * 2]]) for e in range(3)]
     for order in per_epoch:
         assert sorted(order) == list(range(10))
     assert not np.array_equal(per_epoch[0], per_epoch[1])
@@ -117,15 +122,26 @@ def test_exchanges_follow_every_run_and_epochs_end_in_order():
     report, _, exchange = loop(n=10, epochs=2, batch=4)
     assert exchange.epochs == [0, 1]
     assert 0 <= report.seconds < 5 and report.val_samples == 0 and report.val_history == []
-    assert exchange.events == [("start", 0), ("exchange", 8), ("exchange", 2), ("end_epoch", 0),
-                               ("exchange", 8), ("exchange", 2), ("end_epoch", 1)]
+    assert exchange.events == [
+        ("start", 0),
+        ("exchange", 8),
+        ("exchange", 2),
+        ("end_epoch", 0),
+        ("exchange", 8),
+        ("exchange", 2),
+        ("end_epoch", 1),
+    ]
     assert report.figures == {"figure": 7} and report.worker == 0
 
 
 def test_metrics_are_read_and_reset_once_per_epoch():
     report, steps, _ = loop(epochs=3)
     assert steps.model.resets == 3
-    assert report.history == [{"loss": 2.0}, {"loss": 4.0}, {"loss": 6.0}]  # running runs count at each epoch's end
+    assert report.history == [
+        {"loss": 2.0},
+        {"loss": 4.0},
+        {"loss": 6.0},
+    ]  # running runs count at each epoch's end
 
 
 def test_an_empty_partition_still_joins_every_exchange():
@@ -137,24 +153,47 @@ def test_an_empty_partition_still_joins_every_exchange():
 def test_validation_share_is_scored_after_every_epoch():
     vx, vy = np.zeros((9, 3), np.float32), np.arange(9) % 2
     share = validation_share((vx, vy), 1, settings(workers=2))
-    assert len(share[0]) == 4 and share[1].dtype == np.int32  # rows 1, 3, 5, 7, labels as the loss takes them
+    assert (
+        len(share[0]) == 4 and share[1].dtype == np.int32
+    )  # rows 1, 3, 5, 7, labels as the loss takes them
     report, steps, _ = loop(epochs=2, validation=share, worker=1)
     assert steps.model.evaluated == [4, 4] and report.val_samples == 4
-    assert steps.model.evaluate_options == [{"batch_size": 256, "verbose": 0, "return_dict": True}] * 2
+    assert (
+        steps.model.evaluate_options == [{"batch_size": 256, "verbose": 0, "return_dict": True}] * 2
+    )
     assert report.val_history == [{"loss": 0.5, "accuracy": 4.0}] * 2
     assert validation_share(None, 0, settings()) is None
 
 
 def test_a_schedule_that_does_not_cover_the_epoch_fails_at_once():
-    with pytest.raises(RuntimeError, match="^The exchange scheduled 4 steps for an epoch of 3; "
-                                           "`Exchange.schedule` must return runs that add up to `steps`.$"):
+    with pytest.raises(
+        RuntimeError,
+        match="^The exchange scheduled 4 steps for an epoch of 3; "
+        "`Exchange.schedule` must return runs that add up to `steps`.$",
+    ):
         loop(exchange=Recording(bad_schedule=True))
 
 
 def test_history_is_weighted_by_samples_and_validation_rows():
     reports = [
-        WorkerReport(0, 30, 3, 1.0, history=[{"loss": 1.0}, {"loss": 0.5}], val_samples=10, val_history=[{"loss": 2.0}] * 2),
-        WorkerReport(1, 10, 1, 1.0, history=[{"loss": 3.0}, {"loss": 1.5}], val_samples=30, val_history=[{"loss": 4.0}] * 2),
+        WorkerReport(
+            0,
+            30,
+            3,
+            1.0,
+            history=[{"loss": 1.0}, {"loss": 0.5}],
+            val_samples=10,
+            val_history=[{"loss": 2.0}] * 2,
+        ),
+        WorkerReport(
+            1,
+            10,
+            1,
+            1.0,
+            history=[{"loss": 3.0}, {"loss": 1.5}],
+            val_samples=30,
+            val_history=[{"loss": 4.0}] * 2,
+        ),
         WorkerReport(2, 0, 0, 1.0, history=[{}, {}]),  # an empty partition counts for nothing
     ]
     history = merge_history(reports, 2)
@@ -164,7 +203,9 @@ def test_history_is_weighted_by_samples_and_validation_rows():
     lone = WorkerReport(0, 1, 1, 1.0, history=[{"loss": 2.0, "accuracy": 0.5}])
     assert merge_history([lone], 1) == {"loss": [2.0], "accuracy": [0.5]}
     short = WorkerReport(1, 3, 1, 1.0, history=[{"loss": 4.0, "accuracy": 1.0}])
-    longer = WorkerReport(0, 1, 2, 1.0, history=[{"loss": 0.0, "accuracy": 0.0}, {"loss": 1.0, "accuracy": 1.0}])
+    longer = WorkerReport(
+        0, 1, 2, 1.0, history=[{"loss": 0.0, "accuracy": 0.0}, {"loss": 1.0, "accuracy": 1.0}]
+    )
     assert merge_history([longer, short], 2) == {"loss": [3.0, 1.0], "accuracy": [0.75, 1.0]}
 
 
@@ -175,23 +216,58 @@ def test_result_assembly_sets_the_weights_and_fills_the_common_stats():
 
     model = small_model()
     spec = ModelSpec.from_model(model)
-    job = TrainingJob(spec=spec, model=model, info=DataInfo((16,), "sparse", 4), runner=None,
-                      config=TrainingConfig(epochs=2, num_workers=2), run_id="r", partition_sizes=[30, 10])
-    reports = [WorkerReport(1, 10, 2, 1.0, history=[{"loss": 3.0}] * 2, figures={"pushes": 3}),
-               WorkerReport(0, 30, 4, 2.0, history=[{"loss": 1.0}] * 2, figures={"pushes": 5})]
+    job = TrainingJob(
+        spec=spec,
+        model=model,
+        info=DataInfo((16,), "sparse", 4),
+        runner=None,
+        config=TrainingConfig(epochs=2, num_workers=2),
+        run_id="r",
+        partition_sizes=[30, 10],
+    )
+    reports = [
+        WorkerReport(1, 10, 2, 1.0, history=[{"loss": 3.0}] * 2, figures={"pushes": 3}),
+        WorkerReport(0, 30, 4, 2.0, history=[{"loss": 1.0}] * 2, figures={"pushes": 5}),
+    ]
     weights = np.full(spec.weights.size, 0.5, np.float32)
-    result = assemble_result(job, "mine", reports, weights, 4.0, 8, {"rule": "adag"}, {"updates": 8})
+    result = assemble_result(
+        job, "mine", reports, weights, 4.0, 8, {"rule": "adag"}, {"updates": 8}
+    )
     assert result.model is model and np.all(get_flat_weights(model) == 0.5)
     assert result.history == {"loss": [1.5, 1.5]}
     stats = result.stats
-    assert {k: stats[k] for k in ("backend", "samples", "epochs", "num_workers", "train_seconds", "samples_per_second",
-                                  "exchanges")} == {"backend": "mine", "samples": 80, "epochs": 2, "num_workers": 2,
-                                                    "train_seconds": 4.0, "samples_per_second": 20.0, "exchanges": 8}
+    assert {
+        k: stats[k]
+        for k in (
+            "backend",
+            "samples",
+            "epochs",
+            "num_workers",
+            "train_seconds",
+            "samples_per_second",
+            "exchanges",
+        )
+    } == {
+        "backend": "mine",
+        "samples": 80,
+        "epochs": 2,
+        "num_workers": 2,
+        "train_seconds": 4.0,
+        "samples_per_second": 20.0,
+        "exchanges": 8,
+    }
     assert [w["worker"] for w in stats["workers"]] == [0, 1] and stats["workers"][0]["pushes"] == 5
     assert stats["mine"] == {"rule": "adag"} and stats["parameter_server"] == {"updates": 8}
     unserved = assemble_result(job, "plain", reports, weights, 0.0, 0, None).stats
-    assert unserved["samples_per_second"] == 0.0 and unserved["plain"] == {} and "parameter_server" not in unserved
-    assert assemble_result(job, "quick", reports, weights, 0.5, 0, None).stats["samples_per_second"] == 160.0
+    assert (
+        unserved["samples_per_second"] == 0.0
+        and unserved["plain"] == {}
+        and "parameter_server" not in unserved
+    )
+    assert (
+        assemble_result(job, "quick", reports, weights, 0.5, 0, None).stats["samples_per_second"]
+        == 160.0
+    )
 
 
 def test_a_job_hands_every_call_to_its_runner():
@@ -210,40 +286,84 @@ def test_a_job_hands_every_call_to_its_runner():
             return served
 
         def result(self, job, reports, weights, seconds, exchanges, engine_stats, server_stats):
-            calls.append(("result", job is the_job, reports, weights, seconds, exchanges, engine_stats, server_stats))
+            calls.append(
+                (
+                    "result",
+                    job is the_job,
+                    reports,
+                    weights,
+                    seconds,
+                    exchanges,
+                    engine_stats,
+                    server_stats,
+                )
+            )
             return "result"
 
         def local_arrays(self, job):
             calls.append(("local_arrays",))
             return "x", np.array([0, 1, 1]), np.ones(3, np.float32)
 
-    job = the_job = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(class_weight=(0.5, 2.0)),
-                                runner=Runner(), run_id="r", partition_sizes=[3, 4])
+    job = the_job = TrainingJob(
+        spec=None,
+        model=None,
+        info=INFO,
+        config=TrainingConfig(class_weight=(0.5, 2.0)),
+        runner=Runner(),
+        run_id="r",
+        partition_sizes=[3, 4],
+    )
     assert job.num_samples == 7
     with pytest.raises(ConfigurationError, match="Pass `exchanges=`"):
         job.result(["r"], "w", 2.0)  # not served yet: no server count to default to
     assert job.run_workers("ex") == ["report"] and job.serve("store", "make") is served
-    assert job.result(["r"], "w", 2.0, engine_stats={"a": 1}) == "result"  # exchanges: the server's count
+    assert (
+        job.result(["r"], "w", 2.0, engine_stats={"a": 1}) == "result"
+    )  # exchanges: the server's count
     assert job.result(["r"], "w", 2.0, exchanges=5) == "result"
-    with pytest.raises(ConfigurationError, match=r"job.local_arrays\(\) is for engines with `trains_on = 'driver'`"):
+    with pytest.raises(
+        ConfigurationError, match=r"job.local_arrays\(\) is for engines with `trains_on = 'driver'`"
+    ):
         job.local_arrays()
-    on_driver = TrainingJob(spec=None, model=None, info=INFO, config=TrainingConfig(class_weight=(0.5, 2.0)),
-                            runner=Runner(), run_id="r", partition_sizes=[3, 4], trains_on="driver")
+    on_driver = TrainingJob(
+        spec=None,
+        model=None,
+        info=INFO,
+        config=TrainingConfig(class_weight=(0.5, 2.0)),
+        runner=Runner(),
+        run_id="r",
+        partition_sizes=[3, 4],
+        trains_on="driver",
+    )
     x, y, weights = on_driver.local_arrays()
-    assert x == "x" and weights.tolist() == [0.5, 2.0, 2.0]  # the class weights folded into the sample weights
+    assert x == "x" and weights.tolist() == [
+        0.5,
+        2.0,
+        2.0,
+    ]  # the class weights folded into the sample weights
     with pytest.raises(ConfigurationError, match="trains_on = 'workers'"):
         on_driver.serve("store", "make")
     server = {"rounds": 6, "updates": 0}
-    assert calls == [("run_workers", "ex"), ("serve", "store", "make"),
-                     ("result", True, ["r"], "w", 2.0, 6, {"a": 1}, server),
-                     ("result", True, ["r"], "w", 2.0, 5, None, server), ("local_arrays",)]
+    assert calls == [
+        ("run_workers", "ex"),
+        ("serve", "store", "make"),
+        ("result", True, ["r"], "w", 2.0, 6, {"a": 1}, server),
+        ("result", True, ["r"], "w", 2.0, 5, None, server),
+        ("local_arrays",),
+    ]
 
 
 def test_worker_report_figures_for_stats():
     report = WorkerReport(3, 100, 10, 2.0, history=[{}, {}], figures={"pushes": 4})
     assert report.samples_per_second == 100.0
-    assert report.as_stats() == {"worker": 3, "samples": 100, "steps": 10, "seconds": 2.0,
-                                 "samples_per_second": 100.0, "pushes": 4}
+    assert report.as_stats() == {
+        "worker": 3,
+        "samples": 100,
+        "steps": 10,
+        "seconds": 2.0,
+        "samples_per_second": 100.0,
+        "pushes": 4,
+    }
 
 
 def test_sync_cuts_every_epoch_into_the_same_rounds():
@@ -260,26 +380,40 @@ def test_sync_cuts_every_epoch_into_the_same_rounds():
 
 # -- the real engines, in-process ------------------------------------------------------------------
 @pytest.mark.inprocess
-@pytest.mark.parametrize("backend, options", [
-    ("sync", {"sync_every": 8}),
-    ("async", {"rule": "adag", "window": 4}),
-    ("async", {"rule": "downpour", "window": 2}),
-    ("async", {"rule": "dynsgd", "window": 4}),
-    ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
-    ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
-    ("async", {"rule": "adag", "window": 4, "overlap": True}),
-    ("async", {"rule": "sasgd", "window": 4, "lr_scale": "sqrt", "warmup_steps": 8}),
-    ("sync", {"sync_every": 8, "lr_scale": "linear", "warmup_steps": 8, "outer_momentum": 0.5}),
-    ("hogwild", {"window": 4}),
-    ("single", None),
-])
+@pytest.mark.parametrize(
+    "backend, options",
+    [
+        ("sync", {"sync_every": 8}),
+        ("async", {"rule": "adag", "window": 4}),
+        ("async", {"rule": "downpour", "window": 2}),
+        ("async", {"rule": "dynsgd", "window": 4}),
+        ("async", {"rule": "easgd", "window": 4, "alpha": 0.5}),
+        ("async", {"rule": "adag", "window": 4, "delta_dtype": "bfloat16"}),
+        ("async", {"rule": "adag", "window": 4, "overlap": True}),
+        ("async", {"rule": "sasgd", "window": 4, "lr_scale": "sqrt", "warmup_steps": 8}),
+        ("sync", {"sync_every": 8, "lr_scale": "linear", "warmup_steps": 8, "outer_momentum": 0.5}),
+        ("hogwild", {"window": 4}),
+        ("single", None),
+    ],
+)
 def test_engines_learn_and_count_their_exchanges_in_process(backend, options):
     x, y = make_blobs(1000)
-    result = fit_in_process(backend, small_model(), x, y, epochs=2, batch_size=16, seed=0, backend_options=options,
-                            validation_data=make_blobs(200, seed=0))
+    result = fit_in_process(
+        backend,
+        small_model(),
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        seed=0,
+        backend_options=options,
+        validation_data=make_blobs(200, seed=0),
+    )
     assert result.history["val_accuracy"][-1] > 0.9
     stats = result.stats
-    assert [w["samples"] for w in stats["workers"]] == ([500, 500] if backend != "single" else [1000])
+    assert [w["samples"] for w in stats["workers"]] == (
+        [500, 500] if backend != "single" else [1000]
+    )
     steps = [-(-w["samples"] // 16) for w in stats["workers"]]  # 32 steps an epoch each
     if backend == "sync":
         assert stats["exchanges"] == 2 * 4 and stats["sync"]["rounds_per_epoch"] == 4
@@ -290,8 +424,13 @@ def test_engines_learn_and_count_their_exchanges_in_process(backend, options):
         expected = sum(2 * -(-s // options["window"]) for s in steps)
         assert stats["exchanges"] == expected == sum(w["pushes"] for w in stats["workers"])
         assert stats["parameter_server"]["refused_total"] == 0
-        histogram = {int(k): v for k, v in stats["parameter_server"]["staleness"]["histogram"].items()}
-        assert sum(histogram.values()) == expected and sum(k * v for k, v in histogram.items()) <= expected
+        histogram = {
+            int(k): v for k, v in stats["parameter_server"]["staleness"]["histogram"].items()
+        }
+        assert (
+            sum(histogram.values()) == expected
+            and sum(k * v for k, v in histogram.items()) <= expected
+        )
 
 
 @pytest.mark.inprocess
@@ -325,14 +464,21 @@ def test_a_failing_worker_names_itself_in_process_and_leaves_no_thread():
         def run(self, job):
             serve = job.serve
             job.serve = lambda store, make_exchange: serve(
-                store, lambda url, secret: DiskFull(make_exchange(url, secret)))
+                store, lambda url, secret: DiskFull(make_exchange(url, secret))
+            )
             return super().run(job)
 
     x, y = make_blobs(400)
     with pytest.raises(WorkerError, match="Worker 1 failed: ValueError: disk full") as failed:
-        fit_in_process(Failing(sync_every=2, barrier_timeout=60), small_model(), x, y, epochs=2, batch_size=16)
+        fit_in_process(
+            Failing(sync_every=2, barrier_timeout=60), small_model(), x, y, epochs=2, batch_size=16
+        )
     assert failed.value.worker == 1
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("kerasonspark-ps", "kerasonspark-worker"))]
+    assert not [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(("kerasonspark-ps", "kerasonspark-worker"))
+    ]
 
 
 class FakeOptimizer:
@@ -350,6 +496,7 @@ def test_learning_rate_scaling_ramps_up_over_the_warm_up_and_multiplies_the_opti
     exchange.lr_scaling = LearningRateScaling(factor=4.0, warmup_steps=4)
     x, y = np.zeros((12, 3), np.float32), np.zeros(12, np.int32)
     train_worker(0, steps, x, y, settings(epochs=2, batch=2), exchange, None)
-    # runs start after 0, 2, 4, 6, 8, 10 local steps: multipliers 1, 2.5, then 4 from the warm-up's end on
+    # runs start after 0, 2, 4, 6, 8, 10 local steps: multipliers 1, 2.5, then 4 from the warm-up's
+    # end on
     np.testing.assert_allclose(rates, [0.01, 0.025, 0.04, 0.04, 0.04, 0.04])
     assert LearningRateScaling(2.0).multiplier(0) == 2.0  # no warm-up: the full factor at once

@@ -15,7 +15,8 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores, learning_rate,
                               rows_per_second); waits for the driver's decision {"stop",
                               "learning_rate", and with balance_workers "steps": {worker: steps}}
-    POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker and stage
+    POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker and
+    stage
     GET  /v1/epochs/center    the center a worker starts or resumes from (wire format)
     GET  /v1/stats            statistics (JSON)
     GET  /v1/dashboard        the live stats page (HTML)
@@ -56,7 +57,9 @@ from ._dashboard import DASHBOARD_HTML
 from ._store import ParameterStore
 
 EXTENSION = "kerasonspark"
-MAX_COUNT = 2**53 - 1  # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
+MAX_COUNT = (
+    2**53 - 1
+)  # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
 logger = logging.getLogger(__name__)
 
 
@@ -108,7 +111,10 @@ class _ReplayGuard:
             last = self._last.get((worker, channel), -1)
             if seq <= last:
                 raise ParameterServerError(
-                    f"Replayed or out-of-order request from worker {worker}: seq {seq} is not above {last}.", 409)
+                    f"Replayed or out-of-order request from worker {worker}: seq {seq} is not "
+                    f"above {last}.",
+                    409,
+                )
             self._last[worker, channel] = seq
 
 
@@ -128,7 +134,9 @@ def _read_body(length: int | None) -> bytes | bytearray:
     while received < length:
         n = stream.readinto(view[received:])
         if not n:
-            raise ParameterServerError(f"The body ended after {received} of its {length} bytes (Content-Length).", 400)
+            raise ParameterServerError(
+                f"The body ended after {received} of its {length} bytes (Content-Length).", 400
+            )
         received += n
     return buffer
 
@@ -178,7 +186,8 @@ class InFlight:
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until none is in flight; returns whether that happened within ``timeout`` seconds."""
+        """Wait until none is in flight; returns whether that happened within ``timeout``
+        seconds."""
         with self._cond:
             return self._cond.wait_for(lambda: self._count == 0, timeout)
 
@@ -195,7 +204,9 @@ class _State:
     last_internal_error: float = 0.0  # when one was last logged (monotonic seconds)
 
 
-def create_app(store: ParameterStore, config: ServerConfig, board: EpochBoard | None = None) -> Flask:
+def create_app(
+    store: ParameterStore, config: ServerConfig, board: EpochBoard | None = None
+) -> Flask:
     """Build the Flask app that serves ``store``.
 
     Args:
@@ -230,8 +241,12 @@ _CONTROL_PREFIXES = ("/v1/progress", "/v1/epochs/")
 
 def _view_token_valid(config: ServerConfig) -> bool:
     token = request.args.get("token", "")
-    return (config.view_token is not None and request.method == "GET" and request.path in _VIEW_ROUTES
-            and hmac.compare_digest(token.encode("utf-8", "replace"), config.view_token.encode()))
+    return (
+        config.view_token is not None
+        and request.method == "GET"
+        and request.path in _VIEW_ROUTES
+        and hmac.compare_digest(token.encode("utf-8", "replace"), config.view_token.encode())
+    )
 
 
 @api.before_request
@@ -243,20 +258,35 @@ def _authenticate() -> Response | None:
         return None
     length = request.content_length or 0
     try:
-        # From the headers alone: an unsigned request is refused before its body is read or allocated.
-        creds = auth.verify(config.secret, request.method, request.path, request.headers.get(auth.HEADER), length)
+        # From the headers alone: an unsigned request is refused before its body is read or
+        # allocated.
+        creds = auth.verify(
+            config.secret, request.method, request.path, request.headers.get(auth.HEADER), length
+        )
     except auth.AuthenticationError as exc:
         store.count("refused_auth")
         return _error(401, str(exc))
     request.environ["kerasonspark.authenticated"] = True
-    if not -1 <= creds.worker < store.num_workers:  # -1 is the driver; refused before the replay guard keeps it
-        return _error(400, f"Unknown worker id {creds.worker}: this run has workers 0 to {store.num_workers - 1}.")
-    if request.path == "/v1/push":  # a round cannot complete without the failed worker; a push can land
+    if (
+        not -1 <= creds.worker < store.num_workers
+    ):  # -1 is the driver; refused before the replay guard keeps it
+        return _error(
+            400,
+            f"Unknown worker id {creds.worker}: this run has workers 0 to {store.num_workers - 1}.",
+        )
+    if (
+        request.path == "/v1/push"
+    ):  # a round cannot complete without the failed worker; a push can land
         _state().in_flight.enter()
         request.environ["kerasonspark.in_flight"] = True
-    if length > config.max_payload_bytes:  # the cap is the model's size: told to secret holders only
-        return _error(413, f"Payload of {length} bytes exceeds the cap of {config.max_payload_bytes} bytes; "
-                           "raise `max_payload_bytes` if the model is that large.")
+    if (
+        length > config.max_payload_bytes
+    ):  # the cap is the model's size: told to secret holders only
+        return _error(
+            413,
+            f"Payload of {length} bytes exceeds the cap of {config.max_payload_bytes} bytes; "
+            "raise `max_payload_bytes` if the model is that large.",
+        )
     body = _read_body(length)
     if config.sign_body:
         try:
@@ -266,7 +296,11 @@ def _authenticate() -> Response | None:
             store.count("refused_auth")
             return _error(401, str(exc))
     request.environ["kerasonspark.body"] = body
-    _state().replay.check(creds.worker, "control" if request.path.startswith(_CONTROL_PREFIXES) else "weights", creds.seq)
+    _state().replay.check(
+        creds.worker,
+        "control" if request.path.startswith(_CONTROL_PREFIXES) else "weights",
+        creds.seq,
+    )
     request.environ["kerasonspark.worker"] = creds.worker
     store.count_bytes(received=len(body))
     return None
@@ -284,16 +318,22 @@ def _worker_id() -> int:
 
 def _read_update() -> tuple[dict, np.ndarray]:
     if request.mimetype != wire.CONTENT_TYPE:
-        raise ParameterServerError(f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400)
+        raise ParameterServerError(
+            f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
+        )
     header, flat = wire.decode(request.environ["kerasonspark.body"])
-    return header, _state().store.check_update(header["shapes"], wire.as_float32(flat, header["dtype"]))
+    return header, _state().store.check_update(
+        header["shapes"], wire.as_float32(flat, header["dtype"])
+    )
 
 
 def _int_field(header: dict, name: str, default: int | None = None) -> int:
     value = header.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise ParameterServerError(f"Field `{name}` must be an integer from 0 to 2**53 - 1. Received: {shown}.", 400)
+        raise ParameterServerError(
+            f"Field `{name}` must be an integer from 0 to 2**53 - 1. Received: {shown}.", 400
+        )
     return value
 
 
@@ -344,7 +384,9 @@ def failure() -> Response:
     state = _state()
     state.store.report_failure(_worker_id(), message)
     if state.board is not None:
-        state.board.fail(f"Worker {_worker_id()} failed: {message.splitlines()[0] if message else 'no message'}")
+        state.board.fail(
+            f"Worker {_worker_id()} failed: {message.splitlines()[0] if message else 'no message'}"
+        )
     return jsonify(recorded=True)
 
 
@@ -365,7 +407,9 @@ def dashboard() -> Response:
 def _board() -> EpochBoard:
     board = _state().board
     if board is None:
-        raise ParameterServerError("This server has no epoch gate (it serves no training run).", 409)
+        raise ParameterServerError(
+            "This server has no epoch gate (it serves no training run).", 409
+        )
     return board
 
 
@@ -378,9 +422,17 @@ def _json_body() -> dict:
 
 def _metrics_field(payload: dict, name: str) -> dict[str, float]:
     value = payload.get(name, {})
-    if not isinstance(value, dict) or len(value) > 256 or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
-        raise ParameterServerError(f"Field `{name}` must be an object of at most 256 names to numbers.", 400)
+    if (
+        not isinstance(value, dict)
+        or len(value) > 256
+        or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+    ):
+        raise ParameterServerError(
+            f"Field `{name}` must be an object of at most 256 names to numbers.", 400
+        )
     return {k: float(v) for k, v in value.items()}
 
 
@@ -388,8 +440,15 @@ def _optional_number_field(payload: dict, name: str) -> float | None:
     value = payload.get(name)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ParameterServerError(f"Field `{name}` must be a finite number >= 0 or null. Received: {value!r}.", 400)
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ParameterServerError(
+            f"Field `{name}` must be a finite number >= 0 or null. Received: {value!r}.", 400
+        )
     return float(value)
 
 
@@ -399,9 +458,15 @@ def progress() -> Response:
     logs = payload.get("logs", [])
     if not isinstance(logs, list) or not all(isinstance(line, str) for line in logs):
         raise ParameterServerError("Field `logs` must be a list of strings.", 400)
-    _board().report_progress(_worker_id(), _int_field(payload, "epoch"), _int_field(payload, "samples"),
-                             _int_field(payload, "steps", 0), _metrics_field(payload, "metrics"), logs,
-                             pid=_int_field(payload, "pid", 0))
+    _board().report_progress(
+        _worker_id(),
+        _int_field(payload, "epoch"),
+        _int_field(payload, "samples"),
+        _int_field(payload, "steps", 0),
+        _metrics_field(payload, "metrics"),
+        logs,
+        pid=_int_field(payload, "pid", 0),
+    )
     return jsonify(recorded=True)
 
 
@@ -423,8 +488,13 @@ def epoch_center() -> Response:
 @api.post("/epochs/<count:epoch>/end")
 def epoch_end(epoch: int) -> Response:
     payload = _json_body()
-    center = _board().arrive(_worker_id(), epoch, _int_field(payload, "samples"), _metrics_field(payload, "metrics"),
-                             want_center=payload.get("center") is True)
+    center = _board().arrive(
+        _worker_id(),
+        epoch,
+        _int_field(payload, "samples"),
+        _metrics_field(payload, "metrics"),
+        want_center=payload.get("center") is True,
+    )
     if center is None:
         return jsonify(epoch=epoch)
     return _reply(center, epoch=epoch)
@@ -433,9 +503,14 @@ def epoch_end(epoch: int) -> Response:
 @api.post("/epochs/<count:epoch>/ready")
 def epoch_ready(epoch: int) -> Response:
     payload = _json_body()
-    decision = _board().ready(_worker_id(), epoch, _int_field(payload, "rows", 0), _metrics_field(payload, "scores"),
-                              _optional_number_field(payload, "learning_rate"),
-                              _optional_number_field(payload, "rows_per_second"))
+    decision = _board().ready(
+        _worker_id(),
+        epoch,
+        _int_field(payload, "rows", 0),
+        _metrics_field(payload, "scores"),
+        _optional_number_field(payload, "learning_rate"),
+        _optional_number_field(payload, "rows_per_second"),
+    )
     return jsonify(decision)
 
 
@@ -460,8 +535,13 @@ def _internal_error(exc: Exception) -> Response:
     now = time.monotonic()
     if now - state.last_internal_error > 10:
         state.last_internal_error = now
-        logger.error("Parameter server: %s on %s %s: %s", type(exc).__name__, request.method, request.path[:100],
-                     str(exc)[:200])
+        logger.error(
+            "Parameter server: %s on %s %s: %s",
+            type(exc).__name__,
+            request.method,
+            request.path[:100],
+            str(exc)[:200],
+        )
     return _error(500, "Internal error in the parameter server; the driver's log names it.")
 
 

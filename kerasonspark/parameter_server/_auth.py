@@ -2,7 +2,8 @@
 
 Every request carries ``X-KOS-Auth: v1 worker=<id> seq=<n> ts=<unix seconds> sig=<hex>`` where
 ``sig = HMAC-SHA256(secret, "METHOD\\nPATH\\nworker\\nseq\\nts\\nbody length")``, and with
-``sign_body`` also `` bsig=<hex>``, ``bsig = HMAC-SHA256(secret, sig + "\\n" + SHA-256 of the body)``.
+``sign_body`` also `` bsig=<hex>``, ``bsig = HMAC-SHA256(secret, sig + "\\n" + SHA-256 of the
+body)``.
 The fields are strict: ``worker`` up to 9 digits (``-`` allowed), ``seq`` up to 20, ``ts`` up to 12,
 ``sig`` and ``bsig`` 64 lowercase hex digits; anything else is malformed. The secret is
 random per run (:func:`new_secret`) and reaches the executors with the task, never over the
@@ -29,7 +30,10 @@ from dataclasses import dataclass
 
 HEADER = "X-KOS-Auth"
 MAX_CLOCK_SKEW_S = 300.0
-_VALUE = re.compile(r"worker=(-?[0-9]{1,9}) seq=([0-9]{1,20}) ts=([0-9]{1,12}) sig=([0-9a-f]{64})(?: bsig=([0-9a-f]{64}))?")
+_VALUE = re.compile(
+    r"worker=(-?[0-9]{1,9}) seq=([0-9]{1,20}) ts=([0-9]{1,12}) sig=([0-9a-f]{64})(?: "
+    r"bsig=([0-9a-f]{64}))?"
+)
 
 
 class AuthenticationError(Exception):
@@ -41,8 +45,16 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-def sign(secret: bytes, method: str, path: str, worker: int, seq: int, body_length: int,
-         ts: int | None = None, body_digest: str | None = None) -> str:
+def sign(
+    secret: bytes,
+    method: str,
+    path: str,
+    worker: int,
+    seq: int,
+    body_length: int,
+    ts: int | None = None,
+    body_digest: str | None = None,
+) -> str:
     """The value of the ``X-KOS-Auth`` header for one request.
 
     Args:
@@ -63,7 +75,8 @@ def _mac(secret: bytes, message: str) -> str:
 
 
 def body_digest(parts: list | bytes | bytearray | memoryview) -> str:
-    """The SHA-256 hex digest that ``sign_body`` mode binds: of one body, or of its parts in order."""
+    """The SHA-256 hex digest that ``sign_body`` mode binds: of one body, or of its parts in
+    order."""
     h = hashlib.sha256()
     for part in [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts:
         h.update(part)
@@ -88,19 +101,30 @@ def parse(value: str | None) -> Credentials:
         AuthenticationError: the header is missing or malformed.
     """
     if not value:
-        raise AuthenticationError(f"Missing `{HEADER}` header: every request must be signed with the run's secret.")
+        raise AuthenticationError(
+            f"Missing `{HEADER}` header: every request must be signed with the run's secret."
+        )
     scheme, _, rest = value.partition(" ")
     if scheme != "v1":
         raise AuthenticationError(f"Unsupported auth scheme {scheme[:16]!r}; expected 'v1'.")
     match = _VALUE.fullmatch(rest)
     if match is None:
-        raise AuthenticationError(f"Malformed `{HEADER}` header; expected 'v1 worker=.. seq=.. ts=.. sig=..'.")
+        raise AuthenticationError(
+            f"Malformed `{HEADER}` header; expected 'v1 worker=.. seq=.. ts=.. sig=..'."
+        )
     worker, seq, ts, sig, bsig = match.groups()
     return Credentials(int(worker), int(seq), int(ts), sig, bsig)
 
 
-def verify(secret: bytes, method: str, path: str, value: str | None, body_length: int,
-           body_digest: str | None = None, now: float | None = None) -> Credentials:
+def verify(
+    secret: bytes,
+    method: str,
+    path: str,
+    value: str | None,
+    body_length: int,
+    body_digest: str | None = None,
+    now: float | None = None,
+) -> Credentials:
     """Check a request's signature and freshness; returns its credentials.
 
     Without ``body_digest`` the request is checked from its headers alone, so a server can refuse
@@ -121,9 +145,13 @@ def verify(secret: bytes, method: str, path: str, value: str | None, body_length
             f"Request timestamp is {abs(now - creds.ts):.0f} s away from the server's clock "
             f"(at most {MAX_CLOCK_SKEW_S:.0f} s allowed); synchronise the clocks."
         )
-    expected = _mac(secret, f"{method.upper()}\n{path}\n{creds.worker}\n{creds.seq}\n{creds.ts}\n{body_length}")
+    expected = _mac(
+        secret, f"{method.upper()}\n{path}\n{creds.worker}\n{creds.seq}\n{creds.ts}\n{body_length}"
+    )
     if not hmac.compare_digest(expected, creds.sig):
-        raise AuthenticationError("Bad signature: the request was not signed with this run's secret.")
+        raise AuthenticationError(
+            "Bad signature: the request was not signed with this run's secret."
+        )
     if body_digest is not None:
         verify_body(secret, creds, body_digest)
     return creds
@@ -137,6 +165,8 @@ def verify_body(secret: bytes, creds: Credentials, body_digest: str) -> None:
             the one that was signed.
     """
     if creds.bsig is None:
-        raise AuthenticationError("This server signs bodies: the request carries no `bsig`; sign with sign_body=True.")
+        raise AuthenticationError(
+            "This server signs bodies: the request carries no `bsig`; sign with sign_body=True."
+        )
     if not hmac.compare_digest(_mac(secret, creds.sig + "\n" + body_digest), creds.bsig):
         raise AuthenticationError("Bad body signature: the body is not the one that was signed.")

@@ -44,7 +44,11 @@ class WorkerProgress:
 
     @property
     def samples_per_second(self) -> float:
-        return self.total_samples / max(self.updated - self.first_report, 1e-9) if self.reports > 1 else 0.0
+        return (
+            self.total_samples / max(self.updated - self.first_report, 1e-9)
+            if self.reports > 1
+            else 0.0
+        )
 
 
 @dataclass
@@ -67,7 +71,9 @@ class EpochBoard:
             (``keras.callbacks.TerminateOnNaN`` is among the callbacks).
     """
 
-    def __init__(self, store: ParameterStore, num_workers: int, terminate_on_nan: bool = False) -> None:
+    def __init__(
+        self, store: ParameterStore, num_workers: int, terminate_on_nan: bool = False
+    ) -> None:
         self.store = store
         self.num_workers = num_workers
         self.terminate_on_nan = terminate_on_nan
@@ -85,8 +91,16 @@ class EpochBoard:
         self.epoch_logs: list[dict[str, float]] = []  # the driver's merged logs, for the stats page
 
     # -- workers ----------------------------------------------------------------------------
-    def report_progress(self, worker: int, epoch: int, samples: int, steps: int, metrics: dict[str, float],
-                        logs: list[str] | None = None, pid: int = 0) -> None:
+    def report_progress(
+        self,
+        worker: int,
+        epoch: int,
+        samples: int,
+        steps: int,
+        metrics: dict[str, float],
+        logs: list[str] | None = None,
+        pid: int = 0,
+    ) -> None:
         """Record a worker's progress in ``epoch`` (``samples`` and ``steps`` done in it so far)."""
         self._check_worker(worker)
         now = time.time()
@@ -101,7 +115,8 @@ class EpochBoard:
             loss = metrics.get("loss")
             if loss is not None:
                 self._history.setdefault(worker, deque(maxlen=HISTORY_POINTS)).append(
-                    (round(now - self.started, 3), epoch, float(loss)))
+                    (round(now - self.started, 3), epoch, float(loss))
+                )
             for line in (logs or [])[:MAX_LOG_LINES]:
                 self._logs.append((worker, str(line)[:2000]))
         if self.terminate_on_nan and loss is not None and not math.isfinite(loss):
@@ -120,12 +135,17 @@ class EpochBoard:
         with self._cond:
             if (stage, worker) in self._joined:
                 raise ParameterServerError(
-                    f"Spark ran worker {worker}'s task of this training stage again (its own retry of a failed "
-                    "barrier stage); kerasonspark restarts the stage itself from the center (`max_restarts`).", 409)
+                    f"Spark ran worker {worker}'s task of this training stage again (its own retry "
+                    "of a failed "
+                    "barrier stage); kerasonspark restarts the stage itself from the center "
+                    "(`max_restarts`).",
+                    409,
+                )
             self._joined.add((stage, worker))
 
-    def arrive(self, worker: int, epoch: int, samples: int, metrics: dict[str, float],
-               want_center: bool) -> np.ndarray | None:
+    def arrive(
+        self, worker: int, epoch: int, samples: int, metrics: dict[str, float], want_center: bool
+    ) -> np.ndarray | None:
         """A worker ended ``epoch``; waits for the others. Returns the epoch's center if asked for.
 
         Raises:
@@ -147,17 +167,30 @@ class EpochBoard:
             self._wait(lambda: state.center is not None)
             return state.center if want_center else None
 
-    def ready(self, worker: int, epoch: int, rows: int, scores: dict[str, float],
-              learning_rate: float | None, rows_per_second: float | None = None) -> dict[str, Any]:
+    def ready(
+        self,
+        worker: int,
+        epoch: int,
+        rows: int,
+        scores: dict[str, float],
+        learning_rate: float | None,
+        rows_per_second: float | None = None,
+    ) -> dict[str, Any]:
         """A worker scored the epoch's center on ``rows`` validation rows (and computed
         ``rows_per_second`` in the epoch); waits for the decision."""
         self._check_worker(worker)
         with self._cond:
             state = self._epochs.get(epoch)
             if state is None or worker not in state.arrivals:
-                raise ParameterServerError(f"Worker {worker} reported ready for epoch {epoch} before ending it.", 409)
-            state.ready[worker] = {"rows": rows, "scores": dict(scores), "learning_rate": learning_rate,
-                                   "rows_per_second": rows_per_second}
+                raise ParameterServerError(
+                    f"Worker {worker} reported ready for epoch {epoch} before ending it.", 409
+                )
+            state.ready[worker] = {
+                "rows": rows,
+                "scores": dict(scores),
+                "learning_rate": learning_rate,
+                "rows_per_second": rows_per_second,
+            }
             if len(state.ready) == self.num_workers:
                 self._cond.notify_all()
             self._wait(lambda: state.decision is not None)
@@ -167,26 +200,36 @@ class EpochBoard:
     def _wait(self, done: Any) -> None:
         while not done():
             if self._failed or self._closed:
-                raise RoundClosedError(self._failed or "The parameter server is shutting down.", 503)
+                raise RoundClosedError(
+                    self._failed or "The parameter server is shutting down.", 503
+                )
             self._cond.wait(1.0)
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
-            raise ParameterServerError(f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400)
+            raise ParameterServerError(
+                f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400
+            )
 
     # -- the driver ---------------------------------------------------------------------------
     def wait_arrivals(self, epoch: int, timeout: float) -> dict[int, dict[str, Any]] | None:
-        """Every worker's arrival in ``epoch``, or ``None`` when they are not all there within ``timeout``."""
+        """Every worker's arrival in ``epoch``, or ``None`` when they are not all there within
+        ``timeout``."""
         with self._cond:
             state = self._epochs.setdefault(epoch, _Epoch())
-            self._cond.wait_for(lambda: state.center is not None or self._failed is not None, timeout)
+            self._cond.wait_for(
+                lambda: state.center is not None or self._failed is not None, timeout
+            )
             return dict(state.arrivals) if state.center is not None else None
 
     def wait_ready(self, epoch: int, timeout: float) -> dict[int, dict[str, Any]] | None:
-        """Every worker's validation report of ``epoch``, or ``None`` if not all within ``timeout``."""
+        """Every worker's validation report of ``epoch``, or ``None`` if not all within
+        ``timeout``."""
         with self._cond:
             state = self._epochs.setdefault(epoch, _Epoch())
-            self._cond.wait_for(lambda: len(state.ready) == self.num_workers or self._failed is not None, timeout)
+            self._cond.wait_for(
+                lambda: len(state.ready) == self.num_workers or self._failed is not None, timeout
+            )
             return dict(state.ready) if len(state.ready) == self.num_workers else None
 
     def center(self, epoch: int) -> np.ndarray:
@@ -201,9 +244,19 @@ class EpochBoard:
         """Seconds from the first worker's arrival in ``epoch`` to the last one's."""
         with self._cond:
             state = self._epochs.get(epoch)
-            return max(state.all_arrived - state.first_arrival, 0.0) if state and state.all_arrived else 0.0
+            return (
+                max(state.all_arrived - state.first_arrival, 0.0)
+                if state and state.all_arrived
+                else 0.0
+            )
 
-    def release(self, epoch: int, stop: bool, learning_rate: float | None, steps: Sequence[int] | None = None) -> None:
+    def release(
+        self,
+        epoch: int,
+        stop: bool,
+        learning_rate: float | None,
+        steps: Sequence[int] | None = None,
+    ) -> None:
         """Hand the workers the driver's decision for the epoch after ``epoch`` (``steps``: each
         worker's steps in it, where the driver balances them)."""
         with self._cond:
@@ -228,7 +281,9 @@ class EpochBoard:
             self._failed = None
             self.restarts += 1
             self.version_at_restart = self.store.version
-            for number in [e for e, state in self._epochs.items() if e >= epoch and state.decision is None]:
+            for number in [
+                e for e, state in self._epochs.items() if e >= epoch and state.decision is None
+            ]:
                 del self._epochs[number]
             self._cond.notify_all()
 
@@ -259,14 +314,28 @@ class EpochBoard:
         """JSON-ready figures for the live stats page (a NaN or Inf loss becomes ``null``: browsers
         refuse ``NaN`` in JSON)."""
         with self._cond:
-            workers = {str(w): {"epoch": p.epoch, "samples": p.samples, "steps": p.steps, "metrics": _finite(p.metrics),
-                                "pid": p.pid,
-                                "samples_per_second": p.samples_per_second, "seconds_since_report": time.time() - p.updated,
-                                "loss_over_time": [list(point) for point in self._history.get(w, ())
-                                                   if math.isfinite(point[2])]}
-                       for w, p in sorted(self._progress.items())}
-            return {"workers": workers, "epochs": [_finite(logs) for logs in self.epoch_logs], "failed": self._failed,
-                    "restarts": self.restarts, "version_at_restart": self.version_at_restart}
+            workers = {
+                str(w): {
+                    "epoch": p.epoch,
+                    "samples": p.samples,
+                    "steps": p.steps,
+                    "metrics": _finite(p.metrics),
+                    "pid": p.pid,
+                    "samples_per_second": p.samples_per_second,
+                    "seconds_since_report": time.time() - p.updated,
+                    "loss_over_time": [
+                        list(point) for point in self._history.get(w, ()) if math.isfinite(point[2])
+                    ],
+                }
+                for w, p in sorted(self._progress.items())
+            }
+            return {
+                "workers": workers,
+                "epochs": [_finite(logs) for logs in self.epoch_logs],
+                "failed": self._failed,
+                "restarts": self.restarts,
+                "version_at_restart": self.version_at_restart,
+            }
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:

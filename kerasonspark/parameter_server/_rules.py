@@ -24,7 +24,9 @@ class UpdateRule:
     name: ClassVar[str] = "rule"
     payload: ClassVar[str] = "delta"
 
-    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Apply one push.
 
         Args:
@@ -40,7 +42,9 @@ class UpdateRule:
         """
         raise NotImplementedError
 
-    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
+    def apply_in_place(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> np.ndarray:
         """Apply one push by writing into ``center`` (lock-free engines); returns the reply.
 
         The default goes through :meth:`apply` and copies the result back.
@@ -51,15 +55,20 @@ class UpdateRule:
 
 
 class Downpour(UpdateRule):
-    """DOWNPOUR (Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012): center += delta."""
+    """DOWNPOUR (Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012): center +=
+    delta."""
 
     name = "downpour"
 
-    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         new_center = center + update
         return new_center, new_center
 
-    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
+    def apply_in_place(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> np.ndarray:
         center += update
         return center
 
@@ -70,12 +79,16 @@ class _Scaled(UpdateRule):
     def scale(self, staleness: int, window: int) -> float:
         raise NotImplementedError
 
-    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         new_center = update * np.float32(self.scale(staleness, window))
         new_center += center
         return new_center, new_center
 
-    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
+    def apply_in_place(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> np.ndarray:
         center += update * np.float32(self.scale(staleness, window))
         return center
 
@@ -106,7 +119,8 @@ class DynSGD(_Scaled):
             update (staleness 0: every worker's first push, or a worker the machine ran twice in
             a row) would otherwise move the center ``n`` times as far as the user's rate allows.
             Those jumps gave the fat tail of early asynchronous runs (single epochs ending at
-            0.953-0.979 test accuracy on MNIST where most end near 0.985); with the floor they did not.
+            0.953-0.979 test accuracy on MNIST where most end near 0.985); with the floor they did
+            not.
 
     Example:
         >>> DynSGD(floor=4).scale(staleness=1, window=20)
@@ -117,7 +131,10 @@ class DynSGD(_Scaled):
 
     def __init__(self, floor: float = 1.0) -> None:
         if not floor >= 1:
-            raise ValueError(f"Expected `floor` >= 1 (the least a push is divided by). Received: floor={floor!r}.")
+            raise ValueError(
+                f"Expected `floor` >= 1 (the least a push is divided by). Received: "
+                f"floor={floor!r}."
+            )
         self.floor = float(floor)
 
     def scale(self, staleness: int, window: int) -> float:
@@ -156,12 +173,16 @@ class ElasticAveraging(UpdateRule):
             raise ValueError(f"Expected 0 < alpha <= 1. Received: alpha={alpha!r}.")
         self.alpha = alpha
 
-    def apply(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         elastic = update - center
         elastic *= np.float32(self.alpha)
         return center + elastic, update - elastic
 
-    def apply_in_place(self, center: np.ndarray, update: np.ndarray, staleness: int, window: int) -> np.ndarray:
+    def apply_in_place(
+        self, center: np.ndarray, update: np.ndarray, staleness: int, window: int
+    ) -> np.ndarray:
         elastic = update - center
         elastic *= np.float32(self.alpha)
         center += elastic
@@ -186,7 +207,9 @@ class OuterNesterov:
         if not lr > 0:
             raise ValueError(f"Expected outer_lr > 0. Received: outer_lr={lr!r}.")
         if not 0 <= momentum < 1:
-            raise ValueError(f"Expected 0 <= outer_momentum < 1. Received: outer_momentum={momentum!r}.")
+            raise ValueError(
+                f"Expected 0 <= outer_momentum < 1. Received: outer_momentum={momentum!r}."
+            )
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.velocity: np.ndarray | None = None
 
@@ -211,7 +234,10 @@ class OuterNesterov:
         return gradient if np.isfinite(gradient).all() else average
 
 
-RULES: dict[str, type[UpdateRule]] = {r.name: r for r in (Downpour, Adag, DynSGD, StalenessAware, ElasticAveraging)}
+RULES: dict[str, type[UpdateRule]] = {
+    r.name: r for r in (Downpour, Adag, DynSGD, StalenessAware, ElasticAveraging)
+}
+"""The update rules by name, as ``backend_options={"rule": ...}`` takes them."""
 
 
 def make_rule(name: str, **params: float) -> UpdateRule:

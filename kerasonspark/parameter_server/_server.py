@@ -85,7 +85,7 @@ def _split_head(buffer: bytearray) -> bytes | None:
     if end < 0:
         return None
     head = bytes(buffer[:end])
-    del buffer[:end + len(_HEAD_END)]
+    del buffer[: end + len(_HEAD_END)]
     return head
 
 
@@ -97,7 +97,12 @@ def _parse_head(head: bytes) -> _Head:
     """
     request_line, *lines = head.split(b"\r\n")
     parts = request_line.split(b" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[0].isupper() or not _TARGET.fullmatch(parts[1]):
+    if (
+        len(parts) != 3
+        or not parts[0].isalpha()
+        or not parts[0].isupper()
+        or not _TARGET.fullmatch(parts[1])
+    ):
         raise _Refusal(400, "Malformed request line; expected 'METHOD /path HTTP/1.1'.")
     method, target, version = (p.decode("ascii") for p in parts)
     if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -110,18 +115,24 @@ def _parse_head(head: bytes) -> _Head:
         raw_name, colon, raw_value = line.partition(b":")
         raw_value = raw_value.strip(b" \t")
         if not colon or not _TOKEN.fullmatch(raw_name) or any(c in raw_value for c in b"\r\n\0"):
-            raise _Refusal(400, "Malformed header line; expected 'Name: value' with a token name (no '_').")
+            raise _Refusal(
+                400, "Malformed header line; expected 'Name: value' with a token name (no '_')."
+            )
         name, value = raw_name.decode("ascii"), raw_value.decode("latin-1")
         headers.append((name, value))
         fields.setdefault(name.lower(), []).append(value)
     if "transfer-encoding" in fields:
-        raise _Refusal(411, "Send a Content-Length; chunked or otherwise encoded bodies are not accepted.")
+        raise _Refusal(
+            411, "Send a Content-Length; chunked or otherwise encoded bodies are not accepted."
+        )
     lengths = set(fields.get("content-length", []))
     if len(lengths) > 1:
         raise _Refusal(400, f"Conflicting Content-Length headers: {sorted(lengths)}.")
     raw_length = lengths.pop() if lengths else "0"
     if not _DIGITS.fullmatch(raw_length.encode("latin-1")):
-        raise _Refusal(400, "Content-Length must be a non-negative integer of at most 18 ASCII digits.")
+        raise _Refusal(
+            400, "Content-Length must be a non-negative integer of at most 18 ASCII digits."
+        )
     connection = ",".join(fields.get("connection", [])).lower()
     keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
     expect_continue = any(v.lower() == "100-continue" for v in fields.get("expect", []))
@@ -130,8 +141,10 @@ def _parse_head(head: bytes) -> _Head:
 
 def _refusal_bytes(status: int, message: str) -> bytes:
     body = json.dumps({"error": message, "status": status}).encode()
-    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -175,7 +188,10 @@ class _Body:
                     received = sock.recv_into(view[n:], 0, socket.MSG_WAITALL)
                 except BlockingIOError:
                     raise ParameterServerError(
-                        f"The request body stopped arriving with {self.remaining - n} bytes still to come.", 408) from None
+                        f"The request body stopped arriving with {self.remaining - n} bytes still "
+                        "to come.",
+                        408,
+                    ) from None
                 if not received:
                     break
                 n += received
@@ -206,7 +222,9 @@ class _Body:
 class _Connection:
     """One client connection, served by one thread: its requests one after another."""
 
-    def __init__(self, server: _Server, sock: socket.socket, address: tuple, buffer: bytearray) -> None:
+    def __init__(
+        self, server: _Server, sock: socket.socket, address: tuple, buffer: bytearray
+    ) -> None:
         self.server, self.sock, self.address, self.buffer = server, sock, address, buffer
         self.authenticated = False
         # Bodies and replies move in single blocking calls that the kernel ends after
@@ -226,13 +244,17 @@ class _Connection:
         except (OSError, _Closed):
             pass
         except Exception:  # a bug, not a client's doing: keep it to one line per connection
-            logger.warning("Parameter-server connection from %s ended by an internal error", self.address[0],
-                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            logger.warning(
+                "Parameter-server connection from %s ended by an internal error",
+                self.address[0],
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
         finally:
             self.server.forget(self)
 
     def send(self, buffers: Iterable[bytes | memoryview]) -> None:
-        """Send every buffer; each wait for the client to take more is bounded by ``idle_timeout``."""
+        """Send every buffer; each wait for the client to take more is bounded by
+        ``idle_timeout``."""
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         while pending:
             try:
@@ -266,7 +288,9 @@ class _Connection:
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
-                if deadline is None:  # idle between requests: the client reconnects when it needs to
+                if (
+                    deadline is None
+                ):  # idle between requests: the client reconnects when it needs to
                     return None
                 continue
             if not data:
@@ -281,7 +305,9 @@ class _Connection:
     def _serve(self, raw_head: bytes) -> bool:
         """Answer one request; returns whether the connection stays open for another."""
         if len(raw_head) > self.server.config.max_header_bytes:
-            self._refuse(431, f"The request head exceeds {self.server.config.max_header_bytes} bytes.")
+            self._refuse(
+                431, f"The request head exceeds {self.server.config.max_header_bytes} bytes."
+            )
             return False
         try:
             head = _parse_head(raw_head)
@@ -299,16 +325,28 @@ class _Connection:
         chunks = self.server.app(environ, start_response)
         try:
             parts = [c for c in chunks if c]
-            self.authenticated = self.authenticated or bool(environ.get("kerasonspark.authenticated"))
+            self.authenticated = self.authenticated or bool(
+                environ.get("kerasonspark.authenticated")
+            )
             # An unread body would be taken for the next request; a connection that never
             # authenticated gets one answer only.
             keep_alive = head.keep_alive and not body.remaining and self.authenticated
-            headers = [(k, v) for k, v in response["headers"] if k.lower() not in ("content-length", "connection")]
+            headers = [
+                (k, v)
+                for k, v in response["headers"]
+                if k.lower() not in ("content-length", "connection")
+            ]
             headers.append(("Content-Length", str(sum(len(p) for p in parts))))
             if not keep_alive:
                 headers.append(("Connection", "close"))
-            lines = [f"HTTP/1.1 {response['status']}\r\n", *(f"{k}: {v}\r\n" for k, v in headers), "\r\n"]
-            self.send([("".join(lines)).encode("latin-1"), *(parts if head.method != "HEAD" else [])])
+            lines = [
+                f"HTTP/1.1 {response['status']}\r\n",
+                *(f"{k}: {v}\r\n" for k, v in headers),
+                "\r\n",
+            ]
+            self.send(
+                [("".join(lines)).encode("latin-1"), *(parts if head.method != "HEAD" else [])]
+            )
         finally:
             if hasattr(chunks, "close"):
                 chunks.close()
@@ -351,8 +389,10 @@ class _Closed(Exception):
 
 
 def _deadline_message(config: ServerConfig) -> str:
-    return (f"The request line and headers did not arrive within {config.header_timeout:g} s "
-            "(`header_timeout`); the connection is closed.")
+    return (
+        f"The request line and headers did not arrive within {config.header_timeout:g} s "
+        "(`header_timeout`); the connection is closed."
+    )
 
 
 @dataclass
@@ -368,7 +408,9 @@ class _Waiting:
 class _Server:
     """The listening socket, the acceptor thread and the connection threads of one server."""
 
-    def __init__(self, address: tuple[str, int], app: Any, config: ServerConfig, store: ParameterStore) -> None:
+    def __init__(
+        self, address: tuple[str, int], app: Any, config: ServerConfig, store: ParameterStore
+    ) -> None:
         self.app, self.config, self.store = app, config, store
         self.listener = socket.create_server(address, backlog=LISTEN_BACKLOG)
         self.listener.setblocking(False)
@@ -381,7 +423,9 @@ class _Server:
         self.stopping = threading.Event()
         self._ids = itertools.count()
         # A new connection that stays silent is idle as well as late: the shorter bound closes it.
-        self._first_head_timeout = min(config.header_timeout, config.idle_timeout or config.header_timeout)
+        self._first_head_timeout = min(
+            config.header_timeout, config.idle_timeout or config.header_timeout
+        )
         self._failed_starts = 0
 
     def count(self, name: str) -> None:
@@ -394,7 +438,10 @@ class _Server:
             while not self.stopping.is_set():
                 timeout = 0.1
                 if self.waiting:
-                    timeout = min(timeout, max(next(iter(self.waiting.values())).deadline - time.monotonic(), 0))
+                    timeout = min(
+                        timeout,
+                        max(next(iter(self.waiting.values())).deadline - time.monotonic(), 0),
+                    )
                 for key, _ in self.selector.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept()
@@ -418,10 +465,13 @@ class _Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.waiting) >= self.config.max_pending_connections:
                 self._evict_one()
-            waiting = _Waiting(sock, address, time.monotonic() + self._first_head_timeout, bytearray())
+            waiting = _Waiting(
+                sock, address, time.monotonic() + self._first_head_timeout, bytearray()
+            )
             self.waiting[sock] = waiting
             self.selector.register(sock, selectors.EVENT_READ)
-            # By the time a connection is accepted its client has often sent the whole head: no wait.
+            # By the time a connection is accepted its client has often sent the whole head: no
+            # wait.
             self._read_waiting(waiting)
 
     def _evict_one(self) -> None:
@@ -435,7 +485,9 @@ class _Server:
                     return
                 if len(self.waiting) < self.config.max_pending_connections:
                     return
-        self._drop(next(iter(self.waiting.values())))  # every one is talking, slowly: the oldest goes
+        self._drop(
+            next(iter(self.waiting.values()))
+        )  # every one is talking, slowly: the oldest goes
         self.count("connections_evicted")
 
     def _read_waiting(self, waiting: _Waiting) -> None:
@@ -453,7 +505,12 @@ class _Server:
             self._unwait(waiting)
             self._start(waiting)
         elif len(waiting.buffer) > self.config.max_header_bytes:
-            _send_quietly(waiting.sock, _refusal_bytes(431, f"The request head exceeds {self.config.max_header_bytes} bytes."))
+            _send_quietly(
+                waiting.sock,
+                _refusal_bytes(
+                    431, f"The request head exceeds {self.config.max_header_bytes} bytes."
+                ),
+            )
             self._drop(waiting)
 
     def _expire(self) -> None:
@@ -478,26 +535,38 @@ class _Server:
             unauthenticated = sum(1 for c in self.connections if not c.authenticated)
         if unauthenticated >= self.config.max_pending_connections:
             self.count("refused_busy")
-            _send_quietly(sock, _refusal_bytes(503, "Too many requests are waiting for authentication; retry shortly."))
+            _send_quietly(
+                sock,
+                _refusal_bytes(
+                    503, "Too many requests are waiting for authentication; retry shortly."
+                ),
+            )
             sock.close()
             return
         sock.setblocking(True)
         connection = _Connection(self, sock, waiting.address, waiting.buffer)
-        thread = threading.Thread(target=connection.run, name=f"kerasonspark-ps-conn-{next(self._ids)}", daemon=True)
+        thread = threading.Thread(
+            target=connection.run, name=f"kerasonspark-ps-conn-{next(self._ids)}", daemon=True
+        )
         with self.lock:
             self.connections[connection] = thread
             if len(self.threads) > 256:
                 self.threads = [t for t in self.threads if t.is_alive()]
         try:
             thread.start()
-        except RuntimeError:  # the process is out of threads: refuse this one, keep serving the others
+        except (
+            RuntimeError
+        ):  # the process is out of threads: refuse this one, keep serving the others
             with self.lock:
                 self.connections.pop(connection, None)
             sock.close()
             self._failed_starts += 1
             if self._failed_starts == 1 or self._failed_starts % 1000 == 0:
-                logger.warning("Could not start a parameter-server connection thread (%d so far); "
-                               "the connection was closed.", self._failed_starts)
+                logger.warning(
+                    "Could not start a parameter-server connection thread (%d so far); "
+                    "the connection was closed.",
+                    self._failed_starts,
+                )
             return
         with self.lock:
             self.threads.append(thread)
@@ -546,8 +615,14 @@ class ParameterServer:
         ...     server.url
     """
 
-    def __init__(self, store: ParameterStore, config: ServerConfig, host: str = "127.0.0.1", port: int = 0,
-                 board: EpochBoard | None = None) -> None:
+    def __init__(
+        self,
+        store: ParameterStore,
+        config: ServerConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        board: EpochBoard | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.board = board
@@ -586,7 +661,9 @@ class ParameterServer:
 
     def start(self) -> ParameterServer:
         """Start serving in a background thread; returns self."""
-        self._thread = threading.Thread(target=self._server.serve, name="kerasonspark-ps", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve, name="kerasonspark-ps", daemon=True
+        )
         self._thread.start()
         logger.info("Parameter server listening on %s", self.url)
         return self
@@ -603,7 +680,11 @@ class ParameterServer:
         self._server.listener.close()
         stuck = self._server.close_connections(timeout)
         if stuck:
-            logger.warning("%d parameter-server connection thread(s) did not stop within %.0f s", len(stuck), timeout)
+            logger.warning(
+                "%d parameter-server connection thread(s) did not stop within %.0f s",
+                len(stuck),
+                timeout,
+            )
 
     def __enter__(self) -> ParameterServer:
         return self.start()

@@ -34,8 +34,11 @@ class _Round:
 
 def _overflow(what: str) -> WireFormatError:
     return WireFormatError(
-        f"The update is finite, but {what} would overflow float32 (beyond ±3.4e38): it was refused and the "
-        "center weights are unchanged. The worker's weights have diverged; lower the learning rate.", status=422)
+        f"The update is finite, but {what} would overflow float32 (beyond ±3.4e38): it was refused "
+        "and the center weights are unchanged. The worker's weights have diverged; lower the "
+        "learning rate.",
+        status=422,
+    )
 
 
 class RoundClosedError(ParameterServerError):
@@ -55,13 +58,23 @@ class ParameterStore:
         outer: how a completed round's average moves the center; ``None`` makes it the center.
     """
 
-    def __init__(self, weights: np.ndarray, shapes: Sequence[Sequence[int]], num_workers: int,
-                 rule: UpdateRule | None = None, lock: bool = True, barrier_timeout: float = 600.0,
-                 outer: OuterNesterov | None = None) -> None:
+    def __init__(
+        self,
+        weights: np.ndarray,
+        shapes: Sequence[Sequence[int]],
+        num_workers: int,
+        rule: UpdateRule | None = None,
+        lock: bool = True,
+        barrier_timeout: float = 600.0,
+        outer: OuterNesterov | None = None,
+    ) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.size = shapes_size(self.shapes)
         if weights.dtype != np.float32 or weights.shape != (self.size,):
-            raise ValueError(f"Expected flat float32 weights of {self.size} elements. Received: {weights.dtype} {weights.shape}.")
+            raise ValueError(
+                f"Expected flat float32 weights of {self.size} elements. Received: {weights.dtype} "
+                f"{weights.shape}."
+            )
         self._center = weights.copy()
         self.num_workers = num_workers
         self.rule = rule
@@ -76,7 +89,9 @@ class ParameterStore:
         self._applying = 0
         self.started = time.time()
         self.counters: dict[str, int] = defaultdict(int)
-        self.staleness: Counter[int] = Counter()  # staleness -> pushes; bounded, unlike a list per push
+        self.staleness: Counter[int] = (
+            Counter()
+        )  # staleness -> pushes; bounded, unlike a list per push
         self.worker_pushes: dict[int, int] = defaultdict(int)
         self.worker_samples: dict[int, int] = defaultdict(int)
         self.worker_pull_version: dict[int, int] = {}
@@ -106,15 +121,20 @@ class ParameterStore:
         if [tuple(s) for s in shapes] != self.shapes:
             self.count("refused_shape")
             raise WireFormatError(
-                f"Update shapes do not match the model: expected {len(self.shapes)} arrays with shapes "
-                f"{self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: {list(shapes)[:4]}."
+                f"Update shapes do not match the model: expected {len(self.shapes)} arrays with "
+                "shapes "
+                f"{self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: "
+                f"{list(shapes)[:4]}."
             )
         update = update.astype(np.float32, copy=False)
         if not np.isfinite(update).all():
             self.count("refused_nonfinite")
             raise WireFormatError(
-                f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was refused and the "
-                "center weights are unchanged. Lower the learning rate or clip gradients.", status=422)
+                f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was "
+                "refused and the "
+                "center weights are unchanged. Lower the learning rate or clip gradients.",
+                status=422,
+            )
         return update
 
     # -- pull / push ----------------------------------------------------------------------
@@ -130,7 +150,9 @@ class ParameterStore:
             self.counters["pulls"] += 1
             return self._center, self.version
 
-    def push(self, worker: int, update: np.ndarray, window: int, samples: int) -> tuple[np.ndarray, int, int]:
+    def push(
+        self, worker: int, update: np.ndarray, window: int, samples: int
+    ) -> tuple[np.ndarray, int, int]:
         """Apply a validated update with the rule; returns ``(reply, version, staleness)``.
 
         Raises:
@@ -138,16 +160,22 @@ class ParameterStore:
                 range (400), the store is closed (503), or the result would overflow (422).
         """
         if self.rule is None:
-            raise ParameterServerError("This run has no update rule; pushes are not accepted (use the round barrier).", 409)
+            raise ParameterServerError(
+                "This run has no update rule; pushes are not accepted (use the round barrier).", 409
+            )
         self._check_worker(worker)
         if self._closed:
             raise RoundClosedError("The parameter server is shutting down.", 503)
         if self.use_lock:
             with self._cond:
                 staleness = self.version - self.worker_pull_version.get(worker, 0)
-                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                with np.errstate(
+                    over="ignore", invalid="ignore"
+                ):  # an overflow is refused just below
                     new_center, reply = self.rule.apply(self._center, update, staleness, window)
-                if not np.isfinite(new_center).all() or (reply is not new_center and not np.isfinite(reply).all()):
+                if not np.isfinite(new_center).all() or (
+                    reply is not new_center and not np.isfinite(reply).all()
+                ):
                     self.counters["refused_overflow"] += 1
                     raise _overflow("the new center")
                 self._center = new_center
@@ -159,7 +187,10 @@ class ParameterStore:
         # the center by at most max|update| + max|center| (true of every rule here), and at most
         # num_workers pushes overlap, so the center stays below FLOAT32_MAX / 2 + what they add.
         largest = float(np.abs(self._center).max(initial=0.0))
-        if largest + self.num_workers * (float(np.abs(update).max(initial=0.0)) + largest) > FLOAT32_MAX / 2:
+        if (
+            largest + self.num_workers * (float(np.abs(update).max(initial=0.0)) + largest)
+            > FLOAT32_MAX / 2
+        ):
             self.count("refused_overflow")
             raise _overflow("the center, with lock-free pushes overlapping it,")
         with self._cond:
@@ -184,8 +215,14 @@ class ParameterStore:
         self.worker_samples[worker] += samples
 
     # -- round barrier --------------------------------------------------------------------
-    def barrier(self, round: int, worker: int, weights: np.ndarray, samples: int,
-                timeout: float | None = None) -> np.ndarray:
+    def barrier(
+        self,
+        round: int,
+        worker: int,
+        weights: np.ndarray,
+        samples: int,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Contribute to round ``round`` and wait for the sample-weighted average of all workers.
 
         A worker with ``samples == 0`` takes part but does not weigh in; when no worker has
@@ -199,7 +236,10 @@ class ParameterStore:
         """
         self._check_worker(worker)
         if not 0 <= samples < 2**53:
-            raise ParameterServerError(f"`samples` must be an integer from 0 to 2**53 - 1. Received: samples={samples}.", 400)
+            raise ParameterServerError(
+                f"`samples` must be an integer from 0 to 2**53 - 1. Received: samples={samples}.",
+                400,
+            )
         # Weighed before the round sees it, so a refused arrival leaves no trace and may come again.
         with np.errstate(over="ignore"):  # an overflow is refused just below
             contribution = weights * np.float32(samples) if samples else None
@@ -215,12 +255,17 @@ class ParameterStore:
             if self.stop_requested:
                 return self._center  # training is stopping: no worker waits for the others
             if self.failures and state.failed is None and state.result is None:
-                # A worker that failed never arrives: a round opened after its report cannot complete either.
-                state.failed = f"Round {round} cannot complete: worker(s) {sorted(self.failures)} failed."
+                # A worker that failed never arrives: a round opened after its report cannot
+                # complete either.
+                state.failed = (
+                    f"Round {round} cannot complete: worker(s) {sorted(self.failures)} failed."
+                )
             if state.failed:
                 raise BarrierTimeoutError(state.failed, round, tuple(self._missing(state)))
             if worker in state.samples:
-                raise ParameterServerError(f"Worker {worker} already arrived in round {round}.", 409)
+                raise ParameterServerError(
+                    f"Worker {worker} already arrived in round {round}.", 409
+                )
             if state.bound + largest > FLOAT32_MAX:
                 self.counters["refused_overflow"] += 1
                 raise _overflow(f"round {round}'s sum")
@@ -235,7 +280,11 @@ class ParameterStore:
                 total = sum(state.samples.values())
                 if total and state.sum is not None:
                     state.sum /= np.float32(total)
-                    self._center = state.sum if self.outer is None else self.outer.step(self._center, state.sum)
+                    self._center = (
+                        state.sum
+                        if self.outer is None
+                        else self.outer.step(self._center, state.sum)
+                    )
                 state.result = self._center
                 state.sum = None
                 self.version += 1
@@ -251,7 +300,8 @@ class ParameterStore:
                     missing = self._missing(state)
                     state.failed = (
                         f"Round {round} timed out after waiting for worker(s) {missing} "
-                        f"({len(state.samples)} of {self.num_workers} arrived). A worker died or is stuck; "
+                        f"({len(state.samples)} of {self.num_workers} arrived). A worker died or "
+                        "is stuck; "
                         "its Spark task log says why."
                     )
                     self.counters["failed_rounds"] += 1
@@ -262,11 +312,15 @@ class ParameterStore:
                 return state.result
             if self._closed:
                 raise RoundClosedError("The parameter server shut down during the round.", 503)
-            raise BarrierTimeoutError(state.failed or "round failed", round, tuple(self._missing(state)))
+            raise BarrierTimeoutError(
+                state.failed or "round failed", round, tuple(self._missing(state))
+            )
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
-            raise ParameterServerError(f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400)
+            raise ParameterServerError(
+                f"Worker id must be in [0, {self.num_workers}). Received: worker={worker}.", 400
+            )
 
     def wait_for_arrivals(self, round: int, count: int, timeout: float) -> list[int]:
         """Wait until ``count`` workers wait in ``round`` (or it completed); returns who arrived.
@@ -283,8 +337,12 @@ class ParameterStore:
                     return arrived
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"{len(arrived)} of {count} workers arrived in round {round} within {timeout} s.")
-                # Arrivals do not notify (the barrier's hot path stays as it was): look again shortly.
+                    raise TimeoutError(
+                        f"{len(arrived)} of {count} workers arrived in round {round} within "
+                        f"{timeout} s."
+                    )
+                # Arrivals do not notify (the barrier's hot path stays as it was): look again
+                # shortly.
                 self._cond.wait(min(remaining, 0.05))
 
     def _missing(self, state: _Round) -> list[int]:
@@ -322,8 +380,10 @@ class ParameterStore:
     def snapshot(self) -> tuple[np.ndarray, dict[int, int]]:
         """A copy of the center and each worker's applied exchanges, taken together."""
         with self._cond:
-            return self._center.copy(), {w: self.worker_pushes.get(w, 0) + self.counters["rounds"]
-                                         for w in range(self.num_workers)}
+            return self._center.copy(), {
+                w: self.worker_pushes.get(w, 0) + self.counters["rounds"]
+                for w in range(self.num_workers)
+            }
 
     def reopen(self) -> None:
         """Forget a failed stage's failure reports and open rounds, so a restarted stage can meet.
@@ -352,8 +412,14 @@ class ParameterStore:
                 "updates": self.counters["updates"],
                 "rounds": self.counters["rounds"],
                 "pulls": self.counters["pulls"],
-                "refused": {k[len("refused_"):]: v for k, v in self.counters.items() if k.startswith("refused_")},
-                "refused_total": sum(v for k, v in self.counters.items() if k.startswith("refused_")),
+                "refused": {
+                    k[len("refused_") :]: v
+                    for k, v in self.counters.items()
+                    if k.startswith("refused_")
+                },
+                "refused_total": sum(
+                    v for k, v in self.counters.items() if k.startswith("refused_")
+                ),
                 "failed_rounds": self.counters["failed_rounds"],
                 "overlapping_writes": self.counters["overlapping_writes"],
                 "staleness": staleness,
@@ -378,5 +444,9 @@ def staleness_summary(counts: Counter[int]) -> dict:
         if seen > half:
             median = value
             break
-    return {"min": values[0], "median": median, "max": values[-1],
-            "histogram": {str(k): counts[k] for k in values[:64]}}
+    return {
+        "min": values[0],
+        "median": median,
+        "max": values[-1],
+        "histogram": {str(k): counts[k] for k in values[:64]},
+    }

@@ -30,8 +30,15 @@ class ParameterClient:
         timeout_name: the setting ``timeout`` comes from, named when a wait expires.
     """
 
-    def __init__(self, url: str, secret: bytes, worker: int, timeout: float = 660.0, sign_body: bool = False,
-                 timeout_name: str = "timeout") -> None:
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        worker: int,
+        timeout: float = 660.0,
+        sign_body: bool = False,
+        timeout_name: str = "timeout",
+    ) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.secret = secret
@@ -54,8 +61,13 @@ class ParameterClient:
             self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._conn
 
-    def request(self, method: str, path: str, body: list | bytes = b"", content_type: str = wire.CONTENT_TYPE,
-                ) -> tuple[int, str, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: list | bytes = b"",
+        content_type: str = wire.CONTENT_TYPE,
+    ) -> tuple[int, str, bytes]:
         """Send one signed request; returns ``(status, content type, body)``.
 
         Raises:
@@ -66,7 +78,9 @@ class ParameterClient:
         self._seq += 1
         digest = auth.body_digest(parts) if self.sign_body else None
         headers = {
-            auth.HEADER: auth.sign(self.secret, method, path, self.worker, self._seq, length, body_digest=digest),
+            auth.HEADER: auth.sign(
+                self.secret, method, path, self.worker, self._seq, length, body_digest=digest
+            ),
             "Content-Length": str(length),
             "Content-Type": content_type,
         }
@@ -76,7 +90,9 @@ class ParameterClient:
                 conn = self._connection()
             except OSError as exc:
                 self.close()
-                raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
+                raise ParameterServerError(
+                    f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}"
+                ) from exc
             try:
                 conn.putrequest(method, path, skip_accept_encoding=True)
                 for key, value in headers.items():
@@ -87,33 +103,47 @@ class ParameterClient:
                 response = conn.getresponse()
                 data = response.read()
                 break
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+            except (
+                ConnectionError,
+                http.client.RemoteDisconnected,
+                http.client.BadStatusLine,
+            ) as exc:
                 self.close()
                 # A keep-alive connection the server closed while idle: reconnect once. Never
                 # retry after a timeout, which may mean the server applied the request.
                 if attempt == 1:
                     raise ParameterServerError(
-                        f"Lost the connection to the parameter server at {self.host}:{self.port}: {exc}") from exc
+                        f"Lost the connection to the parameter server at {self.host}:{self.port}: "
+                        f"{exc}"
+                    ) from exc
             except http.client.IncompleteRead as exc:
                 self.close()
                 received = len(exc.partial)
                 raise ParameterServerError(
-                    f"The reply from the parameter server at {self.host}:{self.port} to {method} {path} stopped after "
-                    f"{received} of its {received + (exc.expected or 0)} bytes.") from exc
+                    f"The reply from the parameter server at {self.host}:{self.port} to {method} "
+                    f"{path} stopped after "
+                    f"{received} of its {received + (exc.expected or 0)} bytes."
+                ) from exc
             except TimeoutError as exc:
                 self.close()
                 raise ParameterServerError(
-                    f"No reply from the parameter server at {self.host}:{self.port} to {method} {path} within "
-                    f"{self.timeout:g} s: the wait `{self.timeout_name}` allows expired.") from exc
+                    f"No reply from the parameter server at {self.host}:{self.port} to {method} "
+                    f"{path} within "
+                    f"{self.timeout:g} s: the wait `{self.timeout_name}` allows expired."
+                ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise ParameterServerError(f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}") from exc
+                raise ParameterServerError(
+                    f"Cannot reach the parameter server at {self.host}:{self.port}: {exc}"
+                ) from exc
         self.seconds += time.perf_counter() - started
         self.bytes_sent += length
         self.bytes_received += len(data)
         return response.status, response.getheader("Content-Type", ""), data
 
-    def _weights(self, method: str, path: str, body: list | bytes = b"") -> tuple[dict[str, Any], np.ndarray]:
+    def _weights(
+        self, method: str, path: str, body: list | bytes = b""
+    ) -> tuple[dict[str, Any], np.ndarray]:
         status, content_type, data = self.request(method, path, body)
         if status != 200:
             _raise_for(status, content_type, data)
@@ -135,20 +165,29 @@ class ParameterClient:
         header, flat = self._weights("GET", "/v1/weights")
         return flat, header["version"]
 
-    def push(self, update: np.ndarray, shapes: list, window: int, samples: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """Push a delta (or weights, by the rule); returns the weights to continue from and the header."""
-        header, flat = self._weights("POST", "/v1/push", wire.encode(update, shapes, window=window, samples=samples))
+    def push(
+        self, update: np.ndarray, shapes: list, window: int, samples: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Push a delta (or weights, by the rule); returns the weights to continue from and the
+        header."""
+        header, flat = self._weights(
+            "POST", "/v1/push", wire.encode(update, shapes, window=window, samples=samples)
+        )
         return flat, header
 
     def barrier(self, round: int, weights: np.ndarray, shapes: list, samples: int) -> np.ndarray:
         """Join round ``round`` with these weights; returns the round's weighted average."""
-        _, flat = self._weights("POST", f"/v1/rounds/{round}", wire.encode(weights, shapes, samples=samples))
+        _, flat = self._weights(
+            "POST", f"/v1/rounds/{round}", wire.encode(weights, shapes, samples=samples)
+        )
         return flat
 
     def report_failure(self, message: str) -> None:
         """Tell the server this worker failed, so no barrier waits for it. Never raises."""
         try:
-            self.request("POST", "/v1/failure", json.dumps({"message": message}).encode(), "application/json")
+            self.request(
+                "POST", "/v1/failure", json.dumps({"message": message}).encode(), "application/json"
+            )
         except Exception:  # the worker is already failing; its own error is what matters
             pass
 
@@ -160,17 +199,23 @@ class ParameterClient:
         """The center to start or resume from (on the control channel, unlike :meth:`pull`)."""
         return self._weights("GET", "/v1/epochs/center")[1]
 
-    def end_epoch(self, epoch: int, samples: int, metrics: dict[str, float], center: bool) -> np.ndarray | None:
+    def end_epoch(
+        self, epoch: int, samples: int, metrics: dict[str, float], center: bool
+    ) -> np.ndarray | None:
         """Tell the driver this worker ended ``epoch``; waits for every worker. Returns the
         epoch's center when ``center`` asks for it."""
         payload = json.dumps({"samples": samples, "metrics": metrics, "center": center}).encode()
-        status, content_type, data = self.request("POST", f"/v1/epochs/{epoch}/end", payload, "application/json")
+        status, content_type, data = self.request(
+            "POST", f"/v1/epochs/{epoch}/end", payload, "application/json"
+        )
         if status != 200:
             _raise_for(status, content_type, data)
         return wire.decode(data)[1] if content_type.startswith(wire.CONTENT_TYPE) else None
 
     def _json(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
-        status, content_type, data = self.request(method, path, body, "application/json" if body else wire.CONTENT_TYPE)
+        status, content_type, data = self.request(
+            method, path, body, "application/json" if body else wire.CONTENT_TYPE
+        )
         if status != 200:
             _raise_for(status, content_type, data)
         return json.loads(data)
@@ -195,5 +240,7 @@ def _raise_for(status: int, content_type: str, data: bytes) -> None:
         payload = {}
     message = payload.get("error") or data[:200].decode("utf-8", "replace") or f"HTTP {status}"
     if status == 504:
-        raise BarrierTimeoutError(message, payload.get("round", -1), tuple(payload.get("missing", ())))
+        raise BarrierTimeoutError(
+            message, payload.get("round", -1), tuple(payload.get("missing", ()))
+        )
     raise ParameterServerError(f"Parameter server answered {status}: {message}", status)

@@ -12,7 +12,8 @@ Every weight-carrying message (request or response) is::
     12+H+P  N     payload: the arrays' raw little-endian bytes, C order, back to back
 
 The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat16"``: the upper
-16 bits of each float32, rounded to nearest even, stored as little-endian uint16) and ``"shapes"`` (a list of
+16 bits of each float32, rounded to nearest even, stored as little-endian uint16) and ``"shapes"``
+(a list of
 shapes, one per array, in order); the payload length must equal the sum of the shapes' sizes times
 the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
 ``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
@@ -34,18 +35,37 @@ import numpy as np
 from .._errors import WireFormatError
 
 __all__ = [
-    "CONTENT_TYPE", "MAGIC", "MAX_ARRAYS", "MAX_DIMENSIONS", "MAX_HEADER_BYTES", "VERSION",
-    "decode", "encode", "encoded_size", "flatten", "unflatten",
+    "CONTENT_TYPE",
+    "MAGIC",
+    "MAX_ARRAYS",
+    "MAX_DIMENSIONS",
+    "MAX_HEADER_BYTES",
+    "VERSION",
+    "decode",
+    "encode",
+    "encoded_size",
+    "flatten",
+    "unflatten",
 ]
 
 
 MAGIC = b"KOSW"
+"""The four bytes every message starts with."""
 VERSION = 1
+"""The format's version, the byte after :data:`MAGIC`."""
 CONTENT_TYPE = "application/x-kerasonspark-weights"
+"""The HTTP ``Content-Type`` of a message."""
 MAX_HEADER_BYTES = 1 << 20
+"""The largest JSON header a message may carry."""
 MAX_ARRAYS = 1 << 16
+"""The most arrays one message may describe."""
 MAX_DIMENSIONS = 32
-DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+"""The most dimensions one array may have."""
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+}
 _PREFIX = struct.Struct("<4sB3xI")
 
 Shapes = list[tuple[int, ...]]
@@ -56,7 +76,10 @@ def loads_json(data: bytes | bytearray | memoryview, what: str) -> Any:
     numbers too long for Python's int parser and nesting too deep for its recursion limit."""
     try:
         return json.loads(bytes(data))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (
+        ValueError,
+        RecursionError,
+    ) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise WireFormatError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
@@ -79,7 +102,9 @@ def as_float32(flat: np.ndarray, dtype: str) -> np.ndarray:
     return flat.astype(np.float32, copy=False)
 
 
-def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> list[bytes | memoryview]:
+def encode(
+    flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any
+) -> list[bytes | memoryview]:
     """Encode a flat array (the arrays of ``shapes`` back to back) and header fields.
 
     ``flat`` is float32, float16, or uint16 holding bfloat16 bits (see :func:`to_bfloat16`).
@@ -89,16 +114,22 @@ def encode(flat: np.ndarray, shapes: Sequence[Sequence[int]], **fields: Any) -> 
     Raises:
         WireFormatError: ``flat`` has the wrong dtype or size for ``shapes``.
     """
-    dtype_name = next((n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None)
+    dtype_name = next(
+        (n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None
+    )
     if dtype_name is None:
-        raise WireFormatError(f"Expected a float32, float16 or bfloat16 (uint16) array. Received: dtype={flat.dtype}.")
+        raise WireFormatError(
+            f"Expected a float32, float16 or bfloat16 (uint16) array. Received: dtype={flat.dtype}."
+        )
     shapes = [tuple(int(d) for d in s) for s in shapes]
     if flat.ndim != 1 or flat.size != shapes_size(shapes):
         raise WireFormatError(
             f"Expected a flat array of {shapes_size(shapes)} elements for shapes {shapes}. "
             f"Received: shape={flat.shape}."
         )
-    header = json.dumps({"dtype": dtype_name, "shapes": shapes, **fields}, separators=(",", ":")).encode()
+    header = json.dumps(
+        {"dtype": dtype_name, "shapes": shapes, **fields}, separators=(",", ":")
+    ).encode()
     padding = -(_PREFIX.size + len(header)) % 8
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"\0" * padding
     payload = np.ascontiguousarray(flat)
@@ -121,29 +152,48 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
     """
     view = memoryview(message).cast("B")
     if view.nbytes < _PREFIX.size:
-        raise WireFormatError(f"Message too short: expected at least {_PREFIX.size} bytes. Received: {view.nbytes}.")
+        raise WireFormatError(
+            f"Message too short: expected at least {_PREFIX.size} bytes. Received: {view.nbytes}."
+        )
     magic, version, header_len = _PREFIX.unpack_from(view)
     if magic != MAGIC:
-        raise WireFormatError(f"Not a kerasonspark message: expected magic {MAGIC!r}. Received: {magic!r}.")
+        raise WireFormatError(
+            f"Not a kerasonspark message: expected magic {MAGIC!r}. Received: {magic!r}."
+        )
     if version != VERSION:
-        raise WireFormatError(f"Unsupported wire format version {version}; this side speaks version {VERSION}.")
+        raise WireFormatError(
+            f"Unsupported wire format version {version}; this side speaks version {VERSION}."
+        )
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > view.nbytes:
-        raise WireFormatError(f"Header length {header_len} does not fit the {view.nbytes}-byte message.")
-    header = loads_json(view[_PREFIX.size:_PREFIX.size + header_len], "The header")
+        raise WireFormatError(
+            f"Header length {header_len} does not fit the {view.nbytes}-byte message."
+        )
+    header = loads_json(view[_PREFIX.size : _PREFIX.size + header_len], "The header")
     if not isinstance(header, dict):
-        raise WireFormatError(f"The header must be a JSON object. Received: {type(header).__name__}.")
+        raise WireFormatError(
+            f"The header must be a JSON object. Received: {type(header).__name__}."
+        )
     dtype_name = header.get("dtype")
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise WireFormatError(f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}.")
+        raise WireFormatError(
+            f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}."
+        )
     shapes = header.get("shapes")
-    if not isinstance(shapes, list) or len(shapes) > MAX_ARRAYS or not all(
-        isinstance(s, list) and len(s) <= MAX_DIMENSIONS
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
-        for s in shapes
+    if (
+        not isinstance(shapes, list)
+        or len(shapes) > MAX_ARRAYS
+        or not all(
+            isinstance(s, list)
+            and len(s) <= MAX_DIMENSIONS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+            for s in shapes
+        )
     ):
-        raise WireFormatError(f"Header `shapes` must be a list of at most {MAX_ARRAYS} lists of at most "
-                              f"{MAX_DIMENSIONS} non-negative integers.")
+        raise WireFormatError(
+            f"Header `shapes` must be a list of at most {MAX_ARRAYS} lists of at most "
+            f"{MAX_DIMENSIONS} non-negative integers."
+        )
     header["shapes"] = [tuple(s) for s in shapes]
     start = _PREFIX.size + header_len
     start += -start % 8
@@ -163,12 +213,14 @@ def unflatten(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndar
     arrays, offset = [], 0
     for shape in shapes:
         size = math.prod(shape)
-        arrays.append(flat[offset:offset + size].reshape(shape))
+        arrays.append(flat[offset : offset + size].reshape(shape))
         offset += size
     return arrays
 
 
-def flatten(arrays: Sequence[np.ndarray], dtype: np.dtype | str = "float32") -> tuple[np.ndarray, Shapes]:
+def flatten(
+    arrays: Sequence[np.ndarray], dtype: np.dtype | str = "float32"
+) -> tuple[np.ndarray, Shapes]:
     """Concatenate arrays into one flat array of ``dtype``; returns it with their shapes."""
     shapes = [tuple(int(d) for d in np.shape(a)) for a in arrays]
     if not arrays:

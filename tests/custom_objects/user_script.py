@@ -19,7 +19,9 @@ class Scale(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="script")
 def sparse_loss(y_true, y_pred):
     """Cross-entropy on class indices, written by hand: the labels arrive as the user gave them."""
-    picked = keras.ops.take_along_axis(y_pred, keras.ops.cast(keras.ops.reshape(y_true, (-1, 1)), "int32"), axis=1)
+    picked = keras.ops.take_along_axis(
+        y_pred, keras.ops.cast(keras.ops.reshape(y_true, (-1, 1)), "int32"), axis=1
+    )
     return -keras.ops.log(keras.ops.clip(picked[:, 0], 1e-7, 1.0))
 
 
