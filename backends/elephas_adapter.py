@@ -274,9 +274,8 @@ class ElephasEngine(Engine):
                 "it listens on %s only while an epoch trains.",
                 job.server_host,
             )
-        samples = blocks.mapPartitions(
-            partial(_samples, job.info)
-        )  # from the cached blocks, each epoch
+        # from the cached blocks, each epoch
+        samples = blocks.mapPartitions(partial(_samples, job.info))
         config = job.config
         callbacks = keras.callbacks.CallbackList(
             job.callbacks, model=job.model, epochs=config.epochs, verbose=0
@@ -366,9 +365,8 @@ class ElephasEngine(Engine):
                 else:
                     spark_model.parameter_server.debug = False
             try:
-                with contextlib.redirect_stdout(
-                    None
-                ):  # Elephas prints ">>> Fit model" and the like
+                # Elephas prints ">>> Fit model" and the like
+                with contextlib.redirect_stdout(None):
                     spark_model.fit(
                         samples,
                         epochs=1,

@@ -138,8 +138,7 @@ class EmulatedNetwork:
                 )
                 if rate is not None:
                     # A bucket of 1 ms at the rate (at least 64 KiB, one segmentation-offload
-                    # packet)
-                    # and a queue of 100 ms: TCP sees a link of that speed, not drops.
+                    # packet) and a queue of 100 ms: TCP sees a link of that speed, not drops.
                     burst = max(_bits_per_second(rate) // 8 // 1000, 65536)
                     _run(
                         [

@@ -429,11 +429,12 @@ def attack_kinds(a: Attack) -> dict[str, tuple[Any, set[str]]]:
     }
 
 
+# the rest split evenly
 RARE = {
     "slow_sender": 0.01,
     "silent_connection": 0.04,
     "connection_flood": 0.002,
-}  # the rest split evenly
+}
 
 
 def attacker(
@@ -512,9 +513,8 @@ def main() -> None:
     )
 
     secret = new_secret()
-    workers = (
-        2 + args.attackers * args.threads
-    )  # the honest two, then one insider id per attacker thread
+    # the honest two, then one insider id per attacker thread
+    workers = 2 + args.attackers * args.threads
     initial = (np.random.default_rng(42).normal(size=SIZE) * 0.05).astype(np.float32)
     rule = RecordingAdag()
     store = ParameterStore(initial, SHAPES, num_workers=workers, rule=rule, barrier_timeout=5)

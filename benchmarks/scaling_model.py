@@ -340,9 +340,8 @@ def measure(args: argparse.Namespace) -> dict:
     goodputs: dict[str, list[float]] = {rate: [] for rate in args.rates}
     with emulated_cluster(workers=2) as (network, cluster):
         driver_host, worker_host = network.hosts[0], network.hosts[1]
-        for repeat in range(
-            args.repeat
-        ):  # every rate once per repeat: the machine's drift spreads over all
+        # every rate once per repeat: the machine's drift spreads over all
+        for repeat in range(args.repeat):
             for rate in args.rates:
                 network.shape(None if rate == "none" else rate)
                 goodputs[rate].append(goodput(driver_host, worker_host))

@@ -24,9 +24,8 @@ from emulated_cluster import BATCH, driver_session, emulated_cluster, run_driver
 from kerasonspark import DataConfig
 
 ENGINES = ["sync", "async", "hogwild"]
-CGROUP = Path(
-    "/sys/fs/cgroup/cpu/kerasonspark-straggler"
-)  # cgroup v1's cpu controller, as on this machine
+# cgroup v1's cpu controller, as on this machine
+CGROUP = Path("/sys/fs/cgroup/cpu/kerasonspark-straggler")
 PERIOD_US = 100_000
 
 
@@ -96,9 +95,8 @@ def main() -> None:
     try:
         with emulated_cluster(workers=2) as (network, cluster):
             assert cluster.state is not None
-            (CGROUP / "cgroup.procs").write_text(
-                str(cluster.state.pids[2])
-            )  # master, worker 0, worker 1
+            # master, worker 0, worker 1
+            (CGROUP / "cgroup.procs").write_text(str(cluster.state.pids[2]))
             driver_host = network.hosts[0]
             for way, quota in (("even", None), ("slow", args.quota), ("balanced", args.quota)):
                 hold_to(quota)
@@ -116,9 +114,8 @@ def main() -> None:
                     print(json.dumps(run), flush=True)
     finally:
         hold_to(None)
-        for pid in (
-            (CGROUP / "cgroup.procs").read_text().split()
-        ):  # back to the root group, so the group can go
+        # back to the root group, so the group can go
+        for pid in (CGROUP / "cgroup.procs").read_text().split():
             Path("/sys/fs/cgroup/cpu/cgroup.procs").write_text(pid)
         os.rmdir(CGROUP)
     print(

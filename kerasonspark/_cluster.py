@@ -258,10 +258,11 @@ class StandaloneCluster:
                 alive = sum(
                     w.get("state") == "ALIVE" for w in master_status(state).get("workers", [])
                 )
+            # not listening yet, or its web UI is up before its JSON page
             except (
                 OSError,
                 ValueError,
-            ):  # not listening yet, or its web UI is up before its JSON page
+            ):
                 alive = 0
             if alive == self.workers:
                 return

@@ -36,9 +36,8 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 # samples_per_s counts the training stage's seconds; samples_per_wall_s the whole `fit` (data
-# preparation,
-# start-up and Elephas's per-epoch set-up included): the fair figure across engines that prepare
-# differently.
+# preparation, start-up and Elephas's per-epoch set-up included): the fair figure across engines
+# that prepare differently.
 FIGURES = (
     "samples_per_s",
     "samples_per_wall_s",
@@ -64,9 +63,8 @@ class StrategyRow:
     strategy: str
     runs: list[dict[str, float]] = field(default_factory=list)
     vs_single: float | None = None
-    curves: list[list[dict[str, float]]] = field(
-        default_factory=list
-    )  # per run: seconds, epoch, test_accuracy
+    # per run: seconds, epoch, test_accuracy
+    curves: list[list[dict[str, float]]] = field(default_factory=list)
     workers: int | None = None  # None for an engine that trains without Spark workers (`single`)
     label: str = ""  # the strategy, with its worker count when the comparison has several
 
@@ -199,12 +197,13 @@ def compare_strategies(
             training starts).
     """
     resolved = {strategy: parse_strategy(strategy, options) for strategy in strategies}
+    # a typo fails in seconds
     engines = {
         strategy: resolve_backend(
             backend, backend_options or None
         )  # every engine and option first:
         for strategy, (backend, backend_options) in resolved.items()
-    }  # a typo fails in seconds
+    }
     counts = [num_workers] if isinstance(num_workers, int) else list(num_workers)
     rows: dict[tuple[str, int | None], StrategyRow] = {}
     for workers in counts:
@@ -406,9 +405,8 @@ def format_table(rows: Sequence[StrategyRow], target: float | None = None) -> st
         ratio = f"{row.vs_single:.2f}x" if row.vs_single is not None else "-"
         exchanges = f"{row.median('exchanges'):.0f}" if row.median("exchanges") else "-"
         whole_fit = f"{row.median('samples_per_wall_s'):,.0f}"
-        if (
-            row.strategy == "single" and len(row.runs) > 1
-        ):  # bimodal on small machines: its range, not only the median
+        # bimodal on small machines: its range, not only the median
+        if row.strategy == "single" and len(row.runs) > 1:
             speeds = [run["samples_per_wall_s"] for run in row.runs]
             whole_fit += f" ({min(speeds):,.0f}-{max(speeds):,.0f})"
         cells = [

@@ -137,9 +137,8 @@ class DataInfo:
             names = list(model.output_names)
             if isinstance(loss, (list, tuple)):
                 losses = list(loss)
-            elif isinstance(loss, dict) and set(loss) <= set(
-                names
-            ):  # by output name, not one loss's config
+            # by output name, not one loss's config
+            elif isinstance(loss, dict) and set(loss) <= set(names):
                 losses = [loss.get(n) for n in names]
             else:
                 losses = [loss] * len(names)  # one loss for every output, as Keras applies it

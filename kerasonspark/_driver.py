@@ -360,10 +360,8 @@ def host_parameter_server(
 
         def fence() -> None:
             # A task of the failed stage may still run for a while (Spark kills tasks lazily); with
-            # a
-            # fresh secret its pushes, rounds and reports are refused, and a push it sent just
-            # before
-            # lands before the driver counts what the center holds: nothing is applied twice.
+            # a fresh secret its pushes, rounds and reports are refused, and a push it sent just
+            # before lands before the driver counts what the center holds: nothing is applied twice.
             if not server.rotate_secret(new_secret()):
                 logger.warning(
                     "A push of the failed stage was still running 10 s after the restart began; "
@@ -579,9 +577,8 @@ class SparkRunner(DriverRunner):
     def run_workers(
         self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
     ) -> list[WorkerReport]:
-        ship_by_value(
-            type(exchange)
-        )  # an engine of the user's own travels like their custom objects
+        # an engine of the user's own travels like their custom objects
+        ship_by_value(type(exchange))
         sc = self.spark.sparkContext
         # One broadcast for every stage of the fit: a restarted stage's tasks may land in Python
         # workers whose killed tasks still hold the previous one.

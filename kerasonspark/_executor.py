@@ -165,9 +165,8 @@ class LocalSteps:
 
         self.model, self.info = model, info
         label_shape = info.label_shape
-        label_dtype = (
-            tf.int32 if info.label_mode == "sparse" else tf.float32
-        )  # several outputs: packed float32
+        # several outputs: packed float32
+        label_dtype = tf.int32 if info.label_mode == "sparse" else tf.float32
         self.graph = keras.backend.backend() == "tensorflow"
         if self.graph:
             # Sample weights always go in (ones when the data has none: the same loss and metrics),
@@ -194,9 +193,8 @@ class LocalSteps:
         fresh = [v.numpy() for v in model.optimizer.variables]
         x = np.zeros((2, *self.info.input_shape), np.float32)
         y = self.info.model_labels(np.zeros((2, *label_shape), np.float32))
-        model.train_on_batch(
-            self.info.model_inputs(x), self.info.model_targets(y)
-        )  # builds the metrics
+        # builds the metrics
+        model.train_on_batch(self.info.model_inputs(x), self.info.model_targets(y))
         if self.graph:
             self._train_run(x[None], y[None], np.ones((1, 2), np.float32))
         for variable, value in zip(model.weights, weights, strict=True):
@@ -625,9 +623,8 @@ def train_worker(
     planned = steps  # this epoch's steps: the partition's, until the driver balances them
     started = time.perf_counter()
     for epoch in range(settings.initial_epoch, settings.epochs):
-        order = rng.permutation(
-            n
-        )  # drawn for skipped epochs too, so a resumed epoch keeps its order
+        # drawn for skipped epochs too, so a resumed epoch keeps its order
+        order = rng.permutation(n)
         if planned != steps:
             order = balanced_order(order, planned * batch, rng)
         schedule = exchange.schedule(planned, epoch)
@@ -655,14 +652,12 @@ def train_worker(
             done = min(step * batch, len(order))
             if gate is not None:
                 if gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
-                    gate.progress(
-                        epoch, done, step, steps_runner.metrics, force=True
-                    )  # the driver stops every worker
+                    # the driver stops every worker
+                    gate.progress(epoch, done, step, steps_runner.metrics, force=True)
                     stopped = True
                     break
-                gate.progress(
-                    epoch, done, step, steps_runner.metrics
-                )  # before the exchange: steps trained
+                # before the exchange: steps trained
+                gate.progress(epoch, done, step, steps_runner.metrics)
             exchange.exchange(model, len(index))
             if exchange.should_stop():
                 stopped = True

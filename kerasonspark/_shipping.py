@@ -32,9 +32,8 @@ logger = logging.getLogger(__name__)
 # What a worker imports: this package, and what it needs already installed on the executors.
 PACKAGE = "kerasonspark"
 REQUIRED = ("tensorflow", "keras", "numpy", "pyarrow")
-_READY: set[str] = (
-    set()
-)  # applications whose executors were checked (and given the package if needed)
+# applications whose executors were checked (and given the package if needed)
+_READY: set[str] = set()
 
 
 def executors_lack(spark: SparkSession, modules: tuple[str, ...]) -> list[str]:
@@ -59,9 +58,8 @@ def package_zip(folder: str | Path | None = None) -> Path:
     for prefix, root in roots.items():
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root)
-            nested_engines = (
-                prefix == PACKAGE and relative.parts[0] == "backends"
-            )  # taken from their own root
+            # taken from their own root
+            nested_engines = prefix == PACKAGE and relative.parts[0] == "backends"
             if path.is_file() and "__pycache__" not in relative.parts and not nested_engines:
                 files[f"{prefix}/{relative.as_posix()}"] = path.read_bytes()
     digest = hashlib.sha256()

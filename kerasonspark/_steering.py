@@ -198,10 +198,11 @@ class Steering:
         model, config = self.job.model, self.job.config
         model.stop_training = False
         if self.backup is not None and self.backup.resumed is not None:
+            # the history continues the backup's
             for (
                 key,
                 values,
-            ) in self.backup.resumed.history.items():  # the history continues the backup's
+            ) in self.backup.resumed.history.items():
                 self.keras_history.history[key] = list(values)
         self._timed(self.callbacks.on_train_begin)
         if config.initial_epoch < config.epochs:
@@ -226,9 +227,8 @@ class Steering:
         self.restart_policy = restarts
         config = self.job.config
         resumed = self.backup.resumed if self.backup is not None else None
-        if (
-            resumed is not None and resumed.resume
-        ):  # a backup taken mid-epoch: each worker where it was
+        # a backup taken mid-epoch: each worker where it was
+        if resumed is not None and resumed.resume:
             stage = make_stage(config.initial_epoch, resumed.resume)
         else:
             stage = make_stage(None, None)

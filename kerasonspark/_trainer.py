@@ -358,10 +358,11 @@ class SparkTrainer:
             return callbacks, None
         if self.engine.trains_on != "workers":
             if chosen:
+                # an engine that trains on the driver hands the callback to model.fit
                 return (
                     callbacks,
                     None,
-                )  # an engine that trains on the driver hands the callback to model.fit
+                )
             raise ConfigurationError(
                 f"Backend {self.engine.name!r} trains without the parameter server; pass "
                 "keras.callbacks.BackupAndRestore to back it up instead of `checkpoint_dir`."
@@ -511,9 +512,8 @@ class SparkTrainer:
 
         spec = self._spec()
         with self._session(data, keep=True) as spark:
-            name = (
-                features if isinstance(features, str) else "features"
-            )  # of NumPy input's DataFrame
+            # of NumPy input's DataFrame
+            name = features if isinstance(features, str) else "features"
             if isinstance(data, DataFrame):
                 df, column = (
                     data,
@@ -534,9 +534,8 @@ class SparkTrainer:
                     else data_module.as_features(x, self.info, "the prediction features")
                 )
                 df = data_module.numpy_to_dataframe(spark, x, features=name)
-                column = data_module.feature_column(
-                    df, name, "prediction"
-                )  # several inputs: packed already
+                # several inputs: packed already
+                column = data_module.feature_column(df, name, "prediction")
             data_module.check_first_row(
                 df.select(column.alias("f")), "f", str(features), self.info, "prediction"
             )

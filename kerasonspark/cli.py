@@ -238,9 +238,8 @@ def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     from ._datasets import load_mnist
     from ._executor import configure_tensorflow
 
-    configure_tensorflow(
-        0
-    )  # TensorFlow's default pools for the driver, its start-up lines held back
+    # TensorFlow's default pools for the driver, its start-up lines held back
+    configure_tensorflow(0)
     (x_train, y_train), test = load_mnist(args.data)
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
@@ -412,9 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(
-        logging.WARNING
-    )  # Elephas's Flask server logs every request
+    # Elephas's Flask server logs every request
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     if args.command == "backends":
         from .engine import available_backends
 

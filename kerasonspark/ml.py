@@ -473,9 +473,8 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
                 "`featuresCol`, `labelCol` (and `sampleWeightCol`) to the right names."
             )
         custom_objects = self.getCustomObjects()
-        model = ModelSpec.from_model(
-            self.getModel(), custom_objects
-        ).build()  # a copy: the Param's model stays as given
+        # a copy: the Param's model stays as given
+        model = ModelSpec.from_model(self.getModel(), custom_objects).build()
         rate = self.getLearningRate()
         if rate is not None:
             _set_learning_rate(model, rate)

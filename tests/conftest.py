@@ -139,9 +139,8 @@ def crashing(engine_name, wrap, **options):
 
     from kerasonspark import available_backends
 
-    cloudpickle.register_pickle_by_value(
-        sys.modules[__name__]
-    )  # executors cannot import test modules
+    # executors cannot import test modules
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     class Crashing(available_backends()[engine_name]):
         def run(self, job):

@@ -173,9 +173,8 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
         yield sorted(worker_sys.modules)
 
     per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
-    assert all(
-        "kerasonspark._executor" in names for names in per_worker
-    )  # the workers that trained
+    # the workers that trained
+    assert all("kerasonspark._executor" in names for names in per_worker)
     leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
     assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
 

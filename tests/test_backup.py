@@ -123,9 +123,8 @@ def test_a_crashed_run_resumes_from_its_backup_and_a_finished_one_deletes_it(
             (x, y), callbacks=[keras.callbacks.BackupAndRestore(str(folder)), DriverDies(at=1)]
         )
     saved = BackupStore(folder).latest()
-    assert (
-        saved.epoch == 1 and len(saved.history["loss"]) == 1
-    )  # epoch 0's backup; epoch 1's was never written
+    # epoch 0's backup; epoch 1's was never written
+    assert saved.epoch == 1 and len(saved.history["loss"]) == 1
 
     with pytest.raises(ConfigurationError, match="model architecture"):
         SparkTrainer(

@@ -42,9 +42,8 @@ def test_a_slow_worker_gets_fewer_steps_and_the_epoch_keeps_its_size(monkeypatch
 
     def slow_for_worker_1(self, x, y, index, batch, weights, max_rows=None):
         if threading.current_thread().name == "kerasonspark-worker-1":
-            time.sleep(
-                0.01 * len(index) / batch
-            )  # a host a few times slower than the other, per step
+            # a host a few times slower than the other, per step
+            time.sleep(0.01 * len(index) / batch)
         return run(self, x, y, index, batch, weights, max_rows)
 
     monkeypatch.setattr(LocalSteps, "run", slow_for_worker_1)
@@ -66,9 +65,8 @@ def test_a_slow_worker_gets_fewer_steps_and_the_epoch_keeps_its_size(monkeypatch
         assert fast + slow == 40 and fast > 1.5 * slow  # 640 rows of 32 each: 20 steps a worker
     workers = sorted(result.stats["workers"], key=lambda w: w["worker"])
     assert [w["balanced_steps"] for w in workers] == [list(s) for s in zip(*shares, strict=True)]
-    assert (
-        workers[0]["steps"] == 20 + shares[0][0] + shares[1][0]
-    )  # what each trained is what it was given
+    # what each trained is what it was given
+    assert workers[0]["steps"] == 20 + shares[0][0] + shares[1][0]
     assert result.history["accuracy"][-1] > 0.9
 
 

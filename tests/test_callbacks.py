@@ -89,9 +89,8 @@ def test_early_stopping_stops_every_worker_at_the_epoch_boundary_and_fit_returns
     assert len(result.history["loss"]) == 2 and len(result.history["val_loss"]) == 2
     assert result.stats["epochs"] == 2 and result.stats["epoch_events"]["stopped_early"] is True
     for worker, steps in zip(result.stats["workers"], _steps_per_epoch(result, 32), strict=True):
-        assert (
-            worker["steps"] == 2 * steps
-        )  # every worker stopped after epoch 1, none started epoch 2
+        # every worker stopped after epoch 1, none started epoch 2
+        assert worker["steps"] == 2 * steps
         assert len(worker["learning_rates"]) == 2
     # restore_best_weights: fit returns the center of the best epoch (the first), not the last one.
     for got, best in zip(model.get_weights(), recorder.weights[0], strict=True):
@@ -189,9 +188,8 @@ def test_learning_rate_callbacks_reach_every_worker_before_its_next_epoch(
         small_model(), backend="async", num_workers=2, epochs=3, seed=0, verbose=0, spark=spark
     )
     result = trainer.fit((x, y), validation_data=(vx, vy), callbacks=[callback])
-    for worker in result.stats[
-        "workers"
-    ]:  # the rate each worker's optimizer trained each epoch with
+    # the rate each worker's optimizer trained each epoch with
+    for worker in result.stats["workers"]:
         assert worker["learning_rates"] == pytest.approx(expected, rel=1e-5)
     assert result.history["learning_rate"] == pytest.approx(expected, rel=1e-5)  # as Keras logs it
 
@@ -231,9 +229,8 @@ def test_initial_epoch_and_validation_freq_as_in_keras(spark, no_leaked_threads)
     )
     assert recorder.epochs == [2, 3, 4]
     assert len(result.history["loss"]) == 3
-    assert (
-        len(result.history["val_loss"]) == 1
-    )  # as Keras counts: (epoch + 1) % 2 == 0 only for epoch 3
+    # as Keras counts: (epoch + 1) % 2 == 0 only for epoch 3
+    assert len(result.history["val_loss"]) == 1
     assert "val_loss" in recorder.logs[1] and "val_loss" not in recorder.logs[0]
 
 

@@ -78,12 +78,10 @@ def test_compare_trains_every_strategy_on_the_same_data_and_writes_a_table(spark
     assert all(row["test_accuracy"] > 0.5 and row["runs"] == 1 for row in rows.values())
     assert rows["single"]["exchanges"] == 0
     assert rows["sync"]["exchanges"] > 0 and rows["async:downpour"]["exchanges"] > 0
-    assert (
-        rows["elephas:hogwild"]["exchanges"] == 2 * 2
-    )  # frequency "epoch": one push per worker and epoch
-    for row in (
-        rows.values()
-    ):  # the initial model at 0 s, points within epochs, the model at each epoch's end
+    # frequency "epoch": one push per worker and epoch
+    assert rows["elephas:hogwild"]["exchanges"] == 2 * 2
+    # the initial model at 0 s, points within epochs, the model at each epoch's end
+    for row in rows.values():
         (curve,) = row["curves"]
         ends = [p for p in curve if float(p["epoch"]).is_integer()]
         assert [p["epoch"] for p in ends] == [0, 1, 2] and curve[0]["seconds"] == 0.0
@@ -224,13 +222,11 @@ def test_the_table_shows_medians_single_s_range_and_seconds_to_target():
         "sync", [run(4000, 0.9)] * 3, curves=[curve(None), curve(None), curve(4)], workers=2
     )
     lines = format_table([single, sync], target=0.9).splitlines()
-    assert (
-        lines[2].split(" | ")[4] == "1,000 (500-1,500)"
-    )  # whole-fit samples/s: median (range) for single only
+    # whole-fit samples/s: median (range) for single only
+    assert lines[2].split(" | ")[4] == "1,000 (500-1,500)"
     assert lines[3].split(" | ")[4] == "2,000"
-    assert (
-        lines[2].split(" | ")[-2] == "7.0" and lines[3].split(" | ")[-2] == "not reached"
-    )  # 2 of 3 runs never did
+    # 2 of 3 runs never did
+    assert lines[2].split(" | ")[-2] == "7.0" and lines[3].split(" | ")[-2] == "not reached"
     assert single.accuracy_by_epoch() == [0.95]
 
 
@@ -255,8 +251,7 @@ def run_processes() -> set[int]:
 @pytest.mark.spark
 def test_mnist_example_prints_the_three_2017_lines_and_stops_the_cluster_it_started(tmp_path):
     # The README's main command with `--cluster`: the same script and `train` path as without it,
-    # plus
-    # a standalone cluster of its own that must be gone afterwards.
+    # plus a standalone cluster of its own that must be gone afterwards.
     write_tiny_mnist(tmp_path)
     before = run_processes()
     run = subprocess.run(
@@ -290,7 +285,6 @@ def test_mnist_example_prints_the_three_2017_lines_and_stops_the_cluster_it_star
     accuracy = float(lines[1].split(":")[1])
     rounds = int(lines[2].split(":")[1])
     assert accuracy > 0.5  # an untrained model scores about 0.1
-    assert (
-        rounds == 2 * 5
-    )  # one worker (--cluster 1): 2 epochs of ceil(ceil(400 rows / 16) / 5) = 5 rounds
+    # one worker (--cluster 1): 2 epochs of ceil(ceil(400 rows / 16) / 5) = 5 rounds
+    assert rounds == 2 * 5
     assert run_processes() - before == set()

@@ -61,10 +61,8 @@ def test_engines_train_on_a_cluster_survive_lost_executors_and_workers_and_it_st
     assert report["apps"] == [{"name": "kerasonspark-cluster-test", "cores": 3}]
     assert report["workers_busy"] == [1, 1, 1]
     # An executor JVM killed mid-training: with max_restarts=0, fit fails at once, naming the worker
-    # and why;
-    # by default the stage restarts on the executor Spark starts in its place and the run goes on
-    # (until a
-    # callback stops it 5 epochs after the kill, with every epoch in the history).
+    # and why; by default the stage restarts on the executor Spark starts in its place and the run
+    # goes on (until a callback stops it 5 epochs after the kill, with every epoch in the history).
     lost = report["lost_executor"]
     assert lost["error"] and "executor was lost" in lost["error"] and lost["worker"] in (0, 1, 2)
     assert lost["seconds"] < 120 and lost["threads"] == []
@@ -126,9 +124,8 @@ def test_a_taken_master_port_is_named_not_silently_moved(tmp_path):
 def test_stop_signals_only_spark_process_groups():
     from kerasonspark._cluster import stop_processes
 
-    bystander = subprocess.Popen(
-        ["sleep", "30"], start_new_session=True
-    )  # as if a stale state file named it
+    # as if a stale state file named it
+    bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
         stop_processes([bystander.pid], timeout=1)
         assert bystander.poll() is None
@@ -150,9 +147,8 @@ def test_the_package_ships_itself_to_executors_that_lack_it(tmp_path):
         lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
         assert run.returncode == 0 and lines, run.stderr[-3000:]
     report = json.loads(lines[0][len("REPORT ") :])
-    assert report["lacking_before"] == [
-        "kerasonspark"
-    ]  # the executors could not import it, but have TensorFlow
+    # the executors could not import it, but have TensorFlow
+    assert report["lacking_before"] == ["kerasonspark"]
     assert report["async"] > 0.9
     assert ".zip" in report["executor_package"] and "kerasonspark-" in report["executor_package"]
     assert len(report["shipped_logs"]) == 1 and "shipped kerasonspark-" in report["shipped_logs"][0]

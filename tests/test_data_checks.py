@@ -31,10 +31,11 @@ def test_features_are_reshaped_to_the_input_and_cast():
     with pytest.raises(DataError, match="^The features must be numeric. Received: dtype=<U1.$"):
         as_features(np.array([["a"] * 4]), SPARSE, "the features")
     assert as_features(np.ones((1, 2, 2)), SPARSE, "x").shape == (1, 2, 2)  # one sample
+    # one value a sample
     assert as_features(np.arange(5), DataInfo((1,), "raw", None, (1,)), "x").shape == (
         5,
         1,
-    )  # one value a sample
+    )
     with pytest.raises(DataError, match="4 values"):
         as_features(np.float32(1.0), SPARSE, "the features")
 
@@ -56,9 +57,8 @@ def test_block_problems_count_each_reason():
         "bad_weights": 0,
     }
     weights = np.array([1.0, 0.0, -0.5, np.nan, np.inf], np.float32)
-    assert (
-        block_problems(x, y, ONE_HOT, weights)["bad_weights"] == 3
-    )  # zero is a weight; negative, NaN, Inf are not
+    # zero is a weight; negative, NaN, Inf are not
+    assert block_problems(x, y, ONE_HOT, weights)["bad_weights"] == 3
     y_bad = np.array([0.0, np.inf, -1, 2, 2])
     assert block_problems(np.zeros((5, 4), np.float32), y_bad, SPARSE) == {
         "nonfinite_rows": 1,
@@ -130,9 +130,8 @@ def test_validate_arrays_refuses_before_any_work():
     assert vx.shape == (6, 4) and np.array_equal(vy, y) and vw is None
     weights = validate_arrays((x, y, np.arange(6)), ONE_HOT, "training")[2]
     assert weights.dtype == np.float32 and np.array_equal(weights, np.arange(6))
-    assert validate_arrays((x, y[:, None]), ONE_HOT, "training")[1].shape == (
-        6,
-    )  # a column of labels
+    # a column of labels
+    assert validate_arrays((x, y[:, None]), ONE_HOT, "training")[1].shape == (6,)
     with pytest.raises(
         DataError,
         match="a pair `\\(x, y\\)` or a triple `\\(x, y, sample_weight\\)`. Received: a tuple of 4",
@@ -161,9 +160,8 @@ def test_validate_arrays_refuses_before_any_work():
     ):
         validate_arrays((x, np.zeros((6, 5))), ONE_HOT, "training")
     one_hot = np.eye(3)[y]
-    assert np.array_equal(
-        validate_arrays((x, one_hot), ONE_HOT, "training")[1], one_hot
-    )  # kept whole
+    # kept whole
+    assert np.array_equal(validate_arrays((x, one_hot), ONE_HOT, "training")[1], one_hot)
 
 
 def test_labels_are_converted_to_what_the_loss_takes():
@@ -183,9 +181,8 @@ def test_labels_are_converted_to_what_the_loss_takes():
     assert GIVEN.with_given_labels(3, integer=False).label_shape == (3,)
     assert GIVEN.with_given_labels(3, integer=False).label_dtype == "float32"
     assert GIVEN.with_given_labels(0, integer=False).model_labels(indices).dtype == np.float32
-    assert (
-        SPARSE.with_given_labels(3, integer=False) is SPARSE
-    )  # only a loss of the user's own reads them
+    # only a loss of the user's own reads them
+    assert SPARSE.with_given_labels(3, integer=False) is SPARSE
 
 
 def test_the_label_convention_is_read_off_the_loss():
@@ -214,9 +211,8 @@ def test_the_label_convention_is_read_off_the_loss():
     assert DataInfo.for_model(images, {"loss": "sparse_categorical_crossentropy"}) == DataInfo(
         (5, 3), "sparse", 2
     )
-    per_step = keras.Sequential(
-        [keras.Input((5, 3)), keras.layers.Dense(2)]
-    )  # output (None, 5, 2): classes last
+    # output (None, 5, 2): classes last
+    per_step = keras.Sequential([keras.Input((5, 3)), keras.layers.Dense(2)])
     assert DataInfo.for_model(per_step, {"loss": "categorical_crossentropy"}) == DataInfo(
         (5, 3), "one_hot", 2
     )

@@ -26,14 +26,14 @@ def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark, monkeypatch):
         sc, "parallelize", lambda data, n: parallelized.append(data) or parallelize(data, n)
     )
     blocks = to_blocks(spark, (x, y), "features", "label", info, 2)
-    assert (
-        len(cloudpickle.dumps(list(parallelized[0]))) < 1000
-    )  # what the tasks carry: partition numbers
+    # what the tasks carry: partition numbers
+    assert len(cloudpickle.dumps(list(parallelized[0]))) < 1000
     parts = blocks.glom().map(lambda part: [len(b[0]) for b in part]).collect()
+    # each task read its own partition's rows, in order
     assert [sum(p) for p in parts] == [
         2000,
         2000,
-    ]  # each task read its own partition's rows, in order
+    ]
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks.collect()]), x)
     shares = blocks._kerasonspark_broadcasts
     release_blocks(blocks)
@@ -53,9 +53,8 @@ def test_a_parquet_path_and_a_table_train_like_their_dataframe(spark, tmp_path):
     assert trainer.evaluate(tmp_path / "train", features="pixels", label="digit")["accuracy"] > 0.9
     weighted = tmp_path / "weighted"
     numpy_to_dataframe(spark, x, y).withColumn("w", F.lit(2.0)).write.parquet(str(weighted))
-    assert (
-        trainer.fit(str(weighted), sample_weight="w").stats["samples"] == 600 * 3
-    )  # a weight column of a Parquet file
+    # a weight column of a Parquet file
+    assert trainer.fit(str(weighted), sample_weight="w").stats["samples"] == 600 * 3
     with pytest.raises(DataError, match="holds no Parquet data Spark can read"):
         trainer.fit(str(tmp_path / "missing"))
     # A table of the catalog, as `spark.table` gives it (an external table over the Parquet folder).
@@ -90,9 +89,8 @@ def test_numpy_to_dataframe_keeps_rows_in_order_without_data_in_its_tasks(spark,
     rows = df.collect()
     np.testing.assert_array_equal(np.array([r.features for r in rows], np.float32), x)
     assert [r.label for r in rows] == y.tolist()
-    assert (
-        numpy_to_dataframe(spark, x[:2], partitions=8).count() == 2
-    )  # never more partitions than rows
+    # never more partitions than rows
+    assert numpy_to_dataframe(spark, x[:2], partitions=8).count() == 2
 
 
 @pytest.mark.parametrize("backend", ["sync", "async"])

@@ -106,9 +106,8 @@ def test_the_example_finds_the_data_beside_its_checkout(tmp_path):
     (tmp_path / "shared" / "data" / "mnist").mkdir(parents=True)
     assert example.default_data(checkout) == tmp_path / "shared" / "data" / "mnist"
     (checkout / "data" / "mnist").mkdir(parents=True)
-    assert (
-        example.default_data(checkout) == checkout / "data" / "mnist"
-    )  # the project's own folder first
+    # the project's own folder first
+    assert example.default_data(checkout) == checkout / "data" / "mnist"
     assert example.with_default_data(["--epochs", "2"], checkout) == [
         "--epochs",
         "2",

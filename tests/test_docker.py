@@ -46,12 +46,13 @@ def env_of(container: dict) -> dict:
 
 def test_compose_and_manifests_agree_with_the_entrypoint_and_each_other():
     services = compose()
+    # the 2017 topology plus a driver
     assert set(services) == {
         "spmaster",
         "spslave1",
         "spslave2",
         "driver",
-    }  # the 2017 topology plus a driver
+    }
     assert roles() == {"master", "worker", "master-and-worker", "driver"}
     exposed = {
         int(p)
@@ -118,9 +119,8 @@ def test_compose_and_manifests_agree_with_the_entrypoint_and_each_other():
             env["SPARK_MASTER_URL"]
             == f"spark://{service['metadata']['name']}:{master_env['SPARK_MASTER_PORT']}"
         )
-        assert env["SPARK_HOST"] == {
-            "fieldRef": {"fieldPath": "status.podIP"}
-        }  # advertises an address others reach
+        # advertises an address others reach
+        assert env["SPARK_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     job = env_of(pods["kerasonspark-mnist"])
     assert {p["containerPort"] for p in pods["kerasonspark-mnist"]["ports"]} == {
         int(job[k])

@@ -12,9 +12,8 @@ from kerasonspark import ConfigurationError, SparkTrainer
 
 from conftest import make_blobs, small_model
 
-pytestmark = (
-    pytest.mark.spark
-)  # Elephas comes from README's install command: pip install --no-deps elephas==7.3.0 h5py
+# Elephas comes from README's install command: pip install --no-deps elephas==7.3.0 h5py
+pytestmark = pytest.mark.spark
 
 
 def train(spark, epochs=2, callbacks=None, **options):
@@ -59,9 +58,8 @@ def test_each_mode_trains_and_returns_the_common_result_leaving_nothing_behind(s
     assert stats["samples"] == 2 * 1200 and stats["samples_per_second"] > 0
     assert stats["elephas"]["mode"] == options["mode"]
     if options["mode"] == "synchronous":
-        assert (
-            stats["exchanges"] == 2 and "loss" in result.history
-        )  # one average per epoch, with training metrics
+        # one average per epoch, with training metrics
+        assert stats["exchanges"] == 2 and "loss" in result.history
     elif options.get("frequency") == "epoch":
         assert stats["exchanges"] == 2 * 2  # one push per worker per epoch
     else:
@@ -82,9 +80,8 @@ def test_epoch_callbacks_run_and_batch_callbacks_are_refused_before_training(spa
     epochs = Epochs()
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
     _, result = train(spark, epochs=5, callbacks=[epochs, stopper])
-    assert (
-        len(epochs.logs) == 2 and "val_accuracy" in epochs.logs[0]
-    )  # stopped after the second epoch
+    # stopped after the second epoch
+    assert len(epochs.logs) == 2 and "val_accuracy" in epochs.logs[0]
     assert len(result.history["val_loss"]) == 2
 
     with pytest.raises(ConfigurationError, match="batch hooks cannot run \\(TerminateOnNaN\\)"):

@@ -87,9 +87,8 @@ def test_cleartext_weights_are_refused_beside_an_encrypted_cluster_unless_allowe
         check_weights_privacy({"spark.ssl.enabled": "TRUE"}, "10.0.0.5")
     check_weights_privacy(encrypted, "127.0.0.1")  # loopback never leaves the machine
     check_weights_privacy({**encrypted, ALLOW_CLEARTEXT_WEIGHTS: "true"}, "10.0.0.5")
-    check_weights_privacy(
-        {}, "10.0.0.5"
-    )  # an unencrypted cluster: nothing to protect more than the rest
+    # an unencrypted cluster: nothing to protect more than the rest
+    check_weights_privacy({}, "10.0.0.5")
 
 
 def test_trainer_settings_after_the_backend_are_keyword_only_with_the_configs_defaults():

@@ -100,12 +100,10 @@ def test_a_stop_request_completes_open_rounds_with_the_center():
     store.wait_for_arrivals(0, 1, 5)
     store.request_stop()
     thread.join(5)
-    np.testing.assert_array_equal(
-        out["value"], np.zeros(8)
-    )  # the center, not a half-filled average
-    np.testing.assert_array_equal(
-        store.barrier(1, 1, np.ones(8, np.float32), 5), np.zeros(8)
-    )  # later rounds too
+    # the center, not a half-filled average
+    np.testing.assert_array_equal(out["value"], np.zeros(8))
+    # later rounds too
+    np.testing.assert_array_equal(store.barrier(1, 1, np.ones(8, np.float32), 5), np.zeros(8))
 
 
 @pytest.fixture

@@ -114,18 +114,16 @@ def test_classification_outputs_are_typed_for_spark_evaluators_and_keep_every_ro
     given = small_model(dim=4)
     before = [w.copy() for w in given.get_weights()]
     fitted = KerasEstimator(model=given, epochs=3, backend="sync").fit(df)
-    assert all(
-        np.array_equal(a, b) for a, b in zip(before, given.get_weights(), strict=True)
-    )  # trained a copy
+    # trained a copy
+    assert all(np.array_equal(a, b) for a, b in zip(before, given.get_weights(), strict=True))
     out = fitted.transform(df)
     fields = {f.name: f.dataType for f in out.schema.fields}
     assert list(fields)[: len(df.columns)] == df.columns  # every column kept, in place
     assert isinstance(fields["prediction"], T.DoubleType) and isinstance(
         fields["probability"], VectorUDT
     )
-    assert [r.id for r in out.select("id").collect()] == [
-        r.id for r in df.select("id").collect()
-    ]  # row order kept
+    # row order kept
+    assert [r.id for r in out.select("id").collect()] == [r.id for r in df.select("id").collect()]
     accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(out)
     assert accuracy > 0.9
     first = out.select("prediction", "probability").first()
@@ -283,9 +281,8 @@ def test_transform_is_lazy_and_each_python_worker_builds_a_model_version_once(sp
     model = small_model(dim=4)
     first = ModelSpec.from_model(model).to_bytes()
     built = inference_model(first, {}, 0, spec_version(first))
-    assert (
-        inference_model(first, {}, 0, spec_version(first)) is built
-    )  # the same version: no rebuild
+    # the same version: no rebuild
+    assert inference_model(first, {}, 0, spec_version(first)) is built
     model.set_weights([w + 1.0 for w in model.get_weights()])
     second = ModelSpec.from_model(model).to_bytes()
     assert spec_version(second) != spec_version(first)

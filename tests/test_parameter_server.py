@@ -175,9 +175,8 @@ def test_one_keep_alive_connection_serves_many_requests(server):
             c.pull()
         c.stats()
         assert server.open_connections == 1
-    with client(
-        server
-    ) as c:  # and a refused request does not poison the next one on the same connection
+    # and a refused request does not poison the next one on the same connection
+    with client(server) as c:
         status, _, _ = c.request("POST", "/v1/push", b"\0" * 10_000)
         assert status == 413
         assert c.health()["status"] == "ok"
@@ -278,9 +277,8 @@ def test_rotating_the_secret_refuses_the_old_one_and_waits_for_a_push_it_let_in(
             f"{auth.HEADER}: {auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n"
         ).encode()
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(
-                head + body[:10]
-            )  # authenticated; the rest of the body is still on its way
+            # authenticated; the rest of the body is still on its way
+            sock.sendall(head + body[:10])
             time.sleep(0.3)
             outcome = {}
             rotation = threading.Thread(

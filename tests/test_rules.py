@@ -53,9 +53,8 @@ def test_the_async_options_give_dynsgd_the_workers_rate_factor_as_its_floor():
     rule = AsyncOptions().make_rule(4.0)
     assert isinstance(rule, DynSGD) and rule.scale(staleness=0, window=20) == 0.25
     assert DynSGD().scale(staleness=0, window=20) == 1.0  # lr_scale=1: the paper's rule, unchanged
-    assert isinstance(
-        AsyncOptions(rule="adag").make_rule(4.0), Adag
-    )  # the 2017 rule keeps its arithmetic
+    # the 2017 rule keeps its arithmetic
+    assert isinstance(AsyncOptions(rule="adag").make_rule(4.0), Adag)
 
 
 def test_elastic_averaging_moves_both_toward_each_other():
@@ -105,9 +104,8 @@ def test_store_rounds_go_through_the_outer_optimizer():
         t.start()
     for t in threads:
         t.join()
-    np.testing.assert_allclose(
-        store.center, CENTER + 2 * 1.5 * DELTA
-    )  # twice the way to the average
+    # twice the way to the average
+    np.testing.assert_allclose(store.center, CENTER + 2 * 1.5 * DELTA)
 
 
 @pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "sasgd", "easgd"])

@@ -68,9 +68,8 @@ def test_every_engine_ignores_rows_of_weight_zero(spark, backend):
         small_model(), backend=backend, num_workers=2, epochs=3, spark=spark, seed=0, verbose=0
     )
     trainer.fit(df.repartition(2), sample_weight="weight")
-    assert (
-        trainer.evaluate((clean_x, clean_y))["accuracy"] > 0.9
-    )  # unweighted, two thirds of the labels are wrong
+    # unweighted, two thirds of the labels are wrong
+    assert trainer.evaluate((clean_x, clean_y))["accuracy"] > 0.9
 
 
 @pytest.mark.spark

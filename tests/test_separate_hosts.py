@@ -29,9 +29,8 @@ def network():
     try:
         network.__enter__()
     except SparkEnvironmentError as exc:
-        if "need" in str(exc) or "not permitted" in str(
-            exc
-        ):  # not root, no iproute2, or no new devices allowed
+        # not root, no iproute2, or no new devices allowed
+        if "need" in str(exc) or "not permitted" in str(exc):
             pytest.skip(f"emulated hosts are not possible here: {exc}")
         raise
     try:
@@ -71,9 +70,8 @@ def test_separate_hosts_train_sync_and_async_with_nothing_on_loopback(network, t
         assert run.returncode == 0 and lines, run.stderr[-3000:]
         report = json.loads(lines[0][len("REPORT ") :])
     assert report["server_host"] == network.address
-    assert report["executor_addresses"] == [
-        h.address for h in network.hosts
-    ]  # the tasks ran in the two namespaces
+    # the tasks ran in the two namespaces
+    assert report["executor_addresses"] == [h.address for h in network.hosts]
     for backend in ("sync", "async"):
         assert report[backend]["accuracy"] > 0.5 and report[backend]["samples"] == 400 * 3
     # Both engines' parameter servers bound and advertised the address the namespaces reach.
@@ -94,7 +92,6 @@ def test_emulated_links_are_shaped_to_the_rate_asked_for(network):
     for rate in ("100mbit", None):
         network.shape(rate)
         rates[rate] = goodput(network.hosts[0], network.hosts[1])
-    assert (
-        0.7 * 12.5e6 < rates["100mbit"] < 12.5e6
-    )  # 100 Mbit/s is 12.5 MB/s; TCP carries a little less
+    # 100 Mbit/s is 12.5 MB/s; TCP carries a little less
+    assert 0.7 * 12.5e6 < rates["100mbit"] < 12.5e6
     assert rates[None] > 3 * rates["100mbit"]

@@ -358,9 +358,8 @@ def test_10_a_slow_but_steady_reader_gets_the_whole_reply(no_leaked_threads):
         received, started = 0, time.monotonic()
         while chunk := sock.recv(65536):
             received += len(chunk)
-            time.sleep(
-                0.004
-            )  # about 16 MB/s: the reply takes longer than idle_timeout, but never idles
+            # about 16 MB/s: the reply takes longer than idle_timeout, but never idles
+            time.sleep(0.004)
             if received >= 4 * size:
                 break
         sock.close()

@@ -138,9 +138,8 @@ def test_every_engine_trains_two_inputs_and_two_outputs_with_sample_weights(spar
     # Unweighted, two thirds of the digits are wrong: only the weights make these floors reachable.
     assert result.history["val_digit_accuracy"][-1] > FLOOR
     inputs = {"image": clean_x[0], "meta": clean_x[1]} if backend == "hogwild" else clean_x
-    scores = result.model.evaluate(
-        inputs, clean_y, return_dict=True, verbose=0
-    )  # Spark's evaluate: the next test
+    # Spark's evaluate: the next test
+    scores = result.model.evaluate(inputs, clean_y, return_dict=True, verbose=0)
     assert scores["digit_accuracy"] > FLOOR and scores["parity_accuracy"] > FLOOR
 
 

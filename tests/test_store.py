@@ -76,9 +76,8 @@ def test_staleness_summary_is_exact_and_bounded():
         "max": 4,
         "histogram": {"0": 1, "1": 5, "4": 1},
     }
-    assert (
-        staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7
-    )  # the upper median, as sorted(list)[n // 2]
+    # the upper median, as sorted(list)[n // 2]
+    assert staleness_summary(Counter({2: 1, 7: 1}))["median"] == 7
     assert staleness_summary(Counter())["max"] == 0
 
 

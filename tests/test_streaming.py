@@ -51,10 +51,11 @@ def test_steps_gathered_in_chunks_train_exactly_as_in_one_piece():
     weights = np.random.default_rng(1).random(300).astype(np.float32)
     index = np.random.default_rng(2).permutation(300)
     trained = []
+    # 70 rows: chunks of 64 (two batches), the last step of 44 rows at the end
     for max_rows in (
         None,
         70,
-    ):  # 70 rows: chunks of 64 (two batches), the last step of 44 rows at the end
+    ):
         model = small_model()
         model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
         steps = LocalSteps(model, DataInfo.for_model(model, model.get_compile_config()))

@@ -97,9 +97,8 @@ def test_engine_trains_above_the_floor_from_a_dataframe(spark, backend, no_leake
         stats["samples"] == 2400 and stats["samples_per_second"] > 0 and stats["wall_seconds"] > 0
     )
     assert sum(w["samples"] for w in stats["workers"]) == 1200
-    assert (
-        stats["partition_storage"]["path"] == "memory"
-    )  # small partitions stay in memory under "auto"
+    # small partitions stay in memory under "auto"
+    assert stats["partition_storage"]["path"] == "memory"
     if backend == "sync":
         # 600 rows a worker: ceil(600 / 16) = 38 steps, in ceil(38 / 8) = 5 rounds an epoch
         assert stats["sync"]["rounds_per_epoch"] == 5 and stats["exchanges"] == 2 * 5

@@ -68,9 +68,8 @@ def test_header_must_be_json_with_valid_dtype_and_shapes():
         wire.decode(raw(b"{not json"))
     with pytest.raises(WireFormatError, match="dtype"):
         wire.decode(raw(b'{"dtype":"float64","shapes":[]}'))
-    with pytest.raises(
-        WireFormatError, match="dtype"
-    ):  # not a name at all: still a WireFormatError
+    # not a name at all: still a WireFormatError
+    with pytest.raises(WireFormatError, match="dtype"):
         wire.decode(raw(b'{"dtype":["float32"],"shapes":[]}'))
     with pytest.raises(WireFormatError, match="shapes"):
         wire.decode(raw(b'{"dtype":"float32","shapes":[[-1]]}'))

@@ -30,11 +30,12 @@ class FakeModel:
     def evaluate(self, x, y, **kwargs):
         self.evaluated.append(len(x))
         self.evaluate_options.append(kwargs)
+        # not a scalar: left out
         return {
             "loss": 0.5,
             "accuracy": float(len(x)),
             "per_class": np.ones(3),
-        }  # not a scalar: left out
+        }
 
 
 class FakeSteps:
@@ -137,11 +138,12 @@ def test_exchanges_follow_every_run_and_epochs_end_in_order():
 def test_metrics_are_read_and_reset_once_per_epoch():
     report, steps, _ = loop(epochs=3)
     assert steps.model.resets == 3
+    # running runs count at each epoch's end
     assert report.history == [
         {"loss": 2.0},
         {"loss": 4.0},
         {"loss": 6.0},
-    ]  # running runs count at each epoch's end
+    ]
 
 
 def test_an_empty_partition_still_joins_every_exchange():
@@ -153,9 +155,8 @@ def test_an_empty_partition_still_joins_every_exchange():
 def test_validation_share_is_scored_after_every_epoch():
     vx, vy = np.zeros((9, 3), np.float32), np.arange(9) % 2
     share = validation_share((vx, vy), 1, settings(workers=2))
-    assert (
-        len(share[0]) == 4 and share[1].dtype == np.int32
-    )  # rows 1, 3, 5, 7, labels as the loss takes them
+    # rows 1, 3, 5, 7, labels as the loss takes them
+    assert len(share[0]) == 4 and share[1].dtype == np.int32
     report, steps, _ = loop(epochs=2, validation=share, worker=1)
     assert steps.model.evaluated == [4, 4] and report.val_samples == 4
     assert (
@@ -317,9 +318,8 @@ def test_a_job_hands_every_call_to_its_runner():
     with pytest.raises(ConfigurationError, match="Pass `exchanges=`"):
         job.result(["r"], "w", 2.0)  # not served yet: no server count to default to
     assert job.run_workers("ex") == ["report"] and job.serve("store", "make") is served
-    assert (
-        job.result(["r"], "w", 2.0, engine_stats={"a": 1}) == "result"
-    )  # exchanges: the server's count
+    # exchanges: the server's count
+    assert job.result(["r"], "w", 2.0, engine_stats={"a": 1}) == "result"
     assert job.result(["r"], "w", 2.0, exchanges=5) == "result"
     with pytest.raises(
         ConfigurationError, match=r"job.local_arrays\(\) is for engines with `trains_on = 'driver'`"
@@ -336,11 +336,12 @@ def test_a_job_hands_every_call_to_its_runner():
         trains_on="driver",
     )
     x, y, weights = on_driver.local_arrays()
+    # the class weights folded into the sample weights
     assert x == "x" and weights.tolist() == [
         0.5,
         2.0,
         2.0,
-    ]  # the class weights folded into the sample weights
+    ]
     with pytest.raises(ConfigurationError, match="trains_on = 'workers'"):
         on_driver.serve("store", "make")
     server = {"rounds": 6, "updates": 0}

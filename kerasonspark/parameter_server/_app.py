@@ -57,9 +57,8 @@ from ._dashboard import DASHBOARD_HTML
 from ._store import ParameterStore
 
 EXTENSION = "kerasonspark"
-MAX_COUNT = (
-    2**53 - 1
-)  # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
+# counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
+MAX_COUNT = 2**53 - 1
 logger = logging.getLogger(__name__)
 
 
@@ -267,21 +266,18 @@ def _authenticate() -> Response | None:
         store.count("refused_auth")
         return _error(401, str(exc))
     request.environ["kerasonspark.authenticated"] = True
-    if (
-        not -1 <= creds.worker < store.num_workers
-    ):  # -1 is the driver; refused before the replay guard keeps it
+    # -1 is the driver; refused before the replay guard keeps it
+    if not -1 <= creds.worker < store.num_workers:
         return _error(
             400,
             f"Unknown worker id {creds.worker}: this run has workers 0 to {store.num_workers - 1}.",
         )
-    if (
-        request.path == "/v1/push"
-    ):  # a round cannot complete without the failed worker; a push can land
+    # a round cannot complete without the failed worker; a push can land
+    if request.path == "/v1/push":
         _state().in_flight.enter()
         request.environ["kerasonspark.in_flight"] = True
-    if (
-        length > config.max_payload_bytes
-    ):  # the cap is the model's size: told to secret holders only
+    # the cap is the model's size: told to secret holders only
+    if length > config.max_payload_bytes:
         return _error(
             413,
             f"Payload of {length} bytes exceeds the cap of {config.max_payload_bytes} bytes; "

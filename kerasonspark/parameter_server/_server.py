@@ -288,9 +288,8 @@ class _Connection:
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
-                if (
-                    deadline is None
-                ):  # idle between requests: the client reconnects when it needs to
+                # idle between requests: the client reconnects when it needs to
+                if deadline is None:
                     return None
                 continue
             if not data:
@@ -485,9 +484,8 @@ class _Server:
                     return
                 if len(self.waiting) < self.config.max_pending_connections:
                     return
-        self._drop(
-            next(iter(self.waiting.values()))
-        )  # every one is talking, slowly: the oldest goes
+        # every one is talking, slowly: the oldest goes
+        self._drop(next(iter(self.waiting.values())))
         self.count("connections_evicted")
 
     def _read_waiting(self, waiting: _Waiting) -> None:
@@ -554,9 +552,8 @@ class _Server:
                 self.threads = [t for t in self.threads if t.is_alive()]
         try:
             thread.start()
-        except (
-            RuntimeError
-        ):  # the process is out of threads: refuse this one, keep serving the others
+        # the process is out of threads: refuse this one, keep serving the others
+        except RuntimeError:
             with self.lock:
                 self.connections.pop(connection, None)
             sock.close()

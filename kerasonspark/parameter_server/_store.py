@@ -89,9 +89,8 @@ class ParameterStore:
         self._applying = 0
         self.started = time.time()
         self.counters: dict[str, int] = defaultdict(int)
-        self.staleness: Counter[int] = (
-            Counter()
-        )  # staleness -> pushes; bounded, unlike a list per push
+        # staleness -> pushes; bounded, unlike a list per push
+        self.staleness: Counter[int] = Counter()
         self.worker_pushes: dict[int, int] = defaultdict(int)
         self.worker_samples: dict[int, int] = defaultdict(int)
         self.worker_pull_version: dict[int, int] = {}
@@ -169,9 +168,8 @@ class ParameterStore:
         if self.use_lock:
             with self._cond:
                 staleness = self.version - self.worker_pull_version.get(worker, 0)
-                with np.errstate(
-                    over="ignore", invalid="ignore"
-                ):  # an overflow is refused just below
+                # an overflow is refused just below
+                with np.errstate(over="ignore", invalid="ignore"):
                     new_center, reply = self.rule.apply(self._center, update, staleness, window)
                 if not np.isfinite(new_center).all() or (
                     reply is not new_center and not np.isfinite(reply).all()

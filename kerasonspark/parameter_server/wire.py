@@ -76,10 +76,11 @@ def loads_json(data: bytes | bytearray | memoryview, what: str) -> Any:
     numbers too long for Python's int parser and nesting too deep for its recursion limit."""
     try:
         return json.loads(bytes(data))
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors
     except (
         ValueError,
         RecursionError,
-    ) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    ) as exc:
         raise WireFormatError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
