@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import keras
+from ship_driver import ship_report
 
 from kerasonspark import FailureConfig, SparkTrainer, WorkerError, start_session
 from kerasonspark._cluster import ClusterState, master_status
@@ -29,15 +30,15 @@ def main(master_url: str, web_ui: str) -> None:
         "server_host": server_host(spark),
         "package": kerasonspark.__file__,
     }
-    for backend in ("sync", "async"):
-        trainer = SparkTrainer(
-            small_model(), backend=backend, num_workers=2, spark=spark, epochs=2, verbose=0
-        )
-        result = trainer.fit(x, y)
-        report[backend] = {
-            "accuracy": trainer.evaluate(x, y)["accuracy"],
-            "worker_samples": [w["samples"] for w in result.stats["workers"]],
-        }
+    # `async` trains on this cluster in the shipping scenarios below.
+    trainer = SparkTrainer(
+        small_model(), backend="sync", num_workers=2, spark=spark, epochs=2, verbose=0
+    )
+    result = trainer.fit(x, y)
+    report["sync"] = {
+        "accuracy": trainer.evaluate(x, y)["accuracy"],
+        "worker_samples": [w["samples"] for w in result.stats["workers"]],
+    }
     status = master_status(ClusterState(master_url, web_ui, [], ""))
     report["apps"] = [{"name": a["name"], "cores": a["cores"]} for a in status["activeapps"]]
     report["workers_busy"] = [w["coresused"] for w in status["workers"]]
@@ -47,6 +48,11 @@ def main(master_url: str, web_ui: str) -> None:
     report["restarted"] = kill_an_executor_while_training(
         spark, x, y, failure=FailureConfig(max_restarts=2), epochs=150
     )
+    spark.stop()
+    # Applications whose executors lack kerasonspark (it ships itself) or Keras (refused), while
+    # every worker of the cluster is still there.
+    report["ship"] = ship_report(master_url)
+    spark = start_session(master_url, "kerasonspark-cluster-test")
     # The cluster has 3 workers: a 3-worker run loses one for good and goes on with the other two,
     # then a 2-worker run loses another and cannot restart (the cluster keeps one worker).
     report["shrunk"] = lose_a_worker_for_good(

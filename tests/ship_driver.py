@@ -1,10 +1,8 @@
-"""A driver program for tests/test_cluster.py: trains on a standalone cluster whose executors
-cannot import kerasonspark (tests/executor_without_package on their PYTHONPATH), then on one whose
-executors also lack Keras, and prints what happened as JSON."""
+"""Part of tests/cluster_driver.py: trains on the standalone cluster with executors that cannot
+import kerasonspark (tests/executor_without_package on their PYTHONPATH), then with executors that
+also lack Keras, and reports what happened."""
 
-import json
 import logging
-import sys
 from pathlib import Path
 
 from kerasonspark import SparkEnvironmentError, SparkTrainer, start_session
@@ -23,7 +21,8 @@ def session(master_url: str, hide: str = ""):
     )
 
 
-def main(master_url: str) -> None:
+def ship_report(master_url: str) -> dict:
+    """What happened, as a dict: each application is a session of its own, stopped after."""
     shipped = []
     handler = logging.Handler()
     handler.emit = lambda record: shipped.append(record.getMessage())
@@ -53,8 +52,4 @@ def main(master_url: str) -> None:
     except SparkEnvironmentError as exc:
         report["without_keras"] = str(exc)
     spark.stop()
-    print("REPORT " + json.dumps(report))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    return report

@@ -127,35 +127,6 @@ def test_compare_refuses_an_unknown_strategy_before_training(spark):
 
 
 @pytest.mark.spark
-def test_the_comparison_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
-    import nbclient
-    import nbformat
-
-    write_tiny_mnist(tmp_path)
-    monkeypatch.setenv("KOS_NOTEBOOK_DATA", str(tmp_path))
-    monkeypatch.setenv("KOS_NOTEBOOK_LIMIT", "0")
-    monkeypatch.setenv("KOS_NOTEBOOK_STRATEGIES", "single sync")
-    notebook = nbformat.read(ROOT / "examples" / "compare_strategies.ipynb", as_version=4)
-    nbclient.NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
-    ).execute()
-    outputs = [
-        out
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    ]
-    assert not [out for out in outputs if out.output_type == "error"]
-    shown = [out["data"] for out in outputs if out.output_type == "display_data"]
-    table = next(data["text/markdown"] for data in shown if "text/markdown" in data)
-    assert "| `single` |" in table and "| `sync` |" in table
-    assert any("image/png" in data for data in shown) and (tmp_path / "compare.png").exists()
-
-
-@pytest.mark.spark
 def test_compare_runs_each_strategy_at_each_worker_count_and_single_once(spark, tmp_path, capsys):
     from kerasonspark.cli import main
 

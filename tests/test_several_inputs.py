@@ -112,9 +112,9 @@ def dataframe_of(spark, image, meta, digit, parity, weight=None):
 
 
 @pytest.mark.spark
-# hogwild is async without the server's lock: the same exchange and worker loop carry the packed
-# rows
-@pytest.mark.parametrize("backend", ["sync", "async", "single"])
+# The shared worker loop (`async`; `sync` and `hogwild` carry the packed rows through the same loop,
+# and `sync` trains them from NumPy in test_numpy_lists_...) and the driver (`single`).
+@pytest.mark.parametrize("backend", ["async", "single"])
 def test_every_engine_trains_two_inputs_and_two_outputs_with_sample_weights(spark, backend):
     image, meta, digit, parity, weight, (clean_x, clean_y) = noisy_two_headed_rows()
     train = dataframe_of(spark, image, meta, digit, parity, weight)
