@@ -30,7 +30,6 @@ def main(master_url: str, web_ui: str) -> None:
         "server_host": server_host(spark),
         "package": kerasonspark.__file__,
     }
-    # `async` trains on this cluster in the shipping scenarios below.
     trainer = SparkTrainer(
         small_model(), backend="sync", num_workers=2, spark=spark, epochs=2, verbose=0
     )
@@ -48,11 +47,6 @@ def main(master_url: str, web_ui: str) -> None:
     report["restarted"] = kill_an_executor_while_training(
         spark, x, y, failure=FailureConfig(max_restarts=2), epochs=150
     )
-    spark.stop()
-    # Applications whose executors lack kerasonspark (it ships itself) or Keras (refused), while
-    # every worker of the cluster is still there.
-    report["ship"] = ship_report(master_url)
-    spark = start_session(master_url, "kerasonspark-cluster-test")
     # The cluster has 3 workers: a 3-worker run loses one for good and goes on with the other two,
     # then a 2-worker run loses another and cannot restart (the cluster keeps one worker).
     report["shrunk"] = lose_a_worker_for_good(
@@ -60,6 +54,10 @@ def main(master_url: str, web_ui: str) -> None:
     )
     report["no_slot"] = lose_a_worker_for_good(spark, x, y, num_workers=2)
     spark.stop()
+    # Last (a process's first session lends its settings to the later ones, so these come after
+    # it), on the worker left: applications whose executors lack kerasonspark (it ships itself, and
+    # `async` trains with it) or Keras (refused).
+    report["ship"] = ship_report(master_url)
     print("REPORT " + json.dumps(report))
 
 
@@ -145,7 +143,7 @@ def lose_a_worker_for_good(spark, x, y, num_workers: int = 2, **options) -> dict
         backend="sync",
         spark=spark,
         verbose=0,
-        failure=FailureConfig(restart_timeout=10, **options),
+        failure=FailureConfig(restart_timeout=5, **options),
         backend_options={"sync_every": 32},
         epochs=400,
         num_workers=num_workers,

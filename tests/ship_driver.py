@@ -33,7 +33,7 @@ def ship_report(master_url: str) -> dict:
     report["lacking_before"] = executors_lack(spark, ("kerasonspark", "tensorflow"))
     x, y = make_blobs(1200)
     trainer = SparkTrainer(
-        small_model(), backend="async", num_workers=2, spark=spark, epochs=2, verbose=0
+        small_model(), backend="async", num_workers=1, spark=spark, epochs=2, verbose=0
     )
     trainer.fit(x, y)
     report["async"] = trainer.evaluate(x, y)["accuracy"]
@@ -47,7 +47,7 @@ def ship_report(master_url: str) -> dict:
 
     spark = session(master_url, hide="keras")
     try:
-        SparkTrainer(small_model(), num_workers=2, spark=spark, verbose=0).fit(x, y)
+        SparkTrainer(small_model(), num_workers=1, spark=spark, verbose=0).fit(x, y)
         report["without_keras"] = None
     except SparkEnvironmentError as exc:
         report["without_keras"] = str(exc)

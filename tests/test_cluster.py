@@ -56,8 +56,8 @@ def test_engines_train_on_a_cluster_survive_lost_executors_and_workers_and_it_st
     )
     assert report["sync"]["accuracy"] > 0.9
     assert sorted(report["sync"]["worker_samples"]) == [600, 600]  # each row in one partition
-    # Executors that cannot import kerasonspark (but have TensorFlow) get it shipped, and `async`
-    # trains there; executors without Keras are refused, naming it.
+    # Last, on the worker left: executors that cannot import kerasonspark (but have TensorFlow) get
+    # it shipped, and `async` trains there; executors without Keras are refused, naming it.
     ship = report["ship"]
     assert ship["lacking_before"] == ["kerasonspark"]
     assert ship["async"] > 0.9
@@ -90,13 +90,13 @@ def test_engines_train_on_a_cluster_survive_lost_executors_and_workers_and_it_st
     )
     assert sum(shrunk["worker_samples"]) == 1200 and len(shrunk["worker_samples"]) == 2
     assert shrunk["accuracy"] > 0.9 and shrunk["threads"] == []
-    # Without it: the restart waits restart_timeout (10 s) for the lost slot, then fails naming the
+    # Without it: the restart waits restart_timeout (5 s) for the lost slot, then fails naming the
     # shortfall.
     no_slot = report["no_slot"]
     assert no_slot["error"].startswith("SparkEnvironmentError: The restart needs 2 task slots"), (
         no_slot
     )
-    assert "restart_timeout=10 s" in no_slot["error"] and "offers 1" in no_slot["error"]
+    assert "restart_timeout=5 s" in no_slot["error"] and "offers 1" in no_slot["error"]
     assert no_slot["seconds"] < 120 and no_slot["threads"] == []
     # Nothing is left running.
     assert not any(alive(pid) for pid in pids)

@@ -73,6 +73,11 @@ def test_readmes_minimal_example_runs_as_written(spark, tmp_path, monkeypatch):
     assert trainer.predict(namespace["test_df"]).count() == 100
 
 
+def test_the_docs_home_page_shows_readmes_minimal_example():
+    # One example, run above: the docs' front page shows the same code.
+    assert python_blocks(ROOT / "docs" / "index.md")[0] == readme_block("Minimal example")
+
+
 def test_readmes_settings_example_builds_the_trainer_it_describes():
     import kerasonspark as ks
 
