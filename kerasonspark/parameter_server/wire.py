@@ -11,12 +11,12 @@ Every weight-carrying message (request or response) is::
     12+H    P     zero padding so the payload starts on an 8-byte boundary
     12+H+P  N     payload: the arrays' raw little-endian bytes, C order, back to back
 
-The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat16"``: the upper
-16 bits of each float32, rounded to nearest even, stored as little-endian uint16) and ``"shapes"``
-(a list of shapes, one per array, in order); the payload length must equal the sum of the
-shapes' sizes times the item size. Any other header keys are message fields (``worker``, ``step``, ``version``,
-``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a malformed
-message raises :class:`~kerasonspark.WireFormatError` before any payload is used. Limits:
+The header always holds ``"dtype"`` (``"float32"``, ``"float16"``, or ``"bfloat16"``: the upper 16
+bits of each float32, rounded to nearest even, stored as little-endian uint16) and ``"shapes"`` (a
+list of shapes, one per array, in order); the payload length must equal the sum of the shapes'
+sizes times the item size. Any other header keys are message fields (``worker``, ``step``,
+``version``, ``samples``, ...). Nothing is pickled: a decoder needs only JSON and NumPy, and a
+malformed message raises :class:`~kerasonspark.WireFormatError` before any payload is used. Limits:
 a header of at most 1 MiB, at most 65,536 arrays of at most 32 dimensions, and every JSON number
 within what Python parses (:func:`loads_json`).
 """
