@@ -250,11 +250,10 @@ class ElephasEngine(Engine):
         )
         if batch_level:
             raise ConfigurationError(
-                f"Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch "
-                "boundaries only: "
-                f"callbacks with batch hooks cannot run ({', '.join(batch_level)}). Epoch-level "
-                "callbacks "
-                "(EarlyStopping, LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work."
+                "Backend 'elephas' trains each epoch inside Elephas, so the driver sees epoch "
+                "boundaries only: callbacks with batch hooks cannot run "
+                f"({', '.join(batch_level)}). Epoch-level callbacks (EarlyStopping, "
+                "LearningRateScheduler, ReduceLROnPlateau, CSVLogger, ...) work."
             )
         super().check_fit(model, callbacks, weighted)
 
@@ -270,8 +269,7 @@ class ElephasEngine(Engine):
             _warned.set()
             logger.warning(
                 "Elephas's parameter server speaks unauthenticated pickle (unpickling is code "
-                "execution); "
-                "it listens on %s only while an epoch trains.",
+                "execution); it listens on %s only while an epoch trains.",
                 job.server_host,
             )
         # from the cached blocks, each epoch

@@ -60,7 +60,7 @@ class SyncOptions(ScalingOptions):
         OuterNesterov(self.outer_lr, self.outer_momentum)  # validates both
         if not self.barrier_timeout > 0:
             raise ValueError(
-                f"Expected `barrier_timeout` > 0 seconds. Received: "
+                "Expected `barrier_timeout` > 0 seconds. Received: "
                 f"barrier_timeout={self.barrier_timeout!r}."
             )
 

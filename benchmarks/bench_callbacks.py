@@ -80,8 +80,8 @@ def main() -> None:
                     print(
                         f"run {run + 1} {variant:9s} {rate:8.0f} samples/s  val_accuracy "
                         f"{result.history['val_accuracy'][-1]:.4f}  callbacks "
-                        f"{events['callback_seconds']:.2f} s  "
-                        f"epoch barriers {events['epoch_barrier_seconds']:.2f} s  wall "
+                        f"{events['callback_seconds']:.2f} s  epoch barriers "
+                        f"{events['epoch_barrier_seconds']:.2f} s  wall "
                         f"{time.perf_counter() - started:.0f} s",
                         flush=True,
                     )

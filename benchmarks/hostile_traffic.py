@@ -2,14 +2,13 @@
 
     python benchmarks/hostile_traffic.py --requests 10000 [--attackers 4] [--threads 16]
 
-The server holds the reference CNN's 1,048,853 weights (ADAG rule). Two honest
-workers (processes 0 and 1) push 4.2 MB deltas: first alone (the latency without the attack),
-then while the attacker processes fire ``--requests`` requests of the mix below on loopback.
-Every attack has a
-documented answer; ``unexpected`` counts the answers that differ (it must be 0). Worker ids 0 and 1
-are the honest workers; every attacker thread is an insider with a worker id of its own (2 and
-up: it holds the secret and sends signed garbage, so the checks behind authentication are tried
-too); ids beyond those are unknown to the server.
+The server holds the reference CNN's 1,048,853 weights (ADAG rule). Two honest workers (processes 0
+and 1) push 4.2 MB deltas: first alone (the latency without the attack), then while the attacker
+processes fire ``--requests`` requests of the mix below on loopback. Every attack has a documented
+answer; ``unexpected`` counts the answers that differ (it must be 0). Worker ids 0 and 1 are the
+honest workers; every attacker thread is an insider with a worker id of its own (2 and up: it holds
+the secret and sends signed garbage, so the checks behind authentication are tried too); ids beyond
+those are unknown to the server.
 
 Prints one JSON line: ``status_counts`` (status -> count; ``closed`` when the server closed the
 connection without an answer, as it does to a flood connection it evicts),

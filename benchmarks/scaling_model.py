@@ -9,12 +9,10 @@
 Measures (as root, with iproute2) on three emulated hosts (``emulated_cluster.py``): the driver
 with the Spark master and the parameter server in one, a Spark worker (1 core) in each of the
 others, every host's link shaped with ``tc tbf`` to 10 Gbit/s, 1 Gbit/s, 100 Mbit/s or left as it
-is.
-At each rate it measures the link's goodput with a bulk TCP transfer of the reference CNN's 4.2 MB,
-then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, 8,000 by default, batch 32, default
-options) with
-``sync``, ``async``, ``async`` with bfloat16 deltas, and ``hogwild``, on 1 and on 2 workers, and
-records each worker's compute and exchange seconds and bytes.
+is. At each rate it measures the link's goodput with a bulk TCP transfer of the reference CNN's 4.2
+MB, then trains the reference CNN (1 epoch of ``--rows`` MNIST rows, 8,000 by default, batch 32,
+default options) with ``sync``, ``async``, ``async`` with bfloat16 deltas, and ``hogwild``, on 1 and
+on 2 workers, and records each worker's compute and exchange seconds and bytes.
 
 The model (:func:`predict`) reads a run as rounds of ``steps`` local steps then one exchange:
 
@@ -175,10 +173,9 @@ def report(measured: dict) -> None:
         + ", ".join(f"{rate} {goodputs[rate] / 1e6:.0f}" for rate in RATES if rate in goodputs)
     )
     print(
-        f"Calibrated on the unshaped runs (one compute time per sample for all engines; each "
-        f"engine's client cost\n"
-        f"per exchange); 2 workers on this machine's 2 cores are {slowdown:.2f}x slower per sample "
-        "(CPU shared)."
+        "Calibrated on the unshaped runs (one compute time per sample for all engines; each "
+        "engine's client cost\nper exchange); 2 workers on this machine's 2 cores are "
+        f"{slowdown:.2f}x slower per sample (CPU shared)."
     )
     print(f"\nMedians of {runs[0]['repeats']} runs each, interleaved.")
     print(
@@ -201,18 +198,17 @@ def report(measured: dict) -> None:
         worst = max(worst, abs(error))
         print(
             f"| {run['config']} | {run['workers']} | {run['rate']} | "
-            f"{run['samples_per_second']:,.0f} | {predicted:,.0f} | "
-            f"{error:+.1%} | {run['exchange_seconds']:.3f} |"
+            f"{run['samples_per_second']:,.0f} | {predicted:,.0f} | {error:+.1%} | "
+            f"{run['exchange_seconds']:.3f} |"
         )
     print(f"\nLargest error of a prediction: {worst:.1%}")
     if "1gbit" not in goodputs:
         return  # the projection takes TCP's share of a link from the 1 Gbit/s runs
     fraction = goodputs["1gbit"] / (1e9 / 8)
     print(
-        f"\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine "
-        f"per worker,\n"
-        f"the driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 Gbit/s "
-        f"shaper):\n"
+        "\nProjected efficiency (samples/s over N x one worker's compute-only rate), one machine "
+        f"per worker,\nthe driver's link at {fraction:.0%} of its rate (TCP goodput through the 1 "
+        "Gbit/s shaper):\n"
     )
     header = " | ".join(f"N={n}" for n in PROJECTED_WORKERS)
     print(f"| engine | link | {header} | limit N |")
@@ -227,10 +223,9 @@ def report(measured: dict) -> None:
             print(f"| {name} | {gbit} Gbit/s | {cells} | {limit_workers(c, goodput):.0f} |")
     print(
         "\nlimit N: for sync, the workers at which a round's exchanges through the driver's link "
-        "take as long as\n"
-        "its compute (efficiency 1/2); for the asynchronous engines, the workers past which the "
-        "driver's link\n"
-        "(or the lock) is busy all the time and caps samples/s (more add staleness, not speed)."
+        "take as long as\nits compute (efficiency 1/2); for the asynchronous engines, the "
+        "workers past which the driver's link\n(or the lock) is busy all the time and caps "
+        "samples/s (more add staleness, not speed)."
     )
 
 
@@ -239,9 +234,8 @@ def report(measured: dict) -> None:
 
 def measure_apply_seconds(repeats: int = 20) -> dict[str, float]:
     """The server's seconds per push of the reference CNN, in process: a push under each
-    asynchronous
-    engine's default rule, and a worker's share of a ``sync`` round (its arrival plus the
-    average)."""
+    asynchronous engine's default rule, and a worker's share of a ``sync`` round (its arrival plus
+    the average)."""
     import numpy as np
 
     from kerasonspark import MNIST_CNN_PARAMETERS, available_backends
@@ -360,9 +354,9 @@ def measure(args: argparse.Namespace) -> dict:
                 ):
                     line.update(rate=rate, goodput=goodputs[rate][-1], repeat=repeat)
                     print(
-                        f"  {line['config']} x{line['workers']}: {line['samples_per_second']:,.0f} "
-                        "samples/s, "
-                        f"exchange {line['exchange_seconds']:.3f} s",
+                        f"  {line['config']} x{line['workers']}: "
+                        f"{line['samples_per_second']:,.0f} samples/s, exchange "
+                        f"{line['exchange_seconds']:.3f} s",
                         flush=True,
                     )
                     measured["runs"].append(line)

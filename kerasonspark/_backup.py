@@ -194,9 +194,8 @@ def check_resumable(state: RunState, settings: dict[str, Any]) -> None:
         if state.settings.get(key) != settings.get(key):
             raise ConfigurationError(
                 f"The backup was taken with another {name}: {state.settings.get(key)!r}, this run "
-                "has "
-                f"{settings.get(key)!r}. Resume with the same {key}, or point the backup at a new "
-                "directory."
+                f"has {settings.get(key)!r}. Resume with the same {key}, or point the backup at a "
+                "new directory."
             )
 
 

@@ -246,8 +246,7 @@ class StandaloneCluster:
                     log = _log_tail(Path(state.log_dir) / f"{name}.log")
                     hint = (
                         " Its port is taken (another cluster? `kerasonspark cluster stop` stops "
-                        "the one the "
-                        "CLI started); pass another port, or 0 for a free one."
+                        "the one the CLI started); pass another port, or 0 for a free one."
                         if "Address already in use" in log
                         else ""
                     )
@@ -269,8 +268,7 @@ class StandaloneCluster:
             time.sleep(0.5)
         raise SparkEnvironmentError(
             f"Only {alive} of {self.workers} Spark workers registered with {state.master_url} "
-            "within "
-            f"{self.start_timeout:.0f} s (`start_timeout`). Master "
+            f"within {self.start_timeout:.0f} s (`start_timeout`). Master "
             f"log:\n{_log_tail(Path(state.log_dir) / 'master.log')}"
         )
 

@@ -137,8 +137,7 @@ class ResourceConfig:
         ):
             raise ConfigurationError(
                 "Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's "
-                "defaults) or a "
-                f"positive integer. Received: worker_threads={threads!r}."
+                f"defaults) or a positive integer. Received: worker_threads={threads!r}."
             )
 
 
@@ -190,6 +189,5 @@ class TrainingConfig:
             if not isinstance(value, kind):
                 raise ConfigurationError(
                     f"Expected `{name}` to be a kerasonspark.{kind.__name__}, e.g. "
-                    f"{name}={kind.__name__}(...). "
-                    f"Received: {type(value).__name__}."
+                    f"{name}={kind.__name__}(...). Received: {type(value).__name__}."
                 )

@@ -294,9 +294,8 @@ def _per_name(values: Any, names: list[str], what: str, where: str) -> list[Any]
         count = len(values) if isinstance(values, (list, tuple)) else 1
         raise DataError(
             f"The model has {len(names)} {'inputs' if what.startswith('feature') else 'outputs'} "
-            f"{names}; "
-            f"pass {what} in {where} as a list of {len(names)} in that order (or a dict by name). "
-            f"Received: {count}."
+            f"{names}; pass {what} in {where} as a list of {len(names)} in that order (or a dict "
+            f"by name). Received: {count}."
         )
     return list(values)
 
@@ -392,8 +391,8 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
         if size != math.prod(info.target_shape):
             raise DataError(
                 f"Targets in {where} should have {math.prod(info.target_shape)} value(s) each to "
-                "match the model's "
-                f"output shape {info.target_shape}. Received: targets of shape {y_shape}."
+                f"match the model's output shape {info.target_shape}. Received: targets of shape "
+                f"{y_shape}."
             )
         return
     if len(y_shape) == 1:
@@ -401,8 +400,7 @@ def check_label_shape(y_shape: tuple[int, ...], info: DataInfo, where: str) -> N
     if len(y_shape) != 2 or y_shape[1] != info.num_classes:
         raise DataError(
             f"Labels in {where} should be class indices or one-hot vectors of width "
-            f"{info.num_classes} "
-            f"(the model's output). Received: labels of shape {y_shape}."
+            f"{info.num_classes} (the model's output). Received: labels of shape {y_shape}."
         )
 
 
@@ -422,10 +420,9 @@ def as_features(x: Any, info: DataInfo, where: str) -> np.ndarray:
         raise DataError(f"{where[0].upper() + where[1:]} hold no samples.")
     if x.ndim < 1 or (x.size // max(rows, 1)) != info.feature_size:
         raise DataError(
-            f"Each sample in {where} must have {info.feature_size} values to fit the model's input "
-            "shape "
-            f"{info.input_shape}. Received: features of shape {x.shape}. Reshape or select the "
-            "right column."
+            f"Each sample in {where} must have {info.feature_size} values to fit the model's "
+            f"input shape {info.input_shape}. Received: features of shape {x.shape}. Reshape or "
+            "select the right column."
         )
     return x.reshape((rows, *info.input_shape)).astype(np.float32, copy=False)
 
@@ -531,8 +528,7 @@ def dense_class_weight(class_weight: Any, info: DataInfo) -> tuple[float, ...]:
     if info.label_mode not in ("sparse", "one_hot"):
         raise ConfigurationError(
             "`class_weight` needs a classification loss (sparse or categorical cross-entropy, "
-            "...); "
-            "weigh rows with `sample_weight` instead."
+            "...); weigh rows with `sample_weight` instead."
         )
     if not isinstance(class_weight, Mapping):
         raise ConfigurationError(
@@ -670,8 +666,7 @@ def _arrow_block_function(
                 wrong = int(features.null_count + (lengths != info.feature_size).sum())
                 raise DataError(
                     f"{wrong} row(s) have a feature array that is null or not {info.feature_size} "
-                    "long "
-                    f"(the model's input {info.input_shape}); filter or fix them."
+                    f"long (the model's input {info.input_shape}); filter or fix them."
                 )
             x = features.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             if info.outputs:
@@ -740,8 +735,7 @@ def feature_column(df: DataFrame, features: str, what: str) -> Column:
     if features not in fields:
         raise DataError(
             f"The {what} DataFrame has no features column {features!r}. Its columns: "
-            f"{sorted(fields)}. "
-            f"Pass `features=` with the right name."
+            f"{sorted(fields)}. Pass `features=` with the right name."
         )
     ftype = fields[features]
     if isinstance(ftype, VectorUDT):
@@ -773,8 +767,8 @@ def check_first_row(
     if first["__size"] != info.feature_size:
         raise DataError(
             f"Each sample must have {info.feature_size} values to fit the model's input shape "
-            f"{info.input_shape}. "
-            f"Received: feature arrays of length {first['__size']} in column {features!r}."
+            f"{info.input_shape}. Received: feature arrays of length {first['__size']} in column "
+            f"{features!r}."
         )
     return first
 
@@ -818,10 +812,10 @@ def _column_names(names: Any, model_names: list[str], argument: str, what: str) 
         or len(names) != len(model_names)
     ):
         raise DataError(
-            f"The model has {len(model_names)} {'inputs' if argument == 'features' else 'outputs'} "
-            f"{model_names}; pass `{argument}=` as a list of {len(model_names)} {what} column "
-            "names, one "
-            f"for each, in that order. Received: {argument}={names!r}."
+            f"The model has {len(model_names)} "
+            f"{'inputs' if argument == 'features' else 'outputs'} {model_names}; pass "
+            f"`{argument}=` as a list of {len(model_names)} {what} column names, one for each, in "
+            f"that order. Received: {argument}={names!r}."
         )
     return list(names)
 
@@ -845,8 +839,7 @@ def features_column(df: DataFrame, features: Any, info: DataInfo, what: str) -> 
         if first is not None and first[f"_{i}"] != math.prod(shape):
             raise DataError(
                 f"Each sample of input {name!r} must have {math.prod(shape)} values (shape "
-                f"{shape}). "
-                f"Received: arrays of length {first[f'_{i}']} in column {column!r}."
+                f"{shape}). Received: arrays of length {first[f'_{i}']} in column {column!r}."
             )
     return F.concat(*arrays)
 
@@ -974,8 +967,8 @@ def to_blocks(
     if isinstance(data, RDD) and (info.inputs or info.outputs):
         raise DataError(
             f"A model with several inputs or outputs takes its {what} data as a DataFrame (a "
-            "column for "
-            "each) or NumPy arrays (a list for each), not an RDD of (features, label)."
+            "column for each) or NumPy arrays (a list for each), not an RDD of (features, "
+            "label)."
         )
     if isinstance(data, RDD):
         rows = (
@@ -990,8 +983,7 @@ def to_blocks(
         )
     raise TypeError(
         f"Expected {what} data as a Spark DataFrame, a Parquet path, an RDD of (features, label) "
-        "or a NumPy pair (x, y). "
-        f"Received: {type(data).__name__}."
+        f"or a NumPy pair (x, y). Received: {type(data).__name__}."
     )
 
 
@@ -1108,8 +1100,7 @@ def prepare(
         if len(widths) > 1:
             raise DataError(
                 f"The {what} labels differ in width between rows: {widths} (0 is one value per "
-                "row). "
-                "Give every row labels of the same shape."
+                "row). Give every row labels of the same shape."
             )
         if require_rows and sum(counts) < len(counts):
             raise _too_few_rows(sum(counts), len(counts), what)

@@ -212,8 +212,7 @@ class StageRestarts:
         if key in self._causes:
             raise WorkerError(
                 f"{cause} (the same error as before the last restart, so restarting again cannot "
-                "help; "
-                f"{self.count} restart(s) made)",
+                f"help; {self.count} restart(s) made)",
                 explained.worker,
                 explained.detail,
             ) from error
@@ -643,8 +642,8 @@ class SparkRunner(DriverRunner):
             if not config.failure.restart_with_fewer_workers or slots < 1:
                 raise errors.SparkEnvironmentError(
                     f"The restart needs {config.num_workers} task slots at once, and the cluster "
-                    "did not offer them "
-                    f"within restart_timeout={config.failure.restart_timeout:.0f} s: {exc}"
+                    "did not offer them within "
+                    f"restart_timeout={config.failure.restart_timeout:.0f} s: {exc}"
                 ) from None
         # A shuffle, not coalesce(): a barrier stage refuses ancestors with another partition count.
         self.blocks = self.blocks.repartition(slots)

@@ -950,10 +950,9 @@ def output_sizes(model: keras.Model) -> list[int]:
 
 def predict_rows(model: keras.Model, x: np.ndarray, batch_size: int, info: DataInfo) -> np.ndarray:
     """``model.predict`` of packed features ``x`` by ``predict_on_batch`` on slices of
-    ``batch_size``
-    rows: 11 % more rows/s than ``predict`` for the reference CNN on one thread (it skips the data
-    adapter and callbacks). Several outputs come side by side, flattened, in ``model.output_names``'
-    order."""
+    ``batch_size`` rows: 11 % more rows/s than ``predict`` for the reference CNN on one thread (it
+    skips the data adapter and callbacks). Several outputs come side by side, flattened, in
+    ``model.output_names``' order."""
     if not len(x):
         return np.zeros((0, sum(output_sizes(model))), np.float32)
 

@@ -86,8 +86,8 @@ class ModelSpec:
         if not model.built:
             raise ConfigurationError(
                 "The model is not built, so its input shape is unknown. Start it with "
-                "`keras.Input(shape=...)` "
-                "or call `model.build(input_shape)` before training on Spark."
+                "`keras.Input(shape=...)` or call `model.build(input_shape)` before training on "
+                "Spark."
             )
         compile_config = model.get_compile_config() if getattr(model, "compiled", False) else None
         try:
@@ -95,8 +95,7 @@ class ModelSpec:
         except TypeError as exc:
             raise ConfigurationError(
                 f"The model's compile config cannot be serialised ({exc}). Compile with Keras "
-                "optimizers, losses "
-                "and metrics by name or object, registering custom ones with "
+                "optimizers, losses and metrics by name or object, registering custom ones with "
                 "`keras.saving.register_keras_serializable`."
             ) from None
         weights, shapes = wire.flatten(model.get_weights())

@@ -47,8 +47,8 @@ def require_java() -> str:
     if not java or not os.path.exists(java):
         raise SparkEnvironmentError(
             "Java was not found (JAVA_HOME is unset and `java` is not on PATH). PySpark 4 needs "
-            "Java 17 or newer: "
-            "install it (e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME."
+            "Java 17 or newer: install it (e.g. `apt-get install openjdk-17-jre-headless`) or "
+            "set JAVA_HOME."
         )
     return java
 
@@ -169,10 +169,9 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
     ):
         raise ConfigurationError(
             f"This cluster encrypts Spark's traffic ({', '.join(encrypted)}), but the parameter "
-            "server at "
-            f"{server_host} sends weights in cleartext HTTP. Set `{ALLOW_CLEARTEXT_WEIGHTS}=true` "
-            "to accept "
-            "that, or run the driver and workers on a private network."
+            f"server at {server_host} sends weights in cleartext HTTP. Set "
+            f"`{ALLOW_CLEARTEXT_WEIGHTS}=true` to accept that, or run the driver and workers on a "
+            "private network."
         )
 
 
@@ -213,8 +212,7 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
             else f" after waiting {registration_timeout:.0f} s (`registration_timeout`)"
         )
         raise ConfigurationError(
-            f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs as "
-            "one barrier "
-            f"stage), but master {sc.master!r} offers {slots}{waited}. Use num_workers <= {slots} "
-            "or add executor cores."
+            f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs "
+            f"as one barrier stage), but master {sc.master!r} offers {slots}{waited}. Use "
+            f"num_workers <= {slots} or add executor cores."
         )

@@ -94,9 +94,8 @@ def ensure_executors_ready(spark: SparkSession) -> None:
     if required:
         raise SparkEnvironmentError(
             f"The executors' Python cannot import {', '.join(required)}, which kerasonspark needs "
-            "there. Install "
-            f"them in the executors' environment (the same versions as the driver's), or point "
-            f"`spark.pyspark.python` at a Python that has them."
+            "there. Install them in the executors' environment (the same versions as the "
+            "driver's), or point `spark.pyspark.python` at a Python that has them."
         )
     if missing:
         archive = package_zip()

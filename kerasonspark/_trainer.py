@@ -111,10 +111,8 @@ class SparkTrainer:
         if self.config.data.partition_storage == "stream" and self.engine.trains_on != "workers":
             raise ConfigurationError(
                 f"Backend {self.engine.name!r} does not train through the shared worker loop, so "
-                "it "
-                "cannot stream partitions; use DataConfig(partition_storage='auto' or 'memory'), "
-                "or another "
-                "backend (sync, async and hogwild stream)."
+                "it cannot stream partitions; use DataConfig(partition_storage='auto' or "
+                "'memory'), or another backend (sync, async and hogwild stream)."
             )
         self.master = master
         self.spark = spark
@@ -633,9 +631,8 @@ def predict_dataframe(
     if clash:
         raise DataError(
             f"The DataFrame already has the column(s) {clash}; name the prediction columns "
-            "differently "
-            "(`output_col` of SparkTrainer.predict, `predictionCol` or `probabilityCol` of "
-            "KerasModel)."
+            "differently (`output_col` of SparkTrainer.predict, `predictionCol` or "
+            "`probabilityCol` of KerasModel)."
         )
     spec_bytes = spec.to_bytes()
     body = partial(

@@ -283,8 +283,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     if max(args.workers) > (os.cpu_count() or 1):
         print(
             f"Note: {max(args.workers)} workers on {os.cpu_count()} cores share them: compare "
-            "accuracy at that "
-            "count, not speed.",
+            "accuracy at that count, not speed.",
             flush=True,
         )
     args.master = args.master or f"local[{max(args.workers)}]"
@@ -302,8 +301,8 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             print(
                 f"{strategy:>15}: {run['samples_per_s']:8.0f} samples/s  train "
-                f"{run['train_s']:6.1f} s  "
-                f"wall {run['wall_s']:6.1f} s  test accuracy {run['test_accuracy']:.4f}{extra}",
+                f"{run['train_s']:6.1f} s  wall {run['wall_s']:6.1f} s  test accuracy "
+                f"{run['test_accuracy']:.4f}{extra}",
                 flush=True,
             )
 
@@ -333,8 +332,8 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         plot_comparison(
             rows,
             args.plot,
-            f"MNIST {len(x_train):,} images, {workers} workers, "
-            f"{args.epochs} epoch(s), batch {args.batch_size}",
+            f"MNIST {len(x_train):,} images, {workers} workers, {args.epochs} epoch(s), batch "
+            f"{args.batch_size}",
         )
         print(f"Plot written to {args.plot}")
     return figures

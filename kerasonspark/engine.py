@@ -15,8 +15,8 @@ parameter server's round barrier (its worker side, ``EpochAveragingExchange``, i
 
         def run(self, job):
             store = ParameterStore(job.spec.weights, job.spec.shapes, job.config.num_workers)
-            outcome = job.serve(store, lambda url, secret: EpochAveragingExchange(url, secret,
-            rounds=1))
+            exchange = lambda url, secret: EpochAveragingExchange(url, secret, rounds=1)
+            outcome = job.serve(store, exchange)
             return job.result(outcome.reports, store.center, outcome.seconds)
 
 (``examples/custom_engine.py`` has it whole, with its exchange and a test.) Engines register in the
@@ -429,10 +429,8 @@ class TrainingJob:
         if self.trains_on != trains_on:
             raise ConfigurationError(
                 f"job.{method}() is for engines with `trains_on = {trains_on!r}`; this engine "
-                "declares "
-                f"{self.trains_on!r}. Set the engine class's `trains_on` to what it trains "
-                "through: `fit` "
-                "prepares the data and checks the cluster by it."
+                f"declares {self.trains_on!r}. Set the engine class's `trains_on` to what it "
+                "trains through: `fit` prepares the data and checks the cluster by it."
             )
 
     @property
@@ -470,9 +468,8 @@ class TrainingJob:
         if self.callbacks:
             raise ConfigurationError(
                 "This engine trains without the parameter server (`job.serve`), so the driver "
-                "cannot run "
-                "callbacks between epochs. Drop `callbacks`, or refuse them in the engine's "
-                "`check_fit`."
+                "cannot run callbacks between epochs. Drop `callbacks`, or refuse them in the "
+                "engine's `check_fit`."
             )
         return self.runner.run_workers(self, exchange)
 
@@ -615,11 +612,10 @@ class ScalingOptions(EngineOptions):
         rate = getattr(getattr(model, "optimizer", None), "_learning_rate", None)
         if self.lr_scale != 1 and isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             raise ConfigurationError(
-                "`lr_scale` multiplies a fixed learning rate, and this model's optimizer computes "
-                "it with a "
-                "LearningRateSchedule. Scale the schedule itself, or give the optimizer a number "
-                "and shape it with a "
-                "callback (keras.callbacks.LearningRateScheduler)."
+                "`lr_scale` multiplies a fixed learning rate, and this model's optimizer "
+                "computes it with a LearningRateSchedule. Scale the schedule itself, or give the "
+                "optimizer a number and shape it with a callback "
+                "(keras.callbacks.LearningRateScheduler)."
             )
 
 

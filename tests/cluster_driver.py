@@ -79,9 +79,8 @@ def parent_of(pid: int) -> int:
 
 def kill_while_training(spark, victims) -> threading.Thread:
     """A started thread that SIGKILLs the processes ``victims()`` names two seconds into the
-    training
-    stage; ``killer.killed`` records what it killed, and whether the stage was still running
-    then."""
+    training stage; ``killer.killed`` records what it killed, and whether the stage was still
+    running then."""
     tracker = spark.sparkContext.statusTracker()
 
     def training_stages() -> list[int]:

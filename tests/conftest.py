@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import sys
 import threading
@@ -43,6 +44,20 @@ def spark():
     ensure_executors_ready(session)
     yield session
     session.stop()
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    """The bodies of the fenced ``language`` blocks of a Markdown text, in order."""
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` blocks under README's ``## {section}`` (up to the next section)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = code_blocks(body, language)
+    assert blocks, f"README's '{section}' section has no {language} block"
+    return blocks
 
 
 def make_blobs(

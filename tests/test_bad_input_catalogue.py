@@ -223,9 +223,8 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
     (
         "Features of the wrong size (NumPy)",
         "DataError",
-        "Each sample in the training features must have 16 values to fit the model's input shape "
-        "(16,). "
-        "Received: features of shape (100, 15).",
+        "Each sample in the training features must have 16 values to fit the model's input "
+        "shape (16,). Received: features of shape (100, 15).",
         BEFORE_JOBS,
         lambda spark: trainer(spark).fit((make_blobs(100)[0][:, :15], make_blobs(100)[1])),
     ),
@@ -295,8 +294,7 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
         "One-hot labels of the wrong width",
         "DataError",
         "should be class indices or one-hot vectors of width 4 (the model's output). Received: "
-        "labels "
-        "of shape (100, 5).",
+        "labels of shape (100, 5).",
         BEFORE_JOBS,
         lambda spark: trainer(spark).fit((make_blobs(100)[0], np.eye(5)[make_blobs(100)[1]])),
     ),
@@ -324,9 +322,8 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
     (
         "Input that is not data",
         "TypeError",
-        "Expected training data as a Spark DataFrame, a Parquet path, an RDD of (features, label) "
-        "or a NumPy pair "
-        "(x, y). Received: dict.",
+        "Expected training data as a Spark DataFrame, a Parquet path, an RDD of (features, "
+        "label) or a NumPy pair (x, y). Received: dict.",
         BEFORE_JOBS,
         lambda spark: trainer(spark).fit({"x": 1}),
     ),
@@ -394,16 +391,16 @@ CATALOGUE: list[tuple[str, str, str, str, Scenario]] = [
     (
         "KerasEstimator `learningRate` over a LearningRateSchedule",
         "ConfigurationError",
-        "The model's optimizer follows a "
-        "LearningRateSchedule, so `learningRate` cannot replace its rate.",
+        "The model's optimizer follows a LearningRateSchedule, so `learningRate` cannot replace "
+        "its rate.",
         BEFORE_JOBS,
         scheduled_rate_tuned,
     ),
     (
         "`lr_scale` over a LearningRateSchedule",
         "ConfigurationError",
-        "`lr_scale` multiplies a fixed learning rate, and this "
-        "model's optimizer computes it with a LearningRateSchedule.",
+        "`lr_scale` multiplies a fixed learning rate, and this model's optimizer computes it "
+        "with a LearningRateSchedule.",
         BEFORE_JOBS,
         scaled_schedule,
     ),

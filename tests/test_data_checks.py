@@ -82,12 +82,11 @@ def test_raise_problems_message_in_full():
             [{"nonfinite_rows": 1, "label_out_of_range": 2, "label_not_integer": 3}], "validation"
         )
     assert str(refused.value) == (
-        "The validation data cannot be trained on as given: "
-        "1 row(s) with NaN, Inf or null features or labels (1 in partition 0); drop or impute "
-        "them; "
-        "2 label(s) outside the model's classes (2 in partition 0); "
-        "map labels to 0..num_classes-1 or widen the output layer; "
-        "3 non-integer class label(s) (3 in partition 0); labels must be whole class indices."
+        "The validation data cannot be trained on as given: 1 row(s) with NaN, Inf or null "
+        "features or labels (1 in partition 0); drop or impute them; 2 label(s) outside the "
+        "model's classes (2 in partition 0); map labels to 0..num_classes-1 or widen the output "
+        "layer; 3 non-integer class label(s) (3 in partition 0); labels must be whole class "
+        "indices."
     )
     with pytest.raises(DataError) as many:
         raise_problems([{"nonfinite_rows": 1}] * 10, "training")

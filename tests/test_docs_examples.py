@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import ast
 import importlib
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import small_model
+from conftest import code_blocks, readme_blocks, small_model
 from test_cli import write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +17,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def python_blocks(page: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    return code_blocks(page.read_text(), "python")
 
 
 def readme_block(section: str, index: int = 0) -> str:
-    body = (ROOT / "README.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", body, re.S)[index]
+    return readme_blocks(section, "python")[index]
 
 
 def kerasonspark_imports(code: str) -> list[tuple[str, str | None]]:

@@ -273,8 +273,8 @@ def test_rotating_the_secret_refuses_the_old_one_and_waits_for_a_push_it_let_in(
         )
         head = (
             f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: "
-            f"{len(body)}\r\n"
-            f"{auth.HEADER}: {auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n"
+            f"{len(body)}\r\n{auth.HEADER}: "
+            f"{auth.sign(secret, 'POST', '/v1/push', 0, 1, len(body))}\r\n\r\n"
         ).encode()
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             # authenticated; the rest of the body is still on its way

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import re
 import sys
 from pathlib import Path
+
+from conftest import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("kerasonspark", "backends", "tests", "examples", "benchmarks", "docs", "docker")
@@ -23,15 +24,10 @@ LOCAL_DIRS = ("tests", "examples", "benchmarks", "docs")
 
 def _bash_block(section: str) -> list[str]:
     """The commands of the first bash block under README's ``## {section}``, comments stripped."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", body, re.S)
-    assert block, f"README's '{section}' section has no bash block"
-    return [
-        line.split("#", 1)[0].strip()
-        for line in block.group(1).splitlines()
-        if line.split("#", 1)[0].strip()
-    ]
+    lines = (
+        line.split("#", 1)[0].strip() for line in readme_blocks(section, "bash")[0].splitlines()
+    )
+    return [line for line in lines if line]
 
 
 def _ci_commands() -> list[str]:

@@ -200,9 +200,9 @@ def test_4_sign_body_still_binds_the_body(no_leaked_threads):
         )
         with connect(server) as sock:
             sock.sendall(
-                f"POST /v1/push HTTP/1.1\r\nContent-Type: {wire.CONTENT_TYPE}\r\nContent-Length: "
-                f"{len(body)}"
-                f"\r\n{auth.HEADER}: {value}\r\n\r\n".encode()
+                "POST /v1/push HTTP/1.1\r\nContent-Type: "
+                f"{wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n{auth.HEADER}: "
+                f"{value}\r\n\r\n".encode()
                 + body
             )
             response = read_until_closed(sock)  # a refused request's connection is closed

@@ -1,9 +1,8 @@
 """The parameter server: a Flask app on the driver, its binary wire format, auth and client.
 
-:mod:`.client` and :mod:`.wire` are public (a client in another language follows the wire
-format's page); the rest is internal. Executors import only the client and the wire format (and
-the engines' store and rules, which are plain Python); the Flask app and its server load on first
-use of their
+:mod:`.client` and :mod:`.wire` are public (a client in another language follows the wire format's
+page); the rest is internal. Executors import only the client and the wire format (and the engines'
+store and rules, which are plain Python); the Flask app and its server load on first use of their
 names here, so importing this package never imports Flask.
 """
 

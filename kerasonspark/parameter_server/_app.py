@@ -15,8 +15,8 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores, learning_rate,
                               rows_per_second); waits for the driver's decision {"stop",
                               "learning_rate", and with balance_workers "steps": {worker: steps}}
-    POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker and
-    stage
+    POST /v1/epochs/join      a worker starts in a training stage (JSON: stage); once per worker
+                              and stage
     GET  /v1/epochs/center    the center a worker starts or resumes from (wire format)
     GET  /v1/stats            statistics (JSON)
     GET  /v1/dashboard        the live stats page (HTML)

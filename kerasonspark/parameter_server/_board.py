@@ -135,10 +135,9 @@ class EpochBoard:
         with self._cond:
             if (stage, worker) in self._joined:
                 raise ParameterServerError(
-                    f"Spark ran worker {worker}'s task of this training stage again (its own retry "
-                    "of a failed "
-                    "barrier stage); kerasonspark restarts the stage itself from the center "
-                    "(`max_restarts`).",
+                    f"Spark ran worker {worker}'s task of this training stage again (its own "
+                    "retry of a failed barrier stage); kerasonspark restarts the stage itself "
+                    "from the center (`max_restarts`).",
                     409,
                 )
             self._joined.add((stage, worker))

@@ -121,8 +121,7 @@ class ParameterStore:
             self.count("refused_shape")
             raise WireFormatError(
                 f"Update shapes do not match the model: expected {len(self.shapes)} arrays with "
-                "shapes "
-                f"{self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: "
+                f"shapes {self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: "
                 f"{list(shapes)[:4]}."
             )
         update = update.astype(np.float32, copy=False)
@@ -130,8 +129,8 @@ class ParameterStore:
             self.count("refused_nonfinite")
             raise WireFormatError(
                 f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was "
-                "refused and the "
-                "center weights are unchanged. Lower the learning rate or clip gradients.",
+                "refused and the center weights are unchanged. Lower the learning rate or clip "
+                "gradients.",
                 status=422,
             )
         return update
@@ -299,8 +298,7 @@ class ParameterStore:
                     state.failed = (
                         f"Round {round} timed out after waiting for worker(s) {missing} "
                         f"({len(state.samples)} of {self.num_workers} arrived). A worker died or "
-                        "is stuck; "
-                        "its Spark task log says why."
+                        "is stuck; its Spark task log says why."
                     )
                     self.counters["failed_rounds"] += 1
                     self._cond.notify_all()

@@ -121,15 +121,15 @@ class ParameterClient:
                 received = len(exc.partial)
                 raise ParameterServerError(
                     f"The reply from the parameter server at {self.host}:{self.port} to {method} "
-                    f"{path} stopped after "
-                    f"{received} of its {received + (exc.expected or 0)} bytes."
+                    f"{path} stopped after {received} of its {received + (exc.expected or 0)} "
+                    "bytes."
                 ) from exc
             except TimeoutError as exc:
                 self.close()
                 raise ParameterServerError(
                     f"No reply from the parameter server at {self.host}:{self.port} to {method} "
-                    f"{path} within "
-                    f"{self.timeout:g} s: the wait `{self.timeout_name}` allows expired."
+                    f"{path} within {self.timeout:g} s: the wait `{self.timeout_name}` allows "
+                    "expired."
                 ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
