@@ -1,14 +1,19 @@
 """``backend="sync"``: synchronous model averaging (local SGD).
 
 Every worker trains ``sync_every`` local steps from the same weights, then all of them meet at a
-round barrier on the driver's parameter server, which averages their weights weighted by the
-samples each trained on; every worker continues from the average with its own optimizer state.
-The whole fit is one barrier stage, so data and model load once per worker.
+round barrier, which averages their weights weighted by the samples each trained on; every worker
+continues from the average with its own optimizer state. The whole fit is one barrier stage, so
+data and model load once per worker.
+
+The barrier is the driver's parameter server (``center="driver"``), or, with ``center="sharded"``,
+every worker's: each serves one shard of the center and the rounds never cross the driver (see
+:mod:`kerasonspark.parameter_server._shards`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +31,15 @@ from kerasonspark.engine import (
     set_flat_weights,
 )
 from kerasonspark.parameter_server._rules import OuterNesterov
+from kerasonspark.parameter_server._shards import ShardedCenter
 
-__all__ = ["SyncEngine", "SyncExchange", "SyncOptions"]
+__all__ = ["ShardedSyncExchange", "SyncEngine", "SyncExchange", "SyncOptions"]
+
+CENTERS = ("auto", "driver", "sharded")
+# From this many workers on, "auto" shards the center: the driver's link carries 2 n models a
+# round, each worker's link under a sharded center 2 (n - 1) / n, so at 2 workers both move as
+# much and the driver-hosted center saves the peers' connections.
+SHARDED_FROM_WORKERS = 3
 
 
 if TYPE_CHECKING:
@@ -47,16 +59,30 @@ class SyncOptions(ScalingOptions):
         outer_lr: the step the center takes toward each round's average (1: to it).
         outer_momentum: Nesterov momentum on the rounds' averaged changes (0: none); see
             :class:`~kerasonspark.parameter_server._rules.OuterNesterov`.
+        center: where the rounds meet: ``"driver"`` (the driver's parameter server),
+            ``"sharded"`` (each worker serves one shard of the center; the driver gets a copy
+            every ``mirror_every`` rounds and at each epoch's end), or ``"auto"`` (sharded from 3
+            workers on).
+        mirror_every: a sharded center's rounds between two copies to the driver: what a
+            restart after a lost worker resumes from, so at most this many rounds are lost.
     """
 
     sync_every: int = 8
     barrier_timeout: float = 300.0
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
+    center: str = "auto"
+    mirror_every: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("sync_every", self.sync_every)
+        check_positive_int("mirror_every", self.mirror_every)
+        if self.center not in CENTERS:
+            raise ValueError(
+                f"Expected `center` to be one of {', '.join(map(repr, CENTERS))}. Received: "
+                f"center={self.center!r}."
+            )
         OuterNesterov(self.outer_lr, self.outer_momentum)  # validates both
         if not self.barrier_timeout > 0:
             raise ValueError(
@@ -95,6 +121,94 @@ class SyncExchange(ServerExchange):
         return {"rounds": self.round, **self.traffic()}
 
 
+class ShardedSyncExchange(SyncExchange):
+    """Worker side of a sharded center: serve one shard, meet every peer at each round's shards,
+    copy the shard to the driver every ``mirror_every`` rounds and at each epoch's end."""
+
+    def __init__(
+        self,
+        url: str,
+        secret: bytes,
+        rounds_per_epoch: int,
+        timeout: float,
+        lr_scaling: LearningRateScaling | None,
+        num_workers: int,
+        barrier_timeout: float,
+        outer: tuple[float, float],
+        mirror_every: int,
+    ) -> None:
+        super().__init__(url, secret, rounds_per_epoch, timeout, lr_scaling)
+        self.num_workers, self.barrier_timeout = num_workers, barrier_timeout
+        self.outer, self.mirror_every = outer, mirror_every
+        self._center: ShardedCenter | None = None
+        self._stop_announced = False
+        self.round_seconds = 0.0
+
+    def start(self, model: keras.Model, worker: int) -> None:
+        super().start(model, worker)
+        self._center = ShardedCenter(
+            self.client,
+            self.secret,
+            worker,
+            self.num_workers,
+            get_flat_weights(model),
+            self.barrier_timeout,
+            self.outer,
+            self.timeout,
+            self.mirror_every,
+        )
+
+    @property
+    def center(self) -> ShardedCenter:
+        """The worker's shard server and its lines to the peers (after :meth:`start`)."""
+        if self._center is None:
+            raise RuntimeError("The exchange was used before start().")
+        return self._center
+
+    def exchange(self, model: keras.Model, samples: int) -> None:
+        started = time.perf_counter()
+        set_flat_weights(model, self.center.round(self.round, get_flat_weights(model), samples))
+        self.round += 1
+        self.round_seconds += time.perf_counter() - started
+        self.center.mirror(self.round)
+
+    def end_epoch(self, model: keras.Model, epoch: int) -> None:
+        # before the epoch boundary: the driver's center of the epoch is whole when the last
+        # worker arrives there
+        self.center.mirror(self.round, force=True)
+
+    def should_stop(self) -> bool:
+        return self._center is not None and self._center.stop_requested
+
+    def announce_stop(self) -> None:
+        if not self._stop_announced and self._center is not None:
+            self._stop_announced = True
+            self._center.announce_stop()
+
+    def finish(self, model: keras.Model) -> dict[str, Any]:
+        driver = self.traffic()
+        figures = self.center.traffic()
+        return {
+            "rounds": self.round,
+            "exchange_seconds": self.round_seconds,
+            "mb_sent": driver["mb_sent"] + figures["peer_mb_sent"],
+            "mb_received": driver["mb_received"] + figures["peer_mb_received"],
+            "driver_mb_sent": driver["mb_sent"],
+            "driver_mb_received": driver["mb_received"],
+            **figures,
+        }
+
+    def report_failure(self, message: str) -> None:
+        super().report_failure(message)
+        if self._center is not None:
+            self._center.report_failure(message)
+
+    def close(self) -> None:
+        if self._center is not None:
+            self._center.close()
+        super().close()
+
+
 class SyncEngine(Engine):
     """Synchronous weight averaging every ``sync_every`` steps through a round barrier."""
 
@@ -114,12 +228,29 @@ class SyncEngine(Engine):
             barrier_timeout=options.barrier_timeout,
             outer=outer,
         )
-        outcome = job.serve(
-            store,
-            lambda url, secret: SyncExchange(
-                url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
-            ),
-        )
+        center = options.center
+        if center == "auto":
+            center = "sharded" if config.num_workers >= SHARDED_FROM_WORKERS else "driver"
+
+        def make_exchange(url: str, secret: bytes) -> SyncExchange:
+            if center == "driver":
+                return SyncExchange(
+                    url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
+                )
+            return ShardedSyncExchange(
+                url,
+                secret,
+                rounds_per_epoch,
+                options.barrier_timeout + 60,
+                scaling,
+                # read when each stage starts: a restart may go on with fewer workers
+                job.config.num_workers,
+                options.barrier_timeout,
+                (options.outer_lr, options.outer_momentum),
+                options.mirror_every,
+            )
+
+        outcome = job.serve(store, make_exchange)
         return job.result(
             outcome.reports,
             store.center,
@@ -130,5 +261,7 @@ class SyncEngine(Engine):
                 "lr_scale": scaling.factor if scaling else 1.0,
                 "outer_lr": options.outer_lr,
                 "outer_momentum": options.outer_momentum,
+                "center": center,
+                **({"mirror_every": options.mirror_every} if center == "sharded" else {}),
             },
         )

@@ -3,6 +3,7 @@ the run survive.
 
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend async
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend sync --repeat 3
+    python benchmarks/fault_drill.py --data ../shared/data/mnist --backend sync --center driver
     python benchmarks/fault_drill.py --data ../shared/data/mnist --kill driver
 
 Starts a real Spark standalone cluster on this machine (``--workers`` workers of one core each),
@@ -89,7 +90,11 @@ def _load(args: argparse.Namespace):
 def _trainer(args: argparse.Namespace, spark, **extra):
     from kerasonspark import SparkTrainer, mnist_cnn
 
-    options = {"sync_every": 16} if args.backend == "sync" else {"window": 5}
+    options = (
+        {"sync_every": 16, "center": args.center, "mirror_every": args.mirror_every}
+        if args.backend == "sync"
+        else {"window": 5}
+    )
     return SparkTrainer(
         mnist_cnn(seed=0),
         backend=args.backend,
@@ -143,6 +148,7 @@ def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: StatsPag
     thread.join(timeout=5)
     stats = result.stats
     return {
+        "center": stats.get("sync", {}).get("center"),
         "completed": len(result.history["loss"]) == args.epochs,
         "restarts": stats["restarts"],
         "lost_steps": stats["lost_steps"],
@@ -176,6 +182,10 @@ def _driver_command(args: argparse.Namespace, master: str, backup: Path) -> list
         str(args.limit),
         "--backup-every",
         str(args.backup_every),
+        "--center",
+        args.center,
+        "--mirror-every",
+        str(args.mirror_every),
     ]
     return command + (["--data", args.data] if args.data else [])
 
@@ -281,6 +291,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--limit", type=int, default=12_000, help="MNIST training rows")
     parser.add_argument("--kill", default="worker", choices=("worker", "driver"))
+    parser.add_argument(
+        "--center",
+        default="auto",
+        choices=("auto", "driver", "sharded"),
+        help="sync's center (auto: sharded from 3 workers)",
+    )
+    parser.add_argument(
+        "--mirror-every", type=int, default=2, help="sync's rounds between mirrors (sharded)"
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
         "--backup-every", type=int, default=20, help="exchanges between backups (--kill driver)"

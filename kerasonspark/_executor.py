@@ -394,6 +394,7 @@ class EpochGate:
         self._last_report = 0.0
         self._position: tuple[int, int, int, Callable[[], dict[str, float]]] | None = None
         self.worker = -1
+        self.stop_requested = False  # a progress report's answer said the driver stops the run
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_logs": None, "_position": None}
@@ -436,7 +437,7 @@ class EpochGate:
         self._last_report = now
         self._position = None
         logs = self._logs.take() if self._logs is not None else []
-        self.client.post_json(
+        reply = self.client.post_json(
             "/v1/progress",
             {
                 "epoch": epoch,
@@ -447,6 +448,7 @@ class EpochGate:
                 "pid": os.getpid(),
             },
         )
+        self.stop_requested = self.stop_requested or bool(reply.get("stop"))
 
     def flush(self) -> None:
         """Report the last position not reported yet (a failing worker's steps trained, so the
@@ -654,10 +656,13 @@ def train_worker(
                 if gate.terminate_on_nan and len(index) and not _finite_loss(steps_runner):
                     # the driver stops every worker
                     gate.progress(epoch, done, step, steps_runner.metrics, force=True)
+                    exchange.announce_stop()
                     stopped = True
                     break
                 # before the exchange: steps trained
                 gate.progress(epoch, done, step, steps_runner.metrics)
+                if gate.stop_requested:
+                    exchange.announce_stop()
             exchange.exchange(model, len(index))
             if exchange.should_stop():
                 stopped = True

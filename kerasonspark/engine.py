@@ -243,6 +243,12 @@ class Exchange:
         worker then ends its epoch early and meets the driver at the epoch boundary."""
         return False
 
+    def announce_stop(self) -> None:
+        """Called when this worker learns that training stops before its peers may know (the
+        driver's answer to a progress report said so, or its own loss is not finite), so that
+        peers waiting for it at an exchange the driver does not host are released. Does nothing by
+        default: the driver's server releases its own rounds."""
+
     def finish(self, model: keras.Model) -> dict[str, Any]:
         """Called after training; returns the engine's figures for the :class:`WorkerReport`."""
         return {}

@@ -146,6 +146,24 @@ class CrashingExchange:
         self.inner.exchange(model, samples)
 
 
+class FailsOnce(CrashingExchange):
+    """Worker `worker` fails at its `at`-th exchange the first time only (a marker file remembers,
+    since every stage unpickles a fresh exchange in a fresh task)."""
+
+    def __init__(self, inner, worker, at, marker, kill=False):
+        super().__init__(inner, worker, at, None)
+        self.marker, self.kill = marker, kill
+
+    def exchange(self, model, samples):
+        self.calls += 1
+        if self.me == self.worker and self.calls == self.at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            if self.kill:
+                os._exit(3)  # the Python process is gone: no traceback, no report
+            raise RuntimeError("flaky disk")
+        self.inner.exchange(model, samples)
+
+
 def crashing(engine_name, wrap, **options):
     """An engine of `engine_name` whose exchange is wrapped by `wrap` (e.g. a CrashingExchange)."""
     import sys

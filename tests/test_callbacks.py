@@ -306,8 +306,16 @@ class StopAtFirstReport(keras.callbacks.Callback):
 
 
 @pytest.mark.inprocess
-@pytest.mark.parametrize("backend", ["sync", "async"])
-def test_a_stop_from_a_batch_hook_ends_the_epoch_early_on_every_worker(backend):
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("sync", {"sync_every": 4}),
+        # no round meets on the driver: the stop reaches the workers in a progress report's answer
+        ("sync", {"sync_every": 4, "center": "sharded", "barrier_timeout": 30}),
+        ("async", {"window": 4}),
+    ],
+)
+def test_a_stop_from_a_batch_hook_ends_the_epoch_early_on_every_worker(backend, options):
     x, y = make_blobs(20_000)
     stopper = StopAtFirstReport()
     result = fit_in_process(
@@ -318,7 +326,7 @@ def test_a_stop_from_a_batch_hook_ends_the_epoch_early_on_every_worker(backend):
         epochs=3,
         batch_size=16,
         callbacks=[stopper],
-        backend_options={"sync_every": 4} if backend == "sync" else {"window": 4},
+        backend_options=options,
     )
     assert stopper.batches, "no progress report reached the driver"
     assert len(result.history["loss"]) == 1

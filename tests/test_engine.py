@@ -20,12 +20,16 @@ def test_unknown_backend_lists_the_installed_ones():
 def test_unknown_or_bad_options_name_the_valid_ones():
     valid = (
         "Valid options: \\['sync_every', 'barrier_timeout', 'outer_lr', 'outer_momentum', "
-        "'lr_scale', 'warmup_steps'\\]"
+        "'center', 'mirror_every', 'lr_scale', 'warmup_steps'\\]"
     )
     with pytest.raises(ConfigurationError, match=valid):
         resolve_backend("sync", {"sync_evry": 4})
     with pytest.raises(ConfigurationError, match="sync_every"):
         resolve_backend("sync", {"sync_every": 0})
+    with pytest.raises(ConfigurationError, match="'auto', 'driver', 'sharded'.*center='ring'"):
+        resolve_backend("sync", {"center": "ring"})
+    with pytest.raises(ConfigurationError, match="mirror_every"):
+        resolve_backend("sync", {"mirror_every": 0})
 
 
 def test_an_engine_object_is_used_as_is():

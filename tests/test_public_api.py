@@ -102,7 +102,12 @@ PUBLIC = {
     "kerasonspark.backends.elephas_adapter": ["ElephasEngine", "ElephasOptions"],
     "kerasonspark.backends.hogwild": ["HogwildEngine", "HogwildOptions"],
     "kerasonspark.backends.single": ["SingleEngine"],
-    "kerasonspark.backends.sync": ["SyncEngine", "SyncExchange", "SyncOptions"],
+    "kerasonspark.backends.sync": [
+        "ShardedSyncExchange",
+        "SyncEngine",
+        "SyncExchange",
+        "SyncOptions",
+    ],
 }
 
 

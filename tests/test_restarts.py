@@ -7,34 +7,15 @@ End to end on local[2] with real Spark: a worker raises, or its Python process d
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import pytest
 
 from kerasonspark import FailureConfig, SparkTrainer, WorkerError
 
-from conftest import CrashingExchange, crashing, make_blobs, small_model
+from conftest import CrashingExchange, FailsOnce, crashing, make_blobs, small_model
 
 pytestmark = pytest.mark.spark
-
-
-class FailsOnce(CrashingExchange):
-    """Worker `worker` fails at its `at`-th exchange the first time only (a marker file remembers,
-    since every stage unpickles a fresh exchange in a fresh task)."""
-
-    def __init__(self, inner, worker, at, marker, kill=False):
-        super().__init__(inner, worker, at, None)
-        self.marker, self.kill = marker, kill
-
-    def exchange(self, model, samples):
-        self.calls += 1
-        if self.me == self.worker and self.calls == self.at and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            if self.kill:
-                os._exit(3)  # the Python process is gone: no traceback, no report
-            raise RuntimeError("flaky disk")
-        self.inner.exchange(model, samples)
 
 
 def _data():
@@ -45,7 +26,12 @@ def _data():
 @pytest.mark.parametrize(
     "backend,options",
     # hogwild restarts as async does: the same exchange, the server's lock aside
-    [("sync", {"sync_every": 4}), ("async", {"window": 4})],
+    [
+        ("sync", {"sync_every": 4}),
+        # the lost worker's shard comes back from the driver's mirror, 2 rounds old at most
+        ("sync", {"sync_every": 4, "center": "sharded", "mirror_every": 2}),
+        ("async", {"window": 4}),
+    ],
 )
 def test_a_worker_that_raises_once_costs_one_restart_and_no_exchange_twice(
     spark, tmp_path, backend, options, no_leaked_threads

@@ -9,7 +9,15 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
     POST /v1/rounds/<round>   round barrier (wire format; field "samples"); answers the
                               sample-weighted average once every worker has arrived
     POST /v1/failure          a worker reports its own failure: {"message": "..."}
-    POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs)
+    POST /v1/stop             a worker asks every worker to stop at its next exchange (its loss
+                              is not finite, or the driver's stop reached it first)
+    POST /v1/shards           a sharded center: a worker publishes where it serves its shard
+                              (JSON: url); waits for every worker's, answers {"shards": [url]}
+    POST /v1/center/<round>   a sharded center: a worker's copy of its shard after <round>
+                              rounds of the stage (wire format; field "offset"); answers
+                              {"committed": true} when the round's last shard made the center
+    POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs);
+                              the reply carries "stop": true once the driver stops the run
     POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, metrics, center); waits for
                               the others, answers the epoch's center (wire format) if asked
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores, learning_rate,
@@ -43,6 +51,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -386,6 +395,45 @@ def failure() -> Response:
     return jsonify(recorded=True)
 
 
+@api.post("/stop")
+def stop() -> Response:
+    _state().store.request_stop()
+    return jsonify(stop=True)
+
+
+_MAX_URL_LENGTH = 256
+
+
+@api.post("/shards")
+def publish_shard() -> Response:
+    url = _json_body().get("url")
+    parts = urlsplit(url) if isinstance(url, str) and len(url) <= _MAX_URL_LENGTH else None
+    try:
+        valid = parts is not None and parts.scheme == "http" and parts.hostname and parts.port
+    except ValueError:  # a port out of range
+        valid = False
+    if not valid or not isinstance(url, str):
+        raise ParameterServerError(
+            f"Field `url` must be http://host:port, at most {_MAX_URL_LENGTH} characters. "
+            f"Received: {str(url)[:60]!r}.",
+            400,
+        )
+    store = _state().store
+    return jsonify(shards=store.publish_shard(_worker_id(), url, store.barrier_timeout))
+
+
+@api.post("/center/<count:round>")
+def mirror(round: int) -> Response:
+    if request.mimetype != wire.CONTENT_TYPE:
+        raise ParameterServerError(
+            f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
+        )
+    header, flat = wire.decode(request.environ["kerasonspark.body"])
+    values = wire.as_float32(flat, header["dtype"])
+    offset = _int_field(header, "offset")
+    return jsonify(committed=_state().store.mirror(_worker_id(), round, offset, values))
+
+
 @api.get("/stats")
 def stats() -> Response:
     state = _state()
@@ -463,7 +511,8 @@ def progress() -> Response:
         logs,
         pid=_int_field(payload, "pid", 0),
     )
-    return jsonify(recorded=True)
+    # A sharded center's workers meet no round on the driver: the stop reaches them here.
+    return jsonify(recorded=True, **_stop_field())
 
 
 @api.post("/epochs/join")

@@ -97,6 +97,11 @@ class ParameterStore:
         self.failures: dict[int, str] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        # A sharded center (see `publish_shard` and `mirror`): the shard servers' addresses of
+        # this stage, the mirrored shards of rounds not yet whole, the rounds earlier stages held.
+        self._shard_urls: dict[int, str] = {}
+        self._mirrors: dict[int, dict[int, np.ndarray]] = {}
+        self._rounds_before_stage = 0
 
     # -- counters: changed under the lock, since every request thread changes them ---------
     def count(self, name: str, n: int = 1) -> None:
@@ -124,16 +129,19 @@ class ParameterStore:
                 f"shapes {self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: "
                 f"{list(shapes)[:4]}."
             )
-        update = update.astype(np.float32, copy=False)
-        if not np.isfinite(update).all():
+        return self._finite(update, "Update")
+
+    def _finite(self, values: np.ndarray, what: str) -> np.ndarray:
+        values = values.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
             self.count("refused_nonfinite")
             raise WireFormatError(
-                f"Update holds {int((~np.isfinite(update)).sum())} NaN or Inf values; it was "
+                f"{what} holds {int((~np.isfinite(values)).sum())} NaN or Inf values; it was "
                 "refused and the center weights are unchanged. Lower the learning rate or clip "
                 "gradients.",
                 status=422,
             )
-        return update
+        return values
 
     # -- pull / push ----------------------------------------------------------------------
     @property
@@ -312,6 +320,86 @@ class ParameterStore:
                 state.failed or "round failed", round, tuple(self._missing(state))
             )
 
+    # -- a sharded center: the directory of shard servers, and their mirrored copies ------------
+    def publish_shard(self, worker: int, url: str, timeout: float) -> list[str]:
+        """Record where ``worker`` serves its shard of the center; waits for every worker's and
+        returns their addresses in worker order.
+
+        Raises:
+            BarrierTimeoutError: some workers did not publish within ``timeout`` seconds.
+            ParameterServerError: the worker already published in this stage (409), its id is out
+                of range (400), or the store is closed (503).
+        """
+        self._check_worker(worker)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if worker in self._shard_urls:
+                raise ParameterServerError(
+                    f"Worker {worker} already published its shard's address in this stage.", 409
+                )
+            self._shard_urls[worker] = url
+            self._cond.notify_all()
+            while len(self._shard_urls) < self.num_workers:
+                if self._closed:
+                    raise RoundClosedError("The parameter server is shutting down.", 503)
+                if self.failures:
+                    raise BarrierTimeoutError(
+                        f"The shard servers cannot all start: worker(s) {sorted(self.failures)} "
+                        "failed.",
+                        -1,
+                        tuple(w for w in range(self.num_workers) if w not in self._shard_urls),
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = [w for w in range(self.num_workers) if w not in self._shard_urls]
+                    raise BarrierTimeoutError(
+                        f"Worker(s) {missing} did not publish their shard's address within "
+                        f"{timeout:g} s.",
+                        -1,
+                        tuple(missing),
+                    )
+                self._cond.wait(remaining)
+            return [self._shard_urls[w] for w in range(self.num_workers)]
+
+    def mirror(self, worker: int, round: int, offset: int, values: np.ndarray) -> bool:
+        """Take ``worker``'s copy of its shard of the center after ``round`` rounds of this stage.
+
+        When every shard of a round has arrived, they become the center, and the completed rounds
+        it holds (what a restart resumes from) are the earlier stages' plus ``round``. Returns
+        whether this copy completed the round.
+
+        Raises:
+            WireFormatError: the shard is not the worker's (offset or length, 400) or holds NaN or
+                Inf (422).
+            ParameterServerError: the round is older than the last completed one (409).
+        """
+        self._check_worker(worker)
+        start, stop = shard_bounds(self.size, self.num_workers)[worker]
+        if offset != start or values.shape != (stop - start,):
+            self.count("refused_shape")
+            raise WireFormatError(
+                f"Worker {worker} of {self.num_workers} owns elements {start} to {stop} of the "
+                f"center. Received: {values.size} elements from offset {offset}."
+            )
+        values = self._finite(values, "The mirrored shard")
+        with self._cond:
+            held = self.counters["rounds"] - self._rounds_before_stage
+            if round < held:
+                raise ParameterServerError(
+                    f"Round {round} is older than the center's ({held} rounds this stage).", 409
+                )
+            shards = self._mirrors.setdefault(round, {})
+            shards[worker] = values.copy()
+            if len(shards) < self.num_workers:
+                return False
+            self._center = np.concatenate([shards[w] for w in range(self.num_workers)])
+            self.version += 1
+            self.counters["rounds"] = self._rounds_before_stage + round
+            self.counters["mirrors"] += 1
+            for old in [r for r in self._mirrors if r <= round]:
+                del self._mirrors[old]
+            return True
+
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
             raise ParameterServerError(
@@ -385,11 +473,15 @@ class ParameterStore:
         """Forget a failed stage's failure reports and open rounds, so a restarted stage can meet.
 
         The center, its version and every counter carry over: the restarted workers continue
-        from them. Round numbers start again at 0.
+        from them. Round numbers start again at 0, and a sharded center's directory is emptied
+        (the restarted workers serve its shards anew).
         """
         with self._cond:
             self.failures.clear()
             self._rounds.clear()
+            self._shard_urls.clear()
+            self._mirrors.clear()
+            self._rounds_before_stage = self.counters["rounds"]
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -407,6 +499,7 @@ class ParameterStore:
                 "version": self.version,
                 "updates": self.counters["updates"],
                 "rounds": self.counters["rounds"],
+                "mirrors": self.counters["mirrors"],
                 "pulls": self.counters["pulls"],
                 "refused": {
                     k[len("refused_") :]: v
@@ -427,6 +520,20 @@ class ParameterStore:
                 "mb_per_s": (self.bytes_in + self.bytes_out) / 1e6 / elapsed,
                 "elapsed_s": elapsed,
             }
+
+
+def shard_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each of ``parts`` contiguous shards of a flat array of ``size``
+    elements, the first ``size % parts`` one element longer (as ``numpy.array_split``)."""
+    if parts < 1:
+        raise ValueError(f"Expected at least 1 shard. Received: parts={parts}.")
+    base, extra = divmod(size, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        stop = start + base + (part < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def staleness_summary(counts: Counter[int]) -> dict:

@@ -182,6 +182,27 @@ class ParameterClient:
         )
         return flat
 
+    def stop(self) -> None:
+        """Ask every worker of this server to stop at its next exchange."""
+        self._json("POST", "/v1/stop", b"{}")
+
+    def publish_shard(self, url: str) -> list[str]:
+        """Publish where this worker serves its shard of the center; waits for every worker's and
+        returns their addresses in worker order."""
+        return list(self.post_json("/v1/shards", {"url": url})["shards"])
+
+    def mirror(self, round: int, values: np.ndarray, offset: int) -> bool:
+        """Send this worker's copy of its shard (elements ``offset`` on) after ``round`` rounds;
+        returns whether it completed the round's center."""
+        status, content_type, data = self.request(
+            "POST",
+            f"/v1/center/{round}",
+            wire.encode(values, [values.shape], offset=offset),
+        )
+        if status != 200:
+            _raise_for(status, content_type, data)
+        return bool(json.loads(data).get("committed"))
+
     def report_failure(self, message: str) -> None:
         """Tell the server this worker failed, so no barrier waits for it. Never raises."""
         try:

@@ -1,0 +1,199 @@
+"""A sharded center: each worker serves one shard of the center, so no round crosses the driver.
+
+Worker ``j`` of ``n`` owns elements ``shard_bounds(size, n)[j]`` of the flat weights. It serves them
+from its own task with the same parameter server as the driver's (the same wire format, the
+stage's secret, a payload cap of the shard's size), on the address it reaches the driver from, and
+publishes that address through the driver (``POST /v1/shards``), which answers once every worker's
+is known. A round then sends shard ``j`` of every worker's weights to its owner, which averages it
+weighted by samples and answers the average: a reduce-scatter and an all-gather in one request per
+peer, ``2 (n - 1) / n`` of the model in and out of each worker, whatever ``n`` is, and nothing
+through the driver.
+
+The driver keeps the control path (epochs, callbacks, progress, stop, the stats page) and a
+mirror of the center: each owner sends its shard every ``mirror_every`` rounds and at every epoch
+end (``POST /v1/center/<round>``), and the driver makes the center of them once all arrived. The
+epoch's center, backups, callbacks and a restart after a lost worker all read that mirror; a
+restart loses at most the rounds since the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from .._errors import BarrierTimeoutError
+from ._rules import OuterNesterov
+from ._store import ParameterStore, shard_bounds
+from .client import ParameterClient
+
+__all__ = ["ShardedCenter", "reachable_address"]
+
+
+def reachable_address(toward: str) -> str:
+    """The address of this machine's interface that reaches ``toward`` (a host name or address),
+    where peers that reach that host reach this one too; ``SPARK_LOCAL_IP`` wins where it is set,
+    as it does for Spark's own executors."""
+    configured = os.environ.get("SPARK_LOCAL_IP")
+    if configured:
+        return configured
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((toward, 9))  # a datagram socket sends nothing on connect: a route lookup
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class ShardedCenter:
+    """One worker's side of a sharded center: its shard's server and its lines to every peer's.
+
+    Args:
+        driver: the worker's connection to the driver's server (the directory and the mirror).
+        secret: the stage's secret; every shard server of the stage authenticates with it.
+        worker: this worker's id; ``num_workers``: how many share the center.
+        center: the flat weights every worker starts the stage from.
+        barrier_timeout: seconds a round waits for the missing workers.
+        outer: the outer rule's settings (``lr``, ``momentum``); each shard keeps its own state.
+        timeout: seconds a request to a peer may wait (a round waits on purpose).
+        mirror_every: rounds between two copies of the shard to the driver.
+    """
+
+    def __init__(
+        self,
+        driver: ParameterClient,
+        secret: bytes,
+        worker: int,
+        num_workers: int,
+        center: np.ndarray,
+        barrier_timeout: float,
+        outer: tuple[float, float],
+        timeout: float,
+        mirror_every: int,
+    ) -> None:
+        from ._app import ServerConfig
+        from ._server import ParameterServer
+
+        self.driver, self.secret, self.worker = driver, secret, worker
+        self.num_workers, self.timeout, self.mirror_every = num_workers, timeout, mirror_every
+        self.bounds = shard_bounds(center.size, num_workers)
+        start, stop = self.bounds[worker]
+        self.store = ParameterStore(
+            center[start:stop].copy(),
+            [(stop - start,)],
+            num_workers,
+            barrier_timeout=barrier_timeout,
+            outer=OuterNesterov(*outer),
+        )
+        config = ServerConfig(secret, max_payload_bytes=(stop - start) * 4 + (1 << 20))
+        self.server = ParameterServer(
+            self.store, config, host=reachable_address(driver.host), port=0
+        ).start()
+        self.peers: dict[int, ParameterClient] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self.mirrored = -1
+        self.mirror_seconds = 0.0
+        try:
+            self.urls = driver.publish_shard(self.server.url)
+        except BaseException:
+            self.server.stop(timeout=5)
+            raise
+        for peer, url in enumerate(self.urls):
+            if peer != worker:
+                self.peers[peer] = ParameterClient(
+                    url,
+                    secret,
+                    worker,
+                    timeout=timeout,
+                    timeout_name="backend_options['barrier_timeout']",
+                )
+        if self.peers:
+            self._pool = ThreadPoolExecutor(
+                len(self.peers), thread_name_prefix="kerasonspark-shard"
+            )
+
+    def round(self, round: int, flat: np.ndarray, samples: int) -> np.ndarray:
+        """Meet every worker at ``round`` with these weights; returns the sample-weighted average
+        of all of them, shard by shard (each shard's outer rule applied)."""
+        pieces: list[Any] = [None] * self.num_workers
+        futures = {
+            peer: self._pool.submit(
+                client.barrier, round, flat[start:stop], [(stop - start,)], samples
+            )
+            for peer, client in self.peers.items()
+            for start, stop in [self.bounds[peer]]
+            if self._pool is not None
+        }
+        for peer, future in futures.items():
+            # a peer that cannot be reached will not arrive here either: no wait for the timeout
+            future.add_done_callback(partial(self._peer_done, peer))
+        start, stop = self.bounds[self.worker]
+        try:
+            pieces[self.worker] = self.store.barrier(round, self.worker, flat[start:stop], samples)
+        except BarrierTimeoutError:
+            for future in futures.values():
+                if future.done() and future.exception() is not None:
+                    raise future.exception() from None  # type: ignore[misc]
+            raise
+        for peer, future in futures.items():
+            pieces[peer] = future.result()
+        return np.concatenate(pieces)
+
+    def _peer_done(self, peer: int, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            self.store.report_failure(peer, f"{type(error).__name__}: {error}")
+
+    def mirror(self, round: int, force: bool = False) -> None:
+        """Copy this worker's shard to the driver after ``round`` rounds of the stage, every
+        ``mirror_every`` rounds (every time with ``force``), once per round."""
+        if round == self.mirrored or not (force or round % self.mirror_every == 0):
+            return
+        started = time.perf_counter()
+        self.driver.mirror(round, self.store.center, self.bounds[self.worker][0])
+        self.mirror_seconds += time.perf_counter() - started
+        self.mirrored = round
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a round's reply (or this worker's own shard) says every worker stops."""
+        return self.store.stop_requested or any(c.stop_requested for c in self.peers.values())
+
+    def announce_stop(self) -> None:
+        """Tell every shard that training stops: the rounds waiting on this worker complete with
+        the center as it is, on every shard alike."""
+        self.store.request_stop()
+        for client in self.peers.values():
+            client.stop()
+
+    def report_failure(self, message: str) -> None:
+        """Fail the open rounds of every shard, so no peer waits for this worker. Never raises."""
+        self.store.report_failure(self.worker, message)
+        for peer in self.peers:
+            # a fresh connection: the worker's own may be broken mid-request
+            with ParameterClient(self.urls[peer], self.secret, self.worker, timeout=10) as fresh:
+                fresh.report_failure(message)
+
+    def traffic(self) -> dict[str, float]:
+        """Megabytes to and from the peers' shards and through this worker's own shard server."""
+        figures = self.store.stats()
+        return {
+            "peer_mb_sent": sum(c.bytes_sent for c in self.peers.values()) / 1e6,
+            "peer_mb_received": sum(c.bytes_received for c in self.peers.values()) / 1e6,
+            "shard_mb_in": figures["mb_in"],
+            "shard_mb_out": figures["mb_out"],
+            "mirror_seconds": self.mirror_seconds,
+        }
+
+    def close(self) -> None:
+        """Close the lines to the peers and stop this worker's shard server."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in self.peers.values():
+            client.close()
+        self.server.stop(timeout=5)
