@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kerasonspark._sharded import ShardedServerExchange
 from kerasonspark.engine import (
     Engine,
     LearningRateScaling,
@@ -31,7 +32,6 @@ from kerasonspark.engine import (
     set_flat_weights,
 )
 from kerasonspark.parameter_server._rules import OuterNesterov
-from kerasonspark.parameter_server._shards import ShardedCenter
 
 __all__ = ["ShardedSyncExchange", "SyncEngine", "SyncExchange", "SyncOptions"]
 
@@ -71,7 +71,7 @@ class SyncOptions(ScalingOptions):
     barrier_timeout: float = 300.0
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
-    center: str = "auto"
+    center: str = field(default="auto", metadata={"variant": True})  # sync:sharded
     mirror_every: int = 16
 
     def __post_init__(self) -> None:
@@ -121,92 +121,49 @@ class SyncExchange(ServerExchange):
         return {"rounds": self.round, **self.traffic()}
 
 
-class ShardedSyncExchange(SyncExchange):
+class ShardedSyncExchange(ShardedServerExchange, SyncExchange):
     """Worker side of a sharded center: serve one shard, meet every peer at each round's shards,
     copy the shard to the driver every ``mirror_every`` rounds and at each epoch's end."""
 
     def __init__(
         self,
-        url: str,
-        secret: bytes,
-        rounds_per_epoch: int,
-        timeout: float,
-        lr_scaling: LearningRateScaling | None,
+        exchange: SyncExchange,
         num_workers: int,
         barrier_timeout: float,
         outer: tuple[float, float],
         mirror_every: int,
     ) -> None:
-        super().__init__(url, secret, rounds_per_epoch, timeout, lr_scaling)
-        self.num_workers, self.barrier_timeout = num_workers, barrier_timeout
+        SyncExchange.__init__(
+            self,
+            exchange.url,
+            exchange.secret,
+            exchange.rounds_per_epoch,
+            exchange.timeout,
+            exchange.lr_scaling,
+        )
+        self.shard_over(num_workers, barrier_timeout)
         self.outer, self.mirror_every = outer, mirror_every
-        self._center: ShardedCenter | None = None
-        self._stop_announced = False
         self.round_seconds = 0.0
 
     def start(self, model: keras.Model, worker: int) -> None:
         super().start(model, worker)
-        self._center = ShardedCenter(
-            self.client,
-            self.secret,
-            worker,
-            self.num_workers,
-            get_flat_weights(model),
-            self.barrier_timeout,
-            self.outer,
-            self.timeout,
-            self.mirror_every,
-        )
-
-    @property
-    def center(self) -> ShardedCenter:
-        """The worker's shard server and its lines to the peers (after :meth:`start`)."""
-        if self._center is None:
-            raise RuntimeError("The exchange was used before start().")
-        return self._center
+        self.open_center(get_flat_weights(model), outer=OuterNesterov(*self.outer))
 
     def exchange(self, model: keras.Model, samples: int) -> None:
         started = time.perf_counter()
         set_flat_weights(model, self.center.round(self.round, get_flat_weights(model), samples))
         self.round += 1
         self.round_seconds += time.perf_counter() - started
-        self.center.mirror(self.round)
+        if self.round % self.mirror_every == 0:
+            self.center.mirror(self.round, rounds=self.round)
 
     def end_epoch(self, model: keras.Model, epoch: int) -> None:
         # before the epoch boundary: the driver's center of the epoch is whole when the last
         # worker arrives there
-        self.center.mirror(self.round, force=True)
-
-    def should_stop(self) -> bool:
-        return self._center is not None and self._center.stop_requested
-
-    def announce_stop(self) -> None:
-        if not self._stop_announced and self._center is not None:
-            self._stop_announced = True
-            self._center.announce_stop()
+        self.center.mirror(self.round, rounds=self.round)
 
     def finish(self, model: keras.Model) -> dict[str, Any]:
-        driver = self.traffic()
-        figures = self.center.traffic()
-        return {
-            "rounds": self.round,
-            "exchange_seconds": self.round_seconds,
-            "mb_sent": driver["mb_sent"] + figures["peer_mb_sent"],
-            "mb_received": driver["mb_received"] + figures["peer_mb_received"],
-            "driver_mb_sent": driver["mb_sent"],
-            "driver_mb_received": driver["mb_received"],
-            **figures,
-        }
-
-    def report_failure(self, message: str) -> None:
-        super().report_failure(message)
-        if self._center is not None:
-            self._center.report_failure(message)
-
-    def close(self) -> None:
-        if self._center is not None:
-            self._center.close()
-        super().close()
+        return self.sharded_figures(super().finish(model), self.round_seconds)
 
 
 class SyncEngine(Engine):
@@ -233,16 +190,13 @@ class SyncEngine(Engine):
             center = "sharded" if config.num_workers >= SHARDED_FROM_WORKERS else "driver"
 
         def make_exchange(url: str, secret: bytes) -> SyncExchange:
+            exchange = SyncExchange(
+                url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
+            )
             if center == "driver":
-                return SyncExchange(
-                    url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
-                )
+                return exchange
             return ShardedSyncExchange(
-                url,
-                secret,
-                rounds_per_epoch,
-                options.barrier_timeout + 60,
-                scaling,
+                exchange,
                 # read when each stage starts: a restart may go on with fewer workers
                 job.config.num_workers,
                 options.barrier_timeout,

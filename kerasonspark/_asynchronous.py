@@ -9,12 +9,14 @@ keep-alive connection. Workers never wait for each other.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._sharded import ShardedServerExchange
 from .engine import (
     LearningRateScaling,
     ParameterStore,
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     import keras
 
 DELTA_DTYPES = ("float32", "bfloat16")
+CENTERS = ("driver", "sharded")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class AsyncOptions(ScalingOptions):
             the background push competes with training and gained nothing (measured); it is
             meant for clusters where the round trip is network latency, not CPU.
         timeout: seconds a worker waits for the parameter server before failing.
+        center: ``"driver"`` (the driver's parameter server holds the center) or ``"sharded"``
+            (each worker serves one shard of it and every push is split by shard; the driver
+            gets a copy at each epoch's end, which a restart resumes from).
     """
 
     rule: str = field(default="dynsgd", metadata={"variant": True})  # async:adag
@@ -69,9 +75,12 @@ class AsyncOptions(ScalingOptions):
     delta_dtype: str = "float32"
     overlap: bool = False
     timeout: float = 300.0
+    center: str = "driver"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.center not in CENTERS:
+            raise ValueError(f"Expected `center` in {CENTERS}. Received: center={self.center!r}.")
         if self.rule not in RULES:
             raise ValueError(f"Expected `rule` in {sorted(RULES)}. Received: rule={self.rule!r}.")
         check_positive_int("window", self.window)
@@ -207,6 +216,55 @@ class PushPullExchange(ServerExchange):
         super().close()
 
 
+class ShardedPushPullExchange(ShardedServerExchange, PushPullExchange):
+    """Worker side of a sharded center: each push split by shard, each shard applying the rule
+    (with its own staleness) and answering its part of the weights to continue from. At each
+    epoch's end every worker fences every shard; each owner then mirrors its shard, with the
+    pushes it holds, to the driver."""
+
+    def __init__(
+        self, exchange: PushPullExchange, rule: UpdateRule, lock: bool, num_workers: int
+    ) -> None:
+        PushPullExchange.__init__(
+            self,
+            exchange.url,
+            exchange.secret,
+            exchange.window,
+            exchange.payload,
+            exchange.delta_dtype,
+            exchange.timeout,
+            exchange.overlap,
+            exchange.lr_scaling,
+        )
+        self.shard_over(num_workers, exchange.timeout)
+        self.rule, self.lock = rule, lock
+        self.fences = 0
+        self.push_seconds = 0.0
+
+    def start(self, model: keras.Model, worker: int) -> None:
+        super().start(model, worker)
+        self.open_center(self.synced, rule=self.rule, lock=self.lock)
+
+    def _push(self, update: np.ndarray, samples: int) -> np.ndarray:
+        if self.delta_dtype == "bfloat16":
+            update = wire.to_bfloat16(update)
+        started = time.perf_counter()
+        reply, staleness = self.center.push(update, self.window, samples)
+        self.push_seconds += time.perf_counter() - started
+        self.pushes += 1
+        self.staleness.append(max(staleness))
+        return reply
+
+    def end_epoch(self, model: keras.Model, epoch: int) -> None:
+        super().end_epoch(model, epoch)
+        # every worker's last push of the epoch is in before the owner copies its shard
+        self.center.fence_and_mirror(self.fences)
+        self.fences += 1
+
+    def finish(self, model: keras.Model) -> dict[str, Any]:
+        return self.sharded_figures(super().finish(model), self.push_seconds)
+
+
 def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> TrainingResult:
     """Train ``job`` with workers that push to a driver-side parameter server without waiting.
 
@@ -219,9 +277,9 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     store = ParameterStore(
         job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock
     )
-    outcome = job.serve(
-        store,
-        lambda url, secret: PushPullExchange(
+
+    def make_exchange(url: str, secret: bytes) -> PushPullExchange:
+        exchange = PushPullExchange(
             url,
             secret,
             options.window,
@@ -230,8 +288,13 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
             options.timeout,
             options.overlap,
             scaling,
-        ),
-    )
+        )
+        if options.center == "driver":
+            return exchange
+        # the worker count is read when each stage starts: a restart may go on with fewer
+        return ShardedPushPullExchange(exchange, rule, lock, job.config.num_workers)
+
+    outcome = job.serve(store, make_exchange)
     return job.result(
         outcome.reports,
         store.center.copy(),
@@ -241,5 +304,6 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
             "window": options.window,
             "lr_scale": factor,
             "staleness_floor": rule.floor if isinstance(rule, DynSGD) else None,
+            "center": options.center,
         },
     )

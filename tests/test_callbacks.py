@@ -313,6 +313,7 @@ class StopAtFirstReport(keras.callbacks.Callback):
         # no round meets on the driver: the stop reaches the workers in a progress report's answer
         ("sync", {"sync_every": 4, "center": "sharded", "barrier_timeout": 30}),
         ("async", {"window": 4}),
+        ("async", {"window": 4, "center": "sharded", "timeout": 30}),
     ],
 )
 def test_a_stop_from_a_batch_hook_ends_the_epoch_early_on_every_worker(backend, options):

@@ -92,6 +92,7 @@ PUBLIC = {
         "MAX_HEADER_BYTES",
         "VERSION",
         "decode",
+        "dtype_name",
         "encode",
         "encoded_size",
         "flatten",

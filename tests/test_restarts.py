@@ -31,6 +31,7 @@ def _data():
         # the lost worker's shard comes back from the driver's mirror, 2 rounds old at most
         ("sync", {"sync_every": 4, "center": "sharded", "mirror_every": 2}),
         ("async", {"window": 4}),
+        ("async", {"window": 4, "center": "sharded"}),
     ],
 )
 def test_a_worker_that_raises_once_costs_one_restart_and_no_exchange_twice(

@@ -15,6 +15,7 @@ from kerasonspark.parameter_server import (
     ParameterStore,
     ServerConfig,
     new_secret,
+    wire,
 )
 from kerasonspark.parameter_server._store import shard_bounds
 from kerasonspark.testing import fit_in_process
@@ -32,34 +33,59 @@ def test_shards_cover_the_weights_once_in_order(size, parts):
     assert lengths == [len(a) for a in np.array_split(np.arange(size), parts)]
 
 
-def test_the_mirror_makes_the_center_only_from_every_shard_of_one_round():
+def test_the_mirror_makes_the_center_only_from_every_shard_of_one_key():
     store = ParameterStore(np.zeros(10, np.float32), [(5, 2)], num_workers=3)
     bounds = shard_bounds(10, 3)  # 4, 3, 3 elements
     shard = {w: np.full(b - a, w + 1, np.float32) for w, (a, b) in enumerate(bounds)}
-    assert not store.mirror(0, 4, 0, shard[0]) and not store.mirror(1, 4, 4, shard[1])
-    np.testing.assert_array_equal(store.center, np.zeros(10))  # a round not whole: unchanged
+    assert not store.mirror(0, 4, 0, shard[0], 4) and not store.mirror(1, 4, 4, shard[1], 4)
+    np.testing.assert_array_equal(store.center, np.zeros(10))  # not every shard: unchanged
     with pytest.raises(WireFormatError, match="owns elements 7 to 10"):
-        store.mirror(2, 4, 6, shard[2])  # not where worker 2's shard starts
+        store.mirror(2, 4, 6, shard[2], 4)  # not where worker 2's shard starts
     with pytest.raises(WireFormatError, match="owns elements 7 to 10"):
-        store.mirror(2, 4, 7, np.ones(4, np.float32))  # longer than the shard
+        store.mirror(2, 4, 7, np.ones(4, np.float32), 4)  # longer than the shard
     with pytest.raises(WireFormatError, match="NaN or Inf") as nan:
-        store.mirror(2, 4, 7, np.array([1, np.nan, 1], np.float32))
+        store.mirror(2, 4, 7, np.array([1, np.nan, 1], np.float32), 4)
     assert nan.value.status == 422
     with pytest.raises(ParameterServerError, match=r"\[0, 3\)"):
-        store.mirror(3, 4, 10, shard[2])
+        store.mirror(3, 4, 10, shard[2], 4)
     np.testing.assert_array_equal(store.center, np.zeros(10))
-    assert store.mirror(2, 4, 7, shard[2])
+    assert store.mirror(2, 4, 7, shard[2], 4)
     np.testing.assert_array_equal(store.center, [1, 1, 1, 1, 2, 2, 2, 3, 3, 3])
     assert store.applied_exchanges(0) == 4 and store.stats()["mirrors"] == 1
-    with pytest.raises(ParameterServerError, match="older") as stale:
-        store.mirror(0, 3, 0, shard[0])
+    with pytest.raises(ParameterServerError, match="not newer") as stale:
+        store.mirror(0, 3, 0, shard[0], 3)
     assert stale.value.status == 409
-    # A restarted stage counts its rounds from what the earlier ones held.
+    # A restarted stage counts from what the earlier ones held.
     store.reopen()
     for worker, (start, _) in enumerate(bounds):
-        store.mirror(worker, 2, start, shard[worker] * 0)
+        store.mirror(worker, 2, start, shard[worker] * 0, 2)
     assert store.applied_exchanges(1) == 6 and not store.center.any()
     assert store.stats()["refused"] == {"shape": 2, "nonfinite": 1}
+
+
+def test_a_mirror_of_pushes_holds_what_every_shard_holds():
+    store = ParameterStore(np.zeros(4, np.float32), [(4,)], num_workers=2)
+    store.mirror(0, 1, 0, np.ones(2, np.float32), 0, {0: 5, 1: 3})
+    # shard 1 holds one push of worker 0 less: the center holds that push only partly
+    assert store.mirror(1, 1, 2, np.ones(2, np.float32), 0, {0: 4, 1: 3})
+    assert [store.applied_exchanges(w) for w in (0, 1)] == [4, 3]
+    assert store.stats()["updates"] == 7 and store.stats()["rounds"] == 0
+    store.reopen()
+    store.mirror(0, 1, 0, np.ones(2, np.float32), 0, {0: 2})
+    store.mirror(1, 1, 2, np.ones(2, np.float32), 0, {0: 2, 1: 1})
+    assert [store.applied_exchanges(w) for w in (0, 1)] == [6, 3]  # worker 1: min(0, 1) more
+
+
+def test_a_fence_waits_for_every_worker_and_for_no_failed_one():
+    store = ParameterStore(np.zeros(2, np.float32), [(2,)], num_workers=3, barrier_timeout=5)
+    store.fence(0, 1, wait=False)
+    store.fence(0, 2, wait=False)
+    store.fence(0, 0, wait=True)  # all three arrived: returns at once
+    with pytest.raises(BarrierTimeoutError, match=r"timed out waiting for worker\(s\) \[1, 2\]"):
+        store.fence(1, 0, wait=True, timeout=0.2)
+    store.report_failure(2, "gone")
+    with pytest.raises(BarrierTimeoutError, match=r"worker\(s\) \[2\] failed"):
+        store.fence(1, 0, wait=True)
 
 
 def test_the_directory_answers_once_every_worker_published_and_refuses_bad_addresses(
@@ -89,9 +115,16 @@ def test_the_directory_answers_once_every_worker_published_and_refuses_bad_addre
                 client.publish_shard("http://127.0.0.1:4000")
             assert twice.value.status == 409
             with pytest.raises(ParameterServerError, match="owns elements 0 to 2") as wrong:
-                client.mirror(1, np.ones(3, np.float32), 0)
+                client.mirror(1, np.ones(3, np.float32), 0, rounds=1)
             assert wrong.value.status == 400
-            assert not client.mirror(1, np.ones(2, np.float32), 0)
+            assert not client.mirror(1, np.ones(2, np.float32), 0, rounds=1, pushes={0: 2})
+            for pushes in [[1], {"x": 1}, {"0": -1}]:
+                status, _, _ = client.request(
+                    "POST",
+                    "/v1/center/2",
+                    wire.encode(np.ones(2, np.float32), [(2,)], offset=0, pushes=pushes),
+                )
+                assert status == 400
         np.testing.assert_array_equal(store.center, np.zeros(4))
     alone = ParameterStore(np.zeros(4, np.float32), [(4,)], num_workers=2)
     with pytest.raises(BarrierTimeoutError, match=r"Worker\(s\) \[1\] did not publish"):
@@ -141,13 +174,24 @@ def test_a_sharded_center_averages_as_the_driver_does_without_the_driver_carryin
 
 
 @pytest.mark.inprocess
-def test_a_lost_worker_resumes_from_the_last_mirror(tmp_path, no_leaked_threads):
+@pytest.mark.parametrize(
+    "backend,options,failing_exchange,resumed",
+    [
+        # fails in round 6: every worker resumes after round 4, the last mirror
+        ("sync", {"sync_every": 4, "mirror_every": 2}, 6, 4),
+        # fails at its 10th window, the 4th of epoch 1 (6 windows an epoch): every worker resumes
+        # after epoch 0's 6 pushes, the last mirror
+        ("async", {"window": 4}, 10, 6),
+    ],
+)
+def test_a_lost_worker_resumes_from_the_last_mirror(
+    backend, options, failing_exchange, resumed, tmp_path, no_leaked_threads
+):
     engine = crashing(
-        "sync",
-        lambda inner: FailsOnce(inner, 1, 6, str(tmp_path / "failed")),
-        sync_every=4,
+        backend,
+        lambda inner: FailsOnce(inner, 1, failing_exchange, str(tmp_path / "failed")),
         center="sharded",
-        mirror_every=2,
+        **options,
     )
     x, y = make_blobs(1300)
     result = fit_in_process(
@@ -163,10 +207,13 @@ def test_a_lost_worker_resumes_from_the_last_mirror(tmp_path, no_leaked_threads)
     )
     stats = result.stats
     assert stats["restarts"] == 1 and "flaky disk" in stats["restart_log"][0]["cause"]
-    # Worker 1 failed in round 6 (index 5): every worker resumes after round 4, the last mirror.
-    assert stats["restart_log"][0]["resume_exchanges"] == {0: 4, 1: 4, 2: 4}
-    assert 0 < stats["lost_steps"] <= 3 * 2 * 4  # at most one interval of rounds, each worker
-    assert stats["exchanges"] == 2 * stats["sync"]["rounds_per_epoch"]
+    assert stats["restart_log"][0]["resume_exchanges"] == {0: resumed, 1: resumed, 2: resumed}
+    assert 0 < stats["lost_steps"]
+    if backend == "sync":
+        assert stats["lost_steps"] <= 3 * 2 * 4  # at most one interval of rounds, each worker
+        assert stats["exchanges"] == 2 * stats["sync"]["rounds_per_epoch"]
+    else:
+        assert stats["exchanges"] == 3 * 2 * 6
     assert result.history["val_accuracy"][-1] > 0.9
     assert not [t for t in threading.enumerate() if t.name.startswith("kerasonspark-shard")]
 
@@ -182,7 +229,14 @@ def test_a_peer_that_is_gone_fails_the_round_at_once_not_at_the_timeout(no_leake
         def join(worker: int) -> None:
             client = ParameterClient(driver.url, secret, worker, timeout=30)
             centers[worker] = ShardedCenter(
-                client, secret, worker, 2, weights, 60, (1.0, 0.0), 30, 4
+                client,
+                secret,
+                worker,
+                2,
+                weights,
+                barrier_timeout=60,
+                timeout=30,
+                timeout_name="timeout",
             )
 
         threads = [threading.Thread(target=join, args=(w,)) for w in (0, 1)]
@@ -215,3 +269,32 @@ def test_a_peer_that_is_gone_fails_the_round_at_once_not_at_the_timeout(no_leake
         centers[0].close()
         for center in centers.values():
             center.driver.close()
+
+
+@pytest.mark.inprocess
+@pytest.mark.parametrize("backend", ["async", "hogwild"])
+def test_the_asynchronous_engines_push_shard_by_shard(backend, no_leaked_threads):
+    x, y = make_blobs(1200)
+    result = fit_in_process(
+        backend,
+        small_model(),
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        num_workers=3,
+        seed=0,
+        backend_options={"window": 4, "center": "sharded"},
+        validation_data=make_blobs(200, seed=0),
+    )
+    stats = result.stats
+    assert result.history["val_accuracy"][-1] > 0.9 and stats[backend]["center"] == "sharded"
+    pushes = 2 * math.ceil(math.ceil(400 / 16) / 4)  # 7 windows an epoch, each worker
+    assert [w["pushes"] for w in stats["workers"]] == [pushes] * 3
+    # the driver holds every push through the epochs' mirrors, and carried none of them
+    server = stats["parameter_server"]
+    assert stats["exchanges"] == server["updates"] == 3 * pushes and server["mirrors"] == 2
+    assert server["mb_in"] < 3 * pushes * 0.01  # 0.003 MB a push of this model, 3 workers
+    for worker in stats["workers"]:
+        assert sum(worker["shard"]["staleness"]["histogram"].values()) == 3 * pushes
+        assert worker["shard"]["refused_total"] == 0 and worker["peer_mb_sent"] > 0

@@ -13,9 +13,12 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
                               is not finite, or the driver's stop reached it first)
     POST /v1/shards           a sharded center: a worker publishes where it serves its shard
                               (JSON: url); waits for every worker's, answers {"shards": [url]}
-    POST /v1/center/<round>   a sharded center: a worker's copy of its shard after <round>
-                              rounds of the stage (wire format; field "offset"); answers
-                              {"committed": true} when the round's last shard made the center
+    POST /v1/center/<key>     a sharded center: a worker's <key>-th copy of its shard this
+                              stage (wire format; fields "offset", and what it holds of the
+                              stage: "rounds", "pushes" {worker: n}); answers
+                              {"committed": true} when the last shard of <key> made the center
+    POST /v1/fences/<key>     a sharded center: the worker sent everything before fence <key>
+                              (the shard's owner waits for every worker's, then mirrors)
     POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs);
                               the reply carries "stop": true once the driver stops the run
     POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, metrics, center); waits for
@@ -68,6 +71,7 @@ from ._store import ParameterStore
 EXTENSION = "kerasonspark"
 # counts (samples, steps, epochs) stay exact as floats and cannot overflow a float32 sum
 MAX_COUNT = 2**53 - 1
+MAX_WORKERS = 100_000
 logger = logging.getLogger(__name__)
 
 
@@ -422,16 +426,40 @@ def publish_shard() -> Response:
     return jsonify(shards=store.publish_shard(_worker_id(), url, store.barrier_timeout))
 
 
-@api.post("/center/<count:round>")
-def mirror(round: int) -> Response:
+@api.post("/center/<count:key>")
+def mirror(key: int) -> Response:
     if request.mimetype != wire.CONTENT_TYPE:
         raise ParameterServerError(
             f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
         )
     header, flat = wire.decode(request.environ["kerasonspark.body"])
     values = wire.as_float32(flat, header["dtype"])
-    offset = _int_field(header, "offset")
-    return jsonify(committed=_state().store.mirror(_worker_id(), round, offset, values))
+    pushes = header.get("pushes", {})
+    if not isinstance(pushes, dict) or len(pushes) > MAX_WORKERS:
+        raise ParameterServerError("Field `pushes` must be an object of worker ids to counts.", 400)
+    held = {}
+    for worker in pushes:
+        if not (isinstance(worker, str) and worker.isdigit() and len(worker) <= 6):
+            raise ParameterServerError(
+                f"Field `pushes` must name workers by their ids. Received: {worker[:20]!r}.", 400
+            )
+        held[int(worker)] = _int_field(pushes, worker)
+    store = _state().store
+    committed = store.mirror(
+        _worker_id(),
+        key,
+        _int_field(header, "offset"),
+        values,
+        _int_field(header, "rounds", 0),
+        held,
+    )
+    return jsonify(committed=committed)
+
+
+@api.post("/fences/<count:key>")
+def fence(key: int) -> Response:
+    _state().store.fence(key, _worker_id(), wait=False)
+    return jsonify(fenced=True)
 
 
 @api.get("/stats")

@@ -18,9 +18,11 @@ restart loses at most the rounds since the last one.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -28,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import BarrierTimeoutError
-from ._rules import OuterNesterov
+from . import wire
+from ._rules import OuterNesterov, UpdateRule
 from ._store import ParameterStore, shard_bounds
 from .client import ParameterClient
 
@@ -58,10 +61,14 @@ class ShardedCenter:
         secret: the stage's secret; every shard server of the stage authenticates with it.
         worker: this worker's id; ``num_workers``: how many share the center.
         center: the flat weights every worker starts the stage from.
-        barrier_timeout: seconds a round waits for the missing workers.
-        outer: the outer rule's settings (``lr``, ``momentum``); each shard keeps its own state.
+        barrier_timeout: seconds a round or a fence waits for the missing workers.
         timeout: seconds a request to a peer may wait (a round waits on purpose).
-        mirror_every: rounds between two copies of the shard to the driver.
+        timeout_name: the engine option ``timeout`` comes from, named when the wait expires.
+        rule: how pushes update each shard (the asynchronous engines); ``None`` for rounds.
+        lock: apply pushes under each shard's lock (``False``: hogwild).
+        outer: how a completed round moves each shard (``sync``).
+
+    The shard's store gets its own copies of ``rule`` and ``outer`` (their state is the shard's).
     """
 
     def __init__(
@@ -71,24 +78,29 @@ class ShardedCenter:
         worker: int,
         num_workers: int,
         center: np.ndarray,
+        *,
         barrier_timeout: float,
-        outer: tuple[float, float],
         timeout: float,
-        mirror_every: int,
+        timeout_name: str,
+        rule: UpdateRule | None = None,
+        lock: bool = True,
+        outer: OuterNesterov | None = None,
     ) -> None:
         from ._app import ServerConfig
         from ._server import ParameterServer
 
         self.driver, self.secret, self.worker = driver, secret, worker
-        self.num_workers, self.timeout, self.mirror_every = num_workers, timeout, mirror_every
+        self.num_workers, self.timeout = num_workers, timeout
         self.bounds = shard_bounds(center.size, num_workers)
         start, stop = self.bounds[worker]
         self.store = ParameterStore(
             center[start:stop].copy(),
             [(stop - start,)],
             num_workers,
+            rule=copy.deepcopy(rule),
+            lock=lock,
             barrier_timeout=barrier_timeout,
-            outer=OuterNesterov(*outer),
+            outer=copy.deepcopy(outer),
         )
         config = ServerConfig(secret, max_payload_bytes=(stop - start) * 4 + (1 << 20))
         self.server = ParameterServer(
@@ -98,6 +110,7 @@ class ShardedCenter:
         self._pool: ThreadPoolExecutor | None = None
         self.mirrored = -1
         self.mirror_seconds = 0.0
+        self._stop_announced = False
         try:
             self.urls = driver.publish_shard(self.server.url)
         except BaseException:
@@ -106,58 +119,97 @@ class ShardedCenter:
         for peer, url in enumerate(self.urls):
             if peer != worker:
                 self.peers[peer] = ParameterClient(
-                    url,
-                    secret,
-                    worker,
-                    timeout=timeout,
-                    timeout_name="backend_options['barrier_timeout']",
+                    url, secret, worker, timeout=timeout, timeout_name=timeout_name
                 )
         if self.peers:
             self._pool = ThreadPoolExecutor(
                 len(self.peers), thread_name_prefix="kerasonspark-shard"
             )
 
-    def round(self, round: int, flat: np.ndarray, samples: int) -> np.ndarray:
-        """Meet every worker at ``round`` with these weights; returns the sample-weighted average
-        of all of them, shard by shard (each shard's outer rule applied)."""
-        pieces: list[Any] = [None] * self.num_workers
+    def _each_peer(self, call: Callable[[ParameterClient, int, int], Any]) -> dict[int, Future]:
+        """``call(client, start, stop)`` for every peer's shard, concurrently."""
+        if self._pool is None:
+            return {}
         futures = {
-            peer: self._pool.submit(
-                client.barrier, round, flat[start:stop], [(stop - start,)], samples
-            )
+            peer: self._pool.submit(call, client, *self.bounds[peer])
             for peer, client in self.peers.items()
-            for start, stop in [self.bounds[peer]]
-            if self._pool is not None
         }
         for peer, future in futures.items():
             # a peer that cannot be reached will not arrive here either: no wait for the timeout
             future.add_done_callback(partial(self._peer_done, peer))
-        start, stop = self.bounds[self.worker]
-        try:
-            pieces[self.worker] = self.store.barrier(round, self.worker, flat[start:stop], samples)
-        except BarrierTimeoutError:
-            for future in futures.values():
-                if future.done() and future.exception() is not None:
-                    raise future.exception() from None  # type: ignore[misc]
-            raise
-        for peer, future in futures.items():
-            pieces[peer] = future.result()
-        return np.concatenate(pieces)
+        return futures
 
     def _peer_done(self, peer: int, future: Future) -> None:
         error = future.exception()
         if error is not None:
             self.store.report_failure(peer, f"{type(error).__name__}: {error}")
 
-    def mirror(self, round: int, force: bool = False) -> None:
-        """Copy this worker's shard to the driver after ``round`` rounds of the stage, every
-        ``mirror_every`` rounds (every time with ``force``), once per round."""
-        if round == self.mirrored or not (force or round % self.mirror_every == 0):
+    def _gather(self, own: Callable[[int, int], Any], futures: dict[int, Future]) -> list[Any]:
+        pieces: list[Any] = [None] * self.num_workers
+        try:
+            pieces[self.worker] = own(*self.bounds[self.worker])
+        except BarrierTimeoutError:
+            for future in futures.values():  # the peer's own error says more
+                if future.done() and future.exception() is not None:
+                    raise future.exception() from None  # type: ignore[misc]
+            raise
+        for peer, future in futures.items():
+            pieces[peer] = future.result()
+        return pieces
+
+    def round(self, round: int, flat: np.ndarray, samples: int) -> np.ndarray:
+        """Meet every worker at ``round`` with these weights; returns the sample-weighted average
+        of all of them, shard by shard (each shard's outer rule applied)."""
+        futures = self._each_peer(
+            lambda client, start, stop: client.barrier(
+                round, flat[start:stop], [(stop - start,)], samples
+            )
+        )
+        return np.concatenate(
+            self._gather(
+                lambda start, stop: self.store.barrier(
+                    round, self.worker, flat[start:stop], samples
+                ),
+                futures,
+            )
+        )
+
+    def push(self, update: np.ndarray, window: int, samples: int) -> tuple[np.ndarray, list[int]]:
+        """Push ``update`` (flat, float32 or bfloat16 bits) shard by shard; returns the weights
+        to continue from and each shard's staleness."""
+
+        def remote(client: ParameterClient, start: int, stop: int) -> tuple[np.ndarray, int]:
+            reply, header = client.push(update[start:stop], [(stop - start,)], window, samples)
+            return reply, int(header.get("staleness", 0))
+
+        def own(start: int, stop: int) -> tuple[np.ndarray, int]:
+            part = wire.as_float32(update[start:stop], wire.dtype_name(update))
+            reply, _, staleness = self.store.push(self.worker, part, window, samples)
+            return reply.copy(), staleness
+
+        pieces = self._gather(own, self._each_peer(remote))
+        return np.concatenate([p[0] for p in pieces]), [p[1] for p in pieces]
+
+    def mirror(self, key: int, rounds: int = 0, pushes: dict[int, int] | None = None) -> None:
+        """Copy this worker's shard to the driver: its ``key``-th copy of the stage, holding
+        ``rounds`` rounds and ``pushes`` pushes per worker of it; once per key."""
+        if key == self.mirrored:
             return
         started = time.perf_counter()
-        self.driver.mirror(round, self.store.center, self.bounds[self.worker][0])
+        self.driver.mirror(key, self.store.center, self.bounds[self.worker][0], rounds, pushes)
         self.mirror_seconds += time.perf_counter() - started
-        self.mirrored = round
+        self.mirrored = key
+
+    def fence_and_mirror(self, key: int) -> None:
+        """Wait until every worker sent its last push before fence ``key`` to this shard, then
+        mirror it with the pushes it holds (the asynchronous engines' epoch end)."""
+        started = time.perf_counter()
+        futures = self._each_peer(lambda client, start, stop: client.fence(key))
+        self.store.fence(key, self.worker, wait=True)
+        for future in futures.values():
+            future.result()
+        self.mirror_seconds += time.perf_counter() - started
+        self.mirror(key, pushes=dict(self.store.worker_pushes))
 
     @property
     def stop_requested(self) -> bool:
@@ -165,8 +217,11 @@ class ShardedCenter:
         return self.store.stop_requested or any(c.stop_requested for c in self.peers.values())
 
     def announce_stop(self) -> None:
-        """Tell every shard that training stops: the rounds waiting on this worker complete with
-        the center as it is, on every shard alike."""
+        """Tell every shard that training stops (once): the rounds waiting on this worker complete
+        with the center as it is, on every shard alike."""
+        if self._stop_announced:
+            return
+        self._stop_announced = True
         self.store.request_stop()
         for client in self.peers.values():
             client.stop()
@@ -179,15 +234,18 @@ class ShardedCenter:
             with ParameterClient(self.urls[peer], self.secret, self.worker, timeout=10) as fresh:
                 fresh.report_failure(message)
 
-    def traffic(self) -> dict[str, float]:
-        """Megabytes to and from the peers' shards and through this worker's own shard server."""
+    def figures(self) -> dict[str, Any]:
+        """Megabytes to and from the peers' shards and through this worker's own shard server,
+        and what its shard counted (pushes' staleness, overlapping writes, refusals)."""
         figures = self.store.stats()
+        shard = {k: figures[k] for k in ("staleness", "overlapping_writes", "refused_total")}
         return {
             "peer_mb_sent": sum(c.bytes_sent for c in self.peers.values()) / 1e6,
             "peer_mb_received": sum(c.bytes_received for c in self.peers.values()) / 1e6,
             "shard_mb_in": figures["mb_in"],
             "shard_mb_out": figures["mb_out"],
             "mirror_seconds": self.mirror_seconds,
+            **({"shard": shard} if self.store.rule is not None else {}),
         }
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,8 +100,10 @@ class ParameterStore:
         # A sharded center (see `publish_shard` and `mirror`): the shard servers' addresses of
         # this stage, the mirrored shards of rounds not yet whole, the rounds earlier stages held.
         self._shard_urls: dict[int, str] = {}
-        self._mirrors: dict[int, dict[int, np.ndarray]] = {}
-        self._rounds_before_stage = 0
+        self._mirrors: dict[int, dict[int, tuple[np.ndarray, int, dict[int, int]]]] = {}
+        self._mirrored_key = -1
+        self._before_stage: tuple[int, dict[int, int]] = (0, {})  # rounds, pushes per worker
+        self._fences: dict[int, set[int]] = {}
 
     # -- counters: changed under the lock, since every request thread changes them ---------
     def count(self, name: str, n: int = 1) -> None:
@@ -361,17 +363,26 @@ class ParameterStore:
                 self._cond.wait(remaining)
             return [self._shard_urls[w] for w in range(self.num_workers)]
 
-    def mirror(self, worker: int, round: int, offset: int, values: np.ndarray) -> bool:
-        """Take ``worker``'s copy of its shard of the center after ``round`` rounds of this stage.
+    def mirror(
+        self,
+        worker: int,
+        key: int,
+        offset: int,
+        values: np.ndarray,
+        rounds: int,
+        pushes: Mapping[int, int] | None = None,
+    ) -> bool:
+        """Take ``worker``'s copy of its shard of the center, the ``key``-th of this stage, which
+        holds ``rounds`` rounds and ``pushes[w]`` pushes of each worker ``w`` of this stage.
 
-        When every shard of a round has arrived, they become the center, and the completed rounds
-        it holds (what a restart resumes from) are the earlier stages' plus ``round``. Returns
-        whether this copy completed the round.
+        When every shard of ``key`` has arrived they become the center, and what it holds (what a
+        restart resumes from) is the earlier stages' plus the least any shard holds. Returns
+        whether this copy completed the center.
 
         Raises:
             WireFormatError: the shard is not the worker's (offset or length, 400) or holds NaN or
                 Inf (422).
-            ParameterServerError: the round is older than the last completed one (409).
+            ParameterServerError: ``key`` is not newer than the last complete one (409).
         """
         self._check_worker(worker)
         start, stop = shard_bounds(self.size, self.num_workers)[worker]
@@ -383,22 +394,62 @@ class ParameterStore:
             )
         values = self._finite(values, "The mirrored shard")
         with self._cond:
-            held = self.counters["rounds"] - self._rounds_before_stage
-            if round < held:
+            if key <= self._mirrored_key:
                 raise ParameterServerError(
-                    f"Round {round} is older than the center's ({held} rounds this stage).", 409
+                    f"Mirror {key} is not newer than the center's ({self._mirrored_key}).", 409
                 )
-            shards = self._mirrors.setdefault(round, {})
-            shards[worker] = values.copy()
+            shards = self._mirrors.setdefault(key, {})
+            shards[worker] = (values.copy(), rounds, dict(pushes or {}))
             if len(shards) < self.num_workers:
                 return False
-            self._center = np.concatenate([shards[w] for w in range(self.num_workers)])
+            self._center = np.concatenate([shards[w][0] for w in range(self.num_workers)])
             self.version += 1
-            self.counters["rounds"] = self._rounds_before_stage + round
+            rounds_before, pushes_before = self._before_stage
+            self.counters["rounds"] = rounds_before + min(r for _, r, _ in shards.values())
+            for w in {w for _, _, held in shards.values() for w in held}:
+                self.worker_pushes[w] = pushes_before.get(w, 0) + min(
+                    held.get(w, 0) for _, _, held in shards.values()
+                )
+            self.counters["updates"] = sum(self.worker_pushes.values())
             self.counters["mirrors"] += 1
-            for old in [r for r in self._mirrors if r <= round]:
+            self._mirrored_key = key
+            for old in [k for k in self._mirrors if k <= key]:
                 del self._mirrors[old]
             return True
+
+    def fence(self, key: int, worker: int, wait: bool, timeout: float | None = None) -> None:
+        """``worker`` sent everything it sends before fence ``key``; with ``wait``, wait until
+        every worker has (a shard's owner then holds their last pushes, and mirrors them).
+
+        Raises:
+            BarrierTimeoutError: the fence did not fill in time, or a worker failed.
+        """
+        self._check_worker(worker)
+        deadline = time.monotonic() + (self.barrier_timeout if timeout is None else timeout)
+        with self._cond:
+            arrived = self._fences.setdefault(key, set())
+            arrived.add(worker)
+            self._cond.notify_all()
+            while wait and len(arrived) < self.num_workers:
+                missing = [w for w in range(self.num_workers) if w not in arrived]
+                if self._closed:
+                    raise RoundClosedError("The parameter server is shutting down.", 503)
+                if self.failures:
+                    raise BarrierTimeoutError(
+                        f"Fence {key} cannot complete: worker(s) {sorted(self.failures)} failed.",
+                        key,
+                        tuple(missing),
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BarrierTimeoutError(
+                        f"Fence {key} timed out waiting for worker(s) {missing}.",
+                        key,
+                        tuple(missing),
+                    )
+                self._cond.wait(remaining)
+            for old in [k for k in self._fences if k < key]:
+                del self._fences[old]
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
@@ -481,7 +532,9 @@ class ParameterStore:
             self._rounds.clear()
             self._shard_urls.clear()
             self._mirrors.clear()
-            self._rounds_before_stage = self.counters["rounds"]
+            self._fences.clear()
+            self._mirrored_key = -1
+            self._before_stage = (self.counters["rounds"], dict(self.worker_pushes))
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -191,17 +191,30 @@ class ParameterClient:
         returns their addresses in worker order."""
         return list(self.post_json("/v1/shards", {"url": url})["shards"])
 
-    def mirror(self, round: int, values: np.ndarray, offset: int) -> bool:
-        """Send this worker's copy of its shard (elements ``offset`` on) after ``round`` rounds;
-        returns whether it completed the round's center."""
+    def mirror(
+        self,
+        key: int,
+        values: np.ndarray,
+        offset: int,
+        rounds: int = 0,
+        pushes: dict[int, int] | None = None,
+    ) -> bool:
+        """Send this worker's ``key``-th copy of its shard (elements ``offset`` on), holding
+        ``rounds`` rounds and ``pushes`` per worker of this stage; returns whether it completed
+        the center."""
+        fields: dict[str, Any] = {"offset": offset, "rounds": rounds}
+        if pushes:
+            fields["pushes"] = {str(w): n for w, n in pushes.items()}
         status, content_type, data = self.request(
-            "POST",
-            f"/v1/center/{round}",
-            wire.encode(values, [values.shape], offset=offset),
+            "POST", f"/v1/center/{key}", wire.encode(values, [values.shape], **fields)
         )
         if status != 200:
             _raise_for(status, content_type, data)
         return bool(json.loads(data).get("committed"))
+
+    def fence(self, key: int) -> None:
+        """Tell the server this worker sent everything it sends before fence ``key``."""
+        self._json("POST", f"/v1/fences/{key}", b"{}")
 
     def report_failure(self, message: str) -> None:
         """Tell the server this worker failed, so no barrier waits for it. Never raises."""

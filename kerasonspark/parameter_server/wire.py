@@ -41,6 +41,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "VERSION",
     "decode",
+    "dtype_name",
     "encode",
     "encoded_size",
     "flatten",
@@ -95,6 +96,22 @@ def to_bfloat16(flat: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def dtype_name(flat: np.ndarray) -> str:
+    """The wire's name of ``flat``'s dtype: ``float32``, ``float16`` or ``bfloat16`` (uint16 bits).
+
+    Raises:
+        WireFormatError: another dtype.
+    """
+    name = next(
+        (n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None
+    )
+    if name is None:
+        raise WireFormatError(
+            f"Expected a float32, float16 or bfloat16 (uint16) array. Received: dtype={flat.dtype}."
+        )
+    return name
+
+
 def as_float32(flat: np.ndarray, dtype: str) -> np.ndarray:
     """A decoded payload as float32 (no copy when it already is)."""
     if dtype == "bfloat16":
@@ -114,22 +131,14 @@ def encode(
     Raises:
         WireFormatError: ``flat`` has the wrong dtype or size for ``shapes``.
     """
-    dtype_name = next(
-        (n for n, d in DTYPES.items() if flat.dtype == d or flat.dtype == d.newbyteorder("=")), None
-    )
-    if dtype_name is None:
-        raise WireFormatError(
-            f"Expected a float32, float16 or bfloat16 (uint16) array. Received: dtype={flat.dtype}."
-        )
+    name = dtype_name(flat)
     shapes = [tuple(int(d) for d in s) for s in shapes]
     if flat.ndim != 1 or flat.size != shapes_size(shapes):
         raise WireFormatError(
             f"Expected a flat array of {shapes_size(shapes)} elements for shapes {shapes}. "
             f"Received: shape={flat.shape}."
         )
-    header = json.dumps(
-        {"dtype": dtype_name, "shapes": shapes, **fields}, separators=(",", ":")
-    ).encode()
+    header = json.dumps({"dtype": name, "shapes": shapes, **fields}, separators=(",", ":")).encode()
     padding = -(_PREFIX.size + len(header)) % 8
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"\0" * padding
     payload = np.ascontiguousarray(flat)
@@ -173,8 +182,8 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
         raise WireFormatError(
             f"The header must be a JSON object. Received: {type(header).__name__}."
         )
-    dtype_name = header.get("dtype")
-    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    named = header.get("dtype")
+    dtype = DTYPES.get(named) if isinstance(named, str) else None
     if dtype is None:
         raise WireFormatError(
             f"Expected header dtype in {sorted(DTYPES)}. Received: dtype={header.get('dtype')!r}."
