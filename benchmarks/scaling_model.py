@@ -32,8 +32,11 @@ which the workers, started together by the training stage, all exchange at once
 (:func:`in_phase_seconds`). ``c`` (one for all
 engines) and each engine's ``o`` come from the unshaped runs; every shaped run is a prediction,
 checked against its measurement (the unshaped ones are shown too: their error is the model's fit).
-The projection to 4-64 workers gives each worker its own machine (no CPU sharing)
-and the driver one link of 1 or 10 Gbit/s at the goodput TCP reached through the 1 Gbit/s shaper.
+The projection to 4-256 workers gives each worker its own machine (no CPU sharing)
+and the driver one link of 1, 10 or 25 Gbit/s at the goodput TCP reached through the 1 Gbit/s
+shaper; beside the driver-hosted center it projects the sharded one (:func:`predict_sharded`,
+whose exchange ``benchmarks/sharded_center.py`` measures on 2 to 6 emulated hosts), where each
+worker's link is its own.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ CONFIGS = {  # name -> (backend, options)
     "async-bf16": ("async", {"delta_dtype": "bfloat16"}),
     "hogwild": ("hogwild", {}),
 }
-PROJECTED_WORKERS = [4, 8, 16, 32, 64]
+PROJECTED_WORKERS = [4, 8, 16, 32, 64, 128, 256]
+PROJECTED_LINKS = [1, 10, 25]  # Gbit/s
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -108,6 +112,23 @@ def predict(
     steady = workers / throughput  # seconds of one worker's cycle
     first = in_phase_seconds(think, stations, workers)
     return workers * samples_per_exchange * exchanges / (first + (exchanges - 1) * steady)
+
+
+def predict_sharded(costs: Costs, workers: int, goodput: float, overlap: bool = False) -> float:
+    """Samples per second of ``workers`` workers, each on a machine of its own with a link of
+    ``goodput`` bytes/s, exchanging through a center sharded over them
+    (``benchmarks/sharded_center.py`` checks the exchange's part on emulated hosts).
+
+    A worker's exchange sends ``(N - 1) / N`` of what it sends the driver today to its peers and
+    receives as much back, full duplex; its own shard applies every worker's part of an exchange,
+    ``a`` in all; no link or lock is shared by all workers, so nothing queues as N grows. With
+    ``overlap`` (the asynchronous engines' option) the exchange travels while the next window
+    computes: a cycle is the longer of the two.
+    """
+    think = costs.steps * BATCH * costs.compute + costs.client
+    exchange = costs.apply + (costs.up + costs.down) * (workers - 1) / workers / goodput
+    cycle = max(think, exchange) if overlap else think + exchange
+    return workers * costs.steps * BATCH / cycle
 
 
 def in_phase_seconds(think: float, stations: list[float], workers: int) -> float:
@@ -211,16 +232,28 @@ def report(measured: dict) -> None:
         "Gbit/s shaper):\n"
     )
     header = " | ".join(f"N={n}" for n in PROJECTED_WORKERS)
-    print(f"| engine | link | {header} | limit N |")
-    print("|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
+    print(f"| engine | center | link | {header} | limit N |")
+    print("|---|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
     for name, c in costs.items():
-        for gbit in (1, 10):
-            goodput = gbit * 1e9 / 8 * fraction
-            alone = 1 / c.compute
-            cells = " | ".join(
-                f"{predict(c, n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS
+        alone = 1 / c.compute
+        centers = [("driver", lambda n, g, c=c: predict(c, n, g), True)]
+        centers.append(("sharded", lambda n, g, c=c: predict_sharded(c, n, g), False))
+        if not c.barrier:
+            centers.append(
+                ("sharded, overlap", lambda n, g, c=c: predict_sharded(c, n, g, True), False)
             )
-            print(f"| {name} | {gbit} Gbit/s | {cells} | {limit_workers(c, goodput):.0f} |")
+        for center, samples_per_second, limited in centers:
+            for gbit in PROJECTED_LINKS:
+                goodput = gbit * 1e9 / 8 * fraction
+                cells = " | ".join(
+                    f"{samples_per_second(n, goodput) / (n * alone):.0%}" for n in PROJECTED_WORKERS
+                )
+                limit = f"{limit_workers(c, goodput):.0f}" if limited else "none"
+                print(f"| {name} | {center} | {gbit} Gbit/s | {cells} | {limit} |")
+    print(
+        "\nsharded: each worker's link carries 2 (N - 1) / N of a model per exchange, whatever N "
+        "is; no station\nis shared by all workers, so no N limits it."
+    )
     print(
         "\nlimit N: for sync, the workers at which a round's exchanges through the driver's link "
         "take as long as\nits compute (efficiency 1/2); for the asynchronous engines, the "

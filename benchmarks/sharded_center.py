@@ -11,20 +11,37 @@ rounds per worker, ``sync_every=1``, with each center in turn. The model is one 
 the exchange is what is measured. Prints, per run, the mean seconds per exchange over the
 workers (``exchange_seconds / rounds``), samples per second of the slowest worker, and the bytes
 each link carried per round: the driver's (in + out) and the busiest worker's.
+
+Then the model (:func:`predicted_exchange`), against every measurement: a round moves ``M`` bytes
+(the model) through links of the measured TCP goodput ``B`` (a bulk transfer between two hosts at
+each rate), plus ``o``, the CPU a round costs a worker (copies, encoding, the averaging), which
+the ``N`` workers' processes share with each other on this machine's cores:
+
+- driver-hosted: every worker's weights in through the driver's link, then every average out,
+  ``o(N) + 2 N M / B``;
+- sharded: each worker sends ``(N - 1) / N`` of its weights to the peers while its own shard
+  receives as much, then the averages go back the same way, ``o(N) + 2 (N - 1) / N * M / B``;
+
+with ``o(N) = o * max(1, N / cores)``, ``o`` calibrated once per center on the 2-host, 1 Gbit/s
+run; every other point is a prediction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from emulated_cluster import driver_session, emulated_cluster, run_driver
+from emulated_hosts import goodput
 
 CENTERS = ("driver", "sharded")
 BATCH = 8
 FEATURES = 1024
+MODEL_BYTES = 4 * (FEATURES * FEATURES + FEATURES + FEATURES * 10 + 10)
 
 
 def dense_model():  # -> keras.Model
@@ -91,6 +108,67 @@ def drive(master: str, address: str, workers: int, rounds: int, centers: list[st
     spark.stop()
 
 
+def predicted_exchange(center: str, workers: int, goodput: float, cpu: float, cores: int) -> float:
+    """Seconds per exchange of ``workers`` workers through links of ``goodput`` bytes/s, ``cpu``
+    seconds of a worker's own work per round when it has a core to itself."""
+    shared = cpu * max(1.0, workers / cores)
+    if center == "driver":
+        return shared + 2 * workers * MODEL_BYTES / goodput
+    return shared + 2 * (workers - 1) / workers * MODEL_BYTES / goodput
+
+
+def report(runs: list[dict], goodputs: dict[str, float], cores: int) -> None:
+    """Measured against predicted seconds per exchange, every run; the table by host count."""
+    calibration = {
+        run["center"]: run
+        for run in runs
+        if run["workers"] == min(r["workers"] for r in runs) and run["rate"] == runs[0]["rate"]
+    }
+    cpu = {
+        center: max(
+            run["exchange_seconds"]
+            - predicted_exchange(center, run["workers"], goodputs[run["rate"]], 0, cores),
+            0.0,
+        )
+        * min(1.0, cores / run["workers"])
+        for center, run in calibration.items()
+    }
+    print(
+        "\nLink goodput (MB/s): "
+        + ", ".join(f"{rate} {value / 1e6:.0f}" for rate, value in goodputs.items())
+        + "; CPU per round (s, calibrated at "
+        + f"{runs[0]['workers']} hosts, {runs[0]['rate']}): "
+        + ", ".join(f"{center} {value:.4f}" for center, value in cpu.items())
+    )
+    print("\n| link | center | hosts | measured s | predicted s | error | samples/s |")
+    print("|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for run in sorted(runs, key=lambda r: (r["rate"], r["center"], r["workers"])):
+        predicted = predicted_exchange(
+            run["center"], run["workers"], goodputs[run["rate"]], cpu[run["center"]], cores
+        )
+        error = predicted / run["exchange_seconds"] - 1
+        if run is not calibration.get(run["center"]):
+            worst = max(worst, abs(error))
+        print(
+            f"| {run['rate']} | {run['center']} | {run['workers']} | "
+            f"{run['exchange_seconds']:.3f} | {predicted:.3f} | {error:+.1%} | "
+            f"{run['samples_per_second']:,.0f} |"
+        )
+    print(f"\nLargest error of a prediction: {worst:.1%}")
+    hosts = sorted({run["workers"] for run in runs})
+    table: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        table[run["rate"], run["center"]][run["workers"]].append(run["exchange_seconds"])
+    print("\nseconds per exchange (median over repeats)\n")
+    print("| link | center | " + " | ".join(f"N={n}" for n in hosts) + " | N=max / N=min |")
+    print("|---|---|" + "---|" * (len(hosts) + 1))
+    for (rate, center), by_n in sorted(table.items()):
+        values = [statistics.median(by_n[n]) for n in hosts if by_n.get(n)]
+        cells = " | ".join(f"{v:.3f}" for v in values)
+        print(f"| {rate} | {center} | {cells} | {values[-1] / values[0]:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, nargs="+", default=[2, 3, 4, 6])
@@ -98,19 +176,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="rounds per run")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every point, interleaved")
     parser.add_argument("--out", help="write every run to this JSON file")
+    parser.add_argument("--from", dest="source", help="report the runs of this JSON file")
     parser.add_argument("--drive", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
         master, address, workers, rounds, centers = args.drive
         drive(master, address, int(workers), int(rounds), centers.split(","))
         return
+    if args.source:
+        measured = json.loads(Path(args.source).read_text())
+        report(measured["runs"], measured["goodput"], measured.get("cores", os.cpu_count() or 1))
+        return
     runs: list[dict] = []
+    goodputs: dict[str, float] = {}
     for hosts in args.hosts:
         with emulated_cluster(workers=hosts, memory="1500m") as (network, cluster):
             driver_host = network.hosts[0]
             for repeat in range(args.repeat):
                 for rate in args.rates:
                     network.shape(None if rate == "none" else rate)
+                    if rate not in goodputs:
+                        goodputs[rate] = goodput(network.hosts[1], network.hosts[2])
                     for line in run_driver(
                         driver_host,
                         __file__,
@@ -131,18 +217,8 @@ def main() -> None:
                             flush=True,
                         )
     if args.out:
-        with open(args.out, "w") as out:
-            json.dump(runs, out, indent=1)
-    table: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        table[run["rate"], run["center"]][run["workers"]].append(run["exchange_seconds"])
-    print("\nseconds per exchange (median over repeats)")
-    print("| link | center | " + " | ".join(f"N={n}" for n in args.hosts) + " | N=max / N=min |")
-    print("|---|---|" + "---|" * (len(args.hosts) + 1))
-    for (rate, center), by_n in sorted(table.items()):
-        values = [statistics.median(by_n[n]) for n in args.hosts if by_n.get(n)]
-        cells = " | ".join(f"{v:.3f}" for v in values)
-        print(f"| {rate} | {center} | {cells} | {values[-1] / values[0]:.2f}x |")
+        Path(args.out).write_text(json.dumps({"runs": runs, "goodput": goodputs}, indent=1))
+    report(runs, goodputs, os.cpu_count() or 1)
 
 
 if __name__ == "__main__":
