@@ -3,7 +3,7 @@ the run survive.
 
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend async
     python benchmarks/fault_drill.py --data ../shared/data/mnist --backend sync --repeat 3
-    python benchmarks/fault_drill.py --data ../shared/data/mnist --backend sync --center driver
+    python benchmarks/fault_drill.py --data ../shared/data/mnist --backend async --center sharded
     python benchmarks/fault_drill.py --data ../shared/data/mnist --kill driver
 
 Starts a real Spark standalone cluster on this machine (``--workers`` workers of one core each),
@@ -90,11 +90,13 @@ def _load(args: argparse.Namespace):
 def _trainer(args: argparse.Namespace, spark, **extra):
     from kerasonspark import SparkTrainer, mnist_cnn
 
-    options = (
-        {"sync_every": 16, "center": args.center, "mirror_every": args.mirror_every}
+    options: dict = (
+        {"sync_every": 16, "mirror_every": args.mirror_every}
         if args.backend == "sync"
         else {"window": 5}
     )
+    if args.center != "auto":
+        options["center"] = args.center
     return SparkTrainer(
         mnist_cnn(seed=0),
         backend=args.backend,
@@ -148,7 +150,7 @@ def kill_a_worker(args: argparse.Namespace, spark, data, test, catcher: StatsPag
     thread.join(timeout=5)
     stats = result.stats
     return {
-        "center": stats.get("sync", {}).get("center"),
+        "center": stats[args.backend].get("center"),
         "completed": len(result.history["loss"]) == args.epochs,
         "restarts": stats["restarts"],
         "lost_steps": stats["lost_steps"],
@@ -295,7 +297,7 @@ def main() -> None:
         "--center",
         default="auto",
         choices=("auto", "driver", "sharded"),
-        help="sync's center (auto: sharded from 3 workers)",
+        help="the center (auto: the engine's default, sharded for sync, the driver's for async)",
     )
     parser.add_argument(
         "--mirror-every", type=int, default=2, help="sync's rounds between mirrors (sharded)"

@@ -28,6 +28,15 @@ DRIVER_ONLY = (
 )
 
 
+# What serving a shard loads in a Spark worker (and only then).
+SERVES_A_SHARD = (
+    "flask",
+    "werkzeug",
+    "kerasonspark.parameter_server._app",
+    "kerasonspark.parameter_server._server",
+)
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -175,32 +184,42 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
 
     from conftest import make_blobs, small_model
 
-    x, y = make_blobs(200)
-    for backend in ("sync", "async"):
-        trainer = SparkTrainer(
-            small_model(),
-            backend=backend,
-            num_workers=2,
-            epochs=1,
-            batch_size=16,
-            spark=spark,
-            verbose=0,
-        )
-        trainer.fit(x, y)
-    assert trainer.evaluate(x, y)["accuracy"] > 0.5
-    assert len(trainer.predict(x[:8]).collect()) == 8
-    trainer.close()
-
     def held(_):
         import sys as worker_sys
 
         yield sorted(worker_sys.modules)
 
-    per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
-    # the workers that trained
-    assert all("kerasonspark._executor" in names for names in per_worker)
-    leaked = {name for names in per_worker for name in names if name.startswith(DRIVER_ONLY)}
-    assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
+    x, y = make_blobs(200)
+    # A sharded center serves from the workers, so it loads the server there, and nothing else.
+    for runs, allowed in [
+        ([("sync", {"center": "driver"}), ("async", {})], ()),
+        ([("sync", {"center": "sharded"})], SERVES_A_SHARD),
+    ]:
+        for backend, options in runs:
+            trainer = SparkTrainer(
+                small_model(),
+                backend=backend,
+                num_workers=2,
+                epochs=1,
+                batch_size=16,
+                spark=spark,
+                verbose=0,
+                backend_options=options,
+            )
+            trainer.fit(x, y)
+        assert trainer.evaluate(x, y)["accuracy"] > 0.5
+        assert len(trainer.predict(x[:8]).collect()) == 8
+        trainer.close()
+        per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
+        # the workers that trained
+        assert all("kerasonspark._executor" in names for names in per_worker)
+        leaked = {
+            name
+            for names in per_worker
+            for name in names
+            if name.startswith(DRIVER_ONLY) and not name.startswith(allowed)
+        }
+        assert not leaked, f"Spark workers hold driver-side modules: {sorted(leaked)}"
 
 
 def test_library_code_logs_through_the_kerasonspark_logger_only():

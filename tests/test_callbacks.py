@@ -309,7 +309,7 @@ class StopAtFirstReport(keras.callbacks.Callback):
 @pytest.mark.parametrize(
     "backend,options",
     [
-        ("sync", {"sync_every": 4}),
+        ("sync", {"sync_every": 4, "center": "driver"}),
         # no round meets on the driver: the stop reaches the workers in a progress report's answer
         ("sync", {"sync_every": 4, "center": "sharded", "barrier_timeout": 30}),
         ("async", {"window": 4}),

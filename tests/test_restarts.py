@@ -27,7 +27,7 @@ def _data():
     "backend,options",
     # hogwild restarts as async does: the same exchange, the server's lock aside
     [
-        ("sync", {"sync_every": 4}),
+        ("sync", {"sync_every": 4, "center": "driver"}),
         # the lost worker's shard comes back from the driver's mirror, 2 rounds old at most
         ("sync", {"sync_every": 4, "center": "sharded", "mirror_every": 2}),
         ("async", {"window": 4}),
