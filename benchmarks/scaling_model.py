@@ -42,6 +42,7 @@ worker's link is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -52,7 +53,9 @@ from emulated_cluster import BATCH, driver_session, emulated_cluster, run_driver
 
 RATES = ["none", "10gbit", "1gbit", "100mbit"]
 CONFIGS = {  # name -> (backend, options)
-    "sync": ("sync", {}),
+    "sync": ("sync", {"center": "driver"}),
+    # the driver-hosted sync's costs, exchanged through a center sharded over the workers
+    "sync-sharded": ("sync", {"center": "sharded"}),
     "async": ("async", {}),
     "async-bf16": ("async", {"delta_dtype": "bfloat16"}),
     "hogwild": ("hogwild", {}),
@@ -76,6 +79,7 @@ class Costs:
     down: float  # bytes it receives
     serial_apply: bool = True  # pushes apply one at a time (False: hogwild)
     barrier: bool = False  # sync: every worker waits for the round
+    sharded: bool = False  # the center is sharded over the workers (see predict_sharded)
 
 
 def predict(
@@ -91,6 +95,8 @@ def predict(
     ``exchanges``: each worker's exchanges in the run, for an asynchronous engine's start-up (see
     :func:`in_phase_seconds`); ``None`` for the steady state alone.
     """
+    if costs.sharded:
+        return predict_sharded(costs, workers, goodput, slowdown=slowdown)
     think = costs.steps * BATCH * costs.compute * slowdown + costs.client * slowdown
     apply = costs.apply * slowdown
     inbound, outbound = costs.up / goodput, costs.down / goodput
@@ -114,7 +120,9 @@ def predict(
     return workers * samples_per_exchange * exchanges / (first + (exchanges - 1) * steady)
 
 
-def predict_sharded(costs: Costs, workers: int, goodput: float, overlap: bool = False) -> float:
+def predict_sharded(
+    costs: Costs, workers: int, goodput: float, overlap: bool = False, slowdown: float = 1.0
+) -> float:
     """Samples per second of ``workers`` workers, each on a machine of its own with a link of
     ``goodput`` bytes/s, exchanging through a center sharded over them
     (``benchmarks/sharded_center.py`` checks the exchange's part on emulated hosts).
@@ -125,8 +133,8 @@ def predict_sharded(costs: Costs, workers: int, goodput: float, overlap: bool = 
     ``overlap`` (the asynchronous engines' option) the exchange travels while the next window
     computes: a cycle is the longer of the two.
     """
-    think = costs.steps * BATCH * costs.compute + costs.client
-    exchange = costs.apply + (costs.up + costs.down) * (workers - 1) / workers / goodput
+    think = (costs.steps * BATCH * costs.compute + costs.client) * slowdown
+    exchange = costs.apply * slowdown + (costs.up + costs.down) * (workers - 1) / workers / goodput
     cycle = max(think, exchange) if overlap else think + exchange
     return workers * costs.steps * BATCH / cycle
 
@@ -182,6 +190,16 @@ def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[s
             serial_apply=backend != "hogwild",
             barrier=backend == "sync",
         )
+    for name, (backend, options) in CONFIGS.items():
+        # a sharded center's costs are the driver-hosted ones (its 1-worker run exchanges
+        # nothing over a link: it has no peer)
+        if options.get("center") == "sharded" and name in costs:
+            driver = next(
+                n
+                for n, (b, o) in CONFIGS.items()
+                if b == backend and n in costs and o.get("center", "driver") == "driver"
+            )
+            costs[name] = dataclasses.replace(costs[driver], sharded=True)
     return costs, (sum(per_sample[2]) / len(per_sample[2])) / compute
 
 
@@ -235,6 +253,8 @@ def report(measured: dict) -> None:
     print(f"| engine | center | link | {header} | limit N |")
     print("|---|---|---|" + "---|" * len(PROJECTED_WORKERS) + "---|")
     for name, c in costs.items():
+        if c.sharded:
+            continue  # projected beside its driver-hosted engine below
         alone = 1 / c.compute
         centers = [("driver", lambda n, g, c=c: predict(c, n, g), True)]
         centers.append(("sharded", lambda n, g, c=c: predict_sharded(c, n, g), False))

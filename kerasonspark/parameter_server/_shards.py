@@ -7,13 +7,16 @@ publishes that address through the driver (``POST /v1/shards``), which answers o
 is known. A round then sends shard ``j`` of every worker's weights to its owner, which averages it
 weighted by samples and answers the average: a reduce-scatter and an all-gather in one request per
 peer, ``2 (n - 1) / n`` of the model in and out of each worker, whatever ``n`` is, and nothing
-through the driver.
+through the driver. The asynchronous engines push the same way: part ``j`` of every push to
+owner ``j``, whose shard applies the rule and answers its part of the weights to continue from.
 
 The driver keeps the control path (epochs, callbacks, progress, stop, the stats page) and a
-mirror of the center: each owner sends its shard every ``mirror_every`` rounds and at every epoch
-end (``POST /v1/center/<round>``), and the driver makes the center of them once all arrived. The
-epoch's center, backups, callbacks and a restart after a lost worker all read that mirror; a
-restart loses at most the rounds since the last one.
+mirror of the center: each owner sends its shard (``POST /v1/center/<key>``, with the rounds and
+the pushes of each worker it holds) every ``mirror_every`` rounds and at every epoch end
+(``sync``), or after an epoch-end fence that every worker passes on every shard (the
+asynchronous engines), and the driver makes the center of them once all arrived. The epoch's
+center, backups, callbacks and a restart after a lost worker all read that mirror; a restart
+loses at most what came after it.
 """
 
 from __future__ import annotations
