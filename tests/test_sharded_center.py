@@ -272,8 +272,16 @@ def test_a_peer_that_is_gone_fails_the_round_at_once_not_at_the_timeout(no_leake
 
 
 @pytest.mark.inprocess
-@pytest.mark.parametrize("backend", ["async", "hogwild"])
-def test_the_asynchronous_engines_push_shard_by_shard(backend, no_leaked_threads):
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("async", {}),
+        ("hogwild", {}),
+        # each push travels in the background while the next window trains
+        ("async", {"overlap": True}),
+    ],
+)
+def test_the_asynchronous_engines_push_shard_by_shard(backend, options, no_leaked_threads):
     x, y = make_blobs(1200)
     result = fit_in_process(
         backend,
@@ -284,7 +292,7 @@ def test_the_asynchronous_engines_push_shard_by_shard(backend, no_leaked_threads
         batch_size=16,
         num_workers=3,
         seed=0,
-        backend_options={"window": 4, "center": "sharded"},
+        backend_options={"window": 4, "center": "sharded", **options},
         validation_data=make_blobs(200, seed=0),
     )
     stats = result.stats
