@@ -57,6 +57,8 @@ CONFIGS = {  # name -> (backend, options)
     # the driver-hosted sync's costs, exchanged through a center sharded over the workers
     "sync-sharded": ("sync", {"center": "sharded"}),
     "async": ("async", {}),
+    "async-sharded": ("async", {"center": "sharded"}),
+    "async-sharded-overlap": ("async", {"center": "sharded", "overlap": True}),
     "async-bf16": ("async", {"delta_dtype": "bfloat16"}),
     "hogwild": ("hogwild", {}),
 }
@@ -80,6 +82,7 @@ class Costs:
     serial_apply: bool = True  # pushes apply one at a time (False: hogwild)
     barrier: bool = False  # sync: every worker waits for the round
     sharded: bool = False  # the center is sharded over the workers (see predict_sharded)
+    overlap: bool = False  # a sharded exchange travels while the next window computes
 
 
 def predict(
@@ -96,7 +99,7 @@ def predict(
     :func:`in_phase_seconds`); ``None`` for the steady state alone.
     """
     if costs.sharded:
-        return predict_sharded(costs, workers, goodput, slowdown=slowdown)
+        return predict_sharded(costs, workers, goodput, costs.overlap, slowdown)
     think = costs.steps * BATCH * costs.compute * slowdown + costs.client * slowdown
     apply = costs.apply * slowdown
     inbound, outbound = costs.up / goodput, costs.down / goodput
@@ -194,12 +197,17 @@ def calibrate(runs: list[dict], apply_seconds: dict[str, float]) -> tuple[dict[s
         # a sharded center's costs are the driver-hosted ones (its 1-worker run exchanges
         # nothing over a link: it has no peer)
         if options.get("center") == "sharded" and name in costs:
+            plain = {k: v for k, v in options.items() if k not in ("center", "overlap")}
             driver = next(
                 n
                 for n, (b, o) in CONFIGS.items()
-                if b == backend and n in costs and o.get("center", "driver") == "driver"
+                if b == backend
+                and n in costs
+                and {**o, "center": "driver"} == {**plain, "center": "driver"}
             )
-            costs[name] = dataclasses.replace(costs[driver], sharded=True)
+            costs[name] = dataclasses.replace(
+                costs[driver], sharded=True, overlap=bool(options.get("overlap"))
+            )
     return costs, (sum(per_sample[2]) / len(per_sample[2])) / compute
 
 
