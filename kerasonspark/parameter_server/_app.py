@@ -325,15 +325,18 @@ def _worker_id() -> int:
     return request.environ["kerasonspark.worker"]
 
 
-def _read_update() -> tuple[dict, np.ndarray]:
+def _read_message() -> tuple[dict, np.ndarray]:
     if request.mimetype != wire.CONTENT_TYPE:
         raise ParameterServerError(
             f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
         )
     header, flat = wire.decode(request.environ["kerasonspark.body"])
-    return header, _state().store.check_update(
-        header["shapes"], wire.as_float32(flat, header["dtype"])
-    )
+    return header, wire.as_float32(flat, header["dtype"])
+
+
+def _read_update() -> tuple[dict, np.ndarray]:
+    header, values = _read_message()
+    return header, _state().store.check_update(header["shapes"], values)
 
 
 def _int_field(header: dict, name: str, default: int | None = None) -> int:
@@ -428,12 +431,7 @@ def publish_shard() -> Response:
 
 @api.post("/center/<count:key>")
 def mirror(key: int) -> Response:
-    if request.mimetype != wire.CONTENT_TYPE:
-        raise ParameterServerError(
-            f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
-        )
-    header, flat = wire.decode(request.environ["kerasonspark.body"])
-    values = wire.as_float32(flat, header["dtype"])
+    header, values = _read_message()
     pushes = header.get("pushes", {})
     if not isinstance(pushes, dict) or len(pushes) > MAX_WORKERS:
         raise ParameterServerError("Field `pushes` must be an object of worker ids to counts.", 400)

@@ -188,7 +188,7 @@ class ShardedCenter:
         def own(start: int, stop: int) -> tuple[np.ndarray, int]:
             part = wire.as_float32(update[start:stop], wire.dtype_name(update))
             reply, _, staleness = self.store.push(self.worker, part, window, samples)
-            return reply.copy(), staleness
+            return reply, staleness  # copied into the whole by the concatenation
 
         pieces = self._gather(own, self._each_peer(remote))
         return np.concatenate([p[0] for p in pieces]), [p[1] for p in pieces]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -341,26 +341,16 @@ class ParameterStore:
                 )
             self._shard_urls[worker] = url
             self._cond.notify_all()
-            while len(self._shard_urls) < self.num_workers:
-                if self._closed:
-                    raise RoundClosedError("The parameter server is shutting down.", 503)
-                if self.failures:
-                    raise BarrierTimeoutError(
-                        f"The shard servers cannot all start: worker(s) {sorted(self.failures)} "
-                        "failed.",
-                        -1,
-                        tuple(w for w in range(self.num_workers) if w not in self._shard_urls),
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    missing = [w for w in range(self.num_workers) if w not in self._shard_urls]
-                    raise BarrierTimeoutError(
-                        f"Worker(s) {missing} did not publish their shard's address within "
-                        f"{timeout:g} s.",
-                        -1,
-                        tuple(missing),
-                    )
-                self._cond.wait(remaining)
+            self._wait_for_every_worker(
+                self._shard_urls.keys(),
+                "The shard servers' directory",
+                -1,
+                deadline,
+                lambda missing: (
+                    f"Worker(s) {missing} did not publish their shard's address "
+                    f"within {timeout:g} s."
+                ),
+            )
             return [self._shard_urls[w] for w in range(self.num_workers)]
 
     def mirror(
@@ -430,26 +420,46 @@ class ParameterStore:
             arrived = self._fences.setdefault(key, set())
             arrived.add(worker)
             self._cond.notify_all()
-            while wait and len(arrived) < self.num_workers:
-                missing = [w for w in range(self.num_workers) if w not in arrived]
-                if self._closed:
-                    raise RoundClosedError("The parameter server is shutting down.", 503)
-                if self.failures:
-                    raise BarrierTimeoutError(
-                        f"Fence {key} cannot complete: worker(s) {sorted(self.failures)} failed.",
-                        key,
-                        tuple(missing),
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BarrierTimeoutError(
-                        f"Fence {key} timed out waiting for worker(s) {missing}.",
-                        key,
-                        tuple(missing),
-                    )
-                self._cond.wait(remaining)
+            if wait:
+                self._wait_for_every_worker(
+                    arrived,
+                    f"Fence {key}",
+                    key,
+                    deadline,
+                    lambda missing: f"Fence {key} timed out waiting for worker(s) {missing}.",
+                )
             for old in [k for k in self._fences if k < key]:
                 del self._fences[old]
+
+    def _wait_for_every_worker(
+        self,
+        arrived: Collection[int],
+        what: str,
+        key: int,
+        deadline: float,
+        late: Callable[[list[int]], str],
+    ) -> None:
+        """Wait, holding the lock, until every worker is in ``arrived``; ``late(missing)`` says
+        why when the deadline passes.
+
+        Raises:
+            RoundClosedError: the store closed (503).
+            BarrierTimeoutError: a worker failed, or the deadline passed; names the missing.
+        """
+        while len(arrived) < self.num_workers:
+            missing = tuple(w for w in range(self.num_workers) if w not in arrived)
+            if self._closed:
+                raise RoundClosedError("The parameter server is shutting down.", 503)
+            if self.failures:
+                raise BarrierTimeoutError(
+                    f"{what} cannot complete: worker(s) {sorted(self.failures)} failed.",
+                    key,
+                    missing,
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BarrierTimeoutError(late(list(missing)), key, missing)
+            self._cond.wait(remaining)
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.num_workers:
