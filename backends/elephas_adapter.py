@@ -60,6 +60,8 @@ from kerasonspark.engine import (
     TrainingResult,
     WorkerReport,
     get_flat_weights,
+    global_step,
+    set_global_step,
 )
 
 __all__ = ["ElephasEngine", "ElephasOptions"]
@@ -287,6 +289,7 @@ class ElephasEngine(Engine):
         ]
         train_seconds, exchanges = 0.0, 0
         job.model.stop_training = False
+        step = global_step(job.model)
         callbacks.on_train_begin()
         for epoch in range(config.initial_epoch, config.epochs):
             callbacks.on_epoch_begin(epoch)
@@ -300,6 +303,8 @@ class ElephasEngine(Engine):
                 report.seconds += seconds
                 report.steps += math.ceil(report.samples / config.batch_size)
                 report.history.append({k: float(v[-1]) for k, v in (history or {}).items()})
+            step += sum(math.ceil(n / config.batch_size) for n in sizes)
+            set_global_step(job.model, step)  # Elephas's steps, for the callbacks below
             if validation is not None:
                 scores = job.model.evaluate(
                     *validation, batch_size=256, verbose=0, return_dict=True

@@ -461,14 +461,19 @@ class EpochGate:
             pass
 
     def end_epoch(
-        self, epoch: int, samples: int, metrics: dict[str, float], want_center: bool
+        self,
+        epoch: int,
+        samples: int,
+        metrics: dict[str, float],
+        want_center: bool,
+        steps: int = 0,
     ) -> np.ndarray | None:
-        """Arrive at the end of ``epoch`` and wait for every worker; the epoch's center if
-        wanted."""
+        """Arrive at the end of ``epoch`` after ``steps`` steps and wait for every worker; the
+        epoch's center if wanted."""
         started = time.perf_counter()
         if self._logs is not None and self._logs.lines:
             self.progress(epoch, samples, 0, lambda: metrics, force=True)
-        center = self.client.end_epoch(epoch, samples, metrics, want_center)
+        center = self.client.end_epoch(epoch, samples, metrics, want_center, steps)
         self.seconds += time.perf_counter() - started
         return center
 
@@ -681,7 +686,7 @@ def train_worker(
             continue
         trained = min(step * batch, len(order))
         center = gate.end_epoch(
-            epoch, trained, metrics, want_center=stopped or not exchange.holds_center
+            epoch, trained, metrics, want_center=stopped or not exchange.holds_center, steps=step
         )
         rows, scores = 0, {}
         if report.val_samples and validation is not None and gate.validates(epoch):

@@ -36,6 +36,26 @@ def get_flat_weights(model: keras.Model) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(flat), dtype=np.float32)
 
 
+def global_step(model: keras.Model) -> int:
+    """The step the model's optimizer has counted (``optimizer.iterations``; 0 without one)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return int(np.asarray(optimizer.iterations))
+
+
+def set_global_step(model: keras.Model, step: int) -> None:
+    """Set ``optimizer.iterations`` of the driver's model to a distributed run's global step.
+
+    The driver's model never runs an optimizer step itself; callbacks that read the step
+    (``ModelCheckpoint(save_freq=N)``, MLflow's ``MlflowCallback``, TensorBoard's
+    ``steps_per_second``) would otherwise see 0 for the whole run.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        optimizer.iterations.assign(int(step))
+
+
 def set_flat_weights(model: keras.Model, flat: np.ndarray) -> None:
     """Set the model's weights from a flat float32 array laid out as :func:`get_flat_weights`.
 

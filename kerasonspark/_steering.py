@@ -21,6 +21,11 @@ Which hooks fire when:
   ``model.stop_training`` here stops every worker at its next exchange;
 - ``on_train_end``: after the stage, with the final center in the model (so
   ``EarlyStopping(restore_best_weights=True)`` decides what ``fit`` returns).
+
+Before each hook the model's ``optimizer.iterations`` holds the run's global step: the steps of
+``batch_size`` every worker took, summed (what plain Keras counts on the same data), on top of
+the count the model had when ``fit`` began. ``ModelCheckpoint(save_freq=N)``, MLflow's
+``MlflowCallback`` and TensorBoard's batch summaries count those steps.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 
 from ._executor import learning_rate_of
 from ._progress import ProgressBar
-from ._serialization import get_flat_weights, set_flat_weights
+from ._serialization import get_flat_weights, global_step, set_flat_weights, set_global_step
 from .engine import TrainingJob, WorkerReport
 from .parameter_server._board import EpochBoard
 from .parameter_server._store import ParameterStore
@@ -182,6 +187,8 @@ class Steering:
         self.backup_seconds = 0.0
         self._reports_seen = 0
         self._bar_epoch = -1
+        self.first_step = 0  # the model's step when fit began
+        self.epoch_steps = 0  # every worker's steps in the epochs that ended
 
     @property
     def validates(self) -> bool:
@@ -197,6 +204,7 @@ class Steering:
         learning rate."""
         model, config = self.job.model, self.job.config
         model.stop_training = False
+        self.first_step = global_step(model)
         if self.backup is not None and self.backup.resumed is not None:
             # the history continues the backup's
             for (
@@ -303,6 +311,8 @@ class Steering:
         validation = weighted_mean([(r["rows"], r["scores"]) for r in ready.values()])
         logs.update({f"val_{k}": v for k, v in validation.items()})
         self.barrier_seconds += self.board.barrier_seconds(epoch)
+        self.epoch_steps += sum(int(a.get("steps", 0)) for a in arrivals.values())
+        self._step_to(0)
         set_flat_weights(model, self.board.center(epoch))
         self._timed(self.callbacks.on_epoch_end, epoch, logs)
         self.epochs_run += 1
@@ -383,12 +393,24 @@ class Steering:
         running = weighted_mean([(p.samples, p.metrics) for p in progress])
         if self.batch_hooks:
             batch = sum(p.steps for p in progress)
+            self._step_to(batch)
             set_flat_weights(self.job.model, self.store.center.copy())
             self._timed(self.callbacks.on_train_batch_begin, batch)
             self._timed(self.callbacks.on_train_batch_end, batch, running)
             if self.job.model.stop_training:
                 self.store.request_stop()
         self.bar.update(samples, {**running, **self._exchange_figures()})
+
+    def _step_to(self, in_epoch: int) -> None:
+        """Put the global step (``in_epoch`` steps into the current epoch) in the model, and in
+        TensorBoard's batch counter (it counts its own hook calls, once per step in Keras)."""
+        import keras
+
+        step = self.first_step + self.epoch_steps + in_epoch
+        set_global_step(self.job.model, step)
+        for cb in self.callbacks.callbacks:
+            if isinstance(cb, keras.callbacks.TensorBoard) and hasattr(cb, "_global_train_batch"):
+                cb._global_train_batch = step - 1  # its on_train_batch_begin adds the 1
 
     def _forward_logs(self) -> None:
         for worker, line in self.board.take_logs():
@@ -419,6 +441,7 @@ class Steering:
         """The figures of the run's epoch events, for ``stats["epoch_events"]``."""
         return {
             "epochs_run": self.epochs_run,
+            "global_step": self.first_step + self.epoch_steps,
             "stopped_early": self.stopped_early,
             "callback_seconds": self.callback_seconds,
             "epoch_barrier_seconds": self.barrier_seconds,

@@ -44,7 +44,13 @@ import numpy as np
 
 from ._config import TrainingConfig, check_positive_int
 from ._errors import ConfigurationError
-from ._serialization import ModelSpec, get_flat_weights, set_flat_weights
+from ._serialization import (
+    ModelSpec,
+    get_flat_weights,
+    global_step,
+    set_flat_weights,
+    set_global_step,
+)
 from .parameter_server._store import ParameterStore
 from .parameter_server.client import ParameterClient
 
@@ -74,9 +80,11 @@ __all__ = [
     "check_positive_int",
     "even_runs",
     "get_flat_weights",
+    "global_step",
     "parse_options",
     "resolve_backend",
     "set_flat_weights",
+    "set_global_step",
 ]
 
 logger = logging.getLogger(__name__)

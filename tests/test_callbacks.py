@@ -335,6 +335,46 @@ def test_a_stop_from_a_batch_hook_ends_the_epoch_early_on_every_worker(backend, 
     assert all(w["steps"] < full_epoch for w in result.stats["workers"])
 
 
+class StepRecorder(keras.callbacks.Callback):
+    """Reads ``optimizer.iterations`` where Keras's own step-counting callbacks read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_steps: list[int] = []
+        self.epoch_steps: list[int] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_steps.append(int(self.model.optimizer.iterations))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_steps.append(int(self.model.optimizer.iterations))
+
+
+@pytest.mark.inprocess
+@pytest.mark.parametrize("backend", ["sync", "async"])
+def test_callbacks_read_the_global_step_from_optimizer_iterations(backend, tmp_path):
+    x, y = make_blobs(12_000)
+    model = small_model()
+    model.optimizer.iterations.assign(100)  # a model trained before: its count goes on
+    steps = StepRecorder()
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "step-{epoch}-{batch}.weights.h5"), save_weights_only=True, save_freq=1
+    )
+    result = fit_in_process(
+        backend, model, x, y, epochs=2, batch_size=16, callbacks=[steps, checkpoint]
+    )
+    per_epoch = math.ceil(6_000 / 16) * 2  # every worker's steps, summed: plain Keras's count
+    assert steps.epoch_steps == [100 + per_epoch, 100 + 2 * per_epoch]
+    assert int(model.optimizer.iterations) == 100 + 2 * per_epoch
+    assert result.stats["epoch_events"]["global_step"] == 100 + 2 * per_epoch
+    assert steps.batch_steps, "no progress report reached the driver"
+    assert steps.batch_steps == sorted(steps.batch_steps)
+    assert 100 < steps.batch_steps[0] and steps.batch_steps[-1] <= 100 + 2 * per_epoch
+    # ModelCheckpoint(save_freq=N) counts the steps each hook's `batch` says were taken
+    saved = [int(p.name.split("-")[2].split(".")[0]) for p in tmp_path.glob("step-*.weights.h5")]
+    assert saved and all(0 < batch <= per_epoch for batch in saved)
+
+
 @pytest.mark.inprocess
 def test_live_stats_page_and_json_open_to_the_view_token_only(caplog):
     x, y = make_blobs(1200)

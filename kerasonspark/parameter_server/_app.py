@@ -21,8 +21,9 @@ Routes (all under ``/v1``, all authenticated, see :mod:`.auth`)::
                               (the shard's owner waits for every worker's, then mirrors)
     POST /v1/progress         a worker's progress (JSON: epoch, samples, steps, metrics, logs);
                               the reply carries "stop": true once the driver stops the run
-    POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, metrics, center); waits for
-                              the others, answers the epoch's center (wire format) if asked
+    POST /v1/epochs/<e>/end   a worker ended epoch e (JSON: samples, steps, metrics, center);
+                              waits for the others, answers the epoch's center (wire format) if
+                              asked
     POST /v1/epochs/<e>/ready a worker scored the epoch's center (JSON: rows, scores, learning_rate,
                               rows_per_second); waits for the driver's decision {"stop",
                               "learning_rate", and with balance_workers "steps": {worker: steps}}
@@ -565,6 +566,7 @@ def epoch_end(epoch: int) -> Response:
         _int_field(payload, "samples"),
         _metrics_field(payload, "metrics"),
         want_center=payload.get("center") is True,
+        steps=_int_field(payload, "steps", 0),
     )
     if center is None:
         return jsonify(epoch=epoch)

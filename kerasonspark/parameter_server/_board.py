@@ -143,9 +143,16 @@ class EpochBoard:
             self._joined.add((stage, worker))
 
     def arrive(
-        self, worker: int, epoch: int, samples: int, metrics: dict[str, float], want_center: bool
+        self,
+        worker: int,
+        epoch: int,
+        samples: int,
+        metrics: dict[str, float],
+        want_center: bool,
+        steps: int = 0,
     ) -> np.ndarray | None:
-        """A worker ended ``epoch``; waits for the others. Returns the epoch's center if asked for.
+        """A worker ended ``epoch`` after ``steps`` steps; waits for the others. Returns the
+        epoch's center if asked for.
 
         Raises:
             ParameterServerError: the worker already arrived (409), or the run failed or is
@@ -158,7 +165,7 @@ class EpochBoard:
                 raise ParameterServerError(f"Worker {worker} already ended epoch {epoch}.", 409)
             if not state.arrivals:
                 state.first_arrival = time.time()
-            state.arrivals[worker] = {"samples": samples, "metrics": dict(metrics)}
+            state.arrivals[worker] = {"samples": samples, "steps": steps, "metrics": dict(metrics)}
             if len(state.arrivals) == self.num_workers:
                 state.center = self.store.center.copy()
                 state.all_arrived = time.time()

@@ -234,11 +234,13 @@ class ParameterClient:
         return self._weights("GET", "/v1/epochs/center")[1]
 
     def end_epoch(
-        self, epoch: int, samples: int, metrics: dict[str, float], center: bool
+        self, epoch: int, samples: int, metrics: dict[str, float], center: bool, steps: int = 0
     ) -> np.ndarray | None:
-        """Tell the driver this worker ended ``epoch``; waits for every worker. Returns the
-        epoch's center when ``center`` asks for it."""
-        payload = json.dumps({"samples": samples, "metrics": metrics, "center": center}).encode()
+        """Tell the driver this worker ended ``epoch`` after ``steps`` steps; waits for every
+        worker. Returns the epoch's center when ``center`` asks for it."""
+        payload = json.dumps(
+            {"samples": samples, "steps": steps, "metrics": metrics, "center": center}
+        ).encode()
         status, content_type, data = self.request(
             "POST", f"/v1/epochs/{epoch}/end", payload, "application/json"
         )
