@@ -35,7 +35,7 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._cluster import StandaloneCluster
     from ._compare import StrategyRow, compare_strategies, format_table, plot_comparison
-    from ._config import DataConfig, FailureConfig, ResourceConfig
+    from ._config import DataConfig, FailureConfig, MlflowConfig, ResourceConfig
     from ._data import numpy_to_dataframe
     from ._datasets import load_mnist
     from ._models import MNIST_CNN_PARAMETERS, mnist_cnn
@@ -50,6 +50,7 @@ _LAZY = {
     "FailureConfig": "_config",
     "DataConfig": "_config",
     "ResourceConfig": "_config",
+    "MlflowConfig": "_config",
     "TrainingResult": "engine",
     "WorkerReport": "engine",
     "available_backends": "engine",
@@ -73,6 +74,7 @@ __all__ = [
     "DataError",
     "FailureConfig",
     "KerasOnSparkError",
+    "MlflowConfig",
     "ParameterServerError",
     "ResourceConfig",
     "SparkEnvironmentError",

@@ -24,10 +24,14 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._config import MlflowConfig
 from ._errors import ConfigurationError
+from ._serialization import global_step
+from ._tracking import FitLogger, tracked_run, tracking_enabled
 from ._trainer import SparkTrainer
 from .engine import available_backends, resolve_backend
 
@@ -170,6 +174,7 @@ def compare_strategies(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     points_per_epoch: int = 4,
     on_run: Callable[[str, dict[str, float]], None] | None = None,
+    tracking: MlflowConfig | None = None,
 ) -> list[StrategyRow]:
     """Train and evaluate each strategy ``repeat`` times on the same data and cores.
 
@@ -188,6 +193,9 @@ def compare_strategies(
             about a second, for the server engines; engines that refuse batch hooks give epoch
             ends only).
         on_run: called after each run with the row's label and its figures (to print progress).
+        tracking: MLflow logging (:class:`~kerasonspark.MlflowConfig`): one parent run with the
+            comparison's settings and each row's medians, and a nested run per training run
+            (what ``fit`` logs, plus its test accuracy).
 
     Returns:
         One :class:`StrategyRow` per strategy and worker count, in the order given.
@@ -212,6 +220,78 @@ def compare_strategies(
             if key not in rows:
                 label = strategy if len(counts) == 1 or key[1] is None else f"{strategy} x{workers}"
                 rows[key] = StrategyRow(strategy, workers=key[1], label=label)
+    tracking = tracking or MlflowConfig()
+    tracked = tracking_enabled(tracking)
+    with ExitStack() as stack:
+        parent = (
+            FitLogger(tracking, stack.enter_context(tracked_run(tracking, "kerasonspark-compare")))
+            if tracked
+            else None
+        )
+        if parent is not None:
+            parent.log_params(
+                {
+                    "strategies": list(strategies),
+                    "num_workers": counts,
+                    "batch_size": batch_size,
+                    "epochs": epochs,
+                    "repeat": repeat,
+                    "seed": seed,
+                }
+            )
+        _run_rows(
+            rows,
+            resolved,
+            engines,
+            counts,
+            make_model,
+            spark,
+            train_df,
+            test_df,
+            tracking,
+            tracked,
+            batch_size=batch_size,
+            epochs=epochs,
+            repeat=repeat,
+            seed=seed,
+            points_per_epoch=points_per_epoch,
+            on_run=on_run,
+        )
+        single = next((row for row in rows.values() if row.strategy == "single"), None)
+        for row in rows.values():
+            if single is not None:
+                row.vs_single = row.median("samples_per_s") / single.median("samples_per_s")
+            if parent is not None:
+                parent.log_metrics(
+                    {
+                        f"{row.label}/{figure}": row.median(figure)
+                        for figure in ("samples_per_s", "test_accuracy", "wall_s")
+                    },
+                    0,
+                )
+    return list(rows.values())
+
+
+def _run_rows(
+    rows: Mapping[tuple[str, int | None], StrategyRow],
+    resolved: Mapping[str, tuple[str, Mapping[str, Any]]],
+    engines: Mapping[str, Any],
+    counts: list[int],
+    make_model: Callable[[], keras.Model],
+    spark: SparkSession,
+    train_df: DataFrame,
+    test_df: DataFrame,
+    tracking: MlflowConfig,
+    tracked: bool,
+    *,
+    batch_size: int,
+    epochs: int,
+    repeat: int,
+    seed: int,
+    points_per_epoch: int,
+    on_run: Callable[[str, dict[str, float]], None] | None,
+) -> None:
+    """Every training run of :func:`compare_strategies`, each appended to its row."""
     initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
     steps_per_epoch = max(math.ceil(train_df.count() / batch_size), 1)
     for run_index in range(repeat):
@@ -227,6 +307,7 @@ def compare_strategies(
                 spark=spark,
                 seed=seed + run_index,
                 verbose=0,
+                tracking=tracking,
             )
             snapshots: list[tuple[float, float, list]] = []
             started = time.perf_counter()
@@ -235,14 +316,25 @@ def compare_strategies(
                 engines[strategy].check_fit(trainer.model, [snapshot], False)
             except ConfigurationError:  # an engine that runs no batch hooks: one point an epoch
                 snapshot = _snapshots(started, snapshots, steps_per_epoch, 1)
-            stats = trainer.fit(train_df, callbacks=[snapshot]).stats
+            nested = (
+                tracked_run(tracking, f"{row.label} run {run_index + 1}", nested=True)
+                if tracked
+                else nullcontext(None)
+            )
+            with nested as run_id:
+                stats = trainer.fit(train_df, callbacks=[snapshot]).stats
+                test_accuracy = trainer.evaluate(test_df)["accuracy"]
+                if run_id is not None:
+                    FitLogger(tracking, run_id).log_metrics(
+                        {"test_accuracy": test_accuracy}, global_step(trainer.model)
+                    )
             server = stats.get("parameter_server", {})  # common to every engine that serves weights
             run = {
                 "samples_per_s": stats["samples_per_second"],
                 "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
                 "train_s": stats["train_seconds"],
                 "wall_s": stats["wall_seconds"],
-                "test_accuracy": trainer.evaluate(test_df)["accuracy"],
+                "test_accuracy": test_accuracy,
                 "exchanges": stats["exchanges"],
                 "overlapping_writes": server.get("overlapping_writes", 0),
                 "max_staleness": server.get("staleness", {}).get("max", 0),
@@ -256,11 +348,6 @@ def compare_strategies(
             )
             if on_run is not None:
                 on_run(row.label, run)
-    single = next((row for row in rows.values() if row.strategy == "single"), None)
-    for row in rows.values():
-        if single is not None:
-            row.vs_single = row.median("samples_per_s") / single.median("samples_per_s")
-    return list(rows.values())
 
 
 def _snapshots(

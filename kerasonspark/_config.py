@@ -119,6 +119,9 @@ class DataConfig:
         _check_flag("balance_workers", self.balance_workers)
 
 
+DEVICES = ("auto", "cpu")
+
+
 @dataclass(frozen=True)
 class ResourceConfig:
     """What each worker may use of the machine it runs on.
@@ -126,11 +129,20 @@ class ResourceConfig:
     Args:
         worker_threads: TensorFlow threads per worker: ``None`` sizes them to the task's cores
             (``spark.task.cpus``), 0 leaves TensorFlow's defaults (every core of the machine).
+        devices: ``"auto"``: a task that Spark gave GPUs (``spark.task.resource.gpu.amount``)
+            sees only those (``CUDA_VISIBLE_DEVICES`` set from ``TaskContext.resources()``
+            before TensorFlow starts, with memory growth); a task without GPUs runs on the CPU.
+            ``"cpu"``: every worker runs on the CPU, whatever it was given.
     """
 
     worker_threads: int | None = None
+    devices: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.devices not in DEVICES:
+            raise ConfigurationError(
+                f"Expected `devices` in {DEVICES}. Received: devices={self.devices!r}."
+            )
         threads = self.worker_threads
         if threads is not None and (
             not isinstance(threads, int) or isinstance(threads, bool) or threads < 0
@@ -139,6 +151,36 @@ class ResourceConfig:
                 "Expected `worker_threads` to be None (the task's cores), 0 (TensorFlow's "
                 f"defaults) or a positive integer. Received: worker_threads={threads!r}."
             )
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """How ``fit`` logs to MLflow (``pip install "kerasonspark[mlflow]"``): one run per ``fit``
+    with its parameters, every epoch's metrics at the global step, the run's figures and the
+    trained model (see the guide's "Tracking with MLflow").
+
+    Args:
+        enabled: ``None``: log when MLflow is installed and in use (``MLFLOW_TRACKING_URI`` is
+            set, ``mlflow.set_tracking_uri`` was called, or a run is active); ``True``: always
+            (MLflow must be installed); ``False``: never.
+        log_model: log the trained model with its signature (``mlflow.keras.log_model``), so
+            ``mlflow.pyfunc.spark_udf`` can load it.
+        registered_model_name: also register the logged model under this name.
+        run_name: the name of the run ``fit`` starts (default ``kerasonspark-<backend>``); an
+            active run is logged into instead, as MLflow's autologging does.
+    """
+
+    enabled: bool | None = None
+    log_model: bool = True
+    registered_model_name: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.enabled not in (None, True, False):
+            raise ConfigurationError(
+                f"Expected `enabled` to be None, True or False. Received: {self.enabled!r}."
+            )
+        _check_flag("log_model", self.log_model)
 
 
 _GROUPS = {"failure": FailureConfig, "data": DataConfig, "resources": ResourceConfig}

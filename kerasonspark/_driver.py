@@ -452,7 +452,7 @@ def worker_settings(job: TrainingJob) -> WorkerSettings:
         config.num_workers,
         config.seed,
         job.info,
-        config.resources.worker_threads,
+        config.resources,
         config.initial_epoch,
         config.class_weight,
         job.streamed,

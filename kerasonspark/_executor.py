@@ -27,14 +27,15 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from ._config import ResourceConfig
 from ._data import Block, DataInfo, class_weighted, concatenate
-from ._errors import DataError, WorkerError
+from ._errors import ConfigurationError, DataError, WorkerError
 from ._serialization import ModelSpec, get_flat_weights, set_flat_weights
 from .engine import Exchange, WorkerReport
 from .parameter_server.client import ParameterClient
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 _MODEL_CACHE: OrderedDict[str, keras.Model] = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 _TENSORFLOW_THREADS: int | None = None
+_DEVICES: dict[str, Any] = {}  # what configure_tensorflow started TensorFlow on
+_DEVICE_NOTES: list[str] = []  # what a worker logs once it forwards its log to the driver
 
 
 def task_cores() -> int:
@@ -83,28 +86,89 @@ def tune_allocator() -> bool:
         return False
 
 
-def configure_tensorflow(threads: int | None = None) -> None:
-    """Size TensorFlow's intra- and inter-op pools; effective only before TensorFlow first runs.
+def task_gpus() -> list[str]:
+    """The GPU addresses Spark gave the current task (``TaskContext.resources()["gpu"]``); none
+    outside a task or where the task was given no GPU."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return []
+    try:
+        gpu = ctx.resources().get("gpu")
+    except Exception:  # a context without resources
+        return []
+    return list(gpu.addresses) if gpu is not None else []
+
+
+def cuda_visible_devices(addresses: list[str], inherited: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a task given the GPUs ``addresses``, as TorchDistributor sets
+    it: where the executor already has a ``CUDA_VISIBLE_DEVICES`` (``inherited``: YARN and
+    Kubernetes set one), each address is an index into it.
+
+    Raises:
+        ConfigurationError: an address is not a CUDA device index, or points past ``inherited``.
+    """
+    if not all(a.isdigit() and (a == "0" or not a.startswith("0")) for a in addresses):
+        raise ConfigurationError(
+            f"Spark gave this task the GPU addresses {addresses}; CUDA_VISIBLE_DEVICES needs "
+            "device indices (0, 1, ...): make the discovery script report those."
+        )
+    if not inherited:
+        return ",".join(addresses)
+    visible = [d.strip() for d in inherited.split(",")]
+    outside = [a for a in addresses if int(a) >= len(visible)]
+    if outside:
+        raise ConfigurationError(
+            f"Spark gave this task the GPU addresses {addresses}, but the executor's "
+            f"CUDA_VISIBLE_DEVICES={inherited!r} holds {len(visible)} devices: the discovery "
+            "script must report indices into it."
+        )
+    return ",".join(visible[int(a)] for a in addresses)
+
+
+def configure_tensorflow(resources: ResourceConfig | None = None, phase: str = "training") -> None:
+    """Start TensorFlow in this process on the task's devices, with pools sized to its cores;
+    effective only before TensorFlow first runs.
 
     Args:
-        threads: pool size; ``None`` means the cores Spark gave the task, 0 leaves TensorFlow's
-            defaults (every core of the machine).
+        resources: the worker's :class:`~kerasonspark.ResourceConfig`. ``worker_threads``:
+            ``None`` means the cores Spark gave the task, 0 leaves TensorFlow's defaults.
+            ``devices="auto"`` pins the GPUs Spark gave the task (``CUDA_VISIBLE_DEVICES``,
+            memory growth; a task given none sees what its executor sees); ``"cpu"`` hides
+            every GPU.
+        phase: what started TensorFlow (``"training"``, ``"warm-up"``, ``"inference"``), for
+            :func:`device_figures`.
 
-    Call it before anything else touches TensorFlow in this process. Later calls are ignored:
-    TensorFlow cannot resize a running pool.
+    Call it before anything else touches TensorFlow in this process. Later calls change
+    nothing: TensorFlow cannot resize a running pool nor move to other devices (a later task
+    given other GPUs is told so once, in the log and in :func:`device_figures`).
     """
     global _TENSORFLOW_THREADS
+    resources = resources or ResourceConfig()
+    gpus = task_gpus() if resources.devices == "auto" else []
     if _TENSORFLOW_THREADS is not None:
+        _check_pin(gpus)
         return
-    threads = task_cores() if threads is None else threads
+    threads = task_cores() if resources.worker_threads is None else resources.worker_threads
     tune_allocator()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(
+            gpus, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+    elif resources.devices == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     with native_start_up_lines_held():
         import tensorflow as tf
 
-        tf.config.list_physical_devices()  # the CUDA probe prints here, not at the first step
-
+        found = tf.config.list_physical_devices("GPU")  # the CUDA probe prints here
+    for device in found:
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except (RuntimeError, ValueError):
+            logger.debug("TensorFlow already initialised %s; keeping its memory policy", device)
     try:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -112,6 +176,44 @@ def configure_tensorflow(threads: int | None = None) -> None:
     except RuntimeError:
         logger.debug("TensorFlow already initialised in this process; keeping its thread pools")
     _TENSORFLOW_THREADS = threads
+    _DEVICES.update(
+        spark_gpus=gpus,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        device=f"GPU x{len(found)}" if found else "CPU",
+        started_by=phase,
+    )
+    if gpus and not found:
+        _DEVICE_NOTES.append(
+            f"Spark gave this task GPU {','.join(gpus)}, but TensorFlow finds no GPU (a CPU-only "
+            "build, or no CUDA driver): it runs on the CPU."
+        )
+
+
+def _check_pin(gpus: list[str]) -> None:
+    """Tell, once per address set, that this process's TensorFlow keeps the devices it started
+    on although this task was given ``gpus``."""
+    pinned = _DEVICES.get("spark_gpus", [])
+    if not gpus or gpus == pinned or _DEVICES.get("moved_from") == gpus:
+        return
+    _DEVICES["moved_from"] = gpus
+    _DEVICE_NOTES.append(
+        f"This Python worker's TensorFlow started on GPU {','.join(pinned) or 'none'}; Spark gave "
+        f"this task GPU {','.join(gpus)}. TensorFlow cannot change devices in a running process, "
+        "so it stays where it started: set spark.python.worker.reuse=false, or give each "
+        "executor one GPU, for tasks to always run on their own."
+    )
+
+
+def device_figures() -> dict[str, Any]:
+    """What this process's TensorFlow runs on: the GPUs Spark gave the task that started it
+    (``spark_gpus``), the ``CUDA_VISIBLE_DEVICES`` it set, the ``device`` TensorFlow found, what
+    started it (``started_by``), and where a later task was given other GPUs, the current
+    task's (``assigned_gpus``)."""
+    figures = {k: v for k, v in _DEVICES.items() if k != "moved_from"}
+    current = task_gpus()
+    if current and current != figures.get("spark_gpus"):
+        figures["assigned_gpus"] = current
+    return figures
 
 
 @contextlib.contextmanager
@@ -280,14 +382,14 @@ def training_model(
 
 
 def inference_model(
-    spec_bytes: bytes, custom_objects: dict[str, Any], threads: int | None, version: str
+    spec_bytes: bytes, custom_objects: dict[str, Any], resources: ResourceConfig, version: str
 ) -> keras.Model:
     """The model of ``spec_bytes`` with its weights, for evaluate and predict tasks.
 
     Built once per Python worker per model ``version`` (a digest of ``spec_bytes`` the driver
     computes once): the tasks of one prediction reuse the model without setting weights again.
     """
-    configure_tensorflow(threads)
+    configure_tensorflow(resources, "inference")
     return cached_model(f"inference-{version}", spec_bytes, custom_objects)
 
 
@@ -296,11 +398,17 @@ def warm_up(
     custom_objects: dict[str, Any],
     run_id: str,
     info: DataInfo,
-    threads: int | None = None,
+    resources: ResourceConfig,
 ) -> None:
     """Import TensorFlow with the right pools, build this run's model and trace its training
-    function, ahead of training (it runs while the data is scanned)."""
-    configure_tensorflow(threads)
+    function, ahead of training (it runs while the data is scanned).
+
+    Skipped in a task that Spark gave GPUs: TensorFlow would take the data pass's GPUs for the
+    life of this Python worker, and the training task it later runs may own others.
+    """
+    if resources.devices == "auto" and task_gpus() and _TENSORFLOW_THREADS is None:
+        return
+    configure_tensorflow(resources, "warm-up")
     training_model(run_id, spec_broadcast.value, custom_objects, info)
 
 
@@ -314,7 +422,7 @@ class WorkerSettings:
     num_workers: int
     seed: int | None
     info: DataInfo
-    worker_threads: int | None = None
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
     initial_epoch: int = 0
     class_weight: tuple[float, ...] | None = None
     streamed: bool = False
@@ -611,6 +719,9 @@ def train_worker(
     first_epoch, skip = settings.initial_epoch, 0
     if gate is not None:
         gate.start(worker)  # first: warnings from the exchange's start reach the driver too
+    while _DEVICE_NOTES:
+        logger.warning(_DEVICE_NOTES.pop(0))
+    if gate is not None:
         # The center of this moment (the start, or where a restarted stage resumes), with a fresh
         # optimizer: a restarted worker's optimizer state is not kept.
         set_flat_weights(model, gate.client.center())
@@ -710,6 +821,8 @@ def train_worker(
             shares.append(planned)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
+    if devices := device_figures():  # a Spark worker's (threads of one process tell nothing)
+        report.figures["device"] = devices
     if gate is not None:
         report.figures.update(learning_rates=rates, epoch_gate_seconds=gate.seconds)
     if shares:
@@ -780,7 +893,7 @@ def train_partition(
     worker = context.partitionId()
 
     def body() -> WorkerReport:
-        configure_tensorflow(settings.worker_threads)
+        configure_tensorflow(settings.resources, "training")
         steps_runner = training_model(
             settings.run_id, spec_broadcast.value, custom_objects, settings.info
         )
@@ -902,12 +1015,12 @@ def evaluate_partition(
     spec_broadcast: Any,
     custom_objects: dict[str, Any],
     info: DataInfo,
-    threads: int | None,
+    resources: ResourceConfig,
     batch_size: int,
     version: str,
 ) -> Iterator[tuple[int, dict[str, float]]]:
     """The body of one evaluation task: ``(rows, scores)`` for each non-empty block."""
-    model = inference_model(spec_broadcast.value, custom_objects, threads, version)
+    model = inference_model(spec_broadcast.value, custom_objects, resources, version)
     for x, y, w in blocks:
         if len(x):
             scores = model.evaluate(
@@ -982,7 +1095,7 @@ def predict_batches(
     spec_bytes: bytes,
     custom_objects: dict[str, Any],
     info: DataInfo,
-    threads: int | None,
+    resources: ResourceConfig,
     batch_size: int,
     outputs: list[str],
     kind: str,
@@ -993,7 +1106,7 @@ def predict_batches(
     model with several outputs gives one ``"array"`` field each)."""
     import pyarrow as pa
 
-    model = inference_model(spec_bytes, custom_objects, threads, version)
+    model = inference_model(spec_bytes, custom_objects, resources, version)
     bounds = np.cumsum([0, *output_sizes(model)])
     for features in arrays:
         rows = len(features)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _data as data_module
 from ._backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
-from ._config import DataConfig, FailureConfig, ResourceConfig, TrainingConfig
+from ._config import DataConfig, FailureConfig, MlflowConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo
 from ._driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from ._errors import ConfigurationError, DataError
@@ -25,6 +25,7 @@ from ._executor import evaluate_partition, predict_batches, warm_up
 from ._serialization import ModelSpec, set_flat_weights, spec_version
 from ._session import check_slots, check_weights_privacy, server_host, server_port, start_session
 from ._shipping import ensure_executors_ready
+from ._tracking import FitLogger, fit_params, tracked_run, tracking_enabled
 from .engine import Engine, TrainingJob, TrainingResult, resolve_backend
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class SparkTrainer:
         data: where workers keep their partitions and how steps are shared
             (:class:`DataConfig`).
         resources: what each worker may use of its machine (:class:`ResourceConfig`).
+        tracking: how ``fit`` logs to MLflow (:class:`MlflowConfig`; by default it does when
+            MLflow is installed and a tracking URI is set).
 
     Example:
         >>> trainer = SparkTrainer(mnist_cnn(), backend="sync", num_workers=2, epochs=1)
@@ -85,6 +88,7 @@ class SparkTrainer:
         failure: FailureConfig | None = None,
         data: DataConfig | None = None,
         resources: ResourceConfig | None = None,
+        tracking: MlflowConfig | None = None,
     ) -> None:
         import keras
 
@@ -118,6 +122,12 @@ class SparkTrainer:
         self.spark = spark
         self.checkpoint_dir = checkpoint_dir
         self.custom_objects = dict(custom_objects or {})
+        if tracking is not None and not isinstance(tracking, MlflowConfig):
+            raise ConfigurationError(
+                "Expected `tracking` to be a kerasonspark.MlflowConfig, e.g. "
+                f"tracking=MlflowConfig(...). Received: {type(tracking).__name__}."
+            )
+        self.tracking = tracking or MlflowConfig()
         self._owned_session: SparkSession | None = None
         self.info = DataInfo.for_model(model, model.get_compile_config())
 
@@ -213,6 +223,39 @@ class SparkTrainer:
                 engine cannot run callbacks.
             WorkerError: a worker failed during training.
         """
+        arguments = dict(
+            features=features,
+            label=label,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            initial_epoch=initial_epoch,
+            validation_freq=validation_freq,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+        )
+        if not tracking_enabled(self.tracking):
+            return self._fit(x, y, **arguments)
+        with tracked_run(self.tracking, f"kerasonspark-{self.engine.name}") as run_id:
+            log = FitLogger(self.tracking, run_id)
+            result = self._fit(x, y, **arguments, log=log)
+            log.finish(result)
+        return result
+
+    def _fit(
+        self,
+        x: Any,
+        y: Any,
+        *,
+        features: str | list[str],
+        label: str | list[str],
+        validation_data: Any,
+        callbacks: list[keras.callbacks.Callback] | None,
+        initial_epoch: int,
+        validation_freq: int,
+        sample_weight: Any,
+        class_weight: Mapping[int, float] | None,
+        log: FitLogger | None = None,
+    ) -> TrainingResult:
         started = time.perf_counter()
         callbacks = _check_callbacks(callbacks)
         callbacks, backup = self._backup_plan(callbacks)
@@ -279,7 +322,7 @@ class SparkTrainer:
                         spec.custom_objects,
                         run_id,
                         self.info,
-                        self.config.resources.worker_threads,
+                        self.config.resources,
                     )
                     if on_spark
                     else None
@@ -301,6 +344,13 @@ class SparkTrainer:
                     )
                 prepare_seconds = time.perf_counter() - prepare_started
                 streamed = prepared.streams(storage)
+                if log is not None:
+                    log.log_params(
+                        fit_params(
+                            self.engine, config, self.model, sum(prepared.counts), prepared.counts
+                        )
+                    )
+                    callbacks = [*callbacks, log.callback()]
                 runner = SparkRunner(
                     spark, prepared.blocks, spec_broadcast, self.engine.name, backup
                 )
@@ -472,7 +522,7 @@ class SparkTrainer:
                 spec_broadcast=spec_broadcast,
                 custom_objects=spec.custom_objects,
                 info=self.info,
-                threads=self.config.resources.worker_threads,
+                resources=self.config.resources,
                 batch_size=batch_size,
                 version=spec_version(spec_bytes),
             )
@@ -546,7 +596,7 @@ class SparkTrainer:
                 {c: T.ArrayType(T.FloatType()) for c in columns},
                 "array",
                 batch_size,
-                self.config.resources.worker_threads,
+                self.config.resources,
             )
 
 
@@ -610,7 +660,7 @@ def predict_dataframe(
     outputs: Mapping[str, DataType],
     kind: str,
     batch_size: int = 256,
-    threads: int | None = None,
+    resources: ResourceConfig | None = None,
 ) -> DataFrame:
     """``df`` with the model's predictions appended, computed on the executors through Arrow.
 
@@ -640,7 +690,7 @@ def predict_dataframe(
         spec_bytes=spec_bytes,
         custom_objects=spec.custom_objects,
         info=info,
-        threads=threads,
+        resources=resources or ResourceConfig(),
         batch_size=batch_size,
         outputs=list(outputs),
         kind=kind,

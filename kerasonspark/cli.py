@@ -235,11 +235,12 @@ def _compare_parser(sub: Any) -> None:
 
 
 def _mnist(args: argparse.Namespace) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    from ._config import ResourceConfig
     from ._datasets import load_mnist
     from ._executor import configure_tensorflow
 
     # TensorFlow's default pools for the driver, its start-up lines held back
-    configure_tensorflow(0)
+    configure_tensorflow(ResourceConfig(worker_threads=0), "driver")
     (x_train, y_train), test = load_mnist(args.data)
     if args.limit:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -184,3 +186,20 @@ def crashing(engine_name, wrap, **options):
             return super().run(job)
 
     return Crashing(**options)
+
+
+def run_driver_program(script: str, *args: str, timeout: float = 400) -> dict:
+    """Run the driver program ``tests/<script>`` (a Spark driver needs a process of its own when
+    the test process holds a local session) and return the JSON of its ``REPORT`` line."""
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, str(tests / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tests,
+        env=dict(os.environ, PYTHONPATH=str(tests)),
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[0][len("REPORT ") :])

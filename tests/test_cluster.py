@@ -1,16 +1,15 @@
 """A real Spark standalone cluster (master + 2 workers) started on this machine, trained on,
 stopped."""
 
-import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kerasonspark import ConfigurationError, SparkEnvironmentError, StandaloneCluster
+
+from conftest import run_driver_program
 
 pytestmark = pytest.mark.spark
 TESTS = Path(__file__).parent
@@ -32,22 +31,7 @@ def test_engines_train_on_a_cluster_survive_lost_executors_and_workers_and_it_st
         pids = list(cluster.state.pids)
         assert len(pids) == 4 and all(alive(pid) for pid in pids)
         assert [w["state"] for w in cluster.status()["workers"]] == ["ALIVE"] * 3
-        run = subprocess.run(
-            [
-                sys.executable,
-                str(TESTS / "cluster_driver.py"),
-                cluster.master_url,
-                cluster.state.web_ui,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=400,
-            cwd=TESTS,
-            env=dict(os.environ, PYTHONPATH=str(TESTS)),
-        )
-        lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
-        assert run.returncode == 0 and lines, run.stderr[-3000:]
-        report = json.loads(lines[0][len("REPORT ") :])
+        report = run_driver_program("cluster_driver.py", cluster.master_url, cluster.state.web_ui)
     assert report["master"] == cluster.master_url and report["server_host"] == "127.0.0.1"
     # The driver trained with the checkout under test, not some other installed copy.
     assert (

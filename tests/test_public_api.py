@@ -25,6 +25,7 @@ PUBLIC = {
         "DataError",
         "FailureConfig",
         "KerasOnSparkError",
+        "MlflowConfig",
         "ResourceConfig",
         "ParameterServerError",
         "SparkEnvironmentError",
