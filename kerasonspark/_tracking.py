@@ -146,6 +146,9 @@ class FitLogger:
         self.client.log_dict(self.run_id, _json_ready(stats), "kerasonspark/stats.json")
         if not self.config.log_model:
             return
+        import keras
+        import tensorflow as tf
+
         # log_model logs into the active run of this thread: make it this run's
         with _active(self.run_id):
             mlflow.keras.log_model(
@@ -154,6 +157,9 @@ class FitLogger:
                 signature=model_signature(result.model),
                 registered_model_name=self.config.registered_model_name,
                 step=global_step(result.model),
+                # what the model needs is known: MLflow's inference of it imports the model
+                # again in a subprocess (seconds)
+                pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
             )
 
 
