@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from kerasonspark._sharded import ShardedServerExchange
+from kerasonspark._state import MovingStatistics
 from kerasonspark.engine import (
     Engine,
     LearningRateScaling,
@@ -29,6 +32,7 @@ from kerasonspark.engine import (
     check_positive_int,
     even_runs,
     get_flat_weights,
+    global_step,
     set_flat_weights,
 )
 from kerasonspark.parameter_server._rules import OuterNesterov
@@ -104,19 +108,47 @@ class SyncExchange(ServerExchange):
         rounds_per_epoch: int,
         timeout: float,
         lr_scaling: LearningRateScaling | None = None,
+        num_workers: int = 1,
     ) -> None:
         super().__init__(url, secret, timeout, timeout_name="barrier_timeout")
         self.rounds_per_epoch, self.lr_scaling = rounds_per_epoch, lr_scaling
+        self.num_workers = num_workers
         self.round = 0
+        self.moving: MovingStatistics | None = None
+        self._run_start: np.ndarray | None = None
+        self._steps_at = 0
+
+    def start(self, model: keras.Model, worker: int) -> None:
+        super().start(model, worker)
+        self.moving = MovingStatistics(model)
+        self._continue_from(model, get_flat_weights(model))
 
     def schedule(self, steps: int, epoch: int) -> list[int]:
         # Every worker must join every round, so every epoch is cut into the same number of runs.
         return even_runs(steps, self.rounds_per_epoch)
 
+    def local_weights(self, model: keras.Model) -> np.ndarray:
+        """The weights this worker brings to a round: the model's, its moving statistics
+        advanced for every worker's steps since the last round (see
+        :class:`~kerasonspark._state.MovingStatistics`)."""
+        weights = get_flat_weights(model)
+        if self.moving and self._run_start is not None:
+            steps = global_step(model) - self._steps_at
+            self.moving.advance(weights, self._run_start, steps, self.num_workers)
+        return weights
+
+    def _continue_from(self, model: keras.Model, center: np.ndarray) -> None:
+        set_flat_weights(model, center)
+        if self.moving:
+            self._run_start, self._steps_at = center.copy(), global_step(model)
+
     def exchange(self, model: keras.Model, samples: int) -> None:
-        average = self.client.barrier(self.round, get_flat_weights(model), self.shapes, samples)
-        set_flat_weights(model, average)
+        average = self.client.barrier(self.round, self.local_weights(model), self.shapes, samples)
+        self._continue_from(model, average)
         self.round += 1
+
+    def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
+        self._continue_from(model, center)
 
     def finish(self, model: keras.Model) -> dict[str, Any]:
         return {"rounds": self.round, **self.traffic()}
@@ -141,6 +173,7 @@ class ShardedSyncExchange(ShardedServerExchange, SyncExchange):
             exchange.rounds_per_epoch,
             exchange.timeout,
             exchange.lr_scaling,
+            exchange.num_workers,
         )
         self.shard_over(num_workers, barrier_timeout)
         self.outer, self.mirror_every = outer, mirror_every
@@ -152,7 +185,9 @@ class ShardedSyncExchange(ShardedServerExchange, SyncExchange):
 
     def exchange(self, model: keras.Model, samples: int) -> None:
         started = time.perf_counter()
-        set_flat_weights(model, self.center.round(self.round, get_flat_weights(model), samples))
+        self._continue_from(
+            model, self.center.round(self.round, self.local_weights(model), samples)
+        )
         self.round += 1
         self.round_seconds += time.perf_counter() - started
         if self.round % self.mirror_every == 0:
@@ -192,7 +227,12 @@ class SyncEngine(Engine):
 
         def make_exchange(url: str, secret: bytes) -> SyncExchange:
             exchange = SyncExchange(
-                url, secret, rounds_per_epoch, options.barrier_timeout + 60, scaling
+                url,
+                secret,
+                rounds_per_epoch,
+                options.barrier_timeout + 60,
+                scaling,
+                job.config.num_workers,  # read when each stage starts, as below
             )
             if center == "driver":
                 return exchange

@@ -209,6 +209,10 @@ def device_figures() -> dict[str, Any]:
     (``spark_gpus``), the ``CUDA_VISIBLE_DEVICES`` it set, the ``device`` TensorFlow found, what
     started it (``started_by``), and where a later task was given other GPUs, the current
     task's (``assigned_gpus``)."""
+    from pyspark import TaskContext
+
+    if TaskContext.get() is None:  # threads of one process (kerasonspark.testing) tell nothing
+        return {}
     figures = {k: v for k, v in _DEVICES.items() if k != "moved_from"}
     current = task_gpus()
     if current and current != figures.get("spark_gpus"):
@@ -821,7 +825,7 @@ def train_worker(
             shares.append(planned)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
-    if devices := device_figures():  # a Spark worker's (threads of one process tell nothing)
+    if devices := device_figures():
         report.figures["device"] = devices
     if gate is not None:
         report.figures.update(learning_rates=rates, epoch_gate_seconds=gate.seconds)
