@@ -239,24 +239,64 @@ def compare_strategies(
                     "seed": seed,
                 }
             )
-        _run_rows(
-            rows,
-            resolved,
-            engines,
-            counts,
-            make_model,
-            spark,
-            train_df,
-            test_df,
-            tracking,
-            tracked,
-            batch_size=batch_size,
-            epochs=epochs,
-            repeat=repeat,
-            seed=seed,
-            points_per_epoch=points_per_epoch,
-            on_run=on_run,
-        )
+        initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
+        steps_per_epoch = max(math.ceil(train_df.count() / batch_size), 1)
+        for run_index in range(repeat):
+            for (strategy, row_workers), row in rows.items():
+                backend, backend_options = resolved[strategy]
+                trainer = SparkTrainer(
+                    make_model(),
+                    backend=backend,
+                    num_workers=row_workers or counts[0],
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    backend_options=backend_options or None,
+                    spark=spark,
+                    seed=seed + run_index,
+                    verbose=0,
+                    tracking=tracking,
+                )
+                snapshots: list[tuple[float, float, list]] = []
+                started = time.perf_counter()
+                snapshot = _snapshots(started, snapshots, steps_per_epoch, points_per_epoch)
+                try:
+                    engines[strategy].check_fit(trainer.model, [snapshot], False)
+                except ConfigurationError:  # an engine that runs no batch hooks: one point an epoch
+                    snapshot = _snapshots(started, snapshots, steps_per_epoch, 1)
+                nested = (
+                    tracked_run(tracking, f"{row.label} run {run_index + 1}", nested=True)
+                    if tracked
+                    else nullcontext(None)
+                )
+                with nested as run_id:
+                    stats = trainer.fit(train_df, callbacks=[snapshot]).stats
+                    test_accuracy = trainer.evaluate(test_df)["accuracy"]
+                    if run_id is not None:
+                        FitLogger(tracking, run_id).log_metrics(
+                            {"test_accuracy": test_accuracy}, global_step(trainer.model)
+                        )
+                server = stats.get(
+                    "parameter_server", {}
+                )  # common to every engine that serves weights
+                run = {
+                    "samples_per_s": stats["samples_per_second"],
+                    "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
+                    "train_s": stats["train_seconds"],
+                    "wall_s": stats["wall_seconds"],
+                    "test_accuracy": test_accuracy,
+                    "exchanges": stats["exchanges"],
+                    "overlapping_writes": server.get("overlapping_writes", 0),
+                    "max_staleness": server.get("staleness", {}).get("max", 0),
+                }
+                row.runs.append(run)
+                row.curves.append(
+                    [
+                        {"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
+                        *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"]),
+                    ]
+                )
+                if on_run is not None:
+                    on_run(row.label, run)
         single = next((row for row in rows.values() if row.strategy == "single"), None)
         for row in rows.values():
             if single is not None:
@@ -270,84 +310,6 @@ def compare_strategies(
                     0,
                 )
     return list(rows.values())
-
-
-def _run_rows(
-    rows: Mapping[tuple[str, int | None], StrategyRow],
-    resolved: Mapping[str, tuple[str, Mapping[str, Any]]],
-    engines: Mapping[str, Any],
-    counts: list[int],
-    make_model: Callable[[], keras.Model],
-    spark: SparkSession,
-    train_df: DataFrame,
-    test_df: DataFrame,
-    tracking: MlflowConfig,
-    tracked: bool,
-    *,
-    batch_size: int,
-    epochs: int,
-    repeat: int,
-    seed: int,
-    points_per_epoch: int,
-    on_run: Callable[[str, dict[str, float]], None] | None,
-) -> None:
-    """Every training run of :func:`compare_strategies`, each appended to its row."""
-    initial = SparkTrainer(make_model(), spark=spark, verbose=0).evaluate(test_df)["accuracy"]
-    steps_per_epoch = max(math.ceil(train_df.count() / batch_size), 1)
-    for run_index in range(repeat):
-        for (strategy, row_workers), row in rows.items():
-            backend, backend_options = resolved[strategy]
-            trainer = SparkTrainer(
-                make_model(),
-                backend=backend,
-                num_workers=row_workers or counts[0],
-                batch_size=batch_size,
-                epochs=epochs,
-                backend_options=backend_options or None,
-                spark=spark,
-                seed=seed + run_index,
-                verbose=0,
-                tracking=tracking,
-            )
-            snapshots: list[tuple[float, float, list]] = []
-            started = time.perf_counter()
-            snapshot = _snapshots(started, snapshots, steps_per_epoch, points_per_epoch)
-            try:
-                engines[strategy].check_fit(trainer.model, [snapshot], False)
-            except ConfigurationError:  # an engine that runs no batch hooks: one point an epoch
-                snapshot = _snapshots(started, snapshots, steps_per_epoch, 1)
-            nested = (
-                tracked_run(tracking, f"{row.label} run {run_index + 1}", nested=True)
-                if tracked
-                else nullcontext(None)
-            )
-            with nested as run_id:
-                stats = trainer.fit(train_df, callbacks=[snapshot]).stats
-                test_accuracy = trainer.evaluate(test_df)["accuracy"]
-                if run_id is not None:
-                    FitLogger(tracking, run_id).log_metrics(
-                        {"test_accuracy": test_accuracy}, global_step(trainer.model)
-                    )
-            server = stats.get("parameter_server", {})  # common to every engine that serves weights
-            run = {
-                "samples_per_s": stats["samples_per_second"],
-                "samples_per_wall_s": stats["samples"] / stats["wall_seconds"],
-                "train_s": stats["train_seconds"],
-                "wall_s": stats["wall_seconds"],
-                "test_accuracy": test_accuracy,
-                "exchanges": stats["exchanges"],
-                "overlapping_writes": server.get("overlapping_writes", 0),
-                "max_staleness": server.get("staleness", {}).get("max", 0),
-            }
-            row.runs.append(run)
-            row.curves.append(
-                [
-                    {"seconds": 0.0, "epoch": 0, "test_accuracy": initial},
-                    *_score_snapshots(trainer, snapshots, test_df, run["test_accuracy"]),
-                ]
-            )
-            if on_run is not None:
-                on_run(row.label, run)
 
 
 def _snapshots(
