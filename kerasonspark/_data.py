@@ -3,9 +3,10 @@
 Input may be a Spark DataFrame (a feature column of array<float|double> or ML Vector and a
 numeric label column, or an array column of one-hot labels, and optionally a sample-weight column),
 an RDD of ``(features, label)``, or NumPy ``(x, y)`` (with optional sample weights). DataFrames
-travel through Arrow (``mapInArrow``), never row by row. Every kind ends as an RDD whose elements
-are blocks ``(x, y, w)``: ``x`` float32 of shape ``(rows, *input_shape)``, ``y`` the raw labels
-(1-D values or 2-D one-hot), ``w`` the float32 sample weights or ``None``.
+travel through Arrow (``mapInArrow``), never row by row. Every kind ends as a DataFrame of blocks
+(:data:`kerasonspark._stages.BLOCK_SCHEMA`, a row each) ``(x, y, w)``: ``x`` float32 of shape
+``(rows, *input_shape)``, ``y`` the raw labels (1-D values or 2-D one-hot), ``w`` the float32
+sample weights or ``None``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _classic as classic
 from ._errors import ConfigurationError, DataError
 from ._serialization import is_custom_loss, loss_name
+from ._stages import BLOCK_SCHEMA, decode_block, encode_block, run_on_partitions
 
 if TYPE_CHECKING:
     import keras
-    from pyspark import RDD
     from pyspark.sql import Column, DataFrame, SparkSession
 
 logger = logging.getLogger(__name__)
@@ -318,10 +320,10 @@ def _as_int32(part: Any) -> Any:
 
 @dataclass
 class PreparedData:
-    """Validated training data: one RDD partition of blocks per worker, persisted.
+    """Validated training data: one partition of blocks per worker, persisted.
 
     Attributes:
-        blocks: RDD of ``(x, y, w)`` blocks.
+        blocks: a DataFrame of ``(x, y, w)`` blocks (:data:`kerasonspark._stages.BLOCK_SCHEMA`).
         counts: rows per partition.
         label_width: the labels' width (0 for one value per row).
         integer_labels: whether every label column came as integers.
@@ -330,7 +332,7 @@ class PreparedData:
             measured it (see :func:`worker_memory_budget`).
     """
 
-    blocks: RDD
+    blocks: DataFrame
     counts: list[int]
     label_width: int = 0
     integer_labels: bool = False
@@ -593,36 +595,23 @@ def _too_few_rows(rows: int, workers: int, what: str) -> DataError:
 
 def _numpy_blocks(
     spark: SparkSession, data: tuple, info: DataInfo, partitions: int, what: str
-) -> RDD:
-    """NumPy data as an RDD of blocks that reach the executors as one broadcast per partition.
-
-    ``parallelize`` would put each partition's rows inside its task (Spark warns of a task of
-    30 MB for MNIST); a broadcast travels by Spark's block manager instead, and each task reads
-    only its own partition's. :func:`release_blocks` destroys the broadcasts.
-    """
+) -> DataFrame:
+    """NumPy data as a DataFrame of blocks, ``partitions`` of them, balanced (see
+    :func:`kerasonspark._classic.numpy_block_frame` for how the rows reach the executors)."""
     x, y, w = validate_arrays(data, info, what)
     if partitions and len(x) < partitions:  # known before any Spark job
         raise _too_few_rows(len(x), partitions, what)
     blocks = _split_blocks(x, y, w, partitions)
     per_part = len(blocks) // partitions
-    sc = spark.sparkContext
-    shares = [sc.broadcast(blocks[i * per_part : (i + 1) * per_part]) for i in range(partitions)]
-    rdd: Any = sc.parallelize(range(partitions), partitions).flatMap(
-        partial(_shared_blocks, shares)
+    return classic.numpy_block_frame(
+        spark, [blocks[i * per_part : (i + 1) * per_part] for i in range(partitions)]
     )
-    rdd._kerasonspark_broadcasts = shares
-    return rdd
 
 
-def _shared_blocks(shares: list[Any], partition: int) -> list[Block]:
-    return shares[partition].value
-
-
-def release_blocks(blocks: RDD) -> None:
-    """Drop an RDD of blocks' cached partitions and the broadcasts that carry NumPy input."""
+def release_blocks(blocks: DataFrame) -> None:
+    """Drop a DataFrame of blocks' cached partitions and the broadcasts that carry NumPy input."""
     blocks.unpersist()
-    for share in getattr(blocks, "_kerasonspark_broadcasts", []):
-        share.destroy()
+    classic.release(blocks)
 
 
 def _row_blocks(rows: Iterable[Any], info: DataInfo) -> Iterator[Block]:
@@ -689,31 +678,9 @@ def _arrow_block_function(
             else:
                 kind = np.float64 if labels.null_count else labels.type.to_pandas_dtype()
                 y = labels.to_numpy(zero_copy_only=False).astype(kind)
-            yield pa.RecordBatch.from_arrays(
-                [
-                    pa.array([x.tobytes()], pa.large_binary()),
-                    pa.array([y.tobytes()], pa.large_binary()),
-                    pa.array([n], pa.int64()),
-                    pa.array([str(y.dtype)]),
-                    pa.array([y.shape[1] if y.ndim == 2 else 0], pa.int32()),
-                    pa.array(
-                        [weights.tobytes() if weights is not None else None], pa.large_binary()
-                    ),
-                ],
-                names=["x", "y", "n", "ydtype", "ywidth", "w"],
-            )
+            yield encode_block(x.reshape(n, -1), y, weights)
 
     return to_blocks
-
-
-def _decode_arrow_block(info: DataInfo) -> Callable[[Any], Block]:
-    def decode(row: Any) -> Block:
-        x = np.frombuffer(row.x, dtype=np.float32).reshape((row.n, *info.input_shape))
-        y = np.frombuffer(row.y, dtype=row.ydtype)
-        w = np.frombuffer(row.w, dtype=np.float32) if row.w is not None else None
-        return x, (y.reshape(row.n, row.ywidth) if row.ywidth else y), w
-
-    return decode
 
 
 def feature_column(df: DataFrame, features: str, what: str) -> Column:
@@ -902,17 +869,14 @@ def _dataframe_blocks(
     partitions: int | None,
     what: str,
     sample_weight: str | None = None,
-) -> RDD:
+) -> DataFrame:
     selected, widths = _dataframe_columns(df, features, label, info, what, sample_weight)
     first = check_first_row(selected, "features", str(features), info, what, keep=("label",))
     if isinstance(first["label"], (list, tuple)) and not info.outputs:
         check_label_shape((1, len(first["label"])), info, f"column {label!r}")
-    if partitions is not None and selected.rdd.getNumPartitions() != partitions:
+    if partitions is not None and classic.partition_count(selected) != partitions:
         selected = selected.repartition(partitions)
-    schema = "x binary, y binary, n long, ydtype string, ywidth int, w binary"
-    return selected.mapInArrow(_arrow_block_function(info, widths), schema).rdd.map(
-        _decode_arrow_block(info)
-    )
+    return selected.mapInArrow(_arrow_block_function(info, widths), BLOCK_SCHEMA)
 
 
 def packed_labels(raw: np.ndarray, widths: list[int], info: DataInfo, what: str) -> np.ndarray:
@@ -940,8 +904,9 @@ def to_blocks(
     partitions: int | None,
     what: str = "training",
     sample_weight: str | None = None,
-) -> RDD:
-    """Turn any supported input into an RDD of blocks (lazily, after the checks that need no job).
+) -> DataFrame:
+    """Turn any supported input into a DataFrame of blocks (lazily, after the checks that need no
+    job).
 
     Args:
         partitions: the number of partitions wanted, or ``None`` to keep the input's.
@@ -976,10 +941,10 @@ def to_blocks(
             if partitions is None or data.getNumPartitions() == partitions
             else data.repartition(partitions)
         )
-        return rows.mapPartitions(lambda it: _row_blocks(it, info))
+        return classic.rdd_block_frame(spark, rows, partial(_row_blocks, info=info))
     if isinstance(data, (tuple, list)):
         return _numpy_blocks(
-            spark, tuple(data), info, partitions or spark.sparkContext.defaultParallelism, what
+            spark, tuple(data), info, partitions or classic.default_parallelism(spark), what
         )
     raise TypeError(
         f"Expected {what} data as a Spark DataFrame, a Parquet path, an RDD of (features, label) "
@@ -1005,7 +970,10 @@ def read_parquet(spark: SparkSession, path: str | os.PathLike, what: str) -> Dat
 
 
 def _partition_stats(info: DataInfo, warm_up: Callable[[], None] | None):
-    def stats(index: int, blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
+    def stats(blocks: Iterator[Block]) -> Iterator[dict[str, Any]]:
+        from pyspark import TaskContext
+
+        index = TaskContext.get().partitionId()  # type: ignore[union-attr]  # inside a task
         if warm_up is not None:
             warm_up()
         rows, size, ywidths, integer = 0, 0, set(), True
@@ -1086,7 +1054,7 @@ def prepare(
     )
     try:
         stats = sorted(
-            blocks.mapPartitionsWithIndex(_partition_stats(info, warm_up)).collect(),
+            run_on_partitions(blocks, _partition_stats(info, warm_up), info.input_shape),
             key=lambda s: s["partition"],
         )
         raise_problems(stats, what)
@@ -1135,9 +1103,10 @@ def numpy_to_dataframe(
     """A DataFrame with an array<float> feature column (and a label column) from NumPy, through
     Arrow.
 
-    The rows reach the executors as one broadcast (Arrow IPC bytes) per partition, not inside
-    the tasks (``createDataFrame`` would put 30 MB of MNIST in each task). The broadcasts live as
-    long as the SparkContext, as the data of a ``createDataFrame`` would live with its plan.
+    On a classic session the rows reach the executors as one broadcast (Arrow IPC bytes) per
+    partition, not inside the tasks (``createDataFrame`` would put 30 MB of MNIST in each task);
+    the broadcasts live as long as the SparkContext, as the data of a ``createDataFrame`` would
+    live with its plan. Over Spark Connect the client uploads the table.
 
     Args:
         partitions: the DataFrame's partitions (default: the context's default parallelism).
@@ -1146,7 +1115,6 @@ def numpy_to_dataframe(
         >>> df = numpy_to_dataframe(spark, x_train, y_train)   # columns: features, label
     """
     import pyarrow as pa
-    from pyspark.sql.pandas.types import from_arrow_schema
 
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
     offsets = np.arange(0, x.size + 1, max(x.shape[1], 1), dtype=np.int64)[: len(x) + 1]
@@ -1171,48 +1139,20 @@ def numpy_to_dataframe(
             for f in table.schema
         ]
     )
-    sc = spark.sparkContext
-    parts = max(1, min(partitions or sc.defaultParallelism, len(x)))
+    parts = max(1, min(partitions or classic.default_parallelism(spark), len(x)))
     bounds = np.linspace(0, len(x), parts + 1).astype(int)
-    shares = [
-        sc.broadcast(_arrow_ipc(table.slice(a, b - a), schema, rows_per_batch))
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    if id(sc) not in _KEPT_BROADCASTS:
-        _KEPT_BROADCASTS.clear()  # one SparkContext per process: the old one's are gone with it
-    _KEPT_BROADCASTS.setdefault(id(sc), []).extend(shares)
-    return spark.range(parts, numPartitions=parts).mapInArrow(
-        partial(_shared_rows, shares), from_arrow_schema(schema)
+    return classic.arrow_frame(
+        spark,
+        [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+        schema,
+        rows_per_batch,
     )
 
 
-# The broadcasts behind numpy_to_dataframe's DataFrames, by SparkContext: a DataFrame derived from
-# one may outlive the Python object, so they are kept for the context's life.
-_KEPT_BROADCASTS: dict[int, list[Any]] = {}
-
-
-def _arrow_ipc(table: Any, schema: Any, rows_per_batch: int) -> bytes:
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        for batch in table.combine_chunks().to_batches(max_chunksize=rows_per_batch):
-            writer.write_batch(batch.cast(schema))
-    return sink.getvalue().to_pybytes()
-
-
-def _shared_rows(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
-    import pyarrow as pa
-
-    for batch in batches:
-        for part in batch.column(0).to_pylist():
-            yield from pa.ipc.open_stream(shares[part].value)
-
-
-def collect_arrays(blocks: RDD) -> Block:
-    """Bring blocks to the driver as one ``(x, y, w)`` triple (for validation sets and the single
-    engine)."""
-    parts = blocks.collect()
+def collect_arrays(blocks: DataFrame, input_shape: tuple[int, ...]) -> Block:
+    """Bring a DataFrame of blocks to the driver as one ``(x, y, w)`` triple (for validation sets
+    and the single engine)."""
+    parts = [decode_block(row, input_shape) for row in blocks.collect()]
     if not parts:
         raise DataError("No rows to collect.")
     return concatenate(parts)

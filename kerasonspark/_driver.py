@@ -25,32 +25,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _errors as errors
+from ._classic import job_description, share, to_partitions, training_rdd
 from ._errors import KerasOnSparkError, WorkerError
 from ._executor import (
     EpochGate,
     WorkerSettings,
     learning_rate_of,
-    partition_as_one,
     partition_rows,
-    spill_partition,
     train_partition,
 )
 from ._serialization import set_flat_weights
 from ._session import check_slots
+from ._stages import run_on_partitions
 from ._steering import Steering, has_terminate_on_nan, weighted_mean
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .parameter_server._store import ParameterStore
 
 if TYPE_CHECKING:
-    from pyspark import RDD, Broadcast
-    from pyspark.sql import SparkSession
+    from pyspark import RDD
+    from pyspark.sql import DataFrame, SparkSession
 
     from ._backup import BackupPlan
     from .parameter_server._board import EpochBoard
 
 logger = logging.getLogger(__name__)
 
-JOB_GROUP = "kerasonspark"
+JOB_TAG = "kerasonspark"
 STATS_PAGE_MESSAGE = "Live training stats: %s"
 
 
@@ -102,18 +102,19 @@ def _lost_worker_error(exc: BaseException) -> WorkerError:
 
 @contextlib.contextmanager
 def spark_job(spark: SparkSession, description: str) -> Iterator[None]:
-    """Name the Spark jobs this thread starts inside the block, so the Spark UI reads like the
-    training: job group ``kerasonspark`` and ``description`` (``kerasonspark fit sync (5 epochs,
-    2 workers)``). The thread's previous group and description come back afterwards."""
-    sc = spark.sparkContext
-    keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
-    saved = {key: sc.getLocalProperty(key) for key in keys}
-    sc.setJobGroup(JOB_GROUP, description, interruptOnCancel=True)
+    """Tag the Spark jobs this thread starts inside the block ``kerasonspark`` (what
+    ``spark.interruptTag`` stops, on a classic session and over Connect), and name them so the
+    Spark UI reads like the training: ``kerasonspark fit sync (5 epochs, 2 workers)`` (on a
+    classic session, as job group ``kerasonspark``). What the thread had before comes back
+    afterwards."""
+    had_tag = JOB_TAG in spark.getTags()
+    spark.addTag(JOB_TAG)
     try:
-        yield
+        with job_description(spark, JOB_TAG, description):
+            yield
     finally:
-        for key, value in saved.items():
-            sc.setLocalProperty(key, value)  # type: ignore[arg-type]  # None removes the property
+        if not had_tag:
+            spark.removeTag(JOB_TAG)
 
 
 @contextlib.contextmanager
@@ -550,13 +551,31 @@ class DriverRunner:
         )
 
 
+def paired_blocks(training: DataFrame, validation: DataFrame, workers: int) -> DataFrame:
+    """Training and validation blocks in one frame with a ``held_out`` column, partition ``i``
+    holding training partition ``i`` and validation partition ``i``, each in its order."""
+    from pyspark.sql import functions as F
+
+    tagged = [
+        frame.select(
+            "*",
+            F.spark_partition_id().alias("worker"),
+            F.lit(held_out).alias("held_out"),
+            F.monotonically_increasing_id().alias("order"),
+        )
+        for frame, held_out in ((training, False), (validation, True))
+    ]
+    return to_partitions(tagged[0].unionByName(tagged[1]), "worker", workers).drop("worker")
+
+
 class SparkRunner(DriverRunner):
     """Runs a job's workers as one Spark barrier stage, one task per partition of ``blocks``.
 
     Args:
         spark: the session.
-        blocks: the prepared training data, an RDD with one partition per worker.
-        spec_broadcast: the model spec's bytes, broadcast once per ``fit``.
+        blocks: the prepared training data, a DataFrame of blocks with one partition per worker.
+        spec_broadcast: the model spec's bytes, shared once per ``fit``
+            (:func:`kerasonspark._classic.share`).
         engine_name: where the engine's figures go in ``stats``.
         backup: how the run is backed up and what it resumed from, or ``None``.
     """
@@ -564,35 +583,25 @@ class SparkRunner(DriverRunner):
     def __init__(
         self,
         spark: SparkSession,
-        blocks: RDD,
-        spec_broadcast: Broadcast[bytes],
+        blocks: DataFrame,
+        spec_broadcast: Any,
         engine_name: str,
         backup: BackupPlan | None = None,
     ) -> None:
         super().__init__(engine_name, backup)
         self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
-        self._validation: Broadcast | None = None
+        self._validation: Any = None
 
     def run_workers(
         self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
     ) -> list[WorkerReport]:
         # an engine of the user's own travels like their custom objects
         ship_by_value(type(exchange))
-        sc = self.spark.sparkContext
-        # One broadcast for every stage of the fit: a restarted stage's tasks may land in Python
+        # One share for every stage of the fit: a restarted stage's tasks may land in Python
         # workers whose killed tasks still hold the previous one.
         if self._validation is None and job.validation is not None:
-            self._validation = sc.broadcast(job.validation)
-        blocks, paired = self.blocks, job.validation_blocks is not None
-        if job.streamed:
-            # In the training task itself: each worker writes its partition to its executor's disk.
-            blocks = blocks.mapPartitions(partial(spill_partition, job.info))
-        if paired:
-            # Each task's validation share comes as its partition of the validation RDD, zipped to
-            # the training one (one element each side: the partition's blocks or where they were
-            # spilled), never via the driver.
-            training = blocks if job.streamed else blocks.mapPartitions(partition_as_one)
-            blocks = training.zip(job.validation_blocks.mapPartitions(partition_as_one))
+            self._validation = share(self.spark, job.validation)
+        paired = job.validation_blocks is not None
         body = partial(
             train_partition,
             spec_broadcast=self.spec_broadcast,
@@ -613,8 +622,16 @@ class SparkRunner(DriverRunner):
             f"kerasonspark fit {self.engine_name} ({config.epochs - config.initial_epoch} epochs, "
             f"{config.num_workers} workers)"
         )
+        # Each task's validation share comes with its training blocks, never via the driver.
+        blocks = (
+            paired_blocks(self.blocks, job.validation_blocks, config.num_workers)
+            if paired
+            else self.blocks
+        )
         with spark_errors(training=True), spark_job(self.spark, description):
-            reports = blocks.barrier().mapPartitions(body).collect()
+            reports = run_on_partitions(
+                blocks, body, job.info.input_shape, barrier=True, held_out=paired
+            )
         return sorted(reports, key=lambda r: r.worker)
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
@@ -650,7 +667,7 @@ class SparkRunner(DriverRunner):
         if job.validation_blocks is not None:
             job.validation_blocks = job.validation_blocks.repartition(slots)
         with spark_errors(), spark_job(self.spark, "kerasonspark re-split the data"):
-            return self.blocks.mapPartitions(partition_rows).collect()
+            return run_on_partitions(self.blocks, partition_rows, job.info.input_shape)
 
     def release(self) -> None:
         """Destroy what the fit's stages shared (the validation broadcast)."""
@@ -659,10 +676,10 @@ class SparkRunner(DriverRunner):
             self._validation = None
 
     def training_blocks(self, job: TrainingJob) -> RDD:
-        return self.blocks
+        return training_rdd(self.blocks, job.info.input_shape)
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         from ._data import collect_arrays
 
         with spark_errors():
-            return collect_arrays(self.blocks)
+            return collect_arrays(self.blocks, job.info.input_shape)

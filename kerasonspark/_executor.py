@@ -875,7 +875,7 @@ def guarded(
 
 
 def train_partition(
-    blocks: Iterable[Block],
+    blocks: Iterable[Any],
     spec_broadcast: Any,
     custom_objects: dict[str, Any],
     settings: WorkerSettings,
@@ -886,8 +886,9 @@ def train_partition(
 ) -> Iterator[WorkerReport]:
     """The body of one barrier task: train this partition; yields the worker's report.
 
-    With ``paired`` the partition is one ``(training blocks, validation blocks)`` pair (the
-    validation data stayed on the executors); otherwise ``validation`` is a broadcast or ``None``.
+    With ``paired`` the partition comes as ``(held_out, block)`` pairs, its validation blocks
+    among them (the validation data stayed on the executors); otherwise ``validation`` is a
+    share of the driver's validation arrays or ``None``.
     """
     from pyspark import TaskContext
 
@@ -895,26 +896,36 @@ def train_partition(
     if context is None:
         raise RuntimeError("train_partition runs inside a Spark task.")
     worker = context.partitionId()
+    held_out: list[Block] = []
+
+    def training_blocks() -> Iterator[Block]:
+        for flagged, block in cast("Iterable[tuple[bool, Block]]", blocks):
+            if flagged:
+                held_out.append(block)
+            else:
+                yield block
 
     def body() -> WorkerReport:
         configure_tensorflow(settings.resources, "training")
         steps_runner = training_model(
             settings.run_id, spec_broadcast.value, custom_objects, settings.info
         )
+        training = training_blocks() if paired else cast("Iterable[Block]", blocks)
+        if settings.streamed:
+            # each worker writes its partition to its executor's disk, one block at a time
+            x, y, weights = open_spilled(
+                next(spill_partition(settings.info, training)), settings.info
+            )
+        else:
+            x, y, weights = concatenate_blocks(training, settings.info)
         share: tuple[np.ndarray, np.ndarray] | None
         if paired:
-            training, held_out = next(iter(cast("Iterable[tuple[Any, list[Block]]]", blocks)))
             vx, vy, _ = concatenate_blocks(held_out, settings.info)
             share = (vx, vy)
         else:
-            training = next(iter(blocks)) if settings.streamed else blocks
             share = validation_share(
                 validation.value if validation is not None else None, worker, settings
             )
-        if settings.streamed:
-            x, y, weights = open_spilled(cast("SpilledPartition", training), settings.info)
-        else:
-            x, y, weights = concatenate_blocks(training, settings.info)
         return train_worker(worker, steps_runner, x, y, settings, exchange, share, gate, weights)
 
     yield guarded(worker, exchange, body, gate)
@@ -923,11 +934,6 @@ def train_partition(
 def partition_rows(blocks: Iterable[Block]) -> Iterator[int]:
     """A partition's row count (a task body: it runs on the executors, so it lives here)."""
     yield sum(len(block[0]) for block in blocks)
-
-
-def partition_as_one(blocks: Iterable[Any]) -> Iterator[list[Any]]:
-    """A partition's elements as one list, to zip one partition to another's."""
-    yield list(blocks)
 
 
 @dataclass(frozen=True)

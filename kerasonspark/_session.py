@@ -113,7 +113,12 @@ def is_loopback(host: str) -> bool:
 
 def is_local(spark: SparkSession) -> bool:
     """Whether ``spark`` runs in local mode (``local[...]``)."""
-    return (spark.sparkContext.master or "").startswith("local")
+    return master(spark).startswith("local")
+
+
+def master(spark: SparkSession) -> str:
+    """The master URL of ``spark``'s cluster (for a Spark Connect client, the server's)."""
+    return spark.conf.get("spark.master", "") or ""
 
 
 def server_host(spark: SparkSession) -> str:
@@ -121,7 +126,7 @@ def server_host(spark: SparkSession) -> str:
     cluster."""
     if is_local(spark):
         return "127.0.0.1"
-    return spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")
+    return spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1"
 
 
 SERVER_PORT = "spark.kerasonspark.serverPort"
@@ -134,7 +139,7 @@ def server_port(spark: SparkSession) -> int:
     Raises:
         ConfigurationError: the setting is not a port number.
     """
-    value = spark.sparkContext.getConf().get(SERVER_PORT, "0")
+    value = spark.conf.get(SERVER_PORT, "0") or "0"
     if not value.isdigit() or int(value) > 65535:
         raise ConfigurationError(
             f"`{SERVER_PORT}` must be a port number (0 for any free one). Received: {value!r}."
@@ -154,7 +159,7 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
     ``spark.network.crypto.enabled``), cleartext weights would be the one thing left readable.
 
     Args:
-        conf: the session's Spark configuration (``dict(spark.sparkContext.getConf().getAll())``).
+        conf: the session's Spark configuration (``spark.conf.getAll``).
         server_host: the address the parameter server will bind.
 
     Raises:
@@ -177,17 +182,10 @@ def check_weights_privacy(conf: Mapping[str, str], server_host: str) -> None:
 
 def task_slots(spark: SparkSession) -> int:
     """Tasks the cluster's registered executors can run at once, as Spark counts them for a barrier
-    stage.
+    stage (see :func:`kerasonspark._classic.task_slots`)."""
+    from ._classic import task_slots as slots
 
-    Spark's own count (``maxNumConcurrentTasks``) follows executors as they come and go;
-    ``defaultParallelism`` does not (it never drops below 2).
-    """
-    sc = spark.sparkContext
-    try:
-        jsc = sc._jsc.sc()
-        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
-    except Exception:  # a Spark without the method: the documented, coarser count
-        return sc.defaultParallelism // max(int(sc.getConf().get("spark.task.cpus", "1")), 1)
+    return slots(spark)
 
 
 def check_slots(spark: SparkSession, num_workers: int, registration_timeout: float = 30.0) -> None:
@@ -199,7 +197,6 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
     Raises:
         ConfigurationError: fewer task slots than workers (a barrier stage would wait forever).
     """
-    sc = spark.sparkContext
     slots = task_slots(spark)
     deadline = time.monotonic() + (0 if is_local(spark) else registration_timeout)
     while num_workers > slots and time.monotonic() < deadline:
@@ -213,6 +210,6 @@ def check_slots(spark: SparkSession, num_workers: int, registration_timeout: flo
         )
         raise ConfigurationError(
             f"`num_workers={num_workers}` needs {num_workers} task slots at once (training runs "
-            f"as one barrier stage), but master {sc.master!r} offers {slots}{waited}. Use "
+            f"as one barrier stage), but master {master(spark)!r} offers {slots}{waited}. Use "
             f"num_workers <= {slots} or add executor cores."
         )

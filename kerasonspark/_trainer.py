@@ -17,14 +17,23 @@ import numpy as np
 
 from . import _data as data_module
 from ._backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
+from ._classic import share
 from ._config import DataConfig, FailureConfig, MlflowConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo
 from ._driver import SparkRunner, ship_by_value, spark_errors, spark_job
 from ._errors import ConfigurationError, DataError
 from ._executor import evaluate_partition, predict_batches, warm_up
 from ._serialization import ModelSpec, set_flat_weights, spec_version
-from ._session import check_slots, check_weights_privacy, server_host, server_port, start_session
+from ._session import (
+    check_slots,
+    check_weights_privacy,
+    master,
+    server_host,
+    server_port,
+    start_session,
+)
 from ._shipping import ensure_executors_ready
+from ._stages import run_on_partitions
 from ._tracking import FitLogger, fit_params, tracked_run, tracking_enabled
 from .engine import Engine, TrainingJob, TrainingResult, resolve_backend
 
@@ -284,12 +293,10 @@ class SparkTrainer:
                     spark, self.config.num_workers, self.config.failure.registration_timeout
                 )
             if served:
-                check_weights_privacy(
-                    dict(spark.sparkContext.getConf().getAll()), server_host(spark)
-                )
+                check_weights_privacy(spark.conf.getAll, server_host(spark))
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
-            spec_broadcast = spark.sparkContext.broadcast(spec.to_bytes())
+            spec_broadcast = share(spark, spec.to_bytes())
             prepared, runner, held_out = None, None, None
             try:
                 validation = None
@@ -442,7 +449,7 @@ class SparkTrainer:
         self, plan: BackupPlan, config: TrainingConfig, spark: SparkSession
     ) -> TrainingConfig:
         """Start from the plan's latest backup, if there is one: its weights and its epoch."""
-        plan.settings["master"] = spark.sparkContext.master
+        plan.settings["master"] = master(spark)
         state = plan.store.latest()
         if state is None:
             return config
@@ -477,7 +484,8 @@ class SparkTrainer:
         else:
             with spark_errors(), spark_job(spark, f"kerasonspark collect {what} data"):
                 x, y, w = data_module.collect_arrays(
-                    data_module.to_blocks(spark, data, features, label, self.info, None, what)
+                    data_module.to_blocks(spark, data, features, label, self.info, None, what),
+                    self.info.input_shape,
                 )
         if w is not None:
             raise DataError(
@@ -516,7 +524,7 @@ class SparkTrainer:
                     spark, data, features, label, self.info, None, "evaluation"
                 )
             spec_bytes = spec.to_bytes()
-            spec_broadcast = spark.sparkContext.broadcast(spec_bytes)
+            spec_broadcast = share(spark, spec_bytes)
             body = partial(
                 evaluate_partition,
                 spec_broadcast=spec_broadcast,
@@ -528,7 +536,7 @@ class SparkTrainer:
             )
             try:
                 with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
-                    results = blocks.mapPartitions(body).collect()
+                    results = run_on_partitions(blocks, body, self.info.input_shape)
             finally:
                 spec_broadcast.destroy()
                 data_module.release_blocks(blocks)

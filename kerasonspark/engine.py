@@ -463,7 +463,7 @@ class TrainingJob:
         if self.validation is None and self.validation_blocks is not None:
             from ._data import collect_arrays
 
-            x, y, _ = collect_arrays(self.validation_blocks)
+            x, y, _ = collect_arrays(self.validation_blocks, self.info.input_shape)
             self.validation = (x, y)
         return self.validation
 

@@ -2,40 +2,37 @@
 tasks), and a Parquet path trains like the DataFrame it holds."""
 
 import os
+from functools import partial
 
 import numpy as np
 import pytest
 
 from kerasonspark import DataError, SparkTrainer, numpy_to_dataframe
-from kerasonspark._data import DataInfo, release_blocks, to_blocks
+from kerasonspark._data import DataInfo, collect_arrays, release_blocks, to_blocks
+from kerasonspark._stages import run_on_partitions
 
 from conftest import make_blobs, small_model
 
 pytestmark = pytest.mark.spark
 
 
-def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark, monkeypatch):
+def test_numpy_input_travels_by_broadcast_not_inside_tasks(spark):
     from pyspark import cloudpickle
+
+    from kerasonspark._classic import _shared_blocks
 
     x, y = make_blobs(4000, dim=784)  # 12.5 MB of features: parallelize would make 6 MB tasks
     model = small_model(dim=784)
     info = DataInfo.for_model(model, model.get_compile_config())
-    sc = spark.sparkContext
-    parallelized, parallelize = [], sc.parallelize
-    monkeypatch.setattr(
-        sc, "parallelize", lambda data, n: parallelized.append(data) or parallelize(data, n)
-    )
     blocks = to_blocks(spark, (x, y), "features", "label", info, 2)
-    # what the tasks carry: partition numbers
-    assert len(cloudpickle.dumps(list(parallelized[0]))) < 1000
-    parts = blocks.glom().map(lambda part: [len(b[0]) for b in part]).collect()
+    shares = blocks._kerasonspark_shares
+    # what the tasks carry: the broadcasts' handles and partition numbers
+    assert len(shares) == 2
+    assert len(cloudpickle.dumps(partial(_shared_blocks, shares))) < 2000
+    parts = run_on_partitions(blocks, lambda part: [[len(b[0]) for b in part]], info.input_shape)
     # each task read its own partition's rows, in order
-    assert [sum(p) for p in parts] == [
-        2000,
-        2000,
-    ]
-    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks.collect()]), x)
-    shares = blocks._kerasonspark_broadcasts
+    assert [sum(p) for p in parts] == [2000, 2000]
+    np.testing.assert_array_equal(collect_arrays(blocks, info.input_shape)[0], x)
     release_blocks(blocks)
     assert not any(os.path.exists(share._path) for share in shares)  # destroyed with the blocks
 
@@ -108,11 +105,11 @@ def test_validation_dataframe_stays_on_the_executors_and_scores_the_returned_mod
         numpy_to_dataframe(spark, xv, yv, partitions=3),
     )
     collected = []
-    collect_arrays = data_module.collect_arrays
+    original = data_module.collect_arrays
     monkeypatch.setattr(
         data_module,
         "collect_arrays",
-        lambda blocks: collected.append(blocks) or collect_arrays(blocks),
+        lambda blocks, shape: collected.append(blocks) or original(blocks, shape),
     )
     trainer = SparkTrainer(
         small_model(),

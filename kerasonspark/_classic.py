@@ -1,0 +1,278 @@
+"""The one seam between a classic Spark session and Spark Connect.
+
+Everything else in kerasonspark speaks DataFrames (:mod:`kerasonspark._stages`), which both kinds
+of session serve. What only a classic session has (its SparkContext: broadcasts, RDDs) is used
+here and only here, where it is measurably better, with the Connect way beside it:
+
+- a value every task reads (the model, validation arrays): a broadcast on a classic session,
+  inside the task's closure over Connect (:func:`share`);
+- NumPy training data: one broadcast per partition on a classic session (the rows never sit in a
+  task or in the plan), an Arrow table uploaded by the client over Connect
+  (:func:`numpy_block_frame`);
+- an RDD given as input, and an RDD of blocks handed to another Spark library (Elephas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigurationError
+from ._stages import BLOCK_SCHEMA, decode_block, encode_block
+
+if TYPE_CHECKING:
+    from pyspark import RDD
+    from pyspark.sql import DataFrame, SparkSession
+
+    from ._data import Block
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (a client, with no SparkContext)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+@dataclass
+class Inline:
+    """A value that travels inside each task's closure: what :func:`share` gives over Connect,
+    where there are no broadcasts. Read and released like a broadcast."""
+
+    value: Any
+
+    def destroy(self) -> None:
+        """Nothing to release: the value lives in the stage's closure."""
+
+
+def share(spark: SparkSession, value: Any) -> Any:
+    """``value`` for every task of the stages to come, read as ``.value`` there and released by
+    ``.destroy()``: a broadcast on a classic session (it travels once per executor, by Spark's
+    block manager), the value itself over Connect (once per task, in its closure)."""
+    if is_connect(spark):
+        return Inline(value)
+    return spark.sparkContext.broadcast(value)
+
+
+def numpy_block_frame(spark: SparkSession, parts: list[list[Block]]) -> DataFrame:
+    """A DataFrame of blocks with partition ``i`` holding ``parts[i]``, in order.
+
+    On a classic session each partition's blocks travel as one broadcast, which its task reads
+    (``createDataFrame`` would put 30 MB of MNIST in each task); :func:`release` destroys them.
+    Over Connect the client uploads the blocks as one Arrow table and a shuffle places them.
+    """
+    import pyarrow as pa
+
+    if is_connect(spark):
+        batches = [
+            encode_block(*block).append_column("worker", pa.array([i], pa.int32()))
+            for i, blocks in enumerate(parts)
+            for block in blocks
+        ]
+        table = pa.Table.from_batches(batches)
+        frame = spark.createDataFrame(
+            table.append_column("order", pa.array(range(len(batches)), pa.int64()))
+        )
+        return to_partitions(frame, "worker", len(parts)).drop("worker")
+    sc = spark.sparkContext
+    shares = [sc.broadcast(blocks) for blocks in parts]
+    frame = spark.range(len(parts), numPartitions=len(parts)).mapInArrow(
+        partial(_shared_blocks, shares), BLOCK_SCHEMA
+    )
+    frame._kerasonspark_shares = shares  # type: ignore[attr-defined]
+    return frame
+
+
+def _shared_blocks(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
+    for batch in batches:
+        for part in batch.column(0).to_pylist():
+            for block in shares[part].value:
+                yield encode_block(*block)
+
+
+def release(frame: DataFrame) -> None:
+    """Destroy the broadcasts behind a frame of :func:`numpy_block_frame`, if any."""
+    for shared in getattr(frame, "_kerasonspark_shares", []):
+        shared.destroy()
+
+
+def to_partitions(frame: DataFrame, column: str, partitions: int) -> DataFrame:
+    """``frame``'s rows moved so that those whose ``column`` is ``i`` make partition ``i`` (for
+    ``i < partitions``), kept in the order of its ``order`` column (dropped).
+
+    ``repartition(n, key)`` places a row at ``pmod(hash(key), n)``; each ``i`` gets a key that
+    Spark's own hash sends to ``i``, found by a small query.
+    """
+    from pyspark.sql import functions as F
+
+    spark = frame.sparkSession
+    keys: dict[int, int] = {}
+    candidates = 0
+    while len(keys) < partitions:
+        candidates += 64 * partitions
+        found = (
+            spark.range(candidates)
+            .select("id", F.expr(f"pmod(hash(id), {partitions})").alias("bucket"))
+            .groupBy("bucket")
+            .agg(F.min("id").alias("id"))
+            .collect()
+        )
+        keys = {int(row.bucket): int(row.id) for row in found}
+    key = F.element_at(F.array(*(F.lit(keys[i]) for i in range(partitions))), F.col(column) + 1)
+    return frame.repartition(partitions, key).sortWithinPartitions("order").drop("order")
+
+
+def arrow_frame(
+    spark: SparkSession, parts: list[Any], schema: Any, rows_per_batch: int
+) -> DataFrame:
+    """A DataFrame of Arrow tables ``parts``, one partition each, rows in order, as ``schema``.
+
+    On a classic session each part travels as one broadcast of Arrow IPC bytes, kept for the
+    SparkContext's life (a DataFrame derived from it may outlive the Python object). Over Connect
+    the client uploads the rows as one table and a shuffle places them.
+    """
+    import pyarrow as pa
+
+    if is_connect(spark):
+        tagged = [
+            part.cast(schema).append_column("worker", pa.array([i] * len(part), pa.int32()))
+            for i, part in enumerate(parts)
+        ]
+        table = pa.concat_tables(tagged)
+        frame = spark.createDataFrame(
+            table.append_column("order", pa.array(range(len(table)), pa.int64()))
+        )
+        return to_partitions(frame, "worker", len(parts)).drop("worker")
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    sc = spark.sparkContext
+    shares = [sc.broadcast(_arrow_ipc(part, schema, rows_per_batch)) for part in parts]
+    if id(sc) not in _KEPT_BROADCASTS:
+        _KEPT_BROADCASTS.clear()  # one SparkContext per process: the old one's are gone with it
+    _KEPT_BROADCASTS.setdefault(id(sc), []).extend(shares)
+    return spark.range(len(parts), numPartitions=len(parts)).mapInArrow(
+        partial(_shared_rows, shares), from_arrow_schema(schema)
+    )
+
+
+# The broadcasts behind arrow_frame's DataFrames, by SparkContext.
+_KEPT_BROADCASTS: dict[int, list[Any]] = {}
+
+
+def _arrow_ipc(table: Any, schema: Any, rows_per_batch: int) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in table.combine_chunks().to_batches(max_chunksize=rows_per_batch):
+            writer.write_batch(batch.cast(schema))
+    return sink.getvalue().to_pybytes()
+
+
+def _shared_rows(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
+    import pyarrow as pa
+
+    for batch in batches:
+        for part in batch.column(0).to_pylist():
+            yield from pa.ipc.open_stream(shares[part].value)
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """The partitions Spark gives data without a count of its own: the SparkContext's
+    ``defaultParallelism``, or over Connect ``spark.default.parallelism`` where it is set, else
+    the partitions of ``spark.range`` (which Spark sizes by that same default)."""
+    if not is_connect(spark):
+        return spark.sparkContext.defaultParallelism
+    setting = spark.conf.get("spark.default.parallelism", None)
+    if setting:
+        return int(setting)
+    from pyspark.sql import functions as F
+
+    return spark.range(1 << 16).select(F.spark_partition_id()).distinct().count()
+
+
+@contextlib.contextmanager
+def job_description(spark: SparkSession, group: str, description: str) -> Iterator[None]:
+    """On a classic session, the thread's Spark jobs inside the block in job group ``group``,
+    described by ``description`` (the thread's previous group and description come back
+    afterwards). A Connect server names a client's jobs itself: nothing to do there."""
+    if is_connect(spark):
+        yield
+        return
+    sc = spark.sparkContext
+    keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+    saved = {key: sc.getLocalProperty(key) for key in keys}
+    sc.setJobGroup(group, description, interruptOnCancel=True)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            sc.setLocalProperty(key, value)  # type: ignore[arg-type]  # None removes the property
+
+
+def task_slots(spark: SparkSession) -> int:
+    """Tasks the cluster's registered executors can run at once, as Spark counts them for a barrier
+    stage.
+
+    On a classic session, Spark's own count (``maxNumConcurrentTasks``) follows executors as
+    they come and go; ``defaultParallelism`` does not (it never drops below 2). A Connect client
+    cannot ask: it counts the cores the configuration gives (``local[N]``, or executor instances
+    times their cores), divided by ``spark.task.cpus``; Spark's own barrier check still refuses
+    a stage the cluster cannot hold.
+    """
+    per_task = max(int(spark.conf.get("spark.task.cpus", "1") or "1"), 1)
+    if not is_connect(spark):
+        sc = spark.sparkContext
+        try:
+            jsc = sc._jsc.sc()
+            profile = jsc.resourceProfileManager().defaultResourceProfile()
+            return int(jsc.maxNumConcurrentTasks(profile))
+        except Exception:  # a Spark without the method: the documented, coarser count
+            return sc.defaultParallelism // per_task
+    url = spark.conf.get("spark.master", "") or ""
+    if url.startswith("local"):
+        inside = url.partition("[")[2].partition("]")[0].split(",")[0] or "1"
+        cores = (os.cpu_count() or 1) if inside == "*" else int(inside)
+    else:
+        instances = int(spark.conf.get("spark.executor.instances", "0") or "0")
+        cores = instances * int(spark.conf.get("spark.executor.cores", "1") or "1")
+        if not cores:  # a standalone cluster gives what it has: let Spark's check decide
+            return 1 << 30
+    return cores // per_task
+
+
+def partition_count(frame: DataFrame) -> int | None:
+    """``frame``'s number of partitions, where the session can tell without a job (classic)."""
+    if is_connect(frame.sparkSession):
+        return None
+    return frame.rdd.getNumPartitions()
+
+
+def rdd_block_frame(spark: SparkSession, rdd: RDD, blocks_of: Any) -> DataFrame:
+    """An RDD of ``(features, label)`` rows as a DataFrame of blocks (``blocks_of`` reads a
+    partition's rows), partitions kept."""
+
+    def rows(items: Iterable[Any]) -> Iterator[tuple]:
+        for x, y, w in blocks_of(items):
+            yield tuple(encode_block(x, y, w).to_pylist()[0].values())
+
+    return spark.createDataFrame(rdd.mapPartitions(rows), BLOCK_SCHEMA)
+
+
+def training_rdd(blocks: DataFrame, input_shape: tuple[int, ...]) -> RDD:
+    """A DataFrame of blocks as an RDD of ``(x, y, w)`` blocks, partitions kept, for a Spark
+    library that takes RDDs.
+
+    Raises:
+        ConfigurationError: the session is a Spark Connect client, which has no RDDs.
+    """
+    if is_connect(blocks.sparkSession):
+        raise ConfigurationError(
+            "This engine hands the data to a Spark library as an RDD, and a Spark Connect "
+            "session has no RDDs (no SparkContext). Use a classic session "
+            "(SparkSession.builder.master(...)), or an engine that runs over Connect: sync, "
+            "async, hogwild or single."
+        )
+    return blocks.rdd.map(partial(decode_block, input_shape=input_shape))
