@@ -94,7 +94,8 @@ def _shared_blocks(shares: list[Any], batches: Iterator[Any]) -> Iterator[Any]:
 
 def release(frame: DataFrame) -> None:
     """Destroy the broadcasts behind a frame of :func:`numpy_block_frame`, if any."""
-    for shared in getattr(frame, "_kerasonspark_shares", []):
+    # vars(): a Connect frame answers any attribute it lacks with a column
+    for shared in vars(frame).get("_kerasonspark_shares", []):
         shared.destroy()
 
 
@@ -241,6 +242,15 @@ def task_slots(spark: SparkSession) -> int:
         if not cores:  # a standalone cluster gives what it has: let Spark's check decide
             return 1 << 30
     return cores // per_task
+
+
+def add_py_file(spark: SparkSession, archive: str | os.PathLike) -> None:
+    """Put a zip of Python modules on the executors' path for this session: ``addPyFile`` on a
+    classic session, ``addArtifacts(..., pyfile=True)`` over Connect."""
+    if is_connect(spark):
+        spark.addArtifacts(os.fspath(archive), pyfile=True)
+    else:
+        spark.sparkContext.addPyFile(os.fspath(archive))
 
 
 def partition_count(frame: DataFrame) -> int | None:

@@ -5,7 +5,8 @@ shared image, a notebook's driver with a fresh ``pip install``). Before the firs
 application, one tiny job asks an executor which of the modules a worker needs it can find. When
 only ``kerasonspark`` is missing, the driver zips the package it runs (``kerasonspark`` and the
 engines of ``kerasonspark.backends``), names the zip after a hash of its contents (so an editable
-install never ships stale code), and adds it with ``SparkContext.addPyFile``. What the package
+install never ships stale code), and adds it to the session's Python path
+(:func:`kerasonspark._classic.add_py_file`). What the package
 itself needs (TensorFlow, Keras, NumPy, PyArrow) cannot be shipped this way: a missing one is an
 error that names it.
 """
@@ -16,12 +17,13 @@ import hashlib
 import importlib
 import importlib.util
 import logging
-import operator
 import tempfile
 import zipfile
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ._classic import add_py_file
 from ._errors import SparkEnvironmentError
 
 if TYPE_CHECKING:
@@ -36,15 +38,34 @@ REQUIRED = ("tensorflow", "keras", "numpy", "pyarrow")
 _READY: set[str] = set()
 
 
+# The check must run where kerasonspark is absent: its function is made from this source in a
+# namespace of no importable module, so Spark's cloudpickle sends it by value, with nothing of
+# kerasonspark's.
+_PROBE_SOURCE = """
+def probe(modules, batches):
+    import importlib.util
+
+    import pyarrow as pa
+
+    for _ in batches:
+        pass
+    found = [importlib.util.find_spec(name) is not None for name in modules]
+    yield pa.RecordBatch.from_arrays(
+        [pa.array(list(modules)), pa.array(found)], names=["module", "found"]
+    )
+"""
+
+
 def executors_lack(spark: SparkSession, modules: tuple[str, ...]) -> list[str]:
     """The ``modules`` an executor's Python cannot find (one task, which imports nothing)."""
-    sc = spark.sparkContext
-    # Only functions of the standard library travel: the check must run where kerasonspark is
-    # absent.
+    namespace: dict[str, Any] = {"__name__": "kerasonspark_executor_probe"}
+    exec(compile(_PROBE_SOURCE, "<kerasonspark executor probe>", "exec"), namespace)
     found = (
-        sc.parallelize(list(modules), 1).map(importlib.util.find_spec).map(operator.truth).collect()
+        spark.range(1, numPartitions=1)
+        .mapInArrow(partial(namespace["probe"], modules), "module string, found boolean")
+        .collect()
     )
-    return [name for name, present in zip(modules, found, strict=True) if not present]
+    return [row.module for row in found if not row.found]
 
 
 def package_zip(folder: str | Path | None = None) -> Path:
@@ -86,8 +107,8 @@ def ensure_executors_ready(spark: SparkSession) -> None:
     Raises:
         SparkEnvironmentError: the executors' Python lacks a module kerasonspark needs.
     """
-    sc = spark.sparkContext
-    if sc.applicationId in _READY:
+    application = spark.conf.get("spark.app.id", "") or ""
+    if application in _READY:
         return
     missing = executors_lack(spark, (PACKAGE, *REQUIRED))
     required = [name for name in missing if name != PACKAGE]
@@ -99,9 +120,6 @@ def ensure_executors_ready(spark: SparkSession) -> None:
         )
     if missing:
         archive = package_zip()
-        sc.addPyFile(str(archive))
-        logger.info(
-            "The executors cannot import kerasonspark: shipped %s to them with addPyFile",
-            archive.name,
-        )
-    _READY.add(sc.applicationId)
+        add_py_file(spark, archive)
+        logger.info("The executors cannot import kerasonspark: shipped %s to them", archive.name)
+    _READY.add(application)

@@ -35,7 +35,8 @@ def main(url: str, backends: list[str]) -> None:
         report["runs"][backend] = {
             "numpy_samples": numpy_result.stats.get("samples"),
             "changed": any(
-                not np.array_equal(a, b) for a, b in zip(before, trainer.model.get_weights())
+                not np.array_equal(a, b)
+                for a, b in zip(before, trainer.model.get_weights(), strict=True)
             ),
             "val_accuracy": result.history["val_accuracy"][-1],
             "evaluate": trainer.evaluate(validation_df)["accuracy"],
