@@ -4,10 +4,11 @@
 A backup is a folder ``backup-<n>`` in the backup directory holding the center weights
 (``center.npy``, a plain NumPy array file: no pickle) and ``manifest.json`` (the epoch to resume
 in, each worker's applied exchanges for a backup taken mid-epoch, the history so far, the exchange
-count, and the run's settings). It is written as ``backup-<n>.partial`` and renamed when complete,
-then ``latest.json`` is replaced (write, then rename) to point at it, so a backup cut short by a
-crash is never taken as the latest: :meth:`BackupStore.latest` reads only folders whose manifest
-is complete, newest first, and falls back past one that does not load.
+count, and the run's settings). The manifest is written last (under a temporary name, then
+renamed), then ``latest.json`` is replaced the same way to point at the folder, so a backup cut
+short by a crash is never taken as the latest: :meth:`BackupStore.latest` reads only folders
+whose manifest is complete, newest first, and falls back past one that does not load. The folder
+may be local or on any store ``pyarrow.fs`` reaches (``s3://``, ``hdfs://``, ...).
 
 On resume the run's model, engine and data schema must match the backup's (the difference is
 named if not); the number of workers and the master may change (a backup taken mid-epoch then
@@ -16,14 +17,14 @@ resumes at the start of its epoch, since its positions belong to the old workers
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,34 +86,68 @@ def run_settings(
 
 
 class BackupStore:
-    """Atomic backups of one run in a local (or mounted shared) folder.
+    """Atomic backups of one run in a folder of any file system ``pyarrow.fs`` reaches: a local or
+    mounted path, or a URI (``s3://bucket/run``, ``hdfs://namenode/run``, ``gs://``,
+    ``abfs://``, ``file://``), with that store's credentials as pyarrow finds them.
+
+    Backups are written by the driver (or the Spark Connect client), never by the executors. A
+    backup folder counts once its manifest is in it, and the manifest is written last, under a
+    temporary name renamed into place (a copy on object stores, where it is just as final).
 
     Args:
         directory: the backup directory (created if missing).
         keep: complete backups kept (older ones are removed after a new one is in place).
+
+    Raises:
+        ConfigurationError: ``pyarrow.fs`` does not know the URI's scheme.
     """
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 2) -> None:
-        if "://" in str(directory):
-            raise ConfigurationError(
-                f"Backups go to a local or mounted shared folder. Received: {directory!r} "
-                "(remote stores are not supported yet; mount it instead)."
-            )
-        self.directory = Path(directory)
+        from pyarrow import fs
+
+        self.directory = str(directory) if "://" in str(directory) else os.fspath(directory)
+        if "://" in self.directory:
+            try:
+                self.files, self.root = fs.FileSystem.from_uri(self.directory)
+            except Exception as exc:  # an unknown scheme, a store pyarrow was built without
+                raise ConfigurationError(
+                    f"Backups cannot go to {self.directory!r}: {exc}. Give a local or mounted "
+                    "folder, or a URI of a file system pyarrow.fs reaches (s3://, hdfs://, "
+                    "gs://, abfs://, file://)."
+                ) from None
+        else:
+            self.files, self.root = fs.LocalFileSystem(), os.path.abspath(self.directory)
+        self.local = isinstance(self.files, fs.LocalFileSystem)
         self.keep = max(keep, 1)
 
-    def save(self, state: RunState) -> Path:
+    def _path(self, *names: str) -> str:
+        return "/".join([self.root.rstrip("/"), *names])
+
+    def _write(self, path: str, data: bytes) -> None:
+        """``data`` at ``path``, via a temporary name renamed into place (flushed to disk first
+        where the store is local)."""
+        temporary = path + ".partial"
+        if self.local:
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with self.files.open_output_stream(temporary) as stream:
+                stream.write(data)
+        self.files.move(temporary, path)
+
+    def save(self, state: RunState) -> str:
         """Write ``state`` as the latest backup, atomically; returns its folder."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.files.create_dir(self.root, recursive=True)
         number = max((n for n, _ in self._complete()), default=0) + 1
-        final = self.directory / f"backup-{number:06d}"
-        partial = self.directory / f"backup-{number:06d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        with open(partial / "center.npy", "wb") as f:
-            np.save(f, np.ascontiguousarray(state.center, dtype=np.float32), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
+        final = self._path(f"backup-{number:06d}")
+        # a crash's leftover under this number (no manifest, so never taken) is replaced
+        self.files.delete_dir_contents(final, missing_dir_ok=True)
+        self.files.create_dir(final, recursive=True)
+        center = io.BytesIO()
+        np.save(center, np.ascontiguousarray(state.center, dtype=np.float32), allow_pickle=False)
+        self._write(final + "/center.npy", center.getvalue())
         manifest = {
             "format": FORMAT_VERSION,
             "epoch": state.epoch,
@@ -122,60 +157,65 @@ class BackupStore:
             "settings": state.settings,
             "created": time.time(),
         }
-        _write_atomically(partial / "manifest.json", json.dumps(manifest))
-        os.replace(partial, final)
-        _write_atomically(self.directory / _LATEST, json.dumps({"backup": final.name}))
+        # last, and atomically: a folder is a backup once its manifest is there
+        self._write(final + "/manifest.json", json.dumps(manifest).encode())
+        self._write(self._path(_LATEST), json.dumps({"backup": final.rsplit("/", 1)[1]}).encode())
         for _, old in self._complete()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self.files.delete_dir(old)
         return final
 
-    def _complete(self) -> list[tuple[int, Path]]:
+    def _complete(self) -> list[tuple[int, str]]:
+        from pyarrow import fs
+
+        try:
+            entries = self.files.get_file_info(fs.FileSelector(self.root))
+        except FileNotFoundError:
+            return []
         found = []
-        for path in self.directory.glob("backup-*"):
-            number = path.name[len("backup-") :]
-            if path.is_dir() and number.isdigit() and (path / "manifest.json").is_file():
-                found.append((int(number), path))
+        for entry in entries:
+            number = entry.base_name[len("backup-") :]
+            if (
+                entry.type == fs.FileType.Directory
+                and entry.base_name.startswith("backup-")
+                and number.isdigit()
+                and self.files.get_file_info(entry.path + "/manifest.json").type == fs.FileType.File
+            ):
+                found.append((int(number), entry.path))
         return sorted(found)
 
     def latest(self) -> RunState | None:
         """The newest complete backup, or ``None``; a backup that does not load is skipped with a
         warning."""
-        if not self.directory.is_dir():
-            return None
         for _, path in reversed(self._complete()):
             try:
-                return _load(path)
+                return self._load(path)
             except (OSError, ValueError, KeyError) as exc:
                 logger.warning("Skipping backup %s, which does not load: %s", path, exc)
         return None
 
+    def _read(self, path: str) -> bytes:
+        with self.files.open_input_stream(path) as stream:
+            return stream.read()
+
+    def _load(self, path: str) -> RunState:
+        manifest = json.loads(self._read(path + "/manifest.json"))
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"backup format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+        center = np.load(io.BytesIO(self._read(path + "/center.npy")), allow_pickle=False)
+        return RunState(
+            epoch=int(manifest["epoch"]),
+            center=center.astype(np.float32, copy=False),
+            resume={int(k): int(v) for k, v in manifest["resume"].items()},
+            history={k: [float(v) for v in values] for k, values in manifest["history"].items()},
+            exchanges=int(manifest["exchanges"]),
+            settings=dict(manifest["settings"]),
+        )
+
     def clear(self) -> None:
         """Remove every backup (a completed run deletes its backups, as Keras does)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def _load(path: Path) -> RunState:
-    manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"backup format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
-    center = np.load(path / "center.npy", allow_pickle=False)
-    return RunState(
-        epoch=int(manifest["epoch"]),
-        center=center.astype(np.float32, copy=False),
-        resume={int(k): int(v) for k, v in manifest["resume"].items()},
-        history={k: [float(v) for v in values] for k, values in manifest["history"].items()},
-        exchanges=int(manifest["exchanges"]),
-        settings=dict(manifest["settings"]),
-    )
+        self.files.delete_dir_contents(self.root, missing_dir_ok=True)
+        with contextlib.suppress(OSError):
+            self.files.delete_dir(self.root)
 
 
 def check_resumable(state: RunState, settings: dict[str, Any]) -> None:

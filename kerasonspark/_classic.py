@@ -9,7 +9,11 @@ here and only here, where it is measurably better, with the Connect way beside i
 - NumPy training data: one broadcast per partition on a classic session (the rows never sit in a
   task or in the plan), an Arrow table uploaded by the client over Connect
   (:func:`numpy_block_frame`);
-- an RDD given as input, and an RDD of blocks handed to another Spark library (Elephas).
+- an RDD given as input, and an RDD of blocks handed to another Spark library (Elephas; refused
+  over Connect, :func:`require_rdds`);
+- the session's services: task slots (Spark's own count, or the configuration's cores), job
+  groups (a Connect server names a client's jobs itself), shipping a zip of Python code
+  (``addPyFile`` or ``addArtifacts``), and the address a Connect client is reached at.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ if TYPE_CHECKING:
 def is_connect(spark: SparkSession) -> bool:
     """Whether ``spark`` is a Spark Connect session (a client, with no SparkContext)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def connect_client_address(spark: SparkSession) -> str:
+    """This client's address on the interface it reaches its Spark Connect server through (the
+    route the kernel picks; no packet is sent): where executors beside the server can reach it."""
+    import socket
+
+    host = spark.client.host  # a Connect session
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return str(probe.getsockname()[0])
 
 
 @dataclass
@@ -260,6 +276,30 @@ def partition_count(frame: DataFrame) -> int | None:
     return frame.rdd.getNumPartitions()
 
 
+def is_rdd(data: Any) -> bool:
+    """Whether ``data`` is an RDD (classic input only: a Connect client has none)."""
+    from pyspark import RDD
+
+    return isinstance(data, RDD)
+
+
+def rdd_session(rdd: RDD) -> SparkSession:
+    """The session of an RDD's SparkContext (the active one, or a new one on that context)."""
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession() or SparkSession(rdd.context)
+
+
+def rdd_feature_frame(rdd: RDD, column: str) -> DataFrame:
+    """An RDD of feature vectors (or ``(features, label)`` pairs) as a DataFrame of one
+    ``array<double>`` column ``column``."""
+    import numpy as np
+
+    return rdd.map(
+        lambda r: ([float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],)
+    ).toDF([column])
+
+
 def rdd_block_frame(spark: SparkSession, rdd: RDD, blocks_of: Any) -> DataFrame:
     """An RDD of ``(features, label)`` rows as a DataFrame of blocks (``blocks_of`` reads a
     partition's rows), partitions kept."""
@@ -271,6 +311,22 @@ def rdd_block_frame(spark: SparkSession, rdd: RDD, blocks_of: Any) -> DataFrame:
     return spark.createDataFrame(rdd.mapPartitions(rows), BLOCK_SCHEMA)
 
 
+def require_rdds(spark: SparkSession, engine: str = "This engine") -> None:
+    """Refuse an engine that hands the data to a Spark library as an RDD on a Spark Connect
+    session, which has none.
+
+    Raises:
+        ConfigurationError: ``spark`` is a Connect client.
+    """
+    if is_connect(spark):
+        raise ConfigurationError(
+            f"{engine} hands the data to a Spark library as an RDD, and a Spark Connect "
+            "session has no RDDs (no SparkContext). Use a classic session "
+            "(SparkSession.builder.master(...)), or an engine that runs over Connect: sync, "
+            "async, hogwild or single."
+        )
+
+
 def training_rdd(blocks: DataFrame, input_shape: tuple[int, ...]) -> RDD:
     """A DataFrame of blocks as an RDD of ``(x, y, w)`` blocks, partitions kept, for a Spark
     library that takes RDDs.
@@ -278,11 +334,5 @@ def training_rdd(blocks: DataFrame, input_shape: tuple[int, ...]) -> RDD:
     Raises:
         ConfigurationError: the session is a Spark Connect client, which has no RDDs.
     """
-    if is_connect(blocks.sparkSession):
-        raise ConfigurationError(
-            "This engine hands the data to a Spark library as an RDD, and a Spark Connect "
-            "session has no RDDs (no SparkContext). Use a classic session "
-            "(SparkSession.builder.master(...)), or an engine that runs over Connect: sync, "
-            "async, hogwild or single."
-        )
+    require_rdds(blocks.sparkSession)
     return blocks.rdd.map(partial(decode_block, input_shape=input_shape))

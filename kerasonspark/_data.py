@@ -917,7 +917,6 @@ def to_blocks(
         DataError: wrong columns, types or feature size (checked before any full pass).
         TypeError: ``data`` is not a DataFrame, an RDD or a NumPy pair.
     """
-    from pyspark import RDD
     from pyspark.sql import DataFrame
 
     if isinstance(data, (str, os.PathLike)):
@@ -929,13 +928,13 @@ def to_blocks(
             f"`sample_weight={sample_weight!r}` names a DataFrame column; pass NumPy weights as "
             "`fit(x, y, sample_weight=w)`. An RDD cannot carry sample weights."
         )
-    if isinstance(data, RDD) and (info.inputs or info.outputs):
+    if classic.is_rdd(data) and (info.inputs or info.outputs):
         raise DataError(
             f"A model with several inputs or outputs takes its {what} data as a DataFrame (a "
             "column for each) or NumPy arrays (a list for each), not an RDD of (features, "
             "label)."
         )
-    if isinstance(data, RDD):
+    if classic.is_rdd(data):
         rows = (
             data
             if partitions is None or data.getNumPartitions() == partitions

@@ -36,13 +36,12 @@ from ._executor import (
 )
 from ._serialization import set_flat_weights
 from ._session import check_slots
-from ._stages import run_on_partitions
+from ._stages import partition_stage, run_on_partitions, stage_results
 from ._steering import Steering, has_terminate_on_nan, weighted_mean
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
 from .parameter_server._store import ParameterStore
 
 if TYPE_CHECKING:
-    from pyspark import RDD
     from pyspark.sql import DataFrame, SparkSession
 
     from ._backup import BackupPlan
@@ -468,6 +467,16 @@ def _is_installed(path: str) -> bool:
     return any(file.is_relative_to(Path(root).resolve()) for root in roots)
 
 
+def is_installed_module(name: str) -> bool:
+    """Whether module ``name`` (imported here) comes from an installed distribution or Python's
+    own library, so another process with the same install imports it too (Keras, TensorFlow and
+    kerasonspark count as installed: the executors have them)."""
+    if name.split(".")[0] in ("keras", "kerasonspark", "tensorflow"):
+        return True
+    path = getattr(sys.modules.get(name), "__file__", None)
+    return path is not None and _is_installed(path)
+
+
 def ship_by_value(obj: Any) -> None:
     """Make Spark pickle ``obj``'s module by value when executors may not have it.
 
@@ -628,10 +637,10 @@ class SparkRunner(DriverRunner):
             if paired
             else self.blocks
         )
+        stage = partition_stage(blocks, body, job.info.input_shape, barrier=True, held_out=paired)
         with spark_errors(training=True), spark_job(self.spark, description):
-            reports = run_on_partitions(
-                blocks, body, job.info.input_shape, barrier=True, held_out=paired
-            )
+            # collected here: the Spark UI names the training stage after this line
+            reports = stage_results(stage.collect())
         return sorted(reports, key=lambda r: r.worker)
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
@@ -675,7 +684,7 @@ class SparkRunner(DriverRunner):
             self._validation.destroy()
             self._validation = None
 
-    def training_blocks(self, job: TrainingJob) -> RDD:
+    def training_blocks(self, job: TrainingJob) -> Any:
         return training_rdd(self.blocks, job.info.input_shape)
 
     def local_arrays(self, job: TrainingJob) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

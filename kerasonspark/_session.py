@@ -121,9 +121,21 @@ def master(spark: SparkSession) -> str:
     return spark.conf.get("spark.master", "") or ""
 
 
+SERVER_HOST = "spark.kerasonspark.serverHost"
+
+
 def server_host(spark: SparkSession) -> str:
-    """Where a driver-side server should bind: loopback locally, the driver's address on a
-    cluster."""
+    """Where a driver-side server binds, and the address the executors are given for it:
+    ``spark.kerasonspark.serverHost`` where set; else loopback in local mode, the driver's address
+    (``spark.driver.host``) on a cluster, and for a Spark Connect client the address of its own
+    interface toward the Connect server (loopback when the server runs on this machine)."""
+    from ._classic import connect_client_address, is_connect
+
+    setting = spark.conf.get(SERVER_HOST, "") or ""
+    if setting:
+        return setting
+    if is_connect(spark):
+        return connect_client_address(spark)
     if is_local(spark):
         return "127.0.0.1"
     return spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1"

@@ -47,7 +47,8 @@ def encode_block(x: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> Any:
 
 
 def decode_block(row: Any, input_shape: tuple[int, ...]) -> Block:
-    """A row of :data:`BLOCK_SCHEMA` (a Spark ``Row`` or a dict) as its ``(x, y, w)`` arrays."""
+    """A row of :data:`BLOCK_SCHEMA` (a Spark ``Row``, a dict, or a row of an Arrow batch) as its
+    ``(x, y, w)`` arrays."""
     get: Callable[[str], Any] = row.get if isinstance(row, dict) else row.__getitem__
     n, width = get("n"), get("ywidth")
     x = np.frombuffer(get("x"), dtype=np.float32).reshape((n, *input_shape))
@@ -57,11 +58,25 @@ def decode_block(row: Any, input_shape: tuple[int, ...]) -> Block:
     return x, (y.reshape(n, width) if width else y), w
 
 
+class _BatchRow:
+    """Row ``i`` of an Arrow batch of blocks, read as :func:`decode_block` reads a row: the
+    binary columns as Arrow buffers, not copies (the arrays are views of the batch's memory)."""
+
+    def __init__(self, batch: Any, i: int) -> None:
+        self.batch, self.i = batch, i
+
+    def __getitem__(self, name: str) -> Any:
+        value = self.batch.column(name)[self.i]
+        if not value.is_valid:
+            return None
+        return value.as_buffer() if name in ("x", "y", "w") else value.as_py()
+
+
 def decode_batches(batches: Iterable[Any], input_shape: tuple[int, ...]) -> Iterator[Block]:
     """The blocks of a partition's Arrow batches, one at a time."""
     for batch in batches:
-        for row in batch.to_pylist():
-            yield decode_block(row, input_shape)
+        for i in range(batch.num_rows):
+            yield decode_block(_BatchRow(batch, i), input_shape)
 
 
 def decode_held_out(
@@ -70,7 +85,8 @@ def decode_held_out(
     """The blocks of a partition of training and validation blocks (see
     :func:`kerasonspark._classic.to_partitions`), each as ``(held_out, block)``."""
     for batch in batches:
-        for row in batch.to_pylist():
+        for i in range(batch.num_rows):
+            row = _BatchRow(batch, i)
             yield row["held_out"], decode_block(row, input_shape)
 
 
@@ -90,27 +106,41 @@ def _results_of(
         )
 
 
-def run_on_partitions(
+def partition_stage(
     blocks: DataFrame,
     body: Callable[[Iterator[Any]], Iterable[Any]],
     input_shape: tuple[int, ...],
     barrier: bool = False,
     held_out: bool = False,
-) -> list[Any]:
-    """Run ``body`` on every partition's blocks (a task each) and return what the bodies yielded,
-    partition by partition.
+) -> DataFrame:
+    """The stage that runs ``body`` on every partition's blocks (a task each), lazily: its
+    ``collect()`` rows go to :func:`stage_results`.
 
     ``body`` runs on the executors (``TaskContext`` gives its partition); it must read its
     iterator to the end, as a Spark task reads its input. ``barrier`` runs the tasks as one
     barrier stage (all at once, ``BarrierTaskContext`` inside). With ``held_out`` the frame
     carries a ``held_out`` column and ``body`` gets ``(held_out, block)`` pairs.
     """
-    import pickle
-
-    stage = blocks.mapInArrow(
+    return blocks.mapInArrow(
         partial(_results_of, body, input_shape, held_out), _RESULT_SCHEMA, barrier=barrier
     )
-    return [pickle.loads(row.result) for row in stage.collect()]
+
+
+def stage_results(rows: list[Any]) -> list[Any]:
+    """What the bodies of a :func:`partition_stage` yielded, from its collected rows."""
+    import pickle
+
+    return [pickle.loads(row.result) for row in rows]
+
+
+def run_on_partitions(
+    blocks: DataFrame,
+    body: Callable[[Iterator[Any]], Iterable[Any]],
+    input_shape: tuple[int, ...],
+) -> list[Any]:
+    """Run ``body`` on every partition's blocks (see :func:`partition_stage`) and return what the
+    bodies yielded, partition by partition."""
+    return stage_results(partition_stage(blocks, body, input_shape).collect())
 
 
 def block_frame(

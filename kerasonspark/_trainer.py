@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _classic as classic
 from . import _data as data_module
 from ._backup import BackupPlan, BackupStore, architecture, check_resumable, run_settings
 from ._classic import share
@@ -143,14 +144,13 @@ class SparkTrainer:
     # -- sessions -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _session(self, data: Any, keep: bool = False) -> Iterator[SparkSession]:
-        from pyspark import RDD
         from pyspark.sql import DataFrame, SparkSession
 
         given = self.spark
         if given is None and isinstance(data, DataFrame):
             given = data.sparkSession
-        elif given is None and isinstance(data, RDD):
-            given = SparkSession.builder.getOrCreate()
+        elif given is None and classic.is_rdd(data):
+            given = classic.rdd_session(data)
         given = given or self._owned_session or SparkSession.getActiveSession()
         if given is not None:
             ensure_executors_ready(given)
@@ -286,6 +286,8 @@ class SparkTrainer:
         )
         on_spark, served = self.engine.trains_on != "driver", self.engine.trains_on == "workers"
         with self._session(data) as spark:
+            if self.engine.trains_on == "spark":  # before any work
+                classic.require_rdds(spark, f"Backend {self.engine.name!r}")
             if backup is not None:
                 config = self._resume(backup, config, spark)
             if on_spark:
@@ -562,7 +564,6 @@ class SparkTrainer:
         predictions. A Spark session the trainer had to start for NumPy input lives until
         :meth:`close`.
         """
-        from pyspark import RDD
         from pyspark.sql import DataFrame
         from pyspark.sql import types as T
 
@@ -575,12 +576,8 @@ class SparkTrainer:
                     data,
                     data_module.features_column(data, features, self.info, "prediction"),
                 )
-            elif isinstance(data, RDD):
-                df = data.map(
-                    lambda r: (
-                        [float(v) for v in np.asarray(r[0] if isinstance(r, tuple) else r).ravel()],
-                    )
-                ).toDF([name])
+            elif classic.is_rdd(data):
+                df = classic.rdd_feature_frame(data, name)
                 column = data_module.features_column(df, features, self.info, "prediction")
             else:
                 x = data[0] if isinstance(data, tuple) else data
@@ -630,7 +627,6 @@ def _check_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
 def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None) -> Any:
     """``fit(x, y, sample_weight=w)`` as Keras takes it: the one input value the data layer reads
     (a DataFrame's sample-weight column is passed to it by name, not here)."""
-    from pyspark import RDD
     from pyspark.sql import DataFrame
 
     if sample_weight is not None and not isinstance(sample_weight, str):
@@ -652,7 +648,7 @@ def _features_and_labels(x: Any, y: Any, method: str, sample_weight: Any = None)
                 f"`trainer.{method}(x, y)`."
             )
         return x
-    if isinstance(x, (DataFrame, RDD, tuple)):
+    if isinstance(x, (DataFrame, tuple)) or classic.is_rdd(x):
         raise DataError(
             f"`y` is only for a feature array; a {type(x).__name__} carries its own labels "
             f"(a DataFrame in its `label` column). Drop the `y` argument."

@@ -407,8 +407,9 @@ class TrainingJob:
         run_id: unique per ``fit``.
         validation: validation arrays ``(x, y)`` on the driver (NumPy input), or ``None``.
         validation_blocks: validation data that stays on the executors (a DataFrame, a Parquet
-            path or an RDD given to a Spark engine): an RDD of ``(x, y, None)`` blocks, one cached
-            partition per worker, which the shared worker loop scores there; or ``None``.
+            path or an RDD given to a Spark engine): a DataFrame of ``(x, y, None)`` blocks
+            (:data:`kerasonspark._stages.BLOCK_SCHEMA`), one cached partition per worker, which
+            the shared worker loop scores there; or ``None``.
             Engines that score on the driver call :meth:`local_validation` instead.
         server_host: the address a driver-side server binds.
         server_port: the port it listens on (0: any free port).

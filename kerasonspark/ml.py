@@ -74,7 +74,7 @@ _BINARY_LOSSES = {
     "binaryfocalcrossentropy",
 }
 _MODEL_FILE = "model.keras"
-_CUSTOM_OBJECTS_FILE = "custom_objects.cloudpickle"
+_CUSTOM_OBJECTS_FILE = "custom_objects_by_value"
 # Params that hold Python objects: saved in files of their own, not in Spark's JSON metadata.
 _OBJECT_PARAMS = ("model", "customObjects")
 
@@ -516,6 +516,18 @@ class KerasEstimator(Estimator, _KerasParams, HasLabelCol, HasSeed, MLWritable, 
     def read(cls) -> MLReader:
         return _KerasReader(cls)
 
+    @classmethod
+    def load(cls, path: str, safe_mode: bool | None = None) -> KerasEstimator:
+        """The estimator saved at ``path``.
+
+        Args:
+            safe_mode: ``False`` allows custom objects that were saved as pickled code (their
+                modules were not installed where they were saved); ``None`` follows Keras's
+                ``keras.config.enable_unsafe_deserialization()``. Objects saved by import
+                reference always load.
+        """
+        return _KerasReader(cls, safe_mode).load(path)
+
 
 class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
     """A Spark ML ``Transformer`` that predicts with a trained Keras model on the executors.
@@ -603,6 +615,18 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
     def read(cls) -> MLReader:
         return _KerasReader(cls)
 
+    @classmethod
+    def load(cls, path: str, safe_mode: bool | None = None) -> KerasModel:
+        """The model saved at ``path``.
+
+        Args:
+            safe_mode: ``False`` allows custom objects that were saved as pickled code (their
+                modules were not installed where they were saved); ``None`` follows Keras's
+                ``keras.config.enable_unsafe_deserialization()``. Objects saved by import
+                reference always load.
+        """
+        return _KerasReader(cls, safe_mode).load(path)
+
 
 def prediction_kind(model: keras.Model, info: DataInfo) -> str:
     """How a model's outputs read as Spark ML columns: ``"class"`` for a categorical loss,
@@ -628,34 +652,63 @@ def _set_learning_rate(model: keras.Model, rate: float) -> None:
 # -- persistence ------------------------------------------------------------------------------
 
 
-def _hadoop_file(spark: SparkSession, path: str) -> tuple[Any, Any]:
-    """The Hadoop ``FileSystem`` and ``Path`` of ``path``, so any store Spark saves to (local,
-    HDFS, S3) holds the model beside Spark's metadata."""
-    sc = spark.sparkContext
-    jvm: Any = sc._jvm
-    jpath = jvm.org.apache.hadoop.fs.Path(path)
-    return jpath.getFileSystem(sc._jsc.hadoopConfiguration()), jpath
-
-
 def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
-    fs, jpath = _hadoop_file(spark, path)
-    stream = fs.create(jpath, True)
+    """``data`` saved at ``path`` as a one-row Parquet folder (a DataFrame write: any store Spark
+    saves to, from a classic session or a Spark Connect client alike)."""
+    spark.createDataFrame([(bytearray(data),)], "content binary").coalesce(1).write.mode(
+        "overwrite"
+    ).parquet(path)
+
+
+def _read_bytes(spark: SparkSession, path: str, saved_as: str = "parquet") -> bytes | None:
+    """What :func:`_write_bytes` saved at ``path`` (``saved_as="binaryFile"``: a plain file, as
+    format 1 saved them), or ``None`` where nothing is."""
+    from pyspark.errors import AnalysisException
+
     try:
-        stream.write(bytearray(data))
-    finally:
-        stream.close()
-
-
-def _read_bytes(spark: SparkSession, path: str) -> bytes | None:
-    fs, jpath = _hadoop_file(spark, path)
-    if not fs.exists(jpath):
+        row = spark.read.format(saved_as).load(path).select("content").first()
+    except AnalysisException:
         return None
-    stream = fs.open(jpath)
+    return bytes(row[0]) if row is not None else None
+
+
+def _by_reference(obj: Any) -> str | None:
+    """``"module:qualname"`` for an object a loading process can import as it is (a module that
+    is installed, or Keras's, TensorFlow's or kerasonspark's own), else ``None``."""
+    import importlib
+
+    from ._driver import is_installed_module
+
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not name or module == "__main__" or not is_installed_module(module):
+        return None
     try:
-        jvm: Any = spark.sparkContext._jvm
-        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
-    finally:
-        stream.close()
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{name}" if found is obj else None
+
+
+def _import_reference(reference: str) -> Any:
+    import importlib
+
+    module, _, name = reference.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _unsafe_allowed(safe_mode: bool | None) -> bool:
+    """Whether pickled code may be loaded: ``safe_mode=False`` given, or, left unset, Keras's own
+    switch (``keras.config.enable_unsafe_deserialization()``)."""
+    if safe_mode is not None:
+        return not safe_mode
+    import keras
+
+    return bool(keras.config.is_unsafe_deserialization_enabled())
 
 
 def _jsonable(value: Any) -> Any:
@@ -666,9 +719,11 @@ def _jsonable(value: Any) -> Any:
 
 
 class _KerasWriter(MLWriter):
-    """Spark's JSON metadata (every Param but the model and custom objects), the Keras model as a
-    ``.keras`` file, and the custom objects (pickled by cloudpickle, as Spark ships functions to
-    executors: loading them runs their code, so load saved models only from places you trust)."""
+    """Spark's JSON metadata (every Param but the model and custom objects), the Keras model's
+    ``.keras`` bytes, and the custom objects: by import reference (``"module:qualname"``, in
+    the metadata) where the module is installed, else pickled by cloudpickle, as Spark ships
+    functions to executors (loading those runs their code: refused unless asked for, as Keras's
+    ``safe_mode`` refuses lambdas)."""
 
     def __init__(self, instance: KerasEstimator | KerasModel) -> None:
         super().__init__()
@@ -687,7 +742,7 @@ class _KerasWriter(MLWriter):
             for p, v in instance._paramMap.items()
             if p.name not in _OBJECT_PARAMS
         }
-        extra: dict[str, Any] = {"kerasonspark": {"format": 1}}
+        extra: dict[str, Any] = {"kerasonspark": {"format": 2}}
         if isinstance(instance, KerasModel):
             model = instance.keras_model
             extra["kerasonspark"].update(
@@ -699,15 +754,6 @@ class _KerasWriter(MLWriter):
                 if instance.isDefined(instance.model)
                 else None
             )
-        DefaultParamsWriter.saveMetadata(
-            instance, path, self.sparkSession, extraMetadata=extra, paramMap=params
-        )
-        if model is not None:
-            with tempfile.TemporaryDirectory(prefix="kerasonspark-save-") as folder:
-                local = os.path.join(folder, _MODEL_FILE)
-                model.save(local)
-                with open(local, "rb") as file:
-                    _write_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE), file.read())
         # Also the registered objects the model names: a new process has not registered them.
         custom_objects = {
             **(
@@ -717,13 +763,28 @@ class _KerasWriter(MLWriter):
             ),
             **instance.getCustomObjects(),
         }
-        for obj in custom_objects.values():
+        references = {name: _by_reference(obj) for name, obj in custom_objects.items()}
+        by_value = {name: obj for name, obj in custom_objects.items() if references[name] is None}
+        for obj in by_value.values():
             ship_by_value(obj)
-        if custom_objects:
+        extra["kerasonspark"]["custom_objects"] = {
+            name: ref for name, ref in references.items() if ref is not None
+        }
+        extra["kerasonspark"]["custom_objects_by_value"] = sorted(by_value)
+        DefaultParamsWriter.saveMetadata(
+            instance, path, self.sparkSession, extraMetadata=extra, paramMap=params
+        )
+        if model is not None:
+            with tempfile.TemporaryDirectory(prefix="kerasonspark-save-") as folder:
+                local = os.path.join(folder, _MODEL_FILE)
+                model.save(local)
+                with open(local, "rb") as file:
+                    _write_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE), file.read())
+        if by_value:
             _write_bytes(
                 self.sparkSession,
                 os.path.join(path, _CUSTOM_OBJECTS_FILE),
-                cloudpickle.dumps(custom_objects),
+                cloudpickle.dumps(by_value),
             )
 
 
@@ -740,13 +801,45 @@ def _register(custom_objects: Mapping[str, Any]) -> None:
 
 
 class _KerasReader(MLReader):
-    def __init__(self, cls: type[KerasEstimator] | type[KerasModel]) -> None:
+    def __init__(
+        self, cls: type[KerasEstimator] | type[KerasModel], safe_mode: bool | None = None
+    ) -> None:
         super().__init__()
         self.cls = cls
+        self.safe_mode = safe_mode
 
-    def load(self, path: str) -> Any:
+    def _custom_objects(self, path: str, saved: dict[str, Any]) -> dict[str, Any]:
+        """The saved custom objects: imported by reference, and those saved by value unpickled
+        only where unsafe loading is allowed.
+
+        Raises:
+            ConfigurationError: objects were saved by value (pickled code) and safe mode is on.
+        """
         import pickle
 
+        format_1 = saved.get("format", 1) == 1
+        by_value = saved.get("custom_objects_by_value", [])
+        raw = _read_bytes(
+            self.sparkSession,
+            os.path.join(path, "custom_objects.cloudpickle" if format_1 else _CUSTOM_OBJECTS_FILE),
+            "binaryFile" if format_1 else "parquet",
+        )
+        if raw is not None and not _unsafe_allowed(self.safe_mode):
+            names = ", ".join(by_value) or "its custom objects"
+            raise ConfigurationError(
+                f"{path} holds {names} as pickled code (their modules were not installed where "
+                "it was saved), and loading them runs that code. If you trust the folder, load "
+                "with KerasModel.load(path, safe_mode=False) (KerasEstimator likewise), or call "
+                "keras.config.enable_unsafe_deserialization() first (PipelineModel.load); "
+                "otherwise install their modules where the model is saved, so it saves them by "
+                "import reference."
+            )
+        custom_objects = pickle.loads(raw) if raw is not None else {}
+        for name, reference in saved.get("custom_objects", {}).items():
+            custom_objects[name] = _import_reference(reference)
+        return custom_objects
+
+    def load(self, path: str) -> Any:
         import keras
 
         metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
@@ -755,10 +848,14 @@ class _KerasReader(MLReader):
                 f"{path} holds a {metadata['class']}, not a {self.cls.__name__}: load it with "
                 f"that class (or PipelineModel.load for a pipeline)."
             )
-        raw = _read_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE))
-        custom_objects = pickle.loads(raw) if raw is not None else {}
+        saved = metadata.get("kerasonspark", {})
+        custom_objects = self._custom_objects(path, saved)
         _register(custom_objects)
-        data = _read_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE))
+        data = _read_bytes(
+            self.sparkSession,
+            os.path.join(path, _MODEL_FILE),
+            "binaryFile" if saved.get("format", 1) == 1 else "parquet",
+        )
         model = None
         if data is not None:
             with tempfile.TemporaryDirectory(prefix="kerasonspark-load-") as folder:
@@ -766,7 +863,6 @@ class _KerasReader(MLReader):
                 with open(local, "wb") as file:
                     file.write(data)
                 model = keras.saving.load_model(local, custom_objects=custom_objects, compile=True)
-        saved = metadata.get("kerasonspark", {})
         instance: Any
         if self.cls is KerasModel:
             instance = KerasModel(model, history=saved.get("history"), stats=saved.get("stats"))

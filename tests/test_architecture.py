@@ -184,10 +184,16 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
 
     from conftest import make_blobs, small_model
 
-    def held(_):
+    def held(batches):
+        # a DataFrame stage, as training runs: Spark keeps the Python workers of DataFrame
+        # stages apart from those of RDD jobs
         import sys as worker_sys
 
-        yield sorted(worker_sys.modules)
+        import pyarrow as pa
+
+        for _ in batches:
+            pass
+        yield pa.RecordBatch.from_arrays([pa.array([sorted(worker_sys.modules)])], names=["names"])
 
     x, y = make_blobs(200)
     # A sharded center serves from the workers, so it loads the server there, and nothing else.
@@ -210,7 +216,12 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
         assert trainer.evaluate(x, y)["accuracy"] > 0.5
         assert len(trainer.predict(x[:8]).collect()) == 8
         trainer.close()
-        per_worker = spark.sparkContext.parallelize(range(4), 4).mapPartitions(held).collect()
+        per_worker = [
+            row.names
+            for row in spark.range(4, numPartitions=4)
+            .mapInArrow(held, "names array<string>")
+            .collect()
+        ]
         # the workers that trained
         assert all("kerasonspark._executor" in names for names in per_worker)
         leaked = {
@@ -241,3 +252,25 @@ def test_library_code_logs_through_the_kerasonspark_logger_only():
                 assert path.name == "cli.py", (
                     f"{path.name}:{node.lineno} prints; log through `kerasonspark` instead"
                 )
+
+
+# What only a classic session has. Elephas is handed an RDD by design: its engine is refused over
+# Spark Connect (tests/test_connect.py), so it may use one.
+CLASSIC_ONLY_NAMES = {"sparkContext", "rdd", "_jvm", "_jsc", "broadcast", "parallelize"}
+CLASSIC_ONLY_IMPORTS = {"RDD", "SparkContext", "Broadcast", "BarrierTaskContext"}
+CLASSIC_SEAM = {PACKAGE / "_classic.py", ROOT / "backends" / "elephas_adapter.py"}
+
+
+def test_no_rdd_or_spark_context_outside_the_one_classic_seam():
+    """Every other module speaks DataFrames, which a Spark Connect client has too."""
+    found = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "backends").rglob("*.py")]):
+        if path in CLASSIC_SEAM:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in CLASSIC_ONLY_NAMES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyspark"):
+                names = {alias.name for alias in node.names} & CLASSIC_ONLY_IMPORTS
+                found.extend(f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names)
+    assert not found, found

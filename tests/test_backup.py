@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -27,10 +28,49 @@ def state(epoch: int, value: float) -> RunState:
     )
 
 
-def test_backups_are_atomic_and_a_half_written_one_is_never_taken(tmp_path, caplog):
-    store = BackupStore(tmp_path / "b", keep=3)
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 protocol server (moto's) on loopback; its URI prefix for pyarrow.fs."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield (
+            f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+            "&allow_bucket_creation=true"
+        )
+    finally:
+        server.stop()
+
+
+def test_backups_go_to_an_object_store_by_uri_and_resume_from_it(s3_server):
+    uri = f"s3://backups/run?{s3_server}"
+    store = BackupStore(uri, keep=2)
+    store.files.create_dir("backups")  # the bucket
+    for epoch in range(1, 4):
+        store.save(state(epoch, float(epoch)))
+    latest = BackupStore(uri).latest()  # another process's view: only the store is shared
+    assert latest.epoch == 3 and latest.resume == {0: 3, 1: 2}
+    np.testing.assert_array_equal(latest.center, np.full(10, 3.0))
+    assert [n for n, _ in store._complete()] == [2, 3]  # pruned to `keep`
+    store.clear()
+    assert BackupStore(uri).latest() is None
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_backups_are_atomic_and_a_half_written_one_is_never_taken(tmp_path, caplog, uri):
+    # a URI goes through pyarrow.fs as s3://, hdfs:// or gs:// would
+    store = BackupStore(f"file://{tmp_path / 'b'}" if uri else tmp_path / "b", keep=3)
     store.save(state(1, 1.0))
-    second = store.save(state(2, 2.0))
+    second = Path(store.save(state(2, 2.0)))
     latest = store.latest()
     assert latest.epoch == 2 and latest.resume == {0: 3, 1: 2} and latest.exchanges == 14
     np.testing.assert_array_equal(latest.center, np.full(10, 2.0))
@@ -83,8 +123,8 @@ def test_a_different_model_engine_or_schema_is_refused_by_name():
         )
     with pytest.raises(ConfigurationError, match="data schema"):
         check_resumable(saved, run_settings("{arch}", "sync", {"input_shape": [8]}, 2, "local[2]"))
-    with pytest.raises(ConfigurationError, match="remote stores"):
-        BackupStore("s3://bucket/backups")
+    with pytest.raises(ConfigurationError, match="a URI of a file system pyarrow.fs reaches"):
+        BackupStore("nosuchstore://bucket/backups")
 
 
 class DriverDies(keras.callbacks.Callback):

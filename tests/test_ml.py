@@ -98,6 +98,9 @@ def test_a_saved_pipeline_loads_in_a_new_session_with_identical_predictions(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    # the user's classes were saved as code: refused until unsafe loading is allowed
+    assert loaded["refused"].startswith("ConfigurationError"), loaded["refused"]
+    assert "safe_mode=False" in loaded["refused"] and "Offset" in loaded["refused"]
     assert loaded["stats_backend"] == "async"
     assert loaded["predictions"] == [r.prediction for r in rows]
     np.testing.assert_allclose(
@@ -217,6 +220,54 @@ def test_an_unfitted_estimator_saves_and_loads_its_params_and_model(spark, tmp_p
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigurationError, match="not a KerasModel"):
         KerasModel.load(str(tmp_path / "estimator"))
+
+
+def test_custom_objects_save_by_import_reference_or_as_code_that_loads_only_when_allowed(
+    spark, user_code, tmp_path
+):
+    import keras
+
+    main, helper = user_code
+    # Keras's own function: installed where the model loads, so saved as "module:qualname"
+    by_reference = KerasEstimator(
+        model=small_model(dim=4), customObjects={"my_silu": keras.activations.silu}
+    )
+    by_reference.save(str(tmp_path / "reference"))
+    assert not (tmp_path / "reference" / "custom_objects_by_value").exists()
+    assert KerasEstimator.load(str(tmp_path / "reference")).getCustomObjects() == {
+        "my_silu": keras.activations.silu
+    }
+    # the user's script and a module beside it: saved as code, refused in safe mode
+    as_code = KerasEstimator(model=custom_model(main, helper))
+    as_code.save(str(tmp_path / "code"))
+    with pytest.raises(ConfigurationError, match=r"safe_mode=False.*enable_unsafe"):
+        KerasEstimator.load(str(tmp_path / "code"))
+    loaded = KerasEstimator.load(str(tmp_path / "code"), safe_mode=False)
+    for a, b in zip(loaded.getModel().get_weights(), as_code.getModel().get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_model_saved_in_format_1_still_loads(spark, tmp_path):
+    # Format 1 kept the model as a plain `model.keras` file (custom objects as a plain pickle).
+    import shutil
+
+    model = small_model(dim=4)
+    KerasEstimator(model=model).save(str(tmp_path / "saved"))
+    folder = tmp_path / "saved"
+    (keras_bytes,) = [
+        row.content for row in spark.read.parquet(str(folder / "model.keras")).collect()
+    ]
+    shutil.rmtree(folder / "model.keras")
+    (folder / "model.keras").write_bytes(keras_bytes)
+    (metadata,) = [p for p in (folder / "metadata").glob("part-*") if p.stat().st_size]
+    metadata.write_text(
+        metadata.read_text().replace('"kerasonspark":{"format":2', '"kerasonspark":{"format":1')
+    )
+    assert '"format":1' in metadata.read_text()
+    (metadata.parent / f".{metadata.name}.crc").unlink(missing_ok=True)  # its checksum is stale
+    loaded = KerasEstimator.load(str(folder))
+    for a, b in zip(loaded.getModel().get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_estimator_reaches_the_trainers_grouped_settings(spark, tmp_path):
