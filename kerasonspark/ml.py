@@ -52,6 +52,7 @@ from pyspark.ml.util import (
     MLWriter,
 )
 
+from ._classic import is_connect
 from ._config import DataConfig, FailureConfig, ResourceConfig, TrainingConfig
 from ._data import DataInfo, feature_column
 from ._driver import ship_by_value
@@ -706,9 +707,10 @@ def _unsafe_allowed(safe_mode: bool | None) -> bool:
     switch (``keras.config.enable_unsafe_deserialization()``)."""
     if safe_mode is not None:
         return not safe_mode
-    import keras
+    from keras.src.saving.serialization_lib import in_safe_mode
 
-    return bool(keras.config.is_unsafe_deserialization_enabled())
+    # what keras.config.enable_unsafe_deserialization() sets (Keras has no public getter)
+    return in_safe_mode() is False
 
 
 def _jsonable(value: Any) -> Any:
@@ -728,6 +730,13 @@ class _KerasWriter(MLWriter):
     def __init__(self, instance: KerasEstimator | KerasModel) -> None:
         super().__init__()
         self.instance = instance
+
+    def _handleOverwrite(self, path: str) -> None:
+        # Spark ML deletes the folder through the JVM, which a Spark Connect client cannot
+        # reach; there every part is written in overwrite mode, and the reader reads only the
+        # parts the metadata names.
+        if not is_connect(self.sparkSession):
+            super()._handleOverwrite(path)
 
     def saveImpl(self, path: str) -> None:
         from pyspark import cloudpickle
@@ -771,9 +780,15 @@ class _KerasWriter(MLWriter):
             name: ref for name, ref in references.items() if ref is not None
         }
         extra["kerasonspark"]["custom_objects_by_value"] = sorted(by_value)
-        DefaultParamsWriter.saveMetadata(
-            instance, path, self.sparkSession, extraMetadata=extra, paramMap=params
+        extra["kerasonspark"]["model"] = model is not None
+        # Spark's metadata, as DefaultParamsWriter.saveMetadata writes it, but overwriting: over
+        # Spark Connect nothing deletes the folder first (see _handleOverwrite)
+        metadata = DefaultParamsWriter._get_metadata_to_save(
+            instance, self.sparkSession, extraMetadata=extra, paramMap=params
         )
+        self.sparkSession.createDataFrame([(metadata,)], schema=["value"]).coalesce(1).write.mode(
+            "overwrite"
+        ).text(os.path.join(path, "metadata"))
         if model is not None:
             with tempfile.TemporaryDirectory(prefix="kerasonspark-save-") as folder:
                 local = os.path.join(folder, _MODEL_FILE)
@@ -819,10 +834,14 @@ class _KerasReader(MLReader):
 
         format_1 = saved.get("format", 1) == 1
         by_value = saved.get("custom_objects_by_value", [])
-        raw = _read_bytes(
-            self.sparkSession,
-            os.path.join(path, "custom_objects.cloudpickle" if format_1 else _CUSTOM_OBJECTS_FILE),
-            "binaryFile" if format_1 else "parquet",
+        raw = (
+            _read_bytes(
+                self.sparkSession, os.path.join(path, "custom_objects.cloudpickle"), "binaryFile"
+            )
+            if format_1
+            else _read_bytes(self.sparkSession, os.path.join(path, _CUSTOM_OBJECTS_FILE))
+            if by_value
+            else None
         )
         if raw is not None and not _unsafe_allowed(self.safe_mode):
             names = ", ".join(by_value) or "its custom objects"
@@ -851,10 +870,13 @@ class _KerasReader(MLReader):
         saved = metadata.get("kerasonspark", {})
         custom_objects = self._custom_objects(path, saved)
         _register(custom_objects)
-        data = _read_bytes(
-            self.sparkSession,
-            os.path.join(path, _MODEL_FILE),
-            "binaryFile" if saved.get("format", 1) == 1 else "parquet",
+        format_1 = saved.get("format", 1) == 1
+        data = (
+            _read_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE), "binaryFile")
+            if format_1
+            else _read_bytes(self.sparkSession, os.path.join(path, _MODEL_FILE))
+            if saved.get("model")
+            else None
         )
         model = None
         if data is not None:
