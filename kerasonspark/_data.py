@@ -1017,6 +1017,19 @@ def worker_memory_budget() -> int:
 _STORAGE_LEVELS = {"memory": "MEMORY_ONLY", "auto": "MEMORY_AND_DISK", "stream": "DISK_ONLY"}
 
 
+def materialize(blocks: DataFrame, level: Any) -> DataFrame:
+    """``blocks`` persisted at ``level`` and computed by a job of their own; returns them.
+
+    Spark runs each ``mapInArrow`` of a stage in a Python worker of its own, so a pass that
+    converted the input and read the blocks at once would hold two workers per task; the pool's
+    extra workers would then take later stages' tasks, away from the workers the data pass warmed
+    up. Computed first, every later stage reads the cache with one worker per task.
+    """
+    blocks.persist(level)
+    blocks.count()
+    return blocks
+
+
 def prepare(
     spark: SparkSession,
     data: Any,
@@ -1048,10 +1061,9 @@ def prepare(
     from pyspark import StorageLevel
 
     level = getattr(StorageLevel, _STORAGE_LEVELS[partition_storage])
-    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight).persist(
-        level
-    )
+    blocks = to_blocks(spark, data, features, label, info, partitions, what, sample_weight)
     try:
+        materialize(blocks, level)
         stats = sorted(
             run_on_partitions(blocks, _partition_stats(info, warm_up), info.input_shape),
             key=lambda s: s["partition"],

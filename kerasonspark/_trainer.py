@@ -518,6 +518,8 @@ class SparkTrainer:
         Returns:
             ``{"loss": ..., "accuracy": ..., ...}`` like ``model.evaluate(return_dict=True)``.
         """
+        from pyspark import StorageLevel
+
         data = _features_and_labels(x, y, "evaluate")
         spec = self._spec()
         with self._session(data) as spark:
@@ -525,6 +527,8 @@ class SparkTrainer:
                 blocks = data_module.to_blocks(
                     spark, data, features, label, self.info, None, "evaluation"
                 )
+            with spark_errors(), spark_job(spark, "kerasonspark evaluate"):
+                data_module.materialize(blocks, StorageLevel.MEMORY_AND_DISK)
             spec_bytes = spec.to_bytes()
             spec_broadcast = share(spark, spec_bytes)
             body = partial(
