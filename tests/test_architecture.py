@@ -216,14 +216,16 @@ def test_reused_spark_workers_hold_no_driver_side_module_after_fit_evaluate_and_
         assert trainer.evaluate(x, y)["accuracy"] > 0.5
         assert len(trainer.predict(x[:8]).collect()) == 8
         trainer.close()
+        # More probe tasks than slots, so every idle Python worker of the pool answers; the pool
+        # may also hold workers that only ran a pass that trains nothing (the shipping probe).
         per_worker = [
             row.names
-            for row in spark.range(4, numPartitions=4)
+            for row in spark.range(8, numPartitions=8)
             .mapInArrow(held, "names array<string>")
             .collect()
         ]
-        # the workers that trained
-        assert all("kerasonspark._executor" in names for names in per_worker)
+        # the probe reached the workers that trained, so the check below is not vacuous
+        assert any("kerasonspark._executor" in names for names in per_worker)
         leaked = {
             name
             for names in per_worker
