@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -28,15 +29,24 @@ class ConnectServer:
         master: the server's Spark master.
         conf: more Spark settings for the server.
         start_timeout: seconds to wait for its port to open.
+        host: the address its gRPC port binds (its driver stays on loopback).
+        run_in: turns the server's command into one run elsewhere, such as an emulated host's
+            ``EmulatedHost.command`` (benchmarks/emulated_hosts.py) with ``host`` its address.
     """
 
     def __init__(
-        self, master: str = "local[2]", conf: dict[str, str] | None = None, start_timeout=120.0
+        self,
+        master: str = "local[2]",
+        conf: dict[str, str] | None = None,
+        start_timeout: float = 120.0,
+        host: str = "127.0.0.1",
+        run_in: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.master, self.conf, self.start_timeout = master, dict(conf or {}), start_timeout
+        self.host, self.run_in = host, run_in
         self.process: subprocess.Popen | None = None
         self.log = Path(tempfile.mkdtemp(prefix="kerasonspark-connect-")) / "server.log"
-        self.url = ""
+        self.url, self.port = "", 0
 
     def __enter__(self) -> ConnectServer:
         import pyspark
@@ -46,7 +56,7 @@ class ConnectServer:
             port = probe.getsockname()[1]
         home = Path(pyspark.__file__).parent
         settings = {
-            "spark.connect.grpc.binding.address": "127.0.0.1",
+            "spark.connect.grpc.binding.address": self.host,
             "spark.connect.grpc.binding.port": str(port),
             "spark.driver.host": "127.0.0.1",
             "spark.driver.bindAddress": "127.0.0.1",
@@ -63,6 +73,8 @@ class ConnectServer:
             *(arg for key, value in settings.items() for arg in ("--conf", f"{key}={value}")),
             "spark-internal",
         ]
+        if self.run_in is not None:
+            command = self.run_in(command)
         env = dict(os.environ, SPARK_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1")
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(
@@ -74,7 +86,7 @@ class ConnectServer:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"The Connect server exited: {self.tail()}")
                 with socket.socket() as attempt:
-                    if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                    if attempt.connect_ex((self.host, port)) == 0:
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"The Connect server did not open its port: {self.tail()}")
@@ -82,7 +94,8 @@ class ConnectServer:
         except BaseException:
             self.stop()
             raise
-        self.url = f"sc://127.0.0.1:{port}"
+        self.port = port
+        self.url = f"sc://{self.host}:{port}"
         return self
 
     def tail(self, chars: int = 3000) -> str:

@@ -30,7 +30,7 @@ from types import TracebackType
 
 from kerasonspark import ConfigurationError, SparkEnvironmentError
 
-__all__ = ["EmulatedHost", "EmulatedNetwork", "goodput"]
+__all__ = ["EmulatedHost", "EmulatedNetwork", "Relay", "goodput"]
 
 
 @dataclass(frozen=True)
@@ -256,3 +256,66 @@ def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SparkEnvironmentError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
+
+
+_RELAY = r"""
+import socket, sys, threading
+listen = socket.create_server((sys.argv[1], 0))
+target = (sys.argv[2], int(sys.argv[3]))
+sys.stdout.write(f"{listen.getsockname()[1]}\n")
+sys.stdout.flush()
+def pump(source, sink):
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for end in (source, sink):
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    near, _ = listen.accept()
+    far = socket.create_connection(target)
+    for ends in ((near, far), (far, near)):
+        threading.Thread(target=pump, args=ends, daemon=True).start()
+"""
+
+
+class Relay:
+    """A TCP relay in this namespace: connections to ``listen_host`` (on a port it picks,
+    :attr:`port`) are carried to ``target_host:target_port``, as a NAT gateway carries a laptop's
+    connections to a cluster. The target's side sees only the relay, so a host behind it can
+    reach the target while the target cannot reach that host. A process of its own, stopped by
+    its process id on exit.
+    """
+
+    def __init__(self, listen_host: str, target_host: str, target_port: int) -> None:
+        self.listen_host, self.target = listen_host, (target_host, target_port)
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def __enter__(self) -> Relay:
+        host, port = self.target
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _RELAY, self.listen_host, host, str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline() if self.process.stdout is not None else ""
+        if not line.strip().isdigit():
+            self.__exit__(None, None, None)
+            raise SparkEnvironmentError(f"The relay on {self.listen_host} did not start.")
+        self.port = int(line)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -26,13 +26,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError
-from ._stages import BLOCK_SCHEMA, decode_block, encode_block
+from ._stages import BLOCK_SCHEMA, Block, decode_block, encode_block
 
 if TYPE_CHECKING:
     from pyspark import RDD
     from pyspark.sql import DataFrame, SparkSession
-
-    from ._data import Block
 
 
 def is_connect(spark: SparkSession) -> bool:

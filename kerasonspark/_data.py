@@ -25,7 +25,7 @@ import numpy as np
 from . import _classic as classic
 from ._errors import ConfigurationError, DataError
 from ._serialization import is_custom_loss, loss_name
-from ._stages import BLOCK_SCHEMA, decode_block, encode_block, run_on_partitions
+from ._stages import BLOCK_SCHEMA, Block, decode_block, encode_block, run_on_partitions
 
 if TYPE_CHECKING:
     import keras
@@ -48,8 +48,6 @@ _ONE_HOT_LOSSES = {
     "categorical_hinge",
     "categoricalhinge",
 }
-
-Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import secrets
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from ._executor import (
     train_partition,
 )
 from ._serialization import set_flat_weights
-from ._session import check_slots
+from ._session import check_slots, is_local
 from ._stages import partition_stage, run_on_partitions, stage_results
 from ._steering import Steering, has_terminate_on_nan, weighted_mean
 from .engine import Exchange, StageOutcome, TrainingJob, TrainingResult, WorkerReport
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from ._backup import BackupPlan
+    from ._stage_host import ReturnedSteering
     from .parameter_server._board import EpochBoard
 
 logger = logging.getLogger(__name__)
@@ -303,17 +304,13 @@ def host_parameter_server(
         WorkerError: naming the worker whose failure started it (from the server's reports), when
             the restarts (``max_restarts``) cannot save the run.
     """
-    from .parameter_server._app import ServerConfig
+    from ._stage_host import server_config
     from .parameter_server._auth import new_secret
     from .parameter_server._board import EpochBoard
     from .parameter_server._server import ParameterServer
 
     secret = new_secret()
-    config = ServerConfig(
-        secret,
-        max_payload_bytes=job.spec.weights.nbytes + (1 << 20),
-        view_token=secrets.token_urlsafe(16),
-    )
+    config = server_config(job, secret, view_token=secrets.token_urlsafe(16))
     board = EpochBoard(
         store, job.config.num_workers, terminate_on_nan=has_terminate_on_nan(job.callbacks)
     )
@@ -405,7 +402,7 @@ def assemble_result(
     exchanges: int,
     engine_stats: Mapping[str, Any] | None,
     server_stats: Mapping[str, Any] | None = None,
-    steering: Steering | None = None,
+    steering: Steering | ReturnedSteering | None = None,
 ) -> TrainingResult:
     """Set ``weights`` on the caller's model and build the result every runner returns.
 
@@ -508,7 +505,7 @@ class DriverRunner:
     def __init__(self, engine_name: str, backup: BackupPlan | None = None) -> None:
         self.engine_name = engine_name
         self.backup = backup
-        self._steering: Steering | None = None
+        self._steering: Steering | ReturnedSteering | None = None
 
     def run_workers(
         self, job: TrainingJob, exchange: Exchange, gate: EpochGate | None = None
@@ -587,6 +584,8 @@ class SparkRunner(DriverRunner):
             (:func:`kerasonspark._classic.share`).
         engine_name: where the engine's figures go in ``stats``.
         backup: how the run is backed up and what it resumed from, or ``None``.
+        placement: where the parameter server lives: ``"client"`` (this process) or
+            ``"stage"`` (task 0 of the training stage; see :mod:`kerasonspark._stage_host`).
     """
 
     def __init__(
@@ -596,9 +595,11 @@ class SparkRunner(DriverRunner):
         spec_broadcast: Any,
         engine_name: str,
         backup: BackupPlan | None = None,
+        placement: str = "client",
     ) -> None:
         super().__init__(engine_name, backup)
         self.spark, self.blocks, self.spec_broadcast = spark, blocks, spec_broadcast
+        self.placement = placement
         self._validation: Any = None
 
     def run_workers(
@@ -606,21 +607,64 @@ class SparkRunner(DriverRunner):
     ) -> list[WorkerReport]:
         # an engine of the user's own travels like their custom objects
         ship_by_value(type(exchange))
+        reports = self._training_stage(
+            job, partial(self._train_body(job), exchange=exchange, gate=gate)
+        )
+        return sorted(reports, key=lambda r: r.worker)
+
+    def serve(
+        self,
+        job: TrainingJob,
+        store: ParameterStore,
+        make_exchange: Callable[[str, bytes], Exchange],
+    ) -> StageOutcome:
+        """Serve from the client (:func:`host_parameter_server`), or with
+        ``serverPlacement=stage`` from task 0 of the training stage
+        (:mod:`kerasonspark._stage_host`)."""
+        if self.placement != "stage":
+            return super().serve(job, store, make_exchange)
+        from pyspark import cloudpickle
+
+        from ._stage_host import ReturnedSteering, StageHostOutcome, serve_in_stage, stage_serving
+
+        ship_by_value(make_exchange)
+        for callback in job.callbacks:  # they run in task 0
+            ship_by_value(type(callback))
+        # pickled here, by cloudpickle: a broadcast pickles with pickle, which refuses closures
+        plan = stage_serving(job, store, make_exchange, is_local(self.spark))
+        serving = share(self.spark, cloudpickle.dumps(plan))
+        try:
+            body = partial(serve_in_stage, serving=serving, train=self._train_body(job))
+            results = self._training_stage(job, body)
+        finally:
+            serving.destroy()
+        outcome = next(r for r in results if isinstance(r, StageHostOutcome))
+        reports = sorted(
+            (r for r in results if not isinstance(r, StageHostOutcome)), key=lambda r: r.worker
+        )
+        store.adopt(outcome.center, outcome.server_stats)
+        self._steering = ReturnedSteering(outcome, job.callbacks)
+        return StageOutcome(reports, outcome.seconds, outcome.server_stats)
+
+    def _train_body(self, job: TrainingJob) -> Callable[..., Iterator[WorkerReport]]:
+        """:func:`train_partition` with everything but the exchange and the epoch gate."""
         # One share for every stage of the fit: a restarted stage's tasks may land in Python
         # workers whose killed tasks still hold the previous one.
         if self._validation is None and job.validation is not None:
             self._validation = share(self.spark, job.validation)
-        paired = job.validation_blocks is not None
-        body = partial(
+        return partial(
             train_partition,
             spec_broadcast=self.spec_broadcast,
             custom_objects=job.spec.custom_objects,
             settings=worker_settings(job),
-            exchange=exchange,
             validation=self._validation,
-            gate=gate,
-            paired=paired,
+            paired=job.validation_blocks is not None,
         )
+
+    def _training_stage(
+        self, job: TrainingJob, body: Callable[[Iterator[Any]], Iterable[Any]]
+    ) -> list[Any]:
+        """Run ``body`` as the barrier stage over the training blocks; what the tasks yielded."""
         config = job.config
         # A barrier stage without a slot for every task waits, not fails: an executor lost since
         # `fit` checked (during the data's preparation) must not leave the stage hanging.
@@ -632,6 +676,7 @@ class SparkRunner(DriverRunner):
             f"{config.num_workers} workers)"
         )
         # Each task's validation share comes with its training blocks, never via the driver.
+        paired = job.validation_blocks is not None
         blocks = (
             paired_blocks(self.blocks, job.validation_blocks, config.num_workers)
             if paired
@@ -640,8 +685,7 @@ class SparkRunner(DriverRunner):
         stage = partition_stage(blocks, body, job.info.input_shape, barrier=True, held_out=paired)
         with spark_errors(training=True), spark_job(self.spark, description):
             # collected here: the Spark UI names the training stage after this line
-            reports = stage_results(stage.collect())
-        return sorted(reports, key=lambda r: r.worker)
+            return stage_results(stage.collect())
 
     def before_restart(self, job: TrainingJob) -> list[int] | None:
         """Wait up to ``restart_timeout`` for a task slot for every worker (a lost executor coming

@@ -141,6 +141,28 @@ def server_host(spark: SparkSession) -> str:
     return spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1"
 
 
+SERVER_PLACEMENT = "spark.kerasonspark.serverPlacement"
+_PLACEMENTS = ("client", "stage")
+
+
+def server_placement(spark: SparkSession) -> str:
+    """Where the parameter server of a served engine lives: ``"client"`` (the default: the
+    driver, or the Spark Connect client, serves at :func:`server_host`) or ``"stage"`` (task 0 of
+    the training stage serves and steers, for a client the executors cannot reach), from
+    ``spark.kerasonspark.serverPlacement``.
+
+    Raises:
+        ConfigurationError: the setting names neither.
+    """
+    value = (spark.conf.get(SERVER_PLACEMENT, "client") or "client").strip().lower()
+    if value not in _PLACEMENTS:
+        raise ConfigurationError(
+            f"`{SERVER_PLACEMENT}` must be one of {', '.join(map(repr, _PLACEMENTS))}. "
+            f"Received: {value!r}."
+        )
+    return value
+
+
 SERVER_PORT = "spark.kerasonspark.serverPort"
 
 

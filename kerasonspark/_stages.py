@@ -18,7 +18,8 @@ import numpy as np
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-    from ._data import Block
+Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+"""Features, labels and sample weights (or ``None``) of a run of rows."""
 
 BLOCK_SCHEMA = "x binary, y binary, n long, ydtype string, ywidth int, w binary"
 _RESULT_SCHEMA = "result binary"

@@ -30,10 +30,12 @@ from ._session import (
     check_weights_privacy,
     master,
     server_host,
+    server_placement,
     server_port,
     start_session,
 )
 from ._shipping import ensure_executors_ready
+from ._stage_host import check_stage_serving
 from ._stages import run_on_partitions
 from ._tracking import FitLogger, fit_params, tracked_run, tracking_enabled
 from .engine import Engine, TrainingJob, TrainingResult, resolve_backend
@@ -294,8 +296,11 @@ class SparkTrainer:
                 check_slots(
                     spark, self.config.num_workers, self.config.failure.registration_timeout
                 )
+            placement = server_placement(spark)
             if served:
                 check_weights_privacy(spark.conf.getAll, server_host(spark))
+                if placement == "stage":
+                    check_stage_serving(callbacks, backup is not None)
             spec = self._spec()
             run_id = f"{spec.fingerprint}-{uuid.uuid4().hex[:8]}"
             spec_broadcast = share(spark, spec.to_bytes())
@@ -361,7 +366,7 @@ class SparkTrainer:
                     )
                     callbacks = [*callbacks, log.callback()]
                 runner = SparkRunner(
-                    spark, prepared.blocks, spec_broadcast, self.engine.name, backup
+                    spark, prepared.blocks, spec_broadcast, self.engine.name, backup, placement
                 )
                 job = TrainingJob(
                     spec=spec,

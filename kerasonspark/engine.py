@@ -440,6 +440,17 @@ class TrainingJob:
     trains_on: str = "workers"
     _server_stats: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A job travels to the training stage when the server lives there (an engine's
+        # `make_exchange` reads it); what holds the session or the caller's model stays here.
+        return {
+            **self.__dict__,
+            "runner": None,
+            "model": None,
+            "validation": None,
+            "validation_blocks": None,
+        }
+
     def _require(self, trains_on: str, method: str) -> None:
         if self.trains_on != trains_on:
             raise ConfigurationError(

@@ -203,3 +203,30 @@ def run_driver_program(script: str, *args: str, timeout: float = 400) -> dict:
     lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     return json.loads(lines[0][len("REPORT ") :])
+
+
+def report_connect_client(spark, report: dict) -> None:
+    """Record whether the Spark Connect client ``spark`` has a SparkContext (it must not: the
+    library cannot have used one), stop it, and print ``report`` as the ``REPORT`` line
+    :func:`run_driver_program` reads."""
+    try:
+        spark.sparkContext  # noqa: B018  # a Connect client has none: this must raise
+        report["spark_context"] = True
+    except Exception as exc:  # the error Connect gives
+        report["spark_context"] = type(exc).__name__
+    spark.stop()
+    print("REPORT " + json.dumps(report))
+
+
+def emulated_or_skip(network):
+    """``network`` (an ``EmulatedNetwork``) entered, or the test skipped where this machine cannot
+    emulate hosts (not root, no iproute2, no new devices allowed)."""
+    from kerasonspark import SparkEnvironmentError
+
+    try:
+        network.__enter__()
+    except SparkEnvironmentError as exc:
+        if "need" in str(exc) or "not permitted" in str(exc):
+            pytest.skip(f"emulated hosts are not possible here: {exc}")
+        raise
+    return network

@@ -3,7 +3,6 @@ this process) that trains, evaluates and predicts through a real Connect server,
 JSON what it saw (a process of its own: a Connect client and the test process's classic session
 must not share one Python)."""
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from test_several_inputs import dataframe_of, noisy_two_headed_rows, two_headed
 
-from conftest import FailsOnce, crashing, make_blobs, small_model
+from conftest import FailsOnce, crashing, make_blobs, report_connect_client, small_model
 
 
 def data_kinds(spark, train_df, report: dict) -> None:
@@ -126,13 +125,7 @@ def main(url: str, backends: list[str]) -> None:
         report["elephas"] = "trained"
     except Exception as exc:
         report["elephas"] = f"{type(exc).__name__}: {exc}"
-    try:
-        spark.sparkContext  # noqa: B018  # a Connect client has none: this must raise
-        report["spark_context"] = True
-    except Exception as exc:  # the error Connect gives
-        report["spark_context"] = type(exc).__name__
-    spark.stop()
-    print("REPORT " + json.dumps(report))
+    report_connect_client(spark, report)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from emulated_hosts import EmulatedNetwork, goodput
 
-from kerasonspark import SparkEnvironmentError, StandaloneCluster
+from kerasonspark import StandaloneCluster
 
+from conftest import emulated_or_skip
 from test_cli import run_processes, write_tiny_mnist
 
 pytestmark = pytest.mark.spark
@@ -25,14 +26,7 @@ TESTS = Path(__file__).parent
 @pytest.fixture
 def network():
     """A bridge at 198.18.0.1 in this namespace and two emulated hosts at .2 and .3 on it."""
-    network = EmulatedNetwork(hosts=2)
-    try:
-        network.__enter__()
-    except SparkEnvironmentError as exc:
-        # not root, no iproute2, or no new devices allowed
-        if "need" in str(exc) or "not permitted" in str(exc):
-            pytest.skip(f"emulated hosts are not possible here: {exc}")
-        raise
+    network = emulated_or_skip(EmulatedNetwork(hosts=2))
     try:
         yield network
     finally:

@@ -13,6 +13,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +105,7 @@ class ParameterStore:
         self._mirrored_key = -1
         self._before_stage: tuple[int, dict[int, int]] = (0, {})  # rounds, pushes per worker
         self._fences: dict[int, set[int]] = {}
+        self._adopted: dict[str, Any] | None = None  # the figures of a copy served in the stage
 
     # -- counters: changed under the lock, since every request thread changes them ---------
     def count(self, name: str, n: int = 1) -> None:
@@ -144,6 +146,23 @@ class ParameterStore:
                 status=422,
             )
         return values
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A store travels to the training stage when the server lives there; its lock does not.
+        return {**self.__dict__, "_cond": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _cond=threading.Condition())
+
+    def adopt(self, center: np.ndarray, figures: Mapping[str, Any]) -> None:
+        """Take the center and the figures of a copy of this store served elsewhere (in the
+        training stage): :attr:`center` then holds ``center`` and :meth:`stats` returns
+        ``figures``."""
+        if center.dtype != np.float32 or center.shape != (self.size,):
+            raise ValueError(f"Expected flat float32 weights of {self.size} elements.")
+        with self._cond:
+            self._center = center.copy()
+            self._adopted = dict(figures)
 
     # -- pull / push ----------------------------------------------------------------------
     @property
@@ -555,6 +574,8 @@ class ParameterStore:
 
     def stats(self) -> dict:
         """JSON-ready statistics of the run so far."""
+        if self._adopted is not None:
+            return dict(self._adopted)
         with self._cond:
             staleness = staleness_summary(self.staleness)
             elapsed = max(time.time() - self.started, 1e-9)
