@@ -4,10 +4,14 @@ epochs, whole-``fit`` seconds and test accuracy, medians of ``--repeat`` runs ta
     python benchmarks/connect_speed.py --data ../shared/data/mnist
     python benchmarks/connect_speed.py --data ../shared/data/mnist --backends sync async --repeat 3
 
+    python benchmarks/connect_speed.py --data ../shared/data/mnist --modes classic connect-stage
+
 Each run is a process of its own: a classic driver on ``local[2]``, or a Connect client of a
-fresh Connect server on ``local[2]`` (benchmarks/connect_server.py), both fed the same NumPy
-arrays (over Connect the client uploads them as an Arrow table). ``fit`` seconds exclude the
-session's start; ``prepare`` is the data pass inside them.
+fresh Connect server on ``local[2]`` (benchmarks/connect_server.py), each driver with 4 GiB, all
+fed the same NumPy arrays (over Connect the client uploads them as an Arrow table).
+``connect-stage`` puts the parameter server in the training stage
+(``spark.kerasonspark.serverPlacement=stage``). ``fit`` seconds exclude the session's start;
+``prepare`` is the data pass inside them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def one_run(mode: str, backend: str, data: str | None, rows: int, epochs: int, u
         from pyspark.sql import SparkSession
 
         spark = SparkSession.builder.remote(url).getOrCreate()
+        if mode == "connect-stage":
+            spark.conf.set("spark.kerasonspark.serverPlacement", "stage")
     trainer = SparkTrainer(
         mnist_cnn(), backend=backend, num_workers=2, epochs=epochs, seed=0, spark=spark, verbose=0
     )
@@ -53,7 +59,11 @@ def in_a_process(args: argparse.Namespace, mode: str, backend: str, url: str) ->
     command = [sys.executable, __file__, "--rows", str(args.rows), "--epochs", str(args.epochs)]
     command += ["--data", args.data] if args.data else []
     done = subprocess.run(
-        [*command, "--one", mode, backend, url], capture_output=True, text=True, check=True
+        [*command, "--one", mode, backend, url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1200,
     )
     line = next(x for x in done.stdout.splitlines() if x.startswith("FIGURES "))
     return json.loads(line[len("FIGURES ") :])
@@ -66,6 +76,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["classic", "connect"],
+        choices=["classic", "connect", "connect-stage"],
+        help="connect-stage: over Connect with the parameter server in the training stage",
+    )
     parser.add_argument(
         "--one", nargs=3, metavar=("MODE", "BACKEND", "URL"), help=argparse.SUPPRESS
     )
@@ -82,9 +99,11 @@ def main() -> None:
     runs: list[dict] = []
     for _ in range(args.repeat):
         for backend in args.backends:
-            for mode in ("classic", "connect"):
-                if mode == "connect":
-                    with ConnectServer("local[2]") as server:
+            for mode in args.modes:
+                if mode != "classic":
+                    # NumPy input passes through the Connect server's driver: 188 MB of MNIST
+                    # needs more than the default 1 GiB heap
+                    with ConnectServer("local[2]", {"spark.driver.memory": "4g"}) as server:
                         figures = in_a_process(args, mode, backend, server.url)
                 else:
                     figures = in_a_process(args, mode, backend, "-")
@@ -94,7 +113,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for backend in args.backends:
         medians = {}
-        for mode in ("classic", "connect"):
+        for mode in args.modes:
             mine = [r for r in runs if r["backend"] == backend and r["mode"] == mode]
             medians[mode] = statistics.median(r["fit_seconds"] for r in mine)
             print(

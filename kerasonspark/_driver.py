@@ -105,14 +105,22 @@ def spark_job(spark: SparkSession, description: str) -> Iterator[None]:
     """Tag the Spark jobs this thread starts inside the block ``kerasonspark`` (what
     ``spark.interruptTag`` stops, on a classic session and over Connect), and name them so the
     Spark UI reads like the training: ``kerasonspark fit sync (5 epochs, 2 workers)`` (on a
-    classic session, as job group ``kerasonspark``). What the thread had before comes back
-    afterwards."""
+    classic session, as job group ``kerasonspark``). When the block fails or is interrupted
+    (``KeyboardInterrupt``), its jobs are interrupted before the error goes on, so none keeps
+    running on the cluster. What the thread had before comes back afterwards."""
+    own = f"{JOB_TAG}-{secrets.token_hex(6)}"  # this block's jobs only, not another fit's
     had_tag = JOB_TAG in spark.getTags()
     spark.addTag(JOB_TAG)
+    spark.addTag(own)
     try:
         with job_description(spark, JOB_TAG, description):
             yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            spark.interruptTag(own)
+        raise
     finally:
+        spark.removeTag(own)
         if not had_tag:
             spark.removeTag(JOB_TAG)
 

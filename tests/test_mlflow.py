@@ -131,7 +131,8 @@ def test_compare_leaves_a_parent_run_with_a_nested_run_per_strategy(spark, track
 def test_mlflow_callback_logs_at_real_global_steps_and_off_means_off(spark, tracking_uri):
     from mlflow.keras import MlflowCallback
 
-    x, y = make_blobs(4000)
+    # enough steps that progress reports (about one a second) land inside each epoch
+    x, y = make_blobs(8000)
     trainer = SparkTrainer(
         small_model(),
         backend="sync",
@@ -147,7 +148,7 @@ def test_mlflow_callback_logs_at_real_global_steps_and_off_means_off(spark, trac
     (only,) = _runs()  # fit logged nothing of its own
     assert only.info.run_id == run.info.run_id and "backend" not in only.data.params
     steps = _steps(run.info.run_id, "loss")
-    total = 2 * 2 * math.ceil(2000 / 16)
+    total = 2 * 2 * math.ceil(4000 / 16)
     assert steps and steps == sorted(steps) and 0 < steps[0] and steps[-1] <= total
 
 

@@ -8,7 +8,7 @@ from stage_placement_driver import PLACEMENT, check, placed_in_stage
 
 from kerasonspark import ConfigurationError, SparkTrainer
 
-from conftest import make_blobs, small_model
+from conftest import make_blobs, run_driver_program, small_model
 
 pytestmark = pytest.mark.spark
 
@@ -48,3 +48,13 @@ def test_the_stage_placement_refuses_what_it_cannot_do_before_training(
     finally:
         spark.conf.unset(PLACEMENT)
     assert all((a == b).all() for a, b in zip(before, trainer.model.get_weights(), strict=True))
+
+
+# With the server in the stage the interrupted stage still runs for now (issue 27's note).
+@pytest.mark.parametrize("placement", ["client"])
+def test_an_interrupted_fit_leaves_no_job_running_and_the_session_trains_again(placement):
+    # in its own process: the interrupt is a signal, and the session is that process's
+    report = run_driver_program("interrupt_driver.py", placement)
+    assert report["interrupted"], report
+    assert report["jobs_left"] == 0, report
+    assert report["accuracy_after"] > 0.5, report
