@@ -69,6 +69,13 @@ class StageServing:
     first_step: int
     loopback: bool
 
+    def lines_to(self, url: str, learning_rate: float | None) -> tuple[Exchange, EpochGate]:
+        """A worker's exchange and epoch gate to the server at ``url``, the first epoch trained
+        at ``learning_rate`` (what the callbacks set before it)."""
+        gate = copy.copy(self.gate)
+        gate.url, gate.learning_rate = url, learning_rate
+        return self.make_exchange(url, self.secret), gate
+
 
 @dataclasses.dataclass
 class StageHostOutcome:
@@ -181,9 +188,8 @@ def serve_in_stage(
         yield from _host(blocks, plan, train, context)
         return
     address = json.loads(context.allGather("")[0])
-    gate = copy.copy(plan.gate)
-    gate.url, gate.learning_rate = address["url"], address["learning_rate"]
-    reports = list(train(blocks, exchange=plan.make_exchange(gate.url, plan.secret), gate=gate))
+    exchange, gate = plan.lines_to(address["url"], address["learning_rate"])
+    reports = list(train(blocks, exchange=exchange, gate=gate))
     context.barrier()  # task 0 keeps serving until every worker is done with it
     yield from reports
 
@@ -208,10 +214,9 @@ def _host(
     started = time.perf_counter()
     config = server_config(job, plan.secret, view_token=None)
     with ParameterServer(store, config, host=host, port=job.server_port, board=board) as server:
-        gate = copy.copy(plan.gate)
-        gate.url, gate.learning_rate = server.url, steering.begin()
-        context.allGather(json.dumps({"url": gate.url, "learning_rate": gate.learning_rate}))
-        exchange = plan.make_exchange(server.url, plan.secret)
+        learning_rate = steering.begin()
+        context.allGather(json.dumps({"url": server.url, "learning_rate": learning_rate}))
+        exchange, gate = plan.lines_to(server.url, learning_rate)
 
         def make_stage(
             first_epoch: int | None, resume: Mapping[int, int] | None
