@@ -75,7 +75,14 @@ class ConnectServer:
         ]
         if self.run_in is not None:
             command = self.run_in(command)
-        env = dict(os.environ, SPARK_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1")
+        # the Python workers' interpreter: a server started from a venv's Python without the venv
+        # on PATH would otherwise run `python3` from PATH
+        env = dict(
+            os.environ,
+            SPARK_HOME=str(home),
+            SPARK_LOCAL_IP="127.0.0.1",
+            PYSPARK_PYTHON=sys.executable,
+        )
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

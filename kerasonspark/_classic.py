@@ -12,7 +12,8 @@ here and only here, where it is measurably better, with the Connect way beside i
 - an RDD given as input, and an RDD of blocks handed to another Spark library (Elephas; refused
   over Connect, :func:`require_rdds`);
 - the session's services: task slots (Spark's own count, or the configuration's cores), job
-  groups (a Connect server names a client's jobs itself), shipping a zip of Python code
+  groups and tags that stop a block's jobs from any thread (a Connect server names a client's
+  jobs itself), shipping a zip of Python code
   (``addPyFile`` or ``addArtifacts``), and the address a Connect client is reached at.
 """
 
@@ -209,22 +210,50 @@ def default_parallelism(spark: SparkSession) -> int:
 
 
 @contextlib.contextmanager
-def job_description(spark: SparkSession, group: str, description: str) -> Iterator[None]:
+def job_description(
+    spark: SparkSession, group: str, description: str, tag: str | None = None
+) -> Iterator[None]:
     """On a classic session, the thread's Spark jobs inside the block in job group ``group``,
     described by ``description`` (the thread's previous group and description come back
-    afterwards). A Connect server names a client's jobs itself: nothing to do there."""
+    afterwards). A Connect server names a client's jobs itself: nothing to do there.
+
+    ``tag`` marks the block's jobs for :func:`interrupt_jobs`: a SparkContext job tag on a classic
+    session, a session tag over Connect."""
     if is_connect(spark):
-        yield
+        if tag is not None:
+            spark.addTag(tag)
+        try:
+            yield
+        finally:
+            if tag is not None:
+                spark.removeTag(tag)
         return
     sc = spark.sparkContext
     keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
     saved = {key: sc.getLocalProperty(key) for key in keys}
     sc.setJobGroup(group, description, interruptOnCancel=True)
+    if tag is not None:
+        sc.addJobTag(tag)
     try:
         yield
     finally:
+        if tag is not None:
+            sc.removeJobTag(tag)
         for key, value in saved.items():
             sc.setLocalProperty(key, value)  # type: ignore[arg-type]  # None removes the property
+
+
+def interrupt_jobs(spark: SparkSession, tag: str) -> None:
+    """Stop the running jobs of a :func:`job_description` block tagged ``tag``, from any thread.
+
+    A classic session keeps its session tags per JVM thread: ``spark.interruptTag`` from another
+    thread (or from this one after Ctrl-C, which makes Py4J open a new connection, so a new JVM
+    thread) finds nothing. The SparkContext's job tags are global; over Connect the server
+    interrupts the client session's operations with the tag."""
+    if is_connect(spark):
+        spark.interruptTag(tag)
+    else:
+        spark.sparkContext.cancelJobsWithTag(tag)
 
 
 def task_slots(spark: SparkSession) -> int:

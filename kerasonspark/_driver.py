@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _errors as errors
-from ._classic import job_description, share, to_partitions, training_rdd
+from ._classic import interrupt_jobs, job_description, share, to_partitions, training_rdd
 from ._errors import KerasOnSparkError, WorkerError
 from ._executor import (
     EpochGate,
@@ -111,16 +111,14 @@ def spark_job(spark: SparkSession, description: str) -> Iterator[None]:
     own = f"{JOB_TAG}-{secrets.token_hex(6)}"  # this block's jobs only, not another fit's
     had_tag = JOB_TAG in spark.getTags()
     spark.addTag(JOB_TAG)
-    spark.addTag(own)
     try:
-        with job_description(spark, JOB_TAG, description):
+        with job_description(spark, JOB_TAG, description, tag=own):
             yield
     except BaseException:
         with contextlib.suppress(Exception):
-            spark.interruptTag(own)
+            interrupt_jobs(spark, own)
         raise
     finally:
-        spark.removeTag(own)
         if not had_tag:
             spark.removeTag(JOB_TAG)
 
