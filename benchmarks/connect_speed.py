@@ -5,10 +5,13 @@ epochs, whole-``fit`` seconds and test accuracy, medians of ``--repeat`` runs ta
     python benchmarks/connect_speed.py --data ../shared/data/mnist --backends sync async --repeat 3
 
     python benchmarks/connect_speed.py --data ../shared/data/mnist --modes classic connect-stage
+    python benchmarks/connect_speed.py --data ../shared/data/mnist --input parquet
 
 Each run is a process of its own: a classic driver on ``local[2]``, or a Connect client of a
 fresh Connect server on ``local[2]`` (benchmarks/connect_server.py), each driver with 4 GiB, all
-fed the same NumPy arrays (over Connect the client uploads them as an Arrow table).
+fed the same NumPy arrays (over Connect the client uploads them as an Arrow table), or with
+``--input parquet`` the path of the same rows as Parquet (written once under ``--workdir``), data
+that already lives where the cluster reads it.
 ``connect-stage`` puts the parameter server in the training stage
 (``spark.kerasonspark.serverPlacement=stage``). ``fit`` seconds exclude the session's start;
 ``prepare`` is the data pass inside them.
@@ -24,7 +27,9 @@ import sys
 from pathlib import Path
 
 
-def one_run(mode: str, backend: str, data: str | None, rows: int, epochs: int, url: str) -> dict:
+def one_run(
+    mode: str, backend: str, data: str | None, rows: int, epochs: int, url: str, parquet: str
+) -> dict:
     """Train once in this process and return the figures."""
     from kerasonspark import SparkTrainer, load_mnist, mnist_cnn, start_session
 
@@ -41,7 +46,7 @@ def one_run(mode: str, backend: str, data: str | None, rows: int, epochs: int, u
     trainer = SparkTrainer(
         mnist_cnn(), backend=backend, num_workers=2, epochs=epochs, seed=0, spark=spark, verbose=0
     )
-    result = trainer.fit(x, y)
+    result = trainer.fit(parquet) if parquet else trainer.fit(x, y)
     figures = {
         "mode": mode,
         "backend": backend,
@@ -58,13 +63,12 @@ def in_a_process(args: argparse.Namespace, mode: str, backend: str, url: str) ->
     one of their own)."""
     command = [sys.executable, __file__, "--rows", str(args.rows), "--epochs", str(args.epochs)]
     command += ["--data", args.data] if args.data else []
+    command += ["--parquet", args.parquet] if args.parquet else []
     done = subprocess.run(
-        [*command, "--one", mode, backend, url],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=1200,
+        [*command, "--one", mode, backend, url], capture_output=True, text=True, timeout=1200
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"The {mode} run of {backend} failed:\n{done.stderr[-4000:]}")
     line = next(x for x in done.stdout.splitlines() if x.startswith("FIGURES "))
     return json.loads(line[len("FIGURES ") :])
 
@@ -83,6 +87,9 @@ def main() -> None:
         choices=["classic", "connect", "connect-stage"],
         help="connect-stage: over Connect with the parameter server in the training stage",
     )
+    parser.add_argument("--input", default="numpy", choices=["numpy", "parquet"])
+    parser.add_argument("--workdir", default="/tmp/kerasonspark-bench", help="where Parquet goes")
+    parser.add_argument("--parquet", default="", help=argparse.SUPPRESS)
     parser.add_argument(
         "--one", nargs=3, metavar=("MODE", "BACKEND", "URL"), help=argparse.SUPPRESS
     )
@@ -90,11 +97,21 @@ def main() -> None:
     if args.one:
         mode, backend, url = args.one
         print(
-            "FIGURES " + json.dumps(one_run(mode, backend, args.data, args.rows, args.epochs, url))
+            "FIGURES "
+            + json.dumps(
+                one_run(mode, backend, args.data, args.rows, args.epochs, url, args.parquet)
+            )
         )
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from connect_server import ConnectServer
+
+    if args.input == "parquet":
+        from bench_memory import write_parquet
+
+        if args.rows != 60_000:
+            parser.error("--input parquet trains on MNIST's 60,000 training rows")
+        args.parquet = str(write_parquet(args.data, Path(args.workdir), [1])[1].resolve())
 
     runs: list[dict] = []
     for _ in range(args.repeat):

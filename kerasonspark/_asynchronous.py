@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._sharded import ShardedServerExchange
+from ._state import state_ranges
 from .engine import (
     LearningRateScaling,
     ParameterStore,
@@ -223,7 +224,12 @@ class ShardedPushPullExchange(ShardedServerExchange, PushPullExchange):
     pushes it holds, to the driver."""
 
     def __init__(
-        self, exchange: PushPullExchange, rule: UpdateRule, lock: bool, num_workers: int
+        self,
+        exchange: PushPullExchange,
+        rule: UpdateRule,
+        lock: bool,
+        num_workers: int,
+        state: list[tuple[int, int]],
     ) -> None:
         PushPullExchange.__init__(
             self,
@@ -237,13 +243,13 @@ class ShardedPushPullExchange(ShardedServerExchange, PushPullExchange):
             exchange.lr_scaling,
         )
         self.shard_over(num_workers, exchange.timeout)
-        self.rule, self.lock = rule, lock
+        self.rule, self.lock, self.state = rule, lock, state
         self.fences = 0
         self.push_seconds = 0.0
 
     def start(self, model: keras.Model, worker: int) -> None:
         super().start(model, worker)
-        self.open_center(self.synced, rule=self.rule, lock=self.lock)
+        self.open_center(self.synced, rule=self.rule, lock=self.lock, state=self.state)
 
     def _push(self, update: np.ndarray, samples: int) -> np.ndarray:
         if self.delta_dtype == "bfloat16":
@@ -274,8 +280,10 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
     scaling = options.lr_scaling(job)
     factor = scaling.factor if scaling else 1.0
     rule = options.make_rule(max(factor, 1.0))
+    # moving statistics travel past the rule (kerasonspark._state)
+    state = state_ranges(job.model)
     store = ParameterStore(
-        job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock
+        job.spec.weights, job.spec.shapes, job.config.num_workers, rule=rule, lock=lock, state=state
     )
 
     def make_exchange(url: str, secret: bytes) -> PushPullExchange:
@@ -292,7 +300,7 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
         if options.center == "driver":
             return exchange
         # the worker count is read when each stage starts: a restart may go on with fewer
-        return ShardedPushPullExchange(exchange, rule, lock, job.config.num_workers)
+        return ShardedPushPullExchange(exchange, rule, lock, job.config.num_workers, state)
 
     outcome = job.serve(store, make_exchange)
     return job.result(

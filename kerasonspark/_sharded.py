@@ -42,8 +42,10 @@ class ShardedServerExchange(ServerExchange):
         rule: UpdateRule | None = None,
         lock: bool = True,
         outer: OuterNesterov | None = None,
+        state: list[tuple[int, int]] | None = None,
     ) -> None:
-        """Serve this worker's shard of ``center`` and meet every peer's (after ``start``)."""
+        """Serve this worker's shard of ``center`` and meet every peer's (after ``start``);
+        ``state``: the layer state's element ranges (see ``ParameterStore``)."""
         self._center = ShardedCenter(
             self.client,
             self.secret,
@@ -56,6 +58,7 @@ class ShardedServerExchange(ServerExchange):
             rule=rule,
             lock=lock,
             outer=outer,
+            state=state or [],
         )
 
     @property

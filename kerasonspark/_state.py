@@ -13,6 +13,11 @@ which uses the batch's own statistics, looks fine).
 worker scales its change by ``(1 - m^(N k)) / (1 - m^k)`` before the average, so the average is
 ``m^(N k) v0 + (1 - m^(N k)) mean(b)``, exact when the batches' statistics agree and never past
 them.
+
+The asynchronous engines need no such scaling (each push adds one worker's steps to the center,
+as one process would take them in turn), only that the statistics bypass the update rule:
+:func:`state_ranges` names every non-trainable weight, and the parameter store adds their pushed
+change as it is, never divided by staleness or window.
 """
 
 from __future__ import annotations
@@ -23,6 +28,23 @@ import numpy as np
 
 if TYPE_CHECKING:
     import keras
+
+
+def _weight_ranges(model: keras.Model) -> dict[int, tuple[int, int]]:
+    """Each of ``model.weights``' element range in the flat weights, by the variable's id."""
+    ranges, start = {}, 0
+    for variable in model.weights:
+        size = int(np.prod(variable.shape))
+        ranges[id(variable)] = (start, start + size)
+        start += size
+    return ranges
+
+
+def state_ranges(model: keras.Model) -> list[tuple[int, int]]:
+    """The element ranges of ``model``'s non-trainable weights in its flat weights: state a layer
+    updates itself (moving statistics) or weights no optimizer moves (a frozen layer's)."""
+    ranges = _weight_ranges(model)
+    return sorted(ranges[id(v)] for v in model.non_trainable_weights if id(v) in ranges)
 
 
 class MovingStatistics:
@@ -36,11 +58,7 @@ class MovingStatistics:
     def __init__(self, model: keras.Model) -> None:
         import keras
 
-        offsets, start = {}, 0
-        for variable in model.weights:
-            size = int(np.prod(variable.shape))
-            offsets[id(variable)] = (start, start + size)
-            start += size
+        offsets = _weight_ranges(model)
         self.slices: list[tuple[int, int, float]] = []
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.BatchNormalization):

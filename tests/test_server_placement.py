@@ -50,8 +50,7 @@ def test_the_stage_placement_refuses_what_it_cannot_do_before_training(
     assert all((a == b).all() for a, b in zip(before, trainer.model.get_weights(), strict=True))
 
 
-# With the server in the stage the interrupted stage still runs for now (issue 27's note).
-@pytest.mark.parametrize("placement", ["client"])
+@pytest.mark.parametrize("placement", ["client", "stage"])
 def test_an_interrupted_fit_leaves_no_job_running_and_the_session_trains_again(placement):
     # in its own process: the interrupt is a signal, and the session is that process's
     report = run_driver_program("interrupt_driver.py", placement)

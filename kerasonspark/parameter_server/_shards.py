@@ -25,7 +25,7 @@ import copy
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -70,6 +70,8 @@ class ShardedCenter:
         rule: how pushes update each shard (the asynchronous engines); ``None`` for rounds.
         lock: apply pushes under each shard's lock (``False``: hogwild).
         outer: how a completed round moves each shard (``sync``).
+        state: the layer state's element ranges in the whole center (see ``ParameterStore``);
+            the shard's store gets those inside its shard.
 
     The shard's store gets its own copies of ``rule`` and ``outer`` (their state is the shard's).
     """
@@ -88,6 +90,7 @@ class ShardedCenter:
         rule: UpdateRule | None = None,
         lock: bool = True,
         outer: OuterNesterov | None = None,
+        state: Sequence[tuple[int, int]] = (),
     ) -> None:
         from ._app import ServerConfig
         from ._server import ParameterServer
@@ -104,6 +107,11 @@ class ShardedCenter:
             lock=lock,
             barrier_timeout=barrier_timeout,
             outer=copy.deepcopy(outer),
+            state=[
+                (max(a, start) - start, min(b, stop) - start)
+                for a, b in state
+                if a < stop and b > start
+            ],
         )
         config = ServerConfig(secret, max_payload_bytes=(stop - start) * 4 + (1 << 20))
         self.server = ParameterServer(

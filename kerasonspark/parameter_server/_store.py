@@ -57,6 +57,11 @@ class ParameterStore:
         lock: apply pushes under a lock; ``False`` is hogwild (overlapping writes are counted).
         barrier_timeout: seconds a round barrier waits for the missing workers.
         outer: how a completed round's average moves the center; ``None`` makes it the center.
+        state: element ranges ``(start, stop)`` of the weights that are layer state, not
+            parameters (a ``BatchNormalization``'s moving statistics, which the forward pass
+            updates, not the optimizer; :func:`kerasonspark._state.state_ranges`). A push's
+            state bypasses the rule: a delta is added as the worker made it (never divided by
+            staleness or window), pushed weights are taken as they are.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ParameterStore:
         lock: bool = True,
         barrier_timeout: float = 600.0,
         outer: OuterNesterov | None = None,
+        state: Sequence[tuple[int, int]] = (),
     ) -> None:
         self.shapes = [tuple(s) for s in shapes]
         self.size = shapes_size(self.shapes)
@@ -82,6 +88,7 @@ class ParameterStore:
         self.use_lock = lock
         self.barrier_timeout = barrier_timeout
         self.outer = outer
+        self.state = [(int(a), int(b)) for a, b in state if 0 <= a < b <= self.size]
         self.version = 0
         self._cond = threading.Condition()
         self._rounds: dict[int, _Round] = {}
@@ -199,6 +206,7 @@ class ParameterStore:
                 # an overflow is refused just below
                 with np.errstate(over="ignore", invalid="ignore"):
                     new_center, reply = self.rule.apply(self._center, update, staleness, window)
+                    self._carry_state(self._center, update, new_center, reply)
                 if not np.isfinite(new_center).all() or (
                     reply is not new_center and not np.isfinite(reply).all()
                 ):
@@ -224,14 +232,42 @@ class ParameterStore:
             if self._applying:
                 self.counters["overlapping_writes"] += 1
             self._applying += 1
+        kept = self._center[self._state_index].copy() if self.state else None
         try:
             reply = self.rule.apply_in_place(self._center, update, staleness, window)
+            if kept is not None:
+                self._carry_state(kept, update, self._center, reply, compact=True)
         finally:
             with self._cond:
                 self._applying -= 1
                 self._record_push(worker, staleness, samples)
                 self.worker_pull_version[worker] = self.version
         return reply, self.version, staleness
+
+    @property
+    def _state_index(self) -> np.ndarray:
+        """The state's element indices, in range order."""
+        return np.concatenate([np.arange(a, b) for a, b in self.state])
+
+    def _carry_state(
+        self,
+        before: np.ndarray,
+        update: np.ndarray,
+        new_center: np.ndarray,
+        reply: np.ndarray,
+        compact: bool = False,
+    ) -> None:
+        """Set the state ranges of ``new_center`` (and of ``reply``) past the rule: ``before``
+        plus the pushed delta, or the pushed weights. ``before`` holds the whole center, or with
+        ``compact`` only its state elements."""
+        taken = self.rule is not None and self.rule.payload == "weights"
+        offset = 0
+        for a, b in self.state:
+            was = before[offset : offset + b - a] if compact else before[a:b]
+            offset += b - a
+            new_center[a:b] = update[a:b] if taken else was + update[a:b]
+            if reply is not new_center:
+                reply[a:b] = new_center[a:b]
 
     def _record_push(self, worker: int, staleness: int, samples: int) -> None:
         self.version += 1
