@@ -206,7 +206,7 @@ class ParameterStore:
                 # an overflow is refused just below
                 with np.errstate(over="ignore", invalid="ignore"):
                     new_center, reply = self.rule.apply(self._center, update, staleness, window)
-                    self._carry_state(self._center, update, new_center, reply)
+                    self._carry_state(self._state_of(self._center), update, new_center, reply)
                 if not np.isfinite(new_center).all() or (
                     reply is not new_center and not np.isfinite(reply).all()
                 ):
@@ -232,11 +232,11 @@ class ParameterStore:
             if self._applying:
                 self.counters["overlapping_writes"] += 1
             self._applying += 1
-        kept = self._center[self._state_index].copy() if self.state else None
+        # the state as it was, since the rule writes into the center itself
+        kept = [part.copy() for part in self._state_of(self._center)]
         try:
             reply = self.rule.apply_in_place(self._center, update, staleness, window)
-            if kept is not None:
-                self._carry_state(kept, update, self._center, reply, compact=True)
+            self._carry_state(kept, update, self._center, reply)
         finally:
             with self._cond:
                 self._applying -= 1
@@ -244,27 +244,22 @@ class ParameterStore:
                 self.worker_pull_version[worker] = self.version
         return reply, self.version, staleness
 
-    @property
-    def _state_index(self) -> np.ndarray:
-        """The state's element indices, in range order."""
-        return np.concatenate([np.arange(a, b) for a, b in self.state])
+    def _state_of(self, weights: np.ndarray) -> list[np.ndarray]:
+        """``weights``' state ranges (views)."""
+        return [weights[a:b] for a, b in self.state]
 
     def _carry_state(
         self,
-        before: np.ndarray,
+        before: list[np.ndarray],
         update: np.ndarray,
         new_center: np.ndarray,
         reply: np.ndarray,
-        compact: bool = False,
     ) -> None:
         """Set the state ranges of ``new_center`` (and of ``reply``) past the rule: ``before``
-        plus the pushed delta, or the pushed weights. ``before`` holds the whole center, or with
-        ``compact`` only its state elements."""
+        (the center's state ranges before the push) plus the pushed delta, or the pushed
+        weights."""
         taken = self.rule is not None and self.rule.payload == "weights"
-        offset = 0
-        for a, b in self.state:
-            was = before[offset : offset + b - a] if compact else before[a:b]
-            offset += b - a
+        for (a, b), was in zip(self.state, before, strict=True):
             new_center[a:b] = update[a:b] if taken else was + update[a:b]
             if reply is not new_center:
                 reply[a:b] = new_center[a:b]
