@@ -9,7 +9,7 @@ epochs, whole-``fit`` seconds and test accuracy, medians of ``--repeat`` runs ta
 
 Each run is a process of its own: a classic driver on ``local[2]``, or a Connect client of a
 fresh Connect server on ``local[2]`` (benchmarks/connect_server.py), each driver with 4 GiB, all
-fed the same NumPy arrays (over Connect the client uploads them as an Arrow table), or with
+fed the same NumPy arrays (over Connect the client uploads one Arrow file per partition), or with
 ``--input parquet`` the path of the same rows as Parquet (written once under ``--workdir``), data
 that already lives where the cluster reads it.
 ``connect-stage`` puts the parameter server in the training stage
@@ -118,8 +118,7 @@ def main() -> None:
         for backend in args.backends:
             for mode in args.modes:
                 if mode != "classic":
-                    # NumPy input passes through the Connect server's driver: 188 MB of MNIST
-                    # needs more than the default 1 GiB heap
+                    # the same 4 GiB driver as the classic run's, so only the session differs
                     with ConnectServer("local[2]", {"spark.driver.memory": "4g"}) as server:
                         figures = in_a_process(args, mode, backend, server.url)
                 else:

@@ -7,8 +7,8 @@ here and only here, where it is measurably better, with the Connect way beside i
 - a value every task reads (the model, validation arrays): a broadcast on a classic session,
   inside the task's closure over Connect (:func:`share`);
 - NumPy training data: one broadcast per partition on a classic session (the rows never sit in a
-  task or in the plan), an Arrow table uploaded by the client over Connect
-  (:func:`numpy_block_frame`);
+  task or in the plan), one Arrow file per partition uploaded by the client as a session artifact
+  over Connect (:func:`numpy_block_frame`, :func:`uploaded_frame`);
 - an RDD given as input, and an RDD of blocks handed to another Spark library (Elephas; refused
   over Connect, :func:`require_rdds`);
 - the session's services: task slots (Spark's own count, or the configuration's cores), job
@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ._errors import ConfigurationError
 from ._stages import BLOCK_SCHEMA, Block, decode_block, encode_block
@@ -76,21 +78,17 @@ def numpy_block_frame(spark: SparkSession, parts: list[list[Block]]) -> DataFram
 
     On a classic session each partition's blocks travel as one broadcast, which its task reads
     (``createDataFrame`` would put 30 MB of MNIST in each task); :func:`release` destroys them.
-    Over Connect the client uploads the blocks as one Arrow table and a shuffle places them.
+    Over Connect each partition's blocks travel as one file (:func:`uploaded_frame`).
     """
     import pyarrow as pa
 
     if is_connect(spark):
-        batches = [
-            encode_block(*block).append_column("worker", pa.array([i], pa.int32()))
-            for i, blocks in enumerate(parts)
-            for block in blocks
+        schema = encode_block(np.zeros((0, 1), np.float32), np.zeros(0), None).schema
+        tables = [
+            pa.Table.from_batches([encode_block(*block) for block in blocks], schema)
+            for blocks in parts
         ]
-        table = pa.Table.from_batches(batches)
-        frame = spark.createDataFrame(
-            table.append_column("order", pa.array(range(len(batches)), pa.int64()))
-        )
-        return to_partitions(frame, "worker", len(parts)).drop("worker")
+        return uploaded_frame(spark, tables, BLOCK_SCHEMA)
     sc = spark.sparkContext
     shares = [sc.broadcast(blocks) for blocks in parts]
     frame = spark.range(len(parts), numPartitions=len(parts)).mapInArrow(
@@ -147,11 +145,16 @@ def arrow_frame(
 
     On a classic session each part travels as one broadcast of Arrow IPC bytes, kept for the
     SparkContext's life (a DataFrame derived from it may outlive the Python object). Over Connect
-    the client uploads the rows as one table and a shuffle places them.
+    the client uploads the rows as one table and a shuffle places them (not
+    :func:`uploaded_frame`: a DataFrame the caller builds on would start in a Python stage of its
+    own, a second Python worker per task beside the caller's; a test's fits and evaluations from
+    such frames took twice as long).
     """
-    import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     if is_connect(spark):
+        import pyarrow as pa
+
         tagged = [
             part.cast(schema).append_column("worker", pa.array([i] * len(part), pa.int32()))
             for i, part in enumerate(parts)
@@ -161,8 +164,6 @@ def arrow_frame(
             table.append_column("order", pa.array(range(len(table)), pa.int64()))
         )
         return to_partitions(frame, "worker", len(parts)).drop("worker")
-    from pyspark.sql.pandas.types import from_arrow_schema
-
     sc = spark.sparkContext
     shares = [sc.broadcast(_arrow_ipc(part, schema, rows_per_batch)) for part in parts]
     if id(sc) not in _KEPT_BROADCASTS:
@@ -171,6 +172,55 @@ def arrow_frame(
     return spark.range(len(parts), numPartitions=len(parts)).mapInArrow(
         partial(_shared_rows, shares), from_arrow_schema(schema)
     )
+
+
+def uploaded_frame(spark: SparkSession, tables: list[Any], schema: Any) -> DataFrame:
+    """A DataFrame of Arrow tables ``tables``, one partition each, rows in order, over Spark
+    Connect: each table travels as one compressed Arrow file, a session artifact
+    (``addArtifacts(..., file=True)``), which the partition's task reads.
+
+    Why files, not ``createDataFrame``: an uploaded table is a local relation on the server's
+    driver, converted to rows again by every request whose plan holds it, and sent to the tasks
+    inside their closures; placing its rows by partition takes a shuffle. A file reaches each
+    executor once, through Spark's file server (again to a new executor, so a lost one recomputes
+    its part), and LZ4 shrinks what crosses the client's link. The files stay with the session.
+    """
+    import shutil
+    import tempfile
+    import uuid
+
+    import pyarrow as pa
+
+    run = uuid.uuid4().hex[:12]
+    folder = tempfile.mkdtemp(prefix="kerasonspark-upload-")
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    names = [f"kerasonspark-{run}-{i}.arrow" for i in range(len(tables))]
+    try:
+        paths = [os.path.join(folder, name) for name in names]
+        for table, path in zip(tables, paths, strict=True):
+            with (
+                pa.OSFile(path, "wb") as sink,
+                pa.ipc.new_file(sink, table.schema, options=options) as out,
+            ):
+                out.write_table(table)
+        spark.addArtifacts(*paths, file=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return spark.range(len(names), numPartitions=len(names)).mapInArrow(
+        partial(_uploaded_rows, names), schema
+    )
+
+
+def _uploaded_rows(names: list[str], batches: Iterator[Any]) -> Iterator[Any]:
+    import pyarrow as pa
+    from pyspark import SparkFiles
+
+    for batch in batches:
+        for part in batch.column(0).to_pylist():
+            with pa.memory_map(SparkFiles.get(names[part])) as source:
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
 
 
 # The broadcasts behind arrow_frame's DataFrames, by SparkContext.
