@@ -93,6 +93,11 @@ def main() -> None:
     parser.add_argument(
         "--one", nargs=3, metavar=("MODE", "BACKEND", "URL"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--connect-driver-memory",
+        default="4g",
+        help="the Connect server's driver memory (Spark's own default is 1g)",
+    )
     args = parser.parse_args()
     if args.one:
         mode, backend, url = args.one
@@ -118,8 +123,9 @@ def main() -> None:
         for backend in args.backends:
             for mode in args.modes:
                 if mode != "classic":
-                    # the same 4 GiB driver as the classic run's, so only the session differs
-                    with ConnectServer("local[2]", {"spark.driver.memory": "4g"}) as server:
+                    # by default the same 4 GiB driver as the classic run's: only the session differs
+                    memory = {"spark.driver.memory": args.connect_driver_memory}
+                    with ConnectServer("local[2]", memory) as server:
                         figures = in_a_process(args, mode, backend, server.url)
                 else:
                     figures = in_a_process(args, mode, backend, "-")
