@@ -123,7 +123,7 @@ def main() -> None:
         for backend in args.backends:
             for mode in args.modes:
                 if mode != "classic":
-                    # by default the same 4 GiB driver as the classic run's: only the session differs
+                    # by default the classic run's 4 GiB driver: only the session differs
                     memory = {"spark.driver.memory": args.connect_driver_memory}
                     with ConnectServer("local[2]", memory) as server:
                         figures = in_a_process(args, mode, backend, server.url)

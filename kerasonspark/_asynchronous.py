@@ -9,6 +9,7 @@ keep-alive connection. Workers never wait for each other.
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,12 @@ class AsyncOptions(ScalingOptions):
             bfloat16 halves the upload (float16 is not offered: small deltas fall into its
             subnormal range, where they lose precision and NumPy converts them 50x slower);
             the center and the replies stay float32.
+        delta_fraction: the fraction of each delta's elements a worker pushes, largest magnitude
+            first (1.0, the default, pushes whole deltas). Below 1 a push is sparse (positions and
+            values, wire format version 2) and each worker keeps what it did not send, adding it
+            to its next delta (error feedback: Strom 2015; Lin et al., "Deep Gradient
+            Compression", 2018), so every change reaches the center in time. Delta rules with
+            ``center="driver"`` only; the replies stay whole.
         overlap: send each push in the background while the next window trains (delta rules),
             at the price of one window of extra staleness. Off by default: on two shared cores
             the background push competes with training and gained nothing (measured); it is
@@ -74,6 +81,7 @@ class AsyncOptions(ScalingOptions):
     rho: float | None = None
     elastic_lr: float = 0.1
     delta_dtype: str = "float32"
+    delta_fraction: float = 1.0
     overlap: bool = False
     timeout: float = 300.0
     center: str = "driver"
@@ -89,6 +97,17 @@ class AsyncOptions(ScalingOptions):
             raise ValueError(
                 f"Expected `delta_dtype` in {DELTA_DTYPES}. Received: "
                 f"delta_dtype={self.delta_dtype!r}."
+            )
+        if not 0.0 < self.delta_fraction <= 1.0:
+            raise ValueError(
+                "Expected `delta_fraction` in (0, 1] (the fraction of each delta pushed). "
+                f"Received: delta_fraction={self.delta_fraction!r}."
+            )
+        if self.delta_fraction < 1.0 and (self.rule == "easgd" or self.center != "driver"):
+            raise ValueError(
+                "`delta_fraction` below 1 compresses deltas pushed to the driver's server: it "
+                "needs a delta rule (not 'easgd', whose workers push weights) and "
+                f"center='driver'. Received: rule={self.rule!r}, center={self.center!r}."
             )
         if self.rule != "easgd" and (self.alpha is not None or self.rho is not None):
             raise ValueError(
@@ -117,6 +136,34 @@ class AsyncOptions(ScalingOptions):
         )
 
 
+class ErrorFeedback:
+    """Top-k sparsification of deltas with error feedback (Strom 2015; Lin et al. 2018).
+
+    Each call adds the new delta to what earlier calls kept back, sends the ``fraction`` of the
+    sum's elements of largest magnitude and keeps the rest for the next call: nothing a worker
+    learns is dropped, only delayed.
+
+    Args:
+        fraction: the fraction of elements sent, in (0, 1].
+        size: the delta's number of elements.
+    """
+
+    def __init__(self, fraction: float, size: int) -> None:
+        self.count = min(size, max(1, math.ceil(fraction * size)))
+        self.residual = np.zeros(size, np.float32)
+
+    def select(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions, values)`` to send for ``delta``: ascending uint32 positions, float32
+        values; the rest of ``residual + delta`` stays in :attr:`residual`."""
+        self.residual += delta
+        size = self.residual.size
+        positions = np.argpartition(np.abs(self.residual), size - self.count)[size - self.count :]
+        positions.sort()
+        values = self.residual[positions]  # fancy indexing copies
+        self.residual[positions] = 0.0
+        return positions.astype(np.uint32), values
+
+
 class PushPullExchange(ServerExchange):
     """Worker side: push every ``window`` steps, continue from the server's reply.
 
@@ -137,10 +184,16 @@ class PushPullExchange(ServerExchange):
         timeout: float,
         overlap: bool = False,
         lr_scaling: LearningRateScaling | None = None,
+        delta_fraction: float = 1.0,
     ) -> None:
         super().__init__(url, secret, timeout)
         self.lr_scaling = lr_scaling
         self.window, self.payload, self.delta_dtype = window, payload, delta_dtype
+        self.delta_fraction = delta_fraction
+        self.feedback: ErrorFeedback | None = None
+        # this worker's copy of the center and its version, which sparse replies bring up to date
+        self.center_copy = np.zeros(0, np.float32)
+        self.center_version: int | None = None
         self.overlap = overlap and payload == "delta"
         self.synced = np.zeros(0, np.float32)
         self.pending: Future | None = None
@@ -150,8 +203,11 @@ class PushPullExchange(ServerExchange):
 
     def start(self, model: keras.Model, worker: int) -> None:
         super().start(model, worker)
-        self.synced, _ = self.client.pull()
+        self.synced, self.center_version = self.client.pull()
+        self.center_copy = self.synced
         set_flat_weights(model, self.synced)
+        if self.delta_fraction < 1.0 and self.payload == "delta":
+            self.feedback = ErrorFeedback(self.delta_fraction, self.synced.size)
         if self.overlap:
             self.pool = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"kerasonspark-push-{worker}"
@@ -161,13 +217,42 @@ class PushPullExchange(ServerExchange):
         runs = [self.window] * (steps // self.window)
         return runs + [steps % self.window] if steps % self.window else runs
 
-    def _push(self, update: np.ndarray, samples: int) -> np.ndarray:
+    def _push(self, update: np.ndarray, samples: int, whole: bool = False) -> np.ndarray:
+        """Push ``update`` (compressed unless ``whole``; a delta that is mostly zeros travels as
+        its nonzero part) and return the center to continue from."""
+        if self.payload == "weights":
+            return self._send(update, samples)[0]
+        positions = None
+        if self.feedback is not None and not whole:
+            positions, update = self.feedback.select(update)
+        elif (nonzero := wire.nonzero_part(update)) is not None:
+            positions, update = nonzero
+        reply, header = self._send(update, samples, positions, self.center_version)
+        changed = header.get("indices")
+        if changed is None:
+            self.center_copy = reply
+        else:
+            if not self.center_copy.flags.writeable:  # a view of an earlier reply
+                self.center_copy = self.center_copy.copy()
+            self.center_copy[changed] = wire.as_float32(reply, header["dtype"])
+        self.center_version = header["version"]
+        return self.center_copy
+
+    def _send(
+        self,
+        update: np.ndarray,
+        samples: int,
+        positions: np.ndarray | None = None,
+        since: int | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         if self.delta_dtype == "bfloat16":
             update = wire.to_bfloat16(update)
-        reply, header = self.client.push(update, self.shapes, window=self.window, samples=samples)
+        reply, header = self.client.push(
+            update, self.shapes, self.window, samples, indices=positions, since=since
+        )
         self.pushes += 1
         self.staleness.append(header.get("staleness", 0))
-        return reply
+        return reply, header
 
     def exchange(self, model: keras.Model, samples: int) -> None:
         if samples == 0:
@@ -195,12 +280,20 @@ class PushPullExchange(ServerExchange):
 
     def end_epoch(self, model: keras.Model, epoch: int) -> None:
         self._drain(model)
+        if self.feedback is not None and self.feedback.residual.any():
+            # what compression held back reaches the center before the epoch's center is read
+            held_back = self.feedback.residual.copy()
+            self.feedback.residual[:] = 0.0
+            self.synced = self._push(held_back, 0, whole=True)
+            set_flat_weights(model, self.synced)
 
     def epoch_center(self, model: keras.Model, center: np.ndarray) -> None:
         if self.payload == "weights":
             # elastic averaging: each worker keeps its own weights, tied to the center by the rule
             return
         self.synced = center.copy()
+        # a copy of the center at a version this worker does not know: the next reply is whole
+        self.center_copy, self.center_version = self.synced, None
         set_flat_weights(model, self.synced)
 
     def finish(self, model: keras.Model) -> dict[str, Any]:
@@ -251,7 +344,7 @@ class ShardedPushPullExchange(ShardedServerExchange, PushPullExchange):
         super().start(model, worker)
         self.open_center(self.synced, rule=self.rule, lock=self.lock, state=self.state)
 
-    def _push(self, update: np.ndarray, samples: int) -> np.ndarray:
+    def _push(self, update: np.ndarray, samples: int, whole: bool = False) -> np.ndarray:
         if self.delta_dtype == "bfloat16":
             update = wire.to_bfloat16(update)
         started = time.perf_counter()
@@ -296,6 +389,7 @@ def run_asynchronous(job: TrainingJob, options: AsyncOptions, lock: bool) -> Tra
             options.timeout,
             options.overlap,
             scaling,
+            options.delta_fraction,
         )
         if options.center == "driver":
             return exchange

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import resource
 import secrets
 import shutil
 import sys
@@ -825,6 +826,9 @@ def train_worker(
             shares.append(planned)
     report.seconds = time.perf_counter() - started
     report.figures.update(exchange.finish(model))
+    # the most memory this Python worker has held (a reused worker's earlier tasks included)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    report.figures["peak_rss_mb"] = round(peak / (1e6 if sys.platform == "darwin" else 1e3))
     if devices := device_figures():
         report.figures["device"] = devices
     if gate is not None:

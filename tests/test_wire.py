@@ -92,3 +92,62 @@ def test_bfloat16_round_trip_keeps_three_significant_digits_and_non_finite_value
     back = wire.as_float32(decoded, header["dtype"])
     np.testing.assert_allclose(back[:5], values[:5], rtol=4e-3)
     assert np.isinf(back[5]) and np.isnan(back[6])
+
+
+def sparse_message(values, shapes, positions, **fields):
+    return b"".join(bytes(p) for p in wire.encode_sparse(values, shapes, positions, **fields))
+
+
+def test_a_sparse_message_is_version_2_positions_then_aligned_values():
+    positions = np.array([1, 4, 9], np.uint32)
+    data = sparse_message(np.array([0.5, -1.0, 2.0], np.float32), [(4, 3)], positions, window=2)
+    magic, version, header_len = struct.unpack_from("<4sB3xI", data)
+    assert (magic, version) == (b"KOSW", wire.SPARSE_VERSION)
+    assert json.loads(data[12 : 12 + header_len])["nnz"] == 3
+    start = 12 + header_len + (-(12 + header_len) % 8)
+    assert data[start : start + 12] == positions.astype("<u4").tobytes()
+    assert data[start + 16 :] == np.array([0.5, -1.0, 2.0], "<f4").tobytes()  # 12 + 4 padding
+    header, values = wire.decode(data, sparse=True)
+    assert header["window"] == 2 and not values.flags.writeable
+    dense = wire.to_dense(header["indices"], values, 12)
+    np.testing.assert_array_equal(np.flatnonzero(dense), positions)
+    np.testing.assert_array_equal(dense[positions], [0.5, -1.0, 2.0])
+
+
+def test_a_sparse_message_is_refused_where_whole_arrays_are_expected():
+    data = sparse_message(np.ones(1, np.float32), [(4,)], np.array([2], np.uint32))
+    with pytest.raises(WireFormatError, match="sparse message"):
+        wire.decode(data)
+
+
+def _with_positions(data: bytes, positions: list[int]) -> bytes:
+    header_len = struct.unpack_from("<I", data, 8)[0]
+    start = 12 + header_len + (-(12 + header_len) % 8)
+    raw = np.array(positions, "<u4").tobytes()
+    return data[:start] + raw + data[start + len(raw) :]
+
+
+@pytest.mark.parametrize(
+    "positions, fragment",
+    [([3, 1], "strictly ascending"), ([1, 1], "strictly ascending"), ([1, 12], "below")],
+)
+def test_sparse_positions_out_of_order_or_range_are_refused(positions, fragment):
+    data = sparse_message(np.ones(2, np.float32), [(12,)], np.array([0, 5], np.uint32))
+    with pytest.raises(WireFormatError, match=fragment):
+        wire.decode(_with_positions(data, positions), sparse=True)
+
+
+def test_sparse_counts_and_lengths_that_disagree_are_refused():
+    data = sparse_message(np.ones(2, np.float32), [(12,)], np.array([0, 5], np.uint32))
+    with pytest.raises(WireFormatError, match="Payload length"):
+        wire.decode(data[:-4], sparse=True)
+    header_len = struct.unpack_from("<I", data, 8)[0]
+    header = json.loads(data[12 : 12 + header_len])
+    for nnz in (13, -1, "2", True):
+        forged = json.dumps({**header, "nnz": nnz}).encode()
+        pad = -(12 + len(forged)) % 8
+        body = struct.pack("<4sB3xI", b"KOSW", 2, len(forged)) + forged + b"\0" * pad
+        with pytest.raises(WireFormatError, match="nnz"):
+            wire.decode(body + b"\0" * 16, sparse=True)
+    with pytest.raises(WireFormatError, match="3 elements"):
+        wire.encode_sparse(np.ones(2, np.float32), [(12,)], np.array([0, 5, 7], np.uint32))

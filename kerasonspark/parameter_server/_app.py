@@ -326,18 +326,20 @@ def _worker_id() -> int:
     return request.environ["kerasonspark.worker"]
 
 
-def _read_message() -> tuple[dict, np.ndarray]:
+def _read_message(sparse: bool = False) -> tuple[dict, np.ndarray]:
     if request.mimetype != wire.CONTENT_TYPE:
         raise ParameterServerError(
             f"Expected Content-Type {wire.CONTENT_TYPE}. Received: {request.mimetype!r}.", 400
         )
-    header, flat = wire.decode(request.environ["kerasonspark.body"])
+    header, flat = wire.decode(request.environ["kerasonspark.body"], sparse=sparse)
     return header, wire.as_float32(flat, header["dtype"])
 
 
-def _read_update() -> tuple[dict, np.ndarray]:
-    header, values = _read_message()
-    return header, _state().store.check_update(header["shapes"], values)
+def _read_update(sparse: bool = False) -> tuple[dict, np.ndarray]:
+    """The request's update, validated, as whole flat float32 arrays (a sparse push is
+    expanded)."""
+    header, values = _read_message(sparse)
+    return header, _state().store.check_update(header["shapes"], values, header.get("indices"))
 
 
 def _int_field(header: dict, name: str, default: int | None = None) -> int:
@@ -351,9 +353,11 @@ def _int_field(header: dict, name: str, default: int | None = None) -> int:
 
 
 def _reply(flat: np.ndarray, **fields: object) -> Response:
-    store = _state().store
-    parts = wire.encode(flat, store.shapes, **fields)
-    store.count_bytes(sent=wire.encoded_size(parts))
+    return _send_parts(wire.encode(flat, _state().store.shapes, **fields))
+
+
+def _send_parts(parts: list[bytes | memoryview]) -> Response:
+    _state().store.count_bytes(sent=wire.encoded_size(parts))
     return _binary(parts)
 
 
@@ -370,11 +374,24 @@ def pull() -> Response:
 
 @api.post("/push")
 def push() -> Response:
-    header, update = _read_update()
+    header, update = _read_update(sparse=True)
     window = _int_field(header, "window", 1)
     samples = _int_field(header, "samples", 0)
-    new_weights, version, staleness = _state().store.push(_worker_id(), update, window, samples)
-    return _reply(new_weights, version=version, staleness=staleness, **_stop_field())
+    # `since`: the version of the pusher's copy of the center, which the reply may bring up to
+    # date with only what changed after it
+    since = _int_field(header, "since") if "since" in header else None
+    store = _state().store
+    new_weights, version, staleness = store.push(
+        _worker_id(), update, window, samples, header.get("indices")
+    )
+    positions = None
+    if since is not None and store.rule is not None and store.rule.payload == "delta":
+        positions = store.changed_since(since, most=int(store.size * wire.SPARSE_BELOW))
+    fields = {"version": version, "staleness": staleness, **_stop_field()}
+    if positions is None:
+        return _reply(new_weights, **fields)
+    values = new_weights[positions]
+    return _send_parts(wire.encode_sparse(values, store.shapes, positions, **fields))
 
 
 @api.post("/rounds/<count:round>")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._errors import BarrierTimeoutError, ParameterServerError, WireFormatError
 from ._rules import OuterNesterov, UpdateRule
-from .wire import shapes_size
+from .wire import shapes_size, to_dense
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -113,6 +113,11 @@ class ParameterStore:
         self._before_stage: tuple[int, dict[int, int]] = (0, {})  # rounds, pushes per worker
         self._fences: dict[int, set[int]] = {}
         self._adopted: dict[str, Any] | None = None  # the figures of a copy served in the stage
+        # What changed when, for replies of only the elements a worker's copy lacks: the version
+        # of each element's last sparse push (made on the first), and the version below which a
+        # copy may lack any element (after a whole push, a round, a mirror, an adoption).
+        self._changed: np.ndarray | None = None
+        self._whole_since = 0
 
     # -- counters: changed under the lock, since every request thread changes them ---------
     def count(self, name: str, n: int = 1) -> None:
@@ -127,11 +132,21 @@ class ParameterStore:
             self.bytes_out += sent
 
     # -- validation ---------------------------------------------------------------------
-    def check_update(self, shapes: Sequence[Sequence[int]], update: np.ndarray) -> np.ndarray:
-        """Validate a pushed array against the model; returns it as float32.
+    def check_update(
+        self,
+        shapes: Sequence[Sequence[int]],
+        update: np.ndarray,
+        indices: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Validate a pushed array against the model; returns it as whole flat float32 arrays.
+
+        With ``indices`` the update is sparse (the values at those positions of a delta, the
+        rest zero; :mod:`~kerasonspark.parameter_server.wire`), refused where pushes carry
+        weights.
 
         Raises:
-            WireFormatError: wrong shapes (status 400) or NaN/Inf values (status 422).
+            WireFormatError: wrong shapes, a sparse update of weights (status 400) or NaN/Inf
+                values (status 422).
         """
         if [tuple(s) for s in shapes] != self.shapes:
             self.count("refused_shape")
@@ -140,7 +155,16 @@ class ParameterStore:
                 f"shapes {self.shapes[:4]}{'...' if len(self.shapes) > 4 else ''}. Received: "
                 f"{list(shapes)[:4]}."
             )
-        return self._finite(update, "Update")
+        values = self._finite(update, "Update")
+        if indices is None:
+            return values
+        if self.rule is not None and self.rule.payload == "weights":
+            self.count("refused_sparse")
+            raise WireFormatError(
+                f"Rule {self.rule.name!r} takes each worker's whole weights; a sparse push carries "
+                "a delta. Push whole arrays, or choose a delta rule."
+            )
+        return to_dense(indices, values, self.size)
 
     def _finite(self, values: np.ndarray, what: str) -> np.ndarray:
         values = values.astype(np.float32, copy=False)
@@ -170,6 +194,7 @@ class ParameterStore:
         with self._cond:
             self._center = center.copy()
             self._adopted = dict(figures)
+            self._whole_since = self.version + 1  # the version did not move; the center did
 
     # -- pull / push ----------------------------------------------------------------------
     @property
@@ -185,9 +210,17 @@ class ParameterStore:
             return self._center, self.version
 
     def push(
-        self, worker: int, update: np.ndarray, window: int, samples: int
+        self,
+        worker: int,
+        update: np.ndarray,
+        window: int,
+        samples: int,
+        positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, int, int]:
         """Apply a validated update with the rule; returns ``(reply, version, staleness)``.
+
+        ``positions`` are those of a sparse push (``update`` is zero elsewhere), so that
+        :meth:`changed_since` can answer with what changed.
 
         Raises:
             ParameterServerError: no update rule is configured (409), the worker id is out of
@@ -213,7 +246,7 @@ class ParameterStore:
                     self.counters["refused_overflow"] += 1
                     raise _overflow("the new center")
                 self._center = new_center
-                self._record_push(worker, staleness, samples)
+                self._record_push(worker, staleness, samples, positions)
                 self.worker_pull_version[worker] = self.version
                 return reply, self.version, staleness
         # Hogwild: no lock around the arithmetic. Concurrent writers are counted, not prevented, so
@@ -240,7 +273,7 @@ class ParameterStore:
         finally:
             with self._cond:
                 self._applying -= 1
-                self._record_push(worker, staleness, samples)
+                self._record_push(worker, staleness, samples, positions)
                 self.worker_pull_version[worker] = self.version
         return reply, self.version, staleness
 
@@ -264,12 +297,37 @@ class ParameterStore:
             if reply is not new_center:
                 reply[a:b] = new_center[a:b]
 
-    def _record_push(self, worker: int, staleness: int, samples: int) -> None:
+    def _record_push(
+        self, worker: int, staleness: int, samples: int, positions: np.ndarray | None
+    ) -> None:
         self.version += 1
+        if positions is None:
+            self._whole_since = self.version
+        else:
+            if self._changed is None:
+                self._changed = np.zeros(self.size, np.uint32)
+            self._changed[positions] = self.version
         self.counters["updates"] += 1
         self.staleness[staleness] += 1
         self.worker_pushes[worker] += 1
         self.worker_samples[worker] += samples
+
+    def changed_since(self, version: int, most: int) -> np.ndarray | None:
+        """Positions of the center's elements that changed after ``version`` (ascending), or
+        ``None`` when that is not known element by element or is more than ``most`` of them:
+        then the whole center is the answer.
+
+        The marks only grow, so a push landing meanwhile can add positions, never hide one: a
+        worker given the values at these positions holds the center as of the current version.
+        """
+        with self._cond:
+            changed = self._changed
+            if changed is None or version < self._whole_since:
+                return None
+        newer = changed > version
+        if int(np.count_nonzero(newer)) > most:
+            return None
+        return np.flatnonzero(newer).astype(np.uint32)
 
     # -- round barrier --------------------------------------------------------------------
     def barrier(
@@ -345,6 +403,7 @@ class ParameterStore:
                 state.result = self._center
                 state.sum = None
                 self.version += 1
+                self._whole_since = self.version
                 self.counters["rounds"] += 1
                 for w, n in state.samples.items():
                     self.worker_samples[w] += n
@@ -444,6 +503,7 @@ class ParameterStore:
                 return False
             self._center = np.concatenate([shards[w][0] for w in range(self.num_workers)])
             self.version += 1
+            self._whole_since = self.version
             rounds_before, pushes_before = self._before_stage
             self.counters["rounds"] = rounds_before + min(r for _, r, _ in shards.values())
             for w in {w for _, _, held in shards.values() for w in held}:

@@ -142,12 +142,12 @@ class ParameterClient:
         return response.status, response.getheader("Content-Type", ""), data
 
     def _weights(
-        self, method: str, path: str, body: list | bytes = b""
+        self, method: str, path: str, body: list | bytes = b"", sparse: bool = False
     ) -> tuple[dict[str, Any], np.ndarray]:
         status, content_type, data = self.request(method, path, body)
         if status != 200:
             _raise_for(status, content_type, data)
-        header, flat = wire.decode(data)
+        header, flat = wire.decode(data, sparse=sparse)
         if header.get("stop"):
             self.stop_requested = True
         return header, flat
@@ -166,13 +166,31 @@ class ParameterClient:
         return flat, header["version"]
 
     def push(
-        self, update: np.ndarray, shapes: list, window: int, samples: int
+        self,
+        update: np.ndarray,
+        shapes: list,
+        window: int,
+        samples: int,
+        indices: np.ndarray | None = None,
+        since: int | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Push a delta (or weights, by the rule); returns the weights to continue from and the
-        header."""
-        header, flat = self._weights(
-            "POST", "/v1/push", wire.encode(update, shapes, window=window, samples=samples)
+        header.
+
+        With ``indices`` the delta is sparse: ``update`` holds its values at those positions,
+        the rest being zero. With ``since`` (the version of the caller's copy of the center) the
+        reply may be sparse too: then ``header["indices"]`` holds the positions that changed
+        after ``since`` and the returned array their values.
+        """
+        fields: dict[str, Any] = {"window": window, "samples": samples}
+        if since is not None:
+            fields["since"] = since
+        message = (
+            wire.encode(update, shapes, **fields)
+            if indices is None
+            else wire.encode_sparse(update, shapes, indices, **fields)
         )
+        header, flat = self._weights("POST", "/v1/push", message, sparse=since is not None)
         return flat, header
 
     def barrier(self, round: int, weights: np.ndarray, shapes: list, samples: int) -> np.ndarray:

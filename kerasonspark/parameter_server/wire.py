@@ -1,10 +1,10 @@
-"""The parameter server's binary wire format, version 1.
+"""The parameter server's binary wire format, versions 1 (whole arrays) and 2 (sparse).
 
 Every weight-carrying message (request or response) is::
 
     offset  size  field
     0       4     magic  b"KOSW"
-    4       1     format version (1)
+    4       1     format version (1: whole arrays; 2: sparse, below)
     5       3     reserved, zero
     8       4     header length H, uint32 little-endian
     12      H     header: UTF-8 JSON object
@@ -19,6 +19,14 @@ sizes times the item size. Any other header keys are message fields (``worker``,
 malformed message raises :class:`~kerasonspark.WireFormatError` before any payload is used. Limits:
 a header of at most 1 MiB, at most 65,536 arrays of at most 32 dimensions, and every JSON number
 within what Python parses (:func:`loads_json`).
+
+**Sparse messages (version 2)** carry some elements of the arrays, the others being zero (a
+compressed delta: the asynchronous engines' ``delta_fraction`` option; :func:`encode_sparse`).
+The header holds ``"nnz"`` (how many elements travel) besides ``dtype`` and ``shapes``, and the
+payload is ``nnz`` uint32 little-endian positions into the flat arrays (strictly ascending, each
+below the shapes' total size), zero padding to an 8-byte boundary, then the ``nnz`` values of
+``dtype``. Dense messages stay version 1, byte for byte, and a route that takes whole arrays (the
+round barrier, a reply) refuses a sparse one.
 """
 
 from __future__ import annotations
@@ -39,12 +47,17 @@ __all__ = [
     "MAX_ARRAYS",
     "MAX_DIMENSIONS",
     "MAX_HEADER_BYTES",
+    "SPARSE_BELOW",
+    "SPARSE_VERSION",
     "VERSION",
     "decode",
     "dtype_name",
     "encode",
+    "encode_sparse",
     "encoded_size",
     "flatten",
+    "nonzero_part",
+    "to_dense",
     "unflatten",
 ]
 
@@ -52,7 +65,9 @@ __all__ = [
 MAGIC = b"KOSW"
 """The four bytes every message starts with."""
 VERSION = 1
-"""The format's version, the byte after :data:`MAGIC`."""
+"""The format's version of a message of whole arrays, the byte after :data:`MAGIC`."""
+SPARSE_VERSION = 2
+"""The format's version of a sparse message (positions and values)."""
 CONTENT_TYPE = "application/x-kerasonspark-weights"
 """The HTTP ``Content-Type`` of a message."""
 MAX_HEADER_BYTES = 1 << 20
@@ -66,6 +81,10 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
 }
+SPARSE_BELOW = 0.4
+"""The share of a flat array's elements below which a sparse message of float32 values is the
+smaller: 8 bytes for each position and value against 4 for each element, less a margin for the
+work of gathering them."""
 _PREFIX = struct.Struct("<4sB3xI")
 
 Shapes = list[tuple[int, ...]]
@@ -131,20 +150,56 @@ def encode(
     Raises:
         WireFormatError: ``flat`` has the wrong dtype or size for ``shapes``.
     """
+    return _message(flat, shapes, None, fields)
+
+
+def encode_sparse(
+    values: np.ndarray, shapes: Sequence[Sequence[int]], positions: np.ndarray, **fields: Any
+) -> list[bytes | memoryview]:
+    """Encode a sparse message (version 2): ``values`` at ``positions`` (strictly ascending, into
+    the arrays of ``shapes`` back to back), the other elements zero. As :func:`encode`, the
+    arrays are sent as views, not copied.
+
+    Raises:
+        WireFormatError: ``values`` has the wrong dtype, or not one value per position.
+    """
+    return _message(values, shapes, positions, fields)
+
+
+def _message(
+    flat: np.ndarray,
+    shapes: Sequence[Sequence[int]],
+    positions: np.ndarray | None,
+    fields: dict[str, Any],
+) -> list[bytes | memoryview]:
     name = dtype_name(flat)
     shapes = [tuple(int(d) for d in s) for s in shapes]
-    if flat.ndim != 1 or flat.size != shapes_size(shapes):
+    expected = shapes_size(shapes) if positions is None else len(positions)
+    if flat.ndim != 1 or flat.size != expected:
         raise WireFormatError(
-            f"Expected a flat array of {shapes_size(shapes)} elements for shapes {shapes}. "
-            f"Received: shape={flat.shape}."
+            f"Expected a flat array of {expected} elements for shapes {shapes}"
+            f"{'' if positions is None else ' and its positions'}. Received: shape={flat.shape}."
         )
+    version = VERSION
+    parts: list[bytes | memoryview] = []  # the positions of a sparse message
+    if positions is not None:
+        if shapes_size(shapes) > 1 << 32:
+            raise WireFormatError("A sparse message addresses at most 2**32 elements.")
+        version = SPARSE_VERSION
+        fields = {"nnz": int(len(positions)), **fields}
+        raw = np.ascontiguousarray(positions, dtype="<u4")
+        parts = [_bytes_of(raw), b"\0" * (-raw.nbytes % 8)]
     header = json.dumps({"dtype": name, "shapes": shapes, **fields}, separators=(",", ":")).encode()
     padding = -(_PREFIX.size + len(header)) % 8
-    prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"\0" * padding
+    prefix = _PREFIX.pack(MAGIC, version, len(header)) + header + b"\0" * padding
     payload = np.ascontiguousarray(flat)
     if payload.dtype.byteorder == ">":
         payload = payload.astype(payload.dtype.newbyteorder("<"))
-    return [prefix, memoryview(payload).cast("B")]  # type: ignore[arg-type]  # ndarray is a buffer
+    return [prefix, *parts, _bytes_of(payload)]
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(array).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def encoded_size(parts: Sequence[bytes | memoryview]) -> int:
@@ -152,12 +207,18 @@ def encoded_size(parts: Sequence[bytes | memoryview]) -> int:
     return sum(memoryview(p).nbytes for p in parts)
 
 
-def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.ndarray]:
+def decode(
+    message: bytes | bytearray | memoryview, sparse: bool = False
+) -> tuple[dict[str, Any], np.ndarray]:
     """Decode a message into ``(header, flat)``; ``flat`` is a read-only view of ``message``.
 
+    With ``sparse`` a sparse message (version 2) is accepted too: ``flat`` then holds its values
+    and ``header["indices"]`` their positions (a read-only uint32 view; :func:`to_dense`).
+
     Raises:
-        WireFormatError: bad magic or version, a header that is not a JSON object with valid
-            ``dtype`` and ``shapes``, or a payload of the wrong length.
+        WireFormatError: bad magic or version, a sparse message where ``sparse`` is false, a
+            header that is not a JSON object with valid ``dtype`` and ``shapes`` (and ``nnz``),
+            positions out of order or out of range, or a payload of the wrong length.
     """
     view = memoryview(message).cast("B")
     if view.nbytes < _PREFIX.size:
@@ -169,9 +230,15 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
         raise WireFormatError(
             f"Not a kerasonspark message: expected magic {MAGIC!r}. Received: {magic!r}."
         )
-    if version != VERSION:
+    if version not in (VERSION, SPARSE_VERSION):
         raise WireFormatError(
-            f"Unsupported wire format version {version}; this side speaks version {VERSION}."
+            f"Unsupported wire format version {version}; this side speaks versions {VERSION} and "
+            f"{SPARSE_VERSION}."
+        )
+    if version == SPARSE_VERSION and not sparse:
+        raise WireFormatError(
+            "A sparse message (wire format version 2) where whole arrays are expected: only a "
+            "push carries a sparse delta."
         )
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > view.nbytes:
         raise WireFormatError(
@@ -204,9 +271,12 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
             f"{MAX_DIMENSIONS} non-negative integers."
         )
     header["shapes"] = [tuple(s) for s in shapes]
+    size = shapes_size(header["shapes"])
     start = _PREFIX.size + header_len
     start += -start % 8
-    expected = shapes_size(header["shapes"]) * dtype.itemsize
+    if version == SPARSE_VERSION:
+        return _decode_sparse(view, start, header, dtype, size)
+    expected = size * dtype.itemsize
     if view.nbytes - start != expected:
         called_for = f"{expected} bytes" if expected < 1 << 62 else "more than 2**62 bytes"
         raise WireFormatError(
@@ -215,6 +285,50 @@ def decode(message: bytes | bytearray | memoryview) -> tuple[dict[str, Any], np.
         )
     flat = np.frombuffer(view, dtype=dtype, offset=start)
     return header, flat
+
+
+def _decode_sparse(
+    view: memoryview, start: int, header: dict[str, Any], dtype: np.dtype, size: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    nnz = header.get("nnz")
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= min(size, 1 << 32):
+        raise WireFormatError(
+            f"Header `nnz` of a sparse message must be an integer from 0 to the arrays' {size} "
+            f"elements. Received: {str(nnz)[:40]}."
+        )
+    positions_bytes = nnz * 4 + (-(nnz * 4) % 8)
+    expected = positions_bytes + nnz * dtype.itemsize
+    if view.nbytes - start != expected:
+        raise WireFormatError(
+            f"Payload length mismatch: {nnz} positions and values of {dtype.name} call for "
+            f"{expected} bytes. Received: {max(view.nbytes - start, 0)} bytes."
+        )
+    indices = np.frombuffer(view, dtype="<u4", count=nnz, offset=start)
+    if nnz and (int(indices[-1]) >= size or not bool((indices[1:] > indices[:-1]).all())):
+        raise WireFormatError(
+            f"The positions of a sparse message must be strictly ascending and below the arrays' "
+            f"{size} elements. Received: the last is {int(indices[-1])}."
+        )
+    header["indices"] = indices
+    return header, np.frombuffer(view, dtype=dtype, offset=start + positions_bytes)
+
+
+def nonzero_part(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(positions, values)`` of ``flat``'s nonzero elements when fewer than
+    :data:`SPARSE_BELOW` of them are nonzero (a sparse message then is the smaller), else
+    ``None``. Exact: the zeros are all that is left out."""
+    if np.count_nonzero(flat) >= SPARSE_BELOW * flat.size:
+        return None
+    positions = np.flatnonzero(flat).astype(np.uint32)
+    return positions, flat[positions]
+
+
+def to_dense(indices: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """The flat float32 array of ``size`` elements that is ``values`` at ``indices``, zero
+    elsewhere (a decoded sparse message)."""
+    dense = np.zeros(size, np.float32)
+    dense[indices] = values
+    return dense
 
 
 def unflatten(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
