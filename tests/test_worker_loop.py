@@ -132,7 +132,9 @@ def test_exchanges_follow_every_run_and_epochs_end_in_order():
         ("exchange", 2),
         ("end_epoch", 1),
     ]
-    assert report.figures == {"figure": 7} and report.worker == 0
+    # the exchange's own figures, beside the worker's peak memory
+    assert report.figures == {"figure": 7, "peak_rss_mb": report.figures["peak_rss_mb"]}
+    assert report.figures["peak_rss_mb"] > 0 and report.worker == 0
 
 
 def test_metrics_are_read_and_reset_once_per_epoch():
