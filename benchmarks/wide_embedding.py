@@ -3,6 +3,7 @@ accuracy and seconds of the asynchronous engines against plain Keras at equal ep
 
     python benchmarks/wide_embedding.py
     python benchmarks/wide_embedding.py --backends plain async hogwild --optimizer adam
+    python benchmarks/wide_embedding.py --emulated 1gbit --backends async hogwild
 
 The wide model of the issue "Models beyond the reference CNN": ``Embedding(500_000, 64)``
 (32 M parameters, 128 MB) averaged over each sequence of 20 tokens, ``Dense(64)``, ``Dense(4)``;
@@ -60,37 +61,28 @@ def wide_model(optimizer: str):
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", default=["plain", "async"])
-    parser.add_argument("--optimizer", choices=["adagrad", "adam"], default="adagrad")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--window", type=int, default=20)
-    args = parser.parse_args()
+def run_backends(spark, backends: list[str], optimizer: str, epochs: int, window: int) -> None:
+    """Train each of ``backends`` in turn (``plain`` is ``model.fit`` here), print one
+    ``RUN {json}`` line each."""
     x, y = sequences(8000, seed=0)
     tx, ty = sequences(2000, seed=1)
-    spark = None
-    if set(args.backends) - {"plain"}:
-        from kerasonspark import start_session
-
-        spark = start_session("local[2]")  # before the clock: a session outlives its fits
-    for backend in args.backends:
-        model = wide_model(args.optimizer)
+    for backend in backends:
+        model = wide_model(optimizer)
         started = time.perf_counter()
-        figures: dict = {"backend": backend, "optimizer": args.optimizer}
+        figures: dict = {"backend": backend, "optimizer": optimizer}
         if backend == "plain":
-            model.fit(x, y, epochs=args.epochs, batch_size=32, verbose=0)
+            model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
         else:
             from kerasonspark import SparkTrainer
 
             result = SparkTrainer(
                 model,
                 backend=backend,
-                epochs=args.epochs,
+                epochs=epochs,
                 spark=spark,
                 verbose=0,
                 seed=0,
-                backend_options={"window": args.window},
+                backend_options={"window": window},
             ).fit(x, y)
             reports = result.stats["workers"]
             pushes = sum(w["pushes"] for w in reports)
@@ -101,6 +93,9 @@ def main() -> None:
                 mb_down_per_push=round(
                     (sum(w["mb_received"] for w in reports) - first_pulls) / pushes, 2
                 ),
+                exchange_seconds_per_push=round(
+                    sum(w["exchange_seconds"] for w in reports) / pushes, 3
+                ),
                 # absent from versions before workers reported it
                 worker_peak_rss_mb=max(w.get("peak_rss_mb", 0) for w in reports),
             )
@@ -110,9 +105,49 @@ def main() -> None:
             model_mb=round(model.count_params() * 4 / 1e6, 1),
             driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3),
         )
-        print(json.dumps(figures), flush=True)
-    if spark is not None:
+        print("RUN " + json.dumps(figures), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["plain", "async"])
+    parser.add_argument("--optimizer", choices=["adagrad", "adam"], default="adagrad")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument(
+        "--emulated",
+        metavar="RATE",
+        help="train on a standalone cluster of 3 emulated hosts (driver and server in one, a "
+        "one-core worker in each other) whose links are shaped to RATE, e.g. 1gbit (needs root)",
+    )
+    parser.add_argument("--drive", nargs=2, help=argparse.SUPPRESS)  # master, address
+    args = parser.parse_args()
+    options = (args.optimizer, args.epochs, args.window)
+    if args.drive:
+        from emulated_cluster import driver_session
+
+        spark = driver_session(*args.drive, "kerasonspark-wide-embedding")
+        run_backends(spark, args.backends, *options)
         spark.stop()
+    elif args.emulated:
+        from emulated_cluster import emulated_cluster, run_driver
+
+        with emulated_cluster(workers=2) as (network, cluster):
+            network.shape(args.emulated)
+            host = network.hosts[0]
+            extra = ["--optimizer", args.optimizer, "--epochs", str(args.epochs)]
+            extra += ["--window", str(args.window), "--backends", *args.backends]
+            for line in run_driver(host, __file__, cluster.master_url, host.address, *extra):
+                print(json.dumps({"link": args.emulated, **line}), flush=True)
+    else:
+        spark = None
+        if set(args.backends) - {"plain"}:
+            from kerasonspark import start_session
+
+            spark = start_session("local[2]")  # before the clock: a session outlives its fits
+        run_backends(spark, args.backends, *options)
+        if spark is not None:
+            spark.stop()
 
 
 if __name__ == "__main__":

@@ -326,3 +326,31 @@ def test_non_default_optimisation_options_train_and_the_scale_reaches_the_worker
     # were: the workers applied it.
     frozen, barely = fit(lr_scale=1e-6, warmup_steps=0)
     assert frozen.stats[backend]["lr_scale"] == 1e-6 and barely < 1e-4 < moved
+
+
+def test_a_model_larger_than_the_default_payload_cap_trains(spark):
+    """The server's cap follows the model: a 70 MB model's rounds pass a default of 64 MiB."""
+    import keras
+
+    from kerasonspark.parameter_server import ServerConfig
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(4200, activation="relu"),
+            keras.layers.Dense(4200, activation="relu"),
+            keras.layers.Dense(4, activation="softmax"),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    assert model.count_params() * 4 > ServerConfig(b"s" * 32).max_payload_bytes
+    data, labels = make_blobs(500)
+    before = get_flat_weights(model)
+    result = SparkTrainer(
+        model, num_workers=2, epochs=1, batch_size=16, spark=spark, seed=1, verbose=0
+    ).fit(data[:400], labels[:400], validation_data=(data[400:], labels[400:]))
+    assert result.history["val_accuracy"][-1] > FLOOR and result.stats["exchanges"] > 1
+    assert not np.allclose(get_flat_weights(model), before)
