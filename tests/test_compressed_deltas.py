@@ -169,14 +169,41 @@ def test_compressed_deltas_train_and_send_a_fraction_of_the_bytes(spark, backend
     assert compressed.stats["parameter_server"]["updates"] == whole.stats["exchanges"] + 4
 
 
+@pytest.mark.parametrize("rule", ["downpour", "adag", "dynsgd", "sasgd"])
+@pytest.mark.parametrize("lock", [True, False], ids=["locked", "hogwild"])
+def test_a_sparse_push_lands_exactly_as_its_whole_delta_would(rule, lock):
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=12).astype(np.float32)
+    positions = np.array([1, 4, 8, 11], np.uint32)
+    values = rng.normal(size=4).astype(np.float32)
+    centers = []
+    for sparse in (True, False):
+        # elements 8 and 9 are moving statistics: added as pushed, past the rule
+        store = ParameterStore(
+            start.copy(), [(12,)], 2, rule=make_rule(rule), lock=lock, state=[(8, 10)]
+        )
+        store.pull(0)
+        store.push(1, np.full(12, 0.25, np.float32), window=4, samples=1)  # worker 0 is now stale
+        if sparse:
+            reply, version, staleness = store.push(0, values, 4, 1, positions)
+        else:
+            reply, version, staleness = store.push(0, wire.to_dense(positions, values, 12), 4, 1)
+        assert (version, staleness) == (2, 1)
+        np.testing.assert_array_equal(reply, store.center)
+        centers.append(store.center.copy())
+    np.testing.assert_array_equal(centers[0], centers[1])
+    assert centers[0][8] == np.float32(start[8] + 0.25) + values[2]
+
+
 def test_the_store_knows_what_changed_since_a_version_until_the_whole_center_changes():
     store = ParameterStore(
         np.zeros(10, np.float32), [(10,)], num_workers=2, rule=make_rule("downpour")
     )
     assert store.changed_since(0, most=10) is None  # nothing pushed sparsely: no marks yet
     for worker, positions in ((0, [1, 2]), (1, [2, 7]), (0, [9])):
-        update = wire.to_dense(np.array(positions), np.ones(len(positions), np.float32), 10)
-        store.push(worker, update, 1, 1, np.array(positions, np.uint32))
+        store.push(
+            worker, np.ones(len(positions), np.float32), 1, 1, np.array(positions, np.uint32)
+        )
     assert list(store.changed_since(0, most=10)) == [1, 2, 7, 9]
     assert list(store.changed_since(2, most=10)) == [9]
     assert list(store.changed_since(3, most=10)) == []

@@ -336,8 +336,8 @@ def _read_message(sparse: bool = False) -> tuple[dict, np.ndarray]:
 
 
 def _read_update(sparse: bool = False) -> tuple[dict, np.ndarray]:
-    """The request's update, validated, as whole flat float32 arrays (a sparse push is
-    expanded)."""
+    """The request's update, validated, as float32 values (of a sparse push: its values, the
+    positions being ``header["indices"]``)."""
     header, values = _read_message(sparse)
     return header, _state().store.check_update(header["shapes"], values, header.get("indices"))
 

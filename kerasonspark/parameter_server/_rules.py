@@ -53,6 +53,12 @@ class UpdateRule:
         center[...] = new_center
         return reply if reply is not new_center else center
 
+    def scale(self, staleness: int, window: int) -> float | None:
+        """The factor ``f`` when the rule is ``center += f * delta``, element by element, so a
+        sparse push can be applied at its positions alone; ``None`` (the default) for any other
+        rule, whose sparse pushes are expanded to whole arrays first."""
+        return None
+
 
 class Downpour(UpdateRule):
     """DOWNPOUR (Dean et al., "Large Scale Distributed Deep Networks", NIPS 2012): center +=
@@ -71,6 +77,9 @@ class Downpour(UpdateRule):
     ) -> np.ndarray:
         center += update
         return center
+
+    def scale(self, staleness: int, window: int) -> float:
+        return 1.0
 
 
 class _Scaled(UpdateRule):

@@ -8,10 +8,11 @@ bad request never corrupts the weights. Only workers ``0 .. num_workers - 1`` pu
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,11 +139,11 @@ class ParameterStore:
         update: np.ndarray,
         indices: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Validate a pushed array against the model; returns it as whole flat float32 arrays.
+        """Validate a pushed array against the model; returns its values as float32.
 
         With ``indices`` the update is sparse (the values at those positions of a delta, the
         rest zero; :mod:`~kerasonspark.parameter_server.wire`), refused where pushes carry
-        weights.
+        weights; :meth:`push` takes the values with their positions.
 
         Raises:
             WireFormatError: wrong shapes, a sparse update of weights (status 400) or NaN/Inf
@@ -164,7 +165,7 @@ class ParameterStore:
                 f"Rule {self.rule.name!r} takes each worker's whole weights; a sparse push carries "
                 "a delta. Push whole arrays, or choose a delta rule."
             )
-        return to_dense(indices, values, self.size)
+        return values
 
     def _finite(self, values: np.ndarray, what: str) -> np.ndarray:
         values = values.astype(np.float32, copy=False)
@@ -219,8 +220,10 @@ class ParameterStore:
     ) -> tuple[np.ndarray, int, int]:
         """Apply a validated update with the rule; returns ``(reply, version, staleness)``.
 
-        ``positions`` are those of a sparse push (``update`` is zero elsewhere), so that
-        :meth:`changed_since` can answer with what changed.
+        With ``positions`` the push is sparse: ``update`` holds the delta's values there, zero
+        elsewhere. A rule that adds a multiple of the delta (:meth:`UpdateRule.scale`) is
+        applied at those positions only; any other sees the whole delta. Either way
+        :meth:`changed_since` then knows what changed.
 
         Raises:
             ParameterServerError: no update rule is configured (409), the worker id is out of
@@ -233,6 +236,10 @@ class ParameterStore:
         self._check_worker(worker)
         if self._closed:
             raise RoundClosedError("The parameter server is shutting down.", 503)
+        if positions is not None:
+            if self.rule.scale(0, max(window, 1)) is not None:
+                return self._push_at(worker, positions, update, window, samples)
+            update = to_dense(positions, update, self.size)
         if self.use_lock:
             with self._cond:
                 staleness = self.version - self.worker_pull_version.get(worker, 0)
@@ -249,11 +256,32 @@ class ParameterStore:
                 self._record_push(worker, staleness, samples, positions)
                 self.worker_pull_version[worker] = self.version
                 return reply, self.version, staleness
-        # Hogwild: no lock around the arithmetic. Concurrent writers are counted, not prevented, so
-        # the result cannot be checked before it lands: the bound is checked instead. A push moves
-        # the center by at most max|update| + max|center| (true of every rule here), and at most
-        # num_workers pushes overlap, so the center stays below FLOAT32_MAX / 2 + what they add.
-        largest = float(np.abs(self._center).max(initial=0.0))
+        with self._lock_free(worker, self._center, update, samples, None) as staleness:
+            # the state as it was, since the rule writes into the center itself
+            kept = [part.copy() for part in self._state_of(self._center)]
+            reply = self.rule.apply_in_place(self._center, update, staleness, window)
+            self._carry_state(kept, update, self._center, reply)
+        return reply, self.version, staleness
+
+    @contextlib.contextmanager
+    def _lock_free(
+        self,
+        worker: int,
+        written: np.ndarray,
+        update: np.ndarray,
+        samples: int,
+        positions: np.ndarray | None,
+    ) -> Iterator[int]:
+        """Around a hogwild write of ``update`` into the center's elements ``written``: refuses
+        what could overflow, counts overlapping writers, yields the push's staleness and records
+        the push however the write ends.
+
+        No lock is held around the arithmetic. Concurrent writers are counted, not prevented, so
+        the result cannot be checked before it lands: the bound is checked instead. A push moves
+        the center by at most max|update| + max|center| (true of every rule here), and at most
+        num_workers pushes overlap, so the center stays below FLOAT32_MAX / 2 + what they add.
+        """
+        largest = float(np.abs(written).max(initial=0.0))
         if (
             largest + self.num_workers * (float(np.abs(update).max(initial=0.0)) + largest)
             > FLOAT32_MAX / 2
@@ -265,17 +293,48 @@ class ParameterStore:
             if self._applying:
                 self.counters["overlapping_writes"] += 1
             self._applying += 1
-        # the state as it was, since the rule writes into the center itself
-        kept = [part.copy() for part in self._state_of(self._center)]
         try:
-            reply = self.rule.apply_in_place(self._center, update, staleness, window)
-            self._carry_state(kept, update, self._center, reply)
+            yield staleness
         finally:
             with self._cond:
                 self._applying -= 1
                 self._record_push(worker, staleness, samples, positions)
                 self.worker_pull_version[worker] = self.version
-        return reply, self.version, staleness
+
+    def _push_at(
+        self, worker: int, positions: np.ndarray, values: np.ndarray, window: int, samples: int
+    ) -> tuple[np.ndarray, int, int]:
+        """A sparse push under a rule that adds ``scale * delta``: only ``positions`` are read
+        and written (the locked path still copies the center, which replies may be sending)."""
+        rule = self.rule
+        assert rule is not None
+        in_state = np.zeros(len(positions), bool)
+        for a, b in self.state:  # moving statistics are added as pushed, past the rule
+            in_state |= (positions >= a) & (positions < b)
+
+        def scaled(staleness: int) -> np.ndarray:
+            step = values * np.float32(rule.scale(staleness, window))
+            step[in_state] = values[in_state]
+            return step
+
+        if self.use_lock:
+            with self._cond:
+                staleness = self.version - self.worker_pull_version.get(worker, 0)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    moved = self._center[positions] + scaled(staleness)
+                if not np.isfinite(moved).all():
+                    self.counters["refused_overflow"] += 1
+                    raise _overflow("the new center")
+                new_center = self._center.copy()
+                new_center[positions] = moved
+                self._center = new_center
+                self._record_push(worker, staleness, samples, positions)
+                self.worker_pull_version[worker] = self.version
+                return new_center, self.version, staleness
+        written = self._center[positions]  # the bound over the elements this push writes
+        with self._lock_free(worker, written, values, samples, positions) as staleness:
+            self._center[positions] += scaled(staleness)
+        return self._center, self.version, staleness
 
     def _state_of(self, weights: np.ndarray) -> list[np.ndarray]:
         """``weights``' state ranges (views)."""
