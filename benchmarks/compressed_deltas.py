@@ -8,7 +8,8 @@ of ``async`` on the reference CNN, at 2 and 4 workers, medians of interleaved ru
 One session (``local[4]``, so 4 workers fit), 60,000 MNIST rows, 1 epoch, batch 32, DynSGD at
 window 20. ``fraction`` is ``delta_fraction`` (1 pushes whole deltas). Up is what a worker sends
 a push (request bodies, the epoch's one whole push of what compression held back included), down
-what it receives (the whole center, in either case).
+what it receives (each worker's first pull of the whole model included): the whole center, or only
+what changed since the worker's copy when that is under 40 % of it.
 """
 
 import argparse

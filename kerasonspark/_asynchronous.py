@@ -64,7 +64,8 @@ class AsyncOptions(ScalingOptions):
             values, wire format version 2) and each worker keeps what it did not send, adding it
             to its next delta (error feedback: Strom 2015; Lin et al., "Deep Gradient
             Compression", 2018), so every change reaches the center in time. Delta rules with
-            ``center="driver"`` only; the replies stay whole.
+            ``center="driver"`` only. Replies carry what changed since the worker's copy when
+            that is little enough (see docs/guide/engines.md, "Sparse exchanges").
         overlap: send each push in the background while the next window trains (delta rules),
             at the price of one window of extra staleness. Off by default: on two shared cores
             the background push competes with training and gained nothing (measured); it is
