@@ -14,6 +14,7 @@ from kerasonspark.parameter_server import (
     ParameterServer,
     ParameterStore,
     ServerConfig,
+    UpdateRule,
     make_rule,
     new_secret,
     wire,
@@ -210,6 +211,22 @@ def test_the_store_knows_what_changed_since_a_version_until_the_whole_center_cha
     assert store.changed_since(0, most=3) is None  # more than asked for: the whole center
     store.push(1, np.ones(10, np.float32), 1, 1)  # a whole push may change every element
     assert store.changed_since(3, most=10) is None and list(store.changed_since(4, most=10)) == []
+
+
+def test_a_sparse_push_under_a_rule_of_its_own_counts_as_changing_everything():
+    class Halfway(UpdateRule):  # moves every element, whatever the delta holds
+        name = "halfway"
+
+        def apply(self, center, update, staleness, window):
+            new = (center + update) / 2
+            return new, new
+
+    store = ParameterStore(np.ones(10, np.float32), [(10,)], num_workers=2, rule=Halfway())
+    reply, version, _ = store.push(
+        0, np.full(2, 3.0, np.float32), 1, 1, np.array([1, 4], np.uint32)
+    )
+    np.testing.assert_array_equal(reply, [0.5, 2, 0.5, 0.5, 2, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert version == 1 and store.changed_since(0, most=10) is None  # the reply must be whole
 
 
 def test_sparse_replies_bring_each_workers_copy_to_the_center(serve):

@@ -222,8 +222,8 @@ class ParameterStore:
 
         With ``positions`` the push is sparse: ``update`` holds the delta's values there, zero
         elsewhere. A rule that adds a multiple of the delta (:meth:`UpdateRule.scale`) is
-        applied at those positions only; any other sees the whole delta. Either way
-        :meth:`changed_since` then knows what changed.
+        applied at those positions only, and :meth:`changed_since` then knows what changed; any
+        other rule sees the whole delta, and the push counts as one that may change everything.
 
         Raises:
             ParameterServerError: no update rule is configured (409), the worker id is out of
@@ -239,7 +239,8 @@ class ParameterStore:
         if positions is not None:
             if self.rule.scale(0, max(window, 1)) is not None:
                 return self._push_at(worker, positions, update, window, samples)
-            update = to_dense(positions, update, self.size)
+            # another rule may change any element: a whole push from here on
+            update, positions = to_dense(positions, update, self.size), None
         if self.use_lock:
             with self._cond:
                 staleness = self.version - self.worker_pull_version.get(worker, 0)
@@ -253,7 +254,7 @@ class ParameterStore:
                     self.counters["refused_overflow"] += 1
                     raise _overflow("the new center")
                 self._center = new_center
-                self._record_push(worker, staleness, samples, positions)
+                self._record_push(worker, staleness, samples, None)
                 self.worker_pull_version[worker] = self.version
                 return reply, self.version, staleness
         with self._lock_free(worker, self._center, update, samples, None) as staleness:

@@ -20,13 +20,14 @@ malformed message raises :class:`~kerasonspark.WireFormatError` before any paylo
 a header of at most 1 MiB, at most 65,536 arrays of at most 32 dimensions, and every JSON number
 within what Python parses (:func:`loads_json`).
 
-**Sparse messages (version 2)** carry some elements of the arrays, the others being zero (a
-compressed delta: the asynchronous engines' ``delta_fraction`` option; :func:`encode_sparse`).
-The header holds ``"nnz"`` (how many elements travel) besides ``dtype`` and ``shapes``, and the
-payload is ``nnz`` uint32 little-endian positions into the flat arrays (strictly ascending, each
-below the shapes' total size), zero padding to an 8-byte boundary, then the ``nnz`` values of
-``dtype``. Dense messages stay version 1, byte for byte, and a route that takes whole arrays (the
-round barrier, a reply) refuses a sparse one.
+**Sparse messages (version 2)** carry some elements of the arrays (:func:`encode_sparse`): a push
+whose delta is mostly zeros or compressed (the asynchronous engines' ``delta_fraction``), the
+others being zero, or a push's reply of only the elements that changed since the pusher's copy
+(its ``since`` field), the others being as in that copy. The header holds ``"nnz"`` (how many
+elements travel) besides ``dtype`` and ``shapes``, and the payload is ``nnz`` uint32 little-endian
+positions into the flat arrays (strictly ascending, each below the shapes' total size), zero
+padding to an 8-byte boundary, then the ``nnz`` values of ``dtype``. Dense messages stay version
+1, byte for byte, and every other route and reply takes whole arrays and refuses a sparse one.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def decode(
     if version == SPARSE_VERSION and not sparse:
         raise WireFormatError(
             "A sparse message (wire format version 2) where whole arrays are expected: only a "
-            "push carries a sparse delta."
+            "push and its reply may be sparse."
         )
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > view.nbytes:
         raise WireFormatError(
